@@ -1,0 +1,338 @@
+"""The contract every backend keeps: requests, results, capabilities and errors.
+
+This module imports nothing of the project and nothing heavy, so the UI, the endpoint and the
+scripts can all share it. A `GenerationRequest` is validated here, and only here, against the
+`Capabilities` of the backend that will run it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+MAX_SEED = 2**32 - 1
+RANDOM_SEED = -1
+
+# key -> name shown to people and written in infotext (A1111's sampler names).
+SCHEDULERS: dict[str, str] = {
+    "dpm++2m": "DPM++ 2M",
+    "dpm++2m-karras": "DPM++ 2M Karras",
+    "euler": "Euler",
+    "euler-a": "Euler a",
+    "ddim": "DDIM",
+    "unipc": "UniPC",
+}
+DEFAULT_SCHEDULER = "dpm++2m"  # DPMSolverMultistepScheduler, as in the AWS walk-through
+
+PRECISIONS: dict[str, str] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+class BackendError(Exception):
+    """Base of the errors a backend raises; the message is safe to show to a person."""
+
+
+class InvalidRequest(BackendError):
+    """The request cannot run as asked; the message names the field and what is allowed."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+
+class BackendUnavailable(BackendError):
+    """The backend cannot be reached or used right now (down, unreachable, no credentials)."""
+
+
+class GenerationFailed(BackendError):
+    """The backend ran the request and it broke."""
+
+
+class GenerationCancelled(BackendError):
+    """The person stopped the generation before it finished."""
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can do; drives validation and the UI's controls."""
+
+    backend: str
+    model: str
+    device: str
+    precisions: tuple[str, ...]
+    schedulers: tuple[str, ...] = tuple(SCHEDULERS)
+    # Sizes: either any multiple of `size_multiple` within [min_size, max_size] or, when
+    # `fixed_sizes` is set (compiled Neuron graphs), exactly one of those (width, height) pairs.
+    min_size: int = 64
+    max_size: int = 1024
+    size_multiple: int = 8
+    fixed_sizes: tuple[tuple[int, int], ...] = ()
+    default_size: tuple[int, int] = (512, 512)
+    min_steps: int = 1
+    max_steps: int = 100
+    max_images: int = 4
+    max_guidance: float = 30.0
+    max_prompt_tokens: int = 77
+    max_prompt_chars: int = 2000
+    is_tiny: bool = False
+    notes: tuple[str, ...] = ()
+
+    @property
+    def default_precision(self) -> str:
+        """The first precision is the backend's preferred one."""
+        return self.precisions[0]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (the endpoint's `describe` answer)."""
+        data = dataclasses.asdict(self)
+        data["fixed_sizes"] = [list(s) for s in self.fixed_sizes]
+        data["default_size"] = list(self.default_size)
+        for key in ("precisions", "schedulers", "notes"):
+            data[key] = list(data[key])
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Capabilities":
+        """Inverse of to_dict; unknown keys are ignored so older clients keep working."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in data.items() if k in names}
+        for key in ("precisions", "schedulers", "notes"):
+            if key in kwargs:
+                kwargs[key] = tuple(kwargs[key])
+        if "fixed_sizes" in kwargs:
+            kwargs["fixed_sizes"] = tuple(tuple(int(v) for v in s) for s in kwargs["fixed_sizes"])
+        if "default_size" in kwargs:
+            kwargs["default_size"] = tuple(int(v) for v in kwargs["default_size"])
+        return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One generation as a person asked for it. Call `validated(caps)` before running it."""
+
+    prompt: str
+    negative_prompt: str = ""
+    steps: int = 20
+    guidance_scale: float = 7.5
+    seed: int = RANDOM_SEED
+    scheduler: str = DEFAULT_SCHEDULER
+    precision: str | None = None  # None: the backend's default
+    width: int | None = None  # None: the backend's default size
+    height: int | None = None
+    num_images: int = 1
+
+    def validated(self, caps: Capabilities) -> "GenerationRequest":
+        """Return a normalized copy, or raise InvalidRequest naming the field and what is allowed."""
+        if not isinstance(self.prompt, str) or not self.prompt.strip():
+            raise InvalidRequest("prompt: must not be empty; type what the image should show.", "prompt")
+        if len(self.prompt) > caps.max_prompt_chars:
+            raise InvalidRequest(
+                f"prompt: {len(self.prompt)} characters; at most {caps.max_prompt_chars} are allowed.", "prompt"
+            )
+        negative = self.negative_prompt or ""
+        if not isinstance(negative, str):
+            raise InvalidRequest("negative_prompt: must be text.", "negative_prompt")
+        if len(negative) > caps.max_prompt_chars:
+            raise InvalidRequest(
+                f"negative_prompt: {len(negative)} characters; at most {caps.max_prompt_chars} are allowed.",
+                "negative_prompt",
+            )
+        steps = _integer("steps", self.steps, caps.min_steps, caps.max_steps)
+        guidance = _number("guidance_scale", self.guidance_scale, 0.0, caps.max_guidance)
+        seed = _integer("seed", self.seed, RANDOM_SEED, MAX_SEED, hint=" (-1 picks a random seed)")
+        num_images = _integer("num_images", self.num_images, 1, caps.max_images)
+        scheduler = normalize_scheduler(self.scheduler, caps)
+        precision = self.precision if self.precision not in (None, "") else caps.default_precision
+        if precision not in caps.precisions:
+            raise InvalidRequest(
+                f"precision: {precision!r} is not available on this backend; choose one of "
+                f"{', '.join(caps.precisions)}.",
+                "precision",
+            )
+        width = caps.default_size[0] if self.width in (None, "") else self.width
+        height = caps.default_size[1] if self.height in (None, "") else self.height
+        width, height = _size(width, height, caps)
+        return dataclasses.replace(
+            self,
+            prompt=self.prompt,
+            negative_prompt=negative,
+            steps=steps,
+            guidance_scale=guidance,
+            seed=seed,
+            scheduler=scheduler,
+            precision=precision,
+            width=width,
+            height=height,
+            num_images=num_images,
+        )
+
+    def image_seeds(self, base_seed: int) -> list[int]:
+        """Image i uses seed + i (wrapping at 2**32), so any image can be reproduced alone."""
+        return [(base_seed + i) % (MAX_SEED + 1) for i in range(self.num_images)]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict of the fields."""
+        return dataclasses.asdict(self)
+
+
+def normalize_scheduler(value: Any, caps: Capabilities) -> str:
+    """Map a scheduler key or display name ("DPM++ 2M", "euler-a") to its key."""
+    if isinstance(value, str):
+        wanted = value.strip().lower()
+        for key in caps.schedulers:
+            if wanted in (key, SCHEDULERS.get(key, key).lower()):
+                return key
+    names = ", ".join(f"{SCHEDULERS.get(k, k)} ({k})" for k in caps.schedulers)
+    raise InvalidRequest(f"scheduler: {value!r} is not known; choose one of {names}.", "scheduler")
+
+
+def _integer(name: str, value: Any, lo: int, hi: int, hint: str = "") -> int:
+    allowed = f"a whole number from {lo} to {hi}{hint}"
+    if isinstance(value, bool):
+        raise InvalidRequest(f"{name}: must be {allowed}, not {value!r}.", name)
+    if isinstance(value, float):
+        if not math.isfinite(value) or value != int(value):
+            raise InvalidRequest(f"{name}: must be {allowed}, not {value!r}.", name)
+        value = int(value)
+    elif isinstance(value, str):
+        try:
+            value = int(value.strip())
+        except ValueError:
+            raise InvalidRequest(f"{name}: must be {allowed}, not {value!r}.", name) from None
+    elif not isinstance(value, int):
+        raise InvalidRequest(f"{name}: must be {allowed}, not {type(value).__name__}.", name)
+    if not lo <= value <= hi:
+        raise InvalidRequest(f"{name}: {value} is out of range; use {allowed}.", name)
+    return value
+
+
+def _number(name: str, value: Any, lo: float, hi: float) -> float:
+    allowed = f"a number from {lo:g} to {hi:g}"
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise InvalidRequest(f"{name}: must be {allowed}, not {value!r}.", name)
+    try:
+        number = float(value)
+    except ValueError:
+        raise InvalidRequest(f"{name}: must be {allowed}, not {value!r}.", name) from None
+    if not math.isfinite(number) or not lo <= number <= hi:
+        raise InvalidRequest(f"{name}: {value!r} is out of range; use {allowed}.", name)
+    return number
+
+
+def _size(width: Any, height: Any, caps: Capabilities) -> tuple[int, int]:
+    if caps.fixed_sizes:
+        allowed = " or ".join(f"{w}x{h}" for w, h in caps.fixed_sizes)
+        w = _integer("width", width, 1, 16384)
+        h = _integer("height", height, 1, 16384)
+        if (w, h) not in caps.fixed_sizes:
+            raise InvalidRequest(
+                f"width/height: {w}x{h} is not available; this backend was compiled for {allowed} only.",
+                "width" if w not in {s[0] for s in caps.fixed_sizes} else "height",
+            )
+        return w, h
+    sizes = []
+    for name, value in (("width", width), ("height", height)):
+        v = _integer(name, value, caps.min_size, caps.max_size, hint=f", a multiple of {caps.size_multiple}")
+        if v % caps.size_multiple:
+            raise InvalidRequest(
+                f"{name}: {v} is not a multiple of {caps.size_multiple}; use a multiple of "
+                f"{caps.size_multiple} from {caps.min_size} to {caps.max_size}.",
+                name,
+            )
+        sizes.append(v)
+    return sizes[0], sizes[1]
+
+
+@dataclass
+class Timings:
+    """Where the time of one generation went, in milliseconds."""
+
+    total_ms: float = 0.0
+    text_encoder_ms: float = 0.0
+    denoise_ms: float = 0.0
+    step_ms: list[float] = field(default_factory=list)
+    vae_ms: float = 0.0
+    # Remote backends: the server's own total; network + queue = total_ms - server_ms.
+    server_ms: float | None = None
+
+    @property
+    def network_ms(self) -> float | None:
+        """Client round trip minus the server's time (remote backends only)."""
+        return None if self.server_ms is None else max(0.0, self.total_ms - self.server_ms)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict, rounded to 0.1 ms."""
+        data: dict[str, Any] = {
+            "total_ms": round(self.total_ms, 1),
+            "text_encoder_ms": round(self.text_encoder_ms, 1),
+            "denoise_ms": round(self.denoise_ms, 1),
+            "step_ms": [round(s, 1) for s in self.step_ms],
+            "vae_ms": round(self.vae_ms, 1),
+        }
+        if self.server_ms is not None:
+            data["server_ms"] = round(self.server_ms, 1)
+            data["network_ms"] = round(self.network_ms or 0.0, 1)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Timings":
+        """Inverse of to_dict (derived keys are ignored)."""
+        return cls(
+            total_ms=float(data.get("total_ms", 0.0)),
+            text_encoder_ms=float(data.get("text_encoder_ms", 0.0)),
+            denoise_ms=float(data.get("denoise_ms", 0.0)),
+            step_ms=[float(s) for s in data.get("step_ms", [])],
+            vae_ms=float(data.get("vae_ms", 0.0)),
+            server_ms=None if data.get("server_ms") is None else float(data["server_ms"]),
+        )
+
+
+@dataclass
+class GenerationResult:
+    """Images (PIL, each carrying its infotext in `.info["parameters"]`), seeds and timings."""
+
+    images: list[Any]
+    seeds: list[int]
+    timings: Timings
+    request: GenerationRequest
+    backend: str
+    model: str
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def infotexts(self) -> list[str]:
+        """The A1111-style parameters text of each image."""
+        return [img.info.get("parameters", "") for img in self.images]
+
+    def details(self) -> dict[str, Any]:
+        """The JSON details the UI and the API return beside the images."""
+        return {
+            "backend": self.backend,
+            "model": self.model,
+            "precision": self.request.precision,
+            "scheduler": self.request.scheduler,
+            "steps": self.request.steps,
+            "size": f"{self.request.width}x{self.request.height}",
+            "seeds": list(self.seeds),
+            "timings": self.timings.to_dict(),
+            "warnings": list(self.warnings),
+        }
+
+
+StepCallback = Callable[[int, int], None]
+
+
+class Backend(Protocol):
+    """What the app, the endpoint and the benchmarks need of a backend."""
+
+    name: str
+
+    def capabilities(self) -> Capabilities:
+        """What this backend can run."""
+
+    def generate(self, request: GenerationRequest, on_step: StepCallback | None = None) -> GenerationResult:
+        """Run one request; on_step(step, total) is called after each denoising step."""
+
+    def close(self) -> None:
+        """Free what the backend holds."""

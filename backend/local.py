@@ -1,0 +1,164 @@
+"""LocalBackend: plain diffusers in this process, on CUDA, MPS or CPU."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+import time
+
+import torch
+
+from . import pipeline as sdpipe
+from .api import (
+    RANDOM_SEED,
+    BackendUnavailable,
+    Capabilities,
+    GenerationFailed,
+    GenerationRequest,
+    GenerationResult,
+    StepCallback,
+)
+from .settings import DEFAULT_MODEL, Settings
+from .tiny import TINY_MODEL_ID
+
+log = logging.getLogger(__name__)
+
+TINY_WARNING = (
+    "Running the built-in tiny model: random weights, SD2.1-shaped, so images are noise. "
+    "It is not Stable Diffusion 2.1. To load real weights, start with --model PATH_OR_HUB_ID "
+    f"(for example --model {DEFAULT_MODEL} with network access or a Hub cache)."
+)
+
+
+def resolve_device(device: str) -> str:
+    """auto -> cuda, then mps, then cpu; an explicit device that is missing is an error."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise BackendUnavailable("--device cuda: no CUDA device is available here; use --device cpu or auto.")
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise BackendUnavailable("--device mps: MPS is not available here; use --device cpu or auto.")
+    return device
+
+
+def precisions_for(device: str) -> tuple[str, ...]:
+    """Precisions worth offering on a device, preferred first."""
+    if device == "cuda":
+        return ("fp16", "bf16", "fp32")
+    if device == "mps":
+        return ("fp32", "fp16")
+    return ("fp32", "bf16")  # CPUs: fp16 matmuls are slow or missing
+
+
+class LocalBackend:
+    """diffusers StableDiffusionPipeline, one per precision, loaded lazily, run one at a time."""
+
+    name = "local"
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.device = resolve_device(settings.device)
+        self._precisions = precisions_for(self.device)
+        self._lock = threading.Lock()  # one generation at a time on an in-process device
+        self._pipelines: dict[str, object] = {}
+        self.notes: list[str] = []
+        self.model = settings.model_or_default
+        first = self._precisions[0]
+        try:
+            self._pipelines[first] = self._load(self.model, first)
+        except Exception as exc:  # noqa: BLE001 - any load failure of the *default* model falls back
+            if settings.model:  # the user named a model: failing to load it is an error, not a fallback
+                raise BackendUnavailable(f"--model {settings.model}: could not be loaded ({_short(exc)}).") from exc
+            log.warning("the default model %s could not be loaded (%s); using the tiny model", self.model, _short(exc))
+            self.notes.append(f"The default model {DEFAULT_MODEL} could not be loaded here "
+                              f"(offline, or not in the Hub cache).")
+            self.model = TINY_MODEL_ID
+            self._pipelines[first] = self._load(self.model, first)
+        if self.model == TINY_MODEL_ID:
+            log.warning(TINY_WARNING)
+            self.notes.append(TINY_WARNING)
+        self._schedulers = {p: sdpipe.SchedulerCache(pipe.scheduler.config) for p, pipe in self._pipelines.items()}
+        self._caps = Capabilities(
+            backend=self.name,
+            model=self.model,
+            device=self.device,
+            precisions=self._precisions,
+            max_images=settings.max_images,
+            max_prompt_tokens=self._pipelines[first].tokenizer.model_max_length,
+            is_tiny=self.model == TINY_MODEL_ID,
+            notes=tuple(self.notes),
+        )
+
+    def _load(self, model: str, precision: str):
+        started = time.perf_counter()
+        local_only = model == DEFAULT_MODEL and not self.settings.model and _offline()
+        pipe = sdpipe.load_pipeline(model, sdpipe.DTYPES[precision], self.device, local_files_only=local_only)
+        log.info("loaded %s (%s) on %s in %.1f s", model, precision, self.device, time.perf_counter() - started)
+        return pipe
+
+    def _pipeline(self, precision: str):
+        """The pipeline for a precision; a new one reuses the loaded modules, cast, not a reload."""
+        if precision not in self._pipelines:
+            base = next(iter(self._pipelines.values()))
+            dtype = sdpipe.DTYPES[precision]
+            parts = {name: copy.deepcopy(getattr(base, name)).to(dtype=dtype)
+                     for name in ("unet", "vae", "text_encoder")}
+            pipe = type(base)(**parts, tokenizer=base.tokenizer, scheduler=copy.deepcopy(base.scheduler),
+                              safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+            pipe.set_progress_bar_config(disable=True)
+            self._pipelines[precision] = pipe
+            self._schedulers[precision] = sdpipe.SchedulerCache(pipe.scheduler.config)
+        return self._pipelines[precision]
+
+    def capabilities(self) -> Capabilities:
+        """Precisions for this device, any size that is a multiple of 8, all schedulers."""
+        return self._caps
+
+    def generate(self, request: GenerationRequest, on_step: StepCallback | None = None) -> GenerationResult:
+        """Validate and run one request."""
+        request = request.validated(self._caps)
+        base_seed = sdpipe.random_seed() if request.seed == RANDOM_SEED else request.seed
+        request = request.__class__(**{**request.to_dict(), "seed": base_seed})
+        seeds = request.image_seeds(base_seed)
+        with self._lock:
+            pipe = self._pipeline(request.precision)
+            warnings = sdpipe.truncation_warnings(pipe.tokenizer, request)
+            scheduler = self._schedulers[request.precision].get(request.scheduler)
+            try:
+                images, timings = sdpipe.run(pipe, request, seeds, on_step, scheduler=scheduler)
+            except Exception as exc:
+                from .api import BackendError
+
+                if isinstance(exc, BackendError):
+                    raise
+                log.exception("generation failed")
+                raise GenerationFailed(f"generation failed on {self.device}: {_short(exc)}") from exc
+        images = sdpipe.label_images(images, request, seeds, self.model, self.name, timings.total_ms)
+        return GenerationResult(images=images, seeds=seeds, timings=timings, request=request,
+                                backend=self.name, model=self.model, warnings=warnings)
+
+    def close(self) -> None:
+        """Drop the pipelines."""
+        self._pipelines.clear()
+        if self.device == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _offline() -> bool:
+    import os
+
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+
+
+def _short(exc: BaseException) -> str:
+    """An exception as one line without paths of this machine."""
+    import re
+
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = re.sub(r"(/[^\s'\"]+)+", "<path>", text)
+    return f"{type(exc).__name__}: {text}"[:300]

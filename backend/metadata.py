@@ -1,0 +1,104 @@
+"""A1111-style infotext in PNG text chunks: the `parameters` chunk that SD tools read.
+
+Layout (as AUTOMATIC1111 writes it, and as its readers, Civitai and most metadata viewers parse it):
+
+    a lovely cat
+    Negative prompt: blurry
+    Steps: 20, Sampler: DPM++ 2M, CFG scale: 7.5, Seed: 42, Size: 512x512, Model: tiny, ...
+
+A value holding a comma, a colon, a quote or a newline is written as a JSON string, as A1111 does.
+Like A1111, a prompt one of whose lines itself starts with "Negative prompt:" cannot be told apart
+from a negative prompt; `write_infotext` is exact for every other prompt.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from typing import Any
+
+from PIL import Image, PngImagePlugin
+
+KEY = "parameters"
+NEGATIVE = "Negative prompt:"
+# A1111's own pattern for "Key: value" pairs on the last line.
+_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
+def _quote(value: Any) -> str:
+    text = str(value)
+    if any(c in text for c in ',:"\n\r') or text != text.strip():
+        return json.dumps(text, ensure_ascii=False)
+    return text
+
+
+def _unquote(text: str) -> str:
+    if len(text) >= 2 and text[0] == '"' and text[-1] == '"':
+        try:
+            return json.loads(text)
+        except ValueError:
+            return text
+    return text
+
+
+def write_infotext(prompt: str, negative_prompt: str, params: dict[str, Any]) -> str:
+    """Format prompt, negative prompt and the ordered `params` as an A1111 infotext."""
+    lines = [prompt]
+    if negative_prompt:
+        lines.append(f"{NEGATIVE} {negative_prompt}")
+    lines.append(", ".join(f"{k}: {_quote(v)}" for k, v in params.items() if v is not None))
+    return "\n".join(lines)
+
+
+def parse_infotext(text: str) -> dict[str, Any]:
+    """Parse an infotext into {"prompt", "negative_prompt", "params": {key: str}}."""
+    lines = text.split("\n")
+    params: dict[str, str] = {}
+    last = lines[-1] if lines else ""
+    found = _PARAM.findall(last)
+    # The last line is the parameters only if it is made of nothing but "Key: value" pairs.
+    if len(lines) > 1 and found and len(found) >= 3:
+        params = {k.strip(): _unquote(v.strip()) for k, v in found}
+        lines = lines[:-1]
+    prompt_lines, negative_lines, in_negative = [], [], False
+    for line in lines:
+        if not in_negative and line.startswith(NEGATIVE):
+            in_negative = True
+            line = line[len(NEGATIVE):]
+            line = line[1:] if line.startswith(" ") else line
+        (negative_lines if in_negative else prompt_lines).append(line)
+    return {"prompt": "\n".join(prompt_lines), "negative_prompt": "\n".join(negative_lines), "params": params}
+
+
+def attach(image: Image.Image, infotext: str) -> Image.Image:
+    """Keep the infotext on the PIL image, where `png_bytes` and gradio's PNG writer find it."""
+    image.info[KEY] = infotext
+    return image
+
+
+def pnginfo(infotext: str) -> PngImagePlugin.PngInfo:
+    """A PngInfo with the `parameters` chunk (iTXt when the text is not Latin-1)."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text(KEY, infotext)
+    return info
+
+
+def png_bytes(image: Image.Image, compress_level: int = 1) -> bytes:
+    """Encode as PNG with the image's infotext. Level 1: noise-like images barely compress
+    at any level, and level 1 is several times faster to write than the default 6."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=pnginfo(image.info.get(KEY, "")), compress_level=compress_level)
+    return buf.getvalue()
+
+
+def read_infotext(png: bytes | str | Any) -> str:
+    """The `parameters` text of a PNG (bytes, a path, or an open PIL image); '' if none."""
+    if isinstance(png, (bytes, bytearray)):
+        png = Image.open(io.BytesIO(png))
+    elif isinstance(png, str):
+        with Image.open(png) as img:
+            img.load()
+            return img.info.get(KEY, "") or getattr(img, "text", {}).get(KEY, "")
+    png.load()
+    return png.info.get(KEY, "") or getattr(png, "text", {}).get(KEY, "")

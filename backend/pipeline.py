@@ -1,0 +1,199 @@
+"""Diffusers glue shared by the local and the Neuron backends: load, schedulers, run with timings."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .api import (
+    SCHEDULERS,
+    GenerationRequest,
+    StepCallback,
+    Timings,
+)
+from .metadata import attach, write_infotext
+from .tiny import TINY_MODEL_ID
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def scheduler_class_and_overrides(key: str) -> tuple[Any, dict[str, Any]]:
+    """The diffusers scheduler class and config overrides behind a scheduler key."""
+    import diffusers
+
+    table = {
+        "dpm++2m": (diffusers.DPMSolverMultistepScheduler,
+                    dict(algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=False)),
+        "dpm++2m-karras": (diffusers.DPMSolverMultistepScheduler,
+                           dict(algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=True)),
+        "euler": (diffusers.EulerDiscreteScheduler, {}),
+        "euler-a": (diffusers.EulerAncestralDiscreteScheduler, {}),
+        "ddim": (diffusers.DDIMScheduler, {}),
+        "unipc": (diffusers.UniPCMultistepScheduler, {}),
+    }
+    if key not in table:
+        raise KeyError(f"unknown scheduler {key!r}; known: {', '.join(SCHEDULERS)}")
+    return table[key]
+
+
+def make_scheduler(key: str, base_config: Any):
+    """A fresh scheduler of kind `key` from the model's own scheduler config (no weights reloaded)."""
+    cls, overrides = scheduler_class_and_overrides(key)
+    config = dict(base_config)
+    # SD2's config has steps_offset=1; a config without it makes diffusers warn and shift timesteps.
+    config["steps_offset"] = max(1, int(config.get("steps_offset") or 0))
+    return cls.from_config(config, **overrides)
+
+
+class SchedulerCache:
+    """One scheduler per kind, reused across requests (callers run one generation at a time)."""
+
+    def __init__(self, base_config: Any):
+        self.base_config = dict(base_config)
+        self._by_key: dict[str, Any] = {}
+
+    def get(self, key: str):
+        """The scheduler for key, made on first use."""
+        if key not in self._by_key:
+            self._by_key[key] = make_scheduler(key, self.base_config)
+        return self._by_key[key]
+
+
+def load_pipeline(model: str, dtype: torch.dtype, device: str = "cpu", local_files_only: bool = False):
+    """Load a StableDiffusionPipeline from 'tiny', a diffusers folder or a Hub id, on device."""
+    from diffusers import StableDiffusionPipeline
+
+    if model == TINY_MODEL_ID:
+        from .tiny import build_pipeline
+
+        pipe = build_pipeline(dtype=dtype)
+    else:
+        source = str(Path(model).expanduser()) if os.path.isdir(os.path.expanduser(model)) else model
+        pipe = StableDiffusionPipeline.from_pretrained(
+            source,
+            dtype=dtype,  # diffusers 0.42: dtype= replaces torch_dtype=
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+            local_files_only=local_files_only,
+        )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def tokens_dropped(tokenizer, text: str) -> str:
+    """The part of `text` past the text encoder's window (77 tokens with BOS/EOS), or ''."""
+    if not text:
+        return ""
+    ids = tokenizer(text, truncation=False, add_special_tokens=True).input_ids
+    limit = tokenizer.model_max_length
+    if len(ids) <= limit:
+        return ""
+    return tokenizer.decode(ids[limit - 1:-1], skip_special_tokens=True).strip()
+
+
+def truncation_warnings(tokenizer, request: GenerationRequest) -> list[str]:
+    """A message for each prompt that the text encoder will cut, naming what is dropped."""
+    warnings = []
+    for name, text in (("prompt", request.prompt), ("negative_prompt", request.negative_prompt)):
+        dropped = tokens_dropped(tokenizer, text)
+        if dropped:
+            shown = dropped if len(dropped) <= 120 else dropped[:117] + "..."
+            warnings.append(
+                f"{name}: longer than the text encoder's {tokenizer.model_max_length} tokens; "
+                f"this end was dropped: \"{shown}\""
+            )
+    return warnings
+
+
+def infotext_for(request: GenerationRequest, seed: int, model: str, backend: str,
+                 latency_ms: float | None) -> str:
+    """The A1111-style infotext of one image."""
+    params = {
+        "Steps": request.steps,
+        "Sampler": SCHEDULERS.get(request.scheduler, request.scheduler),
+        "CFG scale": f"{request.guidance_scale:g}",
+        "Seed": seed,
+        "Size": f"{request.width}x{request.height}",
+        "Model": model,
+        "Precision": request.precision,
+        "Backend": backend,
+        "Latency": None if latency_ms is None else f"{latency_ms:.0f} ms",
+    }
+    return write_infotext(request.prompt, request.negative_prompt, params)
+
+
+def run(pipe, request: GenerationRequest, seeds: list[int], on_step: StepCallback | None = None,
+        scheduler=None) -> tuple[list[Any], Timings]:
+    """Run a validated request on a pipeline: encode, denoise, decode, each timed.
+
+    The stages are called one by one (rather than one `pipe(...)` call) so that text encoding,
+    each denoising step and the VAE decode are timed apart; the arithmetic is the pipeline's own,
+    so images equal those of `pipe(prompt, ..., generator=[torch.Generator().manual_seed(s)...])`.
+    """
+    if scheduler is not None:
+        pipe.scheduler = scheduler
+    n = len(seeds)
+    cfg = request.guidance_scale > 1.0
+    device = pipe._execution_device
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        prompt_embeds, negative_embeds = pipe.encode_prompt(
+            request.prompt, device, n, cfg, negative_prompt=request.negative_prompt or None
+        )
+        t1 = time.perf_counter()
+        steps: list[float] = []
+        last = [t1]
+
+        def step_end(_pipe, i: int, _t, kwargs: dict) -> dict:
+            now = time.perf_counter()
+            steps.append((now - last[0]) * 1000.0)
+            last[0] = now
+            if on_step is not None:
+                on_step(i + 1, request.steps)
+            return kwargs
+
+        # CPU generators, one per image: the same seed gives the same image on any device.
+        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        latents = pipe(
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_embeds,
+            num_inference_steps=request.steps,
+            guidance_scale=request.guidance_scale,
+            height=request.height,
+            width=request.width,
+            generator=generators,
+            output_type="latent",
+            callback_on_step_end=step_end,
+        ).images
+        t2 = time.perf_counter()
+        decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+        images = pipe.image_processor.postprocess(decoded, output_type="pil", do_denormalize=[True] * n)
+        t3 = time.perf_counter()
+    timings = Timings(
+        total_ms=(t3 - t0) * 1000.0,
+        text_encoder_ms=(t1 - t0) * 1000.0,
+        denoise_ms=(t2 - t1) * 1000.0,
+        step_ms=steps,
+        vae_ms=(t3 - t2) * 1000.0,
+    )
+    return images, timings
+
+
+def label_images(images: list[Any], request: GenerationRequest, seeds: list[int], model: str,
+                 backend: str, latency_ms: float | None) -> list[Any]:
+    """Attach each image's infotext."""
+    return [attach(img, infotext_for(request, s, model, backend, latency_ms)) for img, s in zip(images, seeds)]
+
+
+def random_seed() -> int:
+    """A seed for seed=-1 (from the OS, not torch's global generator)."""
+    return int.from_bytes(os.urandom(4), "little")
+

