@@ -66,11 +66,12 @@ class OutputStore:
     inside its cache skips Gradio's own encode-at-level-6 + hash + copy of each image.
     """
 
-    def __init__(self, root: str | Path | None = None, max_files: int = 256):
+    def __init__(self, root: str | Path | None = None, max_files: int = 256, png_level: int = 0):
         base = Path(root or os.environ.get("GRADIO_TEMP_DIR") or Path(tempfile.gettempdir()) / "gradio")
         self.root = (base / f"sd-outputs-{os.getpid()}").resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         self.max_files = max_files
+        self.png_level = png_level
         self._files: deque[Path] = deque()
         self._lock = threading.Lock()
 
@@ -79,7 +80,7 @@ class OutputStore:
         folder = self.root / uuid.uuid4().hex
         folder.mkdir()
         path = folder / f"{seed}.png"
-        path.write_bytes(png_bytes(image))
+        path.write_bytes(png_bytes(image, self.png_level))
         with self._lock:
             self._files.append(path)
             while len(self._files) > self.max_files:
@@ -170,7 +171,7 @@ def latency_markdown(details: dict[str, Any] | None, stats: LatencyStats | None)
 def build_demo(backend: Backend, settings: Settings, outputs: OutputStore | None = None) -> gr.Blocks:
     """The Gradio Blocks app around one backend."""
     caps = backend.capabilities()
-    store = outputs or OutputStore()
+    store = outputs or OutputStore(png_level=settings.png_level)
     cancels = CancelRegistry()
     fallback_session = itertools.count()
     default_w, default_h = caps.default_size

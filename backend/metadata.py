@@ -16,6 +16,8 @@ from __future__ import annotations
 import io
 import json
 import re
+import struct
+import zlib
 from typing import Any
 
 from PIL import Image, PngImagePlugin
@@ -84,12 +86,47 @@ def pnginfo(infotext: str) -> PngImagePlugin.PngInfo:
     return info
 
 
-def png_bytes(image: Image.Image, compress_level: int = 1) -> bytes:
-    """Encode as PNG with the image's infotext. Level 1: noise-like images barely compress
-    at any level, and level 1 is several times faster to write than the default 6."""
+def png_bytes(image: Image.Image, compress_level: int = 0) -> bytes:
+    """Encode as PNG carrying the image's infotext in its `parameters` chunk.
+
+    Level 0 (the default) writes 8-bit RGB/RGBA scanlines unfiltered and stored: ~2 ms for a
+    512x512 image, where Pillow takes 13 ms at level 0 (it still runs its adaptive row filters)
+    and ~30 ms at level 1. The file is larger (~770 KB at 512x512 instead of ~450-650 KB), which
+    costs nothing on loopback or a LAN; pass 1-9 to trade time for size on slow links.
+    """
+    infotext = image.info.get(KEY, "")
+    if compress_level == 0 and image.mode in ("RGB", "RGBA"):
+        return _stored_png(image, infotext)
     buf = io.BytesIO()
-    image.save(buf, format="PNG", pnginfo=pnginfo(image.info.get(KEY, "")), compress_level=compress_level)
+    image.save(buf, format="PNG", pnginfo=pnginfo(infotext), compress_level=compress_level)
     return buf.getvalue()
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _stored_png(image: Image.Image, infotext: str) -> bytes:
+    import numpy as np
+
+    pixels = np.asarray(image)
+    height, width, channels = pixels.shape
+    rows = np.empty((height, 1 + width * channels), dtype=np.uint8)
+    rows[:, 0] = 0  # filter type None on every scanline
+    rows[:, 1:] = pixels.reshape(height, -1)
+    colour_type = 2 if channels == 3 else 6
+    header = struct.pack(">IIBBBBB", width, height, 8, colour_type, 0, 0, 0)
+    try:  # Latin-1 fits tEXt; anything else goes in iTXt as UTF-8, as Pillow and A1111 do.
+        text = _chunk(b"tEXt", KEY.encode() + b"\0" + infotext.encode("latin-1"))
+    except UnicodeEncodeError:
+        text = _chunk(b"iTXt", KEY.encode() + b"\0\0\0\0\0" + infotext.encode("utf-8"))
+    return b"".join((
+        b"\x89PNG\r\n\x1a\n",
+        _chunk(b"IHDR", header),
+        text if infotext else b"",
+        _chunk(b"IDAT", zlib.compress(rows.tobytes(), 0)),
+        _chunk(b"IEND", b""),
+    ))
 
 
 def read_infotext(png: bytes | str | Any) -> str:

@@ -1,0 +1,196 @@
+"""What the app and the endpoint add on top of a bare diffusers call, measured side by side.
+
+    python -m benchmarks.overhead [--runs 10] [--warmup 2] [--markdown docs/overhead.md]
+
+On one workload (the tiny model saved as a diffusers folder, 512x512, 20 steps, CFG 7.5,
+DPM++ 2M) it times, interleaved round by round so drift hits every path alike:
+
+  (a) bare      StableDiffusionPipeline.from_pretrained(folder)(prompt, ...) -> PIL image
+  (b) backend   LocalBackend.generate (stage timings, infotext)
+  (c) app       python app.py --model folder, called through gradio_client (PNG written,
+                served and downloaded)
+  (d) sagemaker python app.py --backend sagemaker -> serving/server.py, through gradio_client
+
+and reports each path's median and its ratio to (a), with where the extra time goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPT = "a lovely cat"
+STEPS, CFG, SIZE = 20, 7.5, 512
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(url: str, proc: subprocess.Popen, timeout: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args} exited with {proc.returncode}")
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except urllib.error.HTTPError:
+            return
+        except OSError:
+            time.sleep(0.3)
+    raise TimeoutError(url)
+
+
+@contextlib.contextmanager
+def _process(args: list[str], url: str, env: dict):
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        _wait(url, proc)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the comparison and print (and optionally write) the Markdown table."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.overhead", description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=10, help="measured rounds (default 10)")
+    parser.add_argument("--warmup", type=int, default=2, help="unmeasured rounds first (default 2)")
+    parser.add_argument("--paths", default="a,b,c,d", help="which of a,b,c,d to run (default all)")
+    parser.add_argument("--json", help="also write the raw figures here")
+    parser.add_argument("--markdown", help="also write the Markdown table here")
+    args = parser.parse_args(argv)
+    paths = [p.strip() for p in args.paths.split(",") if p.strip()]
+
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from gradio_client import Client
+
+    from backend import GenerationRequest, Settings, create_backend
+    from backend.tiny import save
+
+    tmp = Path(tempfile.mkdtemp(prefix="sd-overhead-"))
+    folder = save(tmp / "tiny")
+    env = {**os.environ, "GRADIO_TEMP_DIR": str(tmp / "gradio"), "HF_HUB_OFFLINE": "1",
+           "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1",
+           "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-2"}
+    os.environ["GRADIO_TEMP_DIR"] = env["GRADIO_TEMP_DIR"]
+
+    samples: dict[str, list[float]] = {p: [] for p in paths}
+    parts: dict[str, list[dict]] = {p: [] for p in paths}
+    with contextlib.ExitStack() as stack:
+        runners = {}
+        if "a" in paths:
+            pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+            pipe.set_progress_bar_config(disable=True)
+
+            def run_a(seed):
+                pipe(PROMPT, num_inference_steps=STEPS, guidance_scale=CFG, height=SIZE, width=SIZE,
+                     generator=torch.Generator().manual_seed(seed))
+                return {}
+            runners["a"] = run_a
+        if "b" in paths:
+            backend = create_backend(Settings(backend="local", model=str(folder), device="cpu"))
+
+            def run_b(seed):
+                r = backend.generate(GenerationRequest(PROMPT, steps=STEPS, guidance_scale=CFG, seed=seed,
+                                                       width=SIZE, height=SIZE))
+                return {"backend_ms": r.timings.total_ms}
+            runners["b"] = run_b
+
+        def app_runner(url):
+            client = Client(url, verbose=False, download_files=str(tmp / "downloads"))
+
+            def run(seed):
+                files, details = client.predict(prompt=PROMPT, steps=STEPS, guidance_scale=CFG, seed=seed,
+                                                width=SIZE, height=SIZE, api_name="/generate")
+                t = details["timings"]
+                out = {"backend_ms": t["total_ms"], "png_ms": details.get("app_ms", 0.0)}
+                if t.get("server_ms") is not None:
+                    out["server_ms"] = t["server_ms"]
+                return out
+            return run
+
+        if "c" in paths:
+            port = _free_port()
+            url = f"http://127.0.0.1:{port}/"
+            stack.enter_context(_process(["app.py", "--model", str(folder), "--port", str(port)], url, env))
+            runners["c"] = app_runner(url)
+        if "d" in paths:
+            sport, aport = _free_port(), _free_port()
+            stack.enter_context(_process(["-m", "serving.server", "--model", str(folder), "--port", str(sport)],
+                                         f"http://127.0.0.1:{sport}/ping", env))
+            url = f"http://127.0.0.1:{aport}/"
+            stack.enter_context(_process(
+                ["app.py", "--backend", "sagemaker", "--endpoint-name", "bench", "--endpoint-url",
+                 f"http://127.0.0.1:{sport}", "--port", str(aport)], url, env))
+            runners["d"] = app_runner(url)
+
+        for round_ in range(args.warmup + args.runs):
+            for p in paths:
+                seed = 1000 + round_
+                t0 = time.perf_counter()
+                extra = runners[p](seed)
+                elapsed = (time.perf_counter() - t0) * 1000.0
+                if round_ >= args.warmup:
+                    samples[p].append(elapsed)
+                    parts[p].append(extra)
+            print(f"round {round_ + 1}/{args.warmup + args.runs}: " +
+                  ", ".join(f"{p} {samples[p][-1]:.0f} ms" for p in paths if samples[p]), file=sys.stderr)
+
+    names = {"a": "(a) bare diffusers pipeline", "b": "(b) backend.generate",
+             "c": "(c) app via gradio_client", "d": "(d) app -> SageMaker backend -> serving/server.py"}
+    base = statistics.median(samples["a"]) if "a" in samples else None
+    rows = []
+    for p in paths:
+        med = statistics.median(samples[p])
+        extra = {k: statistics.median([e[k] for e in parts[p] if k in e]) for k in
+                 sorted({k for e in parts[p] for k in e})}
+        where = []
+        if "backend_ms" in extra and p != "b":
+            rest = med - extra.get("server_ms", extra["backend_ms"])
+            if "server_ms" in extra:
+                where.append(f"endpoint {extra['server_ms']:.0f} ms (its backend {extra['backend_ms']:.0f})")
+            else:
+                where.append(f"backend {extra['backend_ms']:.0f} ms")
+            if "png_ms" in extra:
+                where.append(f"PNG files {extra['png_ms']:.1f} ms")
+            where.append(f"rest (queue, HTTP, download) {rest - extra.get('png_ms', 0.0):.0f} ms")
+        rows.append({"path": names[p], "median_ms": med, "min_ms": min(samples[p]),
+                     "ratio": med / base if base else None, "where": "; ".join(where), "raw_ms": samples[p]})
+    lines = ["| path | median ms | min ms | ratio to (a) | where the time goes |", "|---|---:|---:|---:|---|"]
+    for r in rows:
+        ratio = f"{r['ratio']:.3f}x" if r["ratio"] else "-"
+        lines.append(f"| {r['path']} | {r['median_ms']:.0f} | {r['min_ms']:.0f} | {ratio} | {r['where']} |")
+    table = "\n".join(lines)
+    header = (f"Tiny model folder, {SIZE}x{SIZE}, {STEPS} steps, CFG {CFG}, DPM++ 2M; {args.runs} rounds "
+              f"after {args.warmup} warm-up, paths interleaved; {os.cpu_count()} CPU cores.\n\n")
+    print(header + table)
+    if args.markdown:
+        Path(args.markdown).write_text(header + table + "\n")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
