@@ -264,11 +264,6 @@ def build_demo(backend: Backend, settings: Settings, outputs: OutputStore | None
                         scheduler = gr.Dropdown([(SCHEDULERS.get(k, k), k) for k in caps.schedulers],
                                                 value="dpm++2m", label="Scheduler")
                     with gr.Row():
-                        seed = gr.Number(value=-1, precision=0, label="Seed (-1: random)", minimum=-1,
-                                         maximum=2**32 - 1)
-                        randomize_btn = gr.Button("\U0001f3b2 Random seed", size="sm")
-                        reuse_btn = gr.Button("\u267b\ufe0f Reuse seed of selected image", size="sm")
-                    with gr.Row():
                         if caps.fixed_sizes:
                             ws = sorted({w for w, _ in caps.fixed_sizes})
                             hs = sorted({h for _, h in caps.fixed_sizes})
@@ -279,13 +274,22 @@ def build_demo(backend: Backend, settings: Settings, outputs: OutputStore | None
                                               step=caps.size_multiple, label="Width")
                             height = gr.Slider(caps.min_size, caps.max_size, value=default_h,
                                                step=caps.size_multiple, label="Height")
+                    # Two controls a row: three sliders side by side clip their "1024" range labels.
+                    with gr.Row():
                         num_images = gr.Slider(1, caps.max_images, value=1, step=1, label="Number of images")
+                        seed = gr.Number(value=-1, precision=0, label="Seed (-1: random)", minimum=-1,
+                                         maximum=2**32 - 1)
+                    with gr.Row():
+                        randomize_btn = gr.Button("\U0001f3b2 Random seed", size="sm")
+                        reuse_btn = gr.Button("\u267b\ufe0f Reuse seed of selected image", size="sm")
                 gr.Examples(EXAMPLES, inputs=[prompt], label="Example prompts")
             with gr.Column(scale=6):
                 gallery = gr.Gallery(label="Images", format="png", columns=2, height="auto",
                                      object_fit="contain", interactive=False)
                 latency = gr.Markdown(latency_markdown(None, None), elem_id="latency")
-                details = gr.JSON(label="Details", open=False)
+                # Folded: the latency panel says what most people want; step_ms alone is `steps` lines.
+                with gr.Accordion("Details (JSON)", open=False):
+                    details = gr.JSON(label="Details", open=False)
 
         inputs = [prompt, negative, steps, precision, guidance, seed, scheduler, width, height, num_images,
                   stats_state]
