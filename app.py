@@ -11,11 +11,13 @@ This file is the UI only: flags/env -> Settings -> create_backend -> gr.Blocks.
 
 from __future__ import annotations
 
+import functools
 import html
 import itertools
 import logging
 import os
 import shutil
+import signal
 import tempfile
 import threading
 import time
@@ -24,6 +26,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+import anyio
 import gradio as gr
 
 from backend import (
@@ -176,9 +179,9 @@ def build_demo(backend: Backend, settings: Settings, outputs: OutputStore | None
     fallback_session = itertools.count()
     default_w, default_h = caps.default_size
 
-    def generate(prompt, negative_prompt=None, steps=20, precision=caps.default_precision, guidance_scale=7.5,
-                 seed=-1, scheduler="dpm++2m", width=default_w, height=default_h, num_images=1,
-                 stats=None, request: gr.Request = None, progress=gr.Progress()):
+    async def generate(prompt, negative_prompt=None, steps=20, precision=caps.default_precision,
+                       guidance_scale=7.5, seed=-1, scheduler="dpm++2m", width=default_w, height=default_h,
+                       num_images=1, stats=None, request: gr.Request = None, progress=gr.Progress()):
         """Generate images for a prompt; returns the PNG gallery and a JSON details object."""
         session = getattr(request, "session_hash", None) or f"anon-{next(fallback_session)}"
         event = cancels.start(session)
@@ -195,7 +198,14 @@ def build_demo(backend: Backend, settings: Settings, outputs: OutputStore | None
                 seed=seed if seed not in (None, "") else -1, scheduler=scheduler, precision=precision,
                 width=width, height=height, num_images=num_images,
             )
-            result = backend.generate(req, on_step=on_step)
+            # In a worker thread that Gradio abandons when it cancels this task (Stop, an API client's
+            # job.cancel()): the event below then stops the backend at its next step, where a plain
+            # sync function would hold the device until a generation nobody waits for was done.
+            result = await anyio.to_thread.run_sync(functools.partial(backend.generate, req, on_step=on_step),
+                                                    abandon_on_cancel=True)
+        except anyio.get_cancelled_exc_class():
+            event.set()
+            raise
         except InvalidRequest as exc:
             raise gr.Error(str(exc), title="Check the request") from None
         except GenerationCancelled:
@@ -211,7 +221,8 @@ def build_demo(backend: Backend, settings: Settings, outputs: OutputStore | None
         finally:
             cancels.finish(session, event)
         t_files = time.perf_counter()
-        files = [store.save(img, s) for img, s in zip(result.images, result.seeds)]
+        files = await anyio.to_thread.run_sync(
+            lambda: [store.save(img, s) for img, s in zip(result.images, result.seeds)])
         details = result.details()
         details["app_ms"] = round((time.perf_counter() - t_files) * 1000.0, 1)
         for warning in result.warnings:
@@ -331,6 +342,10 @@ def launch(demo: gr.Blocks, settings: Settings, **kwargs: Any):
     )
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> None:
     """Parse flags, start the backend, launch the app."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -340,6 +355,9 @@ def main(argv: list[str] | None = None) -> None:
     except BackendUnavailable as exc:
         raise SystemExit(f"error: {exc}") from None
     demo = build_demo(backend, settings)
+    # docker stop, systemd and Spaces end the app with SIGTERM, whose default action skips every
+    # `finally`: unwind as Ctrl+C does, so Gradio closes its server and the outputs folder goes.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         launch(demo, settings)
     finally:
