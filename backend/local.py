@@ -68,6 +68,7 @@ class LocalBackend:
         self._pipelines: dict[str, object] = {}
         self.notes: list[str] = []
         self.model = settings.model_or_default
+        self.model_source = self.model
         first = self._precisions[0]
         try:
             self._pipelines[first] = self._load(self.model, first)
@@ -77,9 +78,11 @@ class LocalBackend:
             log.warning("the default model %s could not be loaded (%s); using the tiny model", self.model, _short(exc))
             self.notes.append(f"The default model {DEFAULT_MODEL} could not be loaded here "
                               f"(offline, or not in the Hub cache).")
-            self.model = TINY_MODEL_ID
+            self.model = self.model_source = TINY_MODEL_ID
             self._pipelines[first] = self._load(self.model, first)
-        if self.model == TINY_MODEL_ID:
+        # Shown in the banner and written in infotext: a folder's name, never a path of this server.
+        self.model = sdpipe.model_display_name(self.model_source)
+        if self.model == TINY_MODEL_ID or sdpipe.is_tiny_folder(self.model_source):
             log.warning(TINY_WARNING)
             self.notes.append(TINY_WARNING)
         self._schedulers = {p: sdpipe.SchedulerCache(pipe.scheduler.config) for p, pipe in self._pipelines.items()}
@@ -90,7 +93,7 @@ class LocalBackend:
             precisions=self._precisions,
             max_images=settings.max_images,
             max_prompt_tokens=self._pipelines[first].tokenizer.model_max_length,
-            is_tiny=self.model == TINY_MODEL_ID,
+            is_tiny=TINY_WARNING in self.notes,
             notes=tuple(self.notes),
         )
 
@@ -160,5 +163,5 @@ def _short(exc: BaseException) -> str:
     import re
 
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    text = re.sub(r"(/[^\s'\"]+)+", "<path>", text)
+    text = re.sub(r"(?<![\w.-])(/[^\s'\"]+)+", "<path>", text)
     return f"{type(exc).__name__}: {text}"[:300]

@@ -88,15 +88,38 @@ def load_pipeline(model: str, dtype: torch.dtype, device: str = "cpu", local_fil
     return pipe.to(device)
 
 
+def model_display_name(model: str) -> str:
+    """A folder's own name (not its path on this machine); a Hub id or 'tiny' as given."""
+    path = Path(os.path.expanduser(model))
+    if path.is_dir():
+        return path.resolve().name or model
+    return model
+
+
+def is_tiny_folder(model: str) -> bool:
+    """True for a folder saved by `python -m backend.tiny` (random weights, not SD2.1)."""
+    readme = Path(os.path.expanduser(model)) / "README.md"
+    try:
+        return readme.is_file() and readme.read_text(errors="replace").startswith("# tiny (random weights)")
+    except OSError:
+        return False
+
+
 def tokens_dropped(tokenizer, text: str) -> str:
     """The part of `text` past the text encoder's window (77 tokens with BOS/EOS), or ''."""
     if not text:
         return ""
-    ids = tokenizer(text, truncation=False, add_special_tokens=True).input_ids
     limit = tokenizer.model_max_length
-    if len(ids) <= limit:
+    try:
+        enc = tokenizer(text, truncation=False, return_offsets_mapping=True)
+    except (NotImplementedError, TypeError, ValueError):  # slow tokenizers have no offsets
+        ids = tokenizer(text, truncation=False).input_ids
+        return "" if len(ids) <= limit else tokenizer.decode(ids[limit - 1:-1], skip_special_tokens=True).strip()
+    if len(enc.input_ids) <= limit:
         return ""
-    return tokenizer.decode(ids[limit - 1:-1], skip_special_tokens=True).strip()
+    # Token limit-1 is the first one that does not fit (BOS takes one place, EOS the last);
+    # its offset points into the text as typed, so the message quotes the user's own words.
+    return text[enc.offset_mapping[limit - 1][0]:].strip()
 
 
 def truncation_warnings(tokenizer, request: GenerationRequest) -> list[str]:
@@ -105,7 +128,7 @@ def truncation_warnings(tokenizer, request: GenerationRequest) -> list[str]:
     for name, text in (("prompt", request.prompt), ("negative_prompt", request.negative_prompt)):
         dropped = tokens_dropped(tokenizer, text)
         if dropped:
-            shown = dropped if len(dropped) <= 120 else dropped[:117] + "..."
+            shown = dropped if len(dropped) <= 160 else f"{dropped[:70]} ... {dropped[-70:]}"
             warnings.append(
                 f"{name}: longer than the text encoder's {tokenizer.model_max_length} tokens; "
                 f"this end was dropped: \"{shown}\""
