@@ -110,3 +110,31 @@ def test_full_queue_is_a_clear_message_and_nothing_else_is_lost(app_url):
         assert details["seeds"] == [i]
         assert parse_infotext(read_infotext(gallery[0]["image"]))["prompt"] == f"user {i}"
     assert len(clients[3].predict(prompt="room again", api_name="/generate", **FAST)[0]) == 1
+
+
+def test_default_launch_offline_says_it_runs_the_tiny_model(tmp_path):
+    """`python app.py` with no model and no network starts on the tiny model and says so."""
+    import json
+    import urllib.request
+
+    with run_app([], tmp_path, env={"HF_HUB_OFFLINE": "1"}) as url:
+        config = json.loads(urllib.request.urlopen(url + "config", timeout=10).read())
+        banner = " ".join(str(c.get("props", {}).get("value", "")) for c in config["components"])
+        assert "tiny-warning" in banner and "not Stable Diffusion 2.1" in banner and "--model" in banner
+        gallery, details = Client(url, verbose=False).predict("a lovely cat", api_name="/generate", **FAST)
+        assert details["model"] == "tiny" and len(gallery) == 1
+    log = next(tmp_path.glob("app-*.log")).read_text()
+    assert "tiny model" in log and "could not be loaded" in log
+
+
+def test_demo_is_importable_for_spaces(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    code = "import app, gradio; d = app.demo; assert isinstance(d, gradio.Blocks); print('ok', d.title)"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "SD_MODEL": "tiny"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "ok Stable Diffusion" in done.stdout
