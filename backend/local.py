@@ -20,10 +20,15 @@ from .api import (
     StepCallback,
 )
 from .settings import DEFAULT_MODEL, Settings
+from .sd21_random import SD21_RANDOM_ID
 from .tiny import TINY_MODEL_ID
 
 log = logging.getLogger(__name__)
 
+RANDOM_WARNING = (
+    "Running sd21-random: the SD2.1-base architecture with random weights, for measuring real-size "
+    "latency. Images are noise; it is not Stable Diffusion 2.1."
+)
 TINY_WARNING = (
     "Running the built-in tiny model: random weights, SD2.1-shaped, so images are noise. "
     "It is not Stable Diffusion 2.1. To load real weights, start with --model PATH_OR_HUB_ID "
@@ -68,6 +73,7 @@ class LocalBackend:
         self._pipelines: dict[str, object] = {}
         self.notes: list[str] = []
         self.model = settings.model_or_default
+        self.model_source = self.model
         first = self._precisions[0]
         try:
             self._pipelines[first] = self._load(self.model, first)
@@ -77,11 +83,16 @@ class LocalBackend:
             log.warning("the default model %s could not be loaded (%s); using the tiny model", self.model, _short(exc))
             self.notes.append(f"The default model {DEFAULT_MODEL} could not be loaded here "
                               f"(offline, or not in the Hub cache).")
-            self.model = TINY_MODEL_ID
+            self.model = self.model_source = TINY_MODEL_ID
             self._pipelines[first] = self._load(self.model, first)
-        if self.model == TINY_MODEL_ID:
+        # Shown in the banner and written in infotext: a folder's name, never a path of this server.
+        self.model = sdpipe.model_display_name(self.model_source)
+        if self.model == TINY_MODEL_ID or sdpipe.is_tiny_folder(self.model_source):
             log.warning(TINY_WARNING)
             self.notes.append(TINY_WARNING)
+        elif self.model == SD21_RANDOM_ID:
+            log.warning(RANDOM_WARNING)
+            self.notes.append(RANDOM_WARNING)
         self._schedulers = {p: sdpipe.SchedulerCache(pipe.scheduler.config) for p, pipe in self._pipelines.items()}
         self._caps = Capabilities(
             backend=self.name,
@@ -90,7 +101,7 @@ class LocalBackend:
             precisions=self._precisions,
             max_images=settings.max_images,
             max_prompt_tokens=self._pipelines[first].tokenizer.model_max_length,
-            is_tiny=self.model == TINY_MODEL_ID,
+            is_tiny=TINY_WARNING in self.notes or RANDOM_WARNING in self.notes,
             notes=tuple(self.notes),
         )
 
@@ -98,11 +109,25 @@ class LocalBackend:
         started = time.perf_counter()
         local_only = model == DEFAULT_MODEL and not self.settings.model and _offline()
         pipe = sdpipe.load_pipeline(model, sdpipe.DTYPES[precision], self.device, local_files_only=local_only)
+        if self.settings.optimize != "none":
+            sdpipe.optimize_pipeline(pipe, self.settings.optimize)
+            self._warm_up(pipe)
         log.info("loaded %s (%s) on %s in %.1f s", model, precision, self.device, time.perf_counter() - started)
         return pipe
 
+    def _warm_up(self, pipe) -> None:
+        """One small run so compilation and autotuning happen at load, not in a user's request."""
+        started = time.perf_counter()
+        request = GenerationRequest("warm-up", steps=2, width=512, height=512, seed=0, precision="fp32")
+        sdpipe.run(pipe, request, [0], scheduler=sdpipe.make_scheduler("dpm++2m", pipe.scheduler.config))
+        log.info("warmed up (%s) in %.1f s", self.settings.optimize, time.perf_counter() - started)
+
     def _pipeline(self, precision: str):
         """The pipeline for a precision; a new one reuses the loaded modules, cast, not a reload."""
+        if precision not in self._pipelines and self.settings.optimize != "none":
+            # Compiled modules are not copied: the other precision is loaded and compiled itself.
+            self._pipelines[precision] = self._load(self.model_source, precision)
+            self._schedulers[precision] = sdpipe.SchedulerCache(self._pipelines[precision].scheduler.config)
         if precision not in self._pipelines:
             base = next(iter(self._pipelines.values()))
             dtype = sdpipe.DTYPES[precision]
@@ -160,5 +185,5 @@ def _short(exc: BaseException) -> str:
     import re
 
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    text = re.sub(r"(/[^\s'\"]+)+", "<path>", text)
+    text = re.sub(r"(?<![\w.-])(/[^\s'\"]+)+", "<path>", text)
     return f"{type(exc).__name__}: {text}"[:300]

@@ -9,6 +9,7 @@ DPM++ 2M) it times, interleaved round by round so drift hits every path alike:
   (b) backend   LocalBackend.generate (stage timings, infotext)
   (c) app       python app.py --model folder, called through gradio_client (PNG written,
                 served and downloaded)
+  (c0) app       the same through a default gradio_client.Client (a new TLS context per call)
   (d) sagemaker python app.py --backend sagemaker -> serving/server.py, through gradio_client
 
 and reports each path's median and its ratio to (a), with where the extra time goes.
@@ -21,6 +22,7 @@ import contextlib
 import json
 import os
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -75,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.overhead", description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=10, help="measured rounds (default 10)")
     parser.add_argument("--warmup", type=int, default=2, help="unmeasured rounds first (default 2)")
-    parser.add_argument("--paths", default="a,b,c,d", help="which of a,b,c,d to run (default all)")
+    parser.add_argument("--paths", default="a,b,c,d", help="which of a,b,c,c0,d to run (default a,b,c,d)")
     parser.add_argument("--json", help="also write the raw figures here")
     parser.add_argument("--markdown", help="also write the Markdown table here")
     args = parser.parse_args(argv)
@@ -117,8 +119,15 @@ def main(argv: list[str] | None = None) -> int:
                 return {"backend_ms": r.timings.total_ms}
             runners["b"] = run_b
 
-        def app_runner(url):
-            client = Client(url, verbose=False, download_files=str(tmp / "downloads"))
+        # gradio_client builds a new httpx client, and so a new TLS context (25-50 ms of loading CA
+        # certificates, even for http://), for every call and every file download unless it is
+        # given one to reuse. (c) and (d) reuse one, as a client that cares about latency does;
+        # (c0) shows the default.
+        shared_tls = ssl.create_default_context()
+
+        def app_runner(url, reuse_tls=True):
+            client = Client(url, verbose=False, download_files=str(tmp / "downloads"),
+                            ssl_verify=shared_tls if reuse_tls else True)
 
             def run(seed):
                 files, details = client.predict(prompt=PROMPT, steps=STEPS, guidance_scale=CFG, seed=seed,
@@ -135,6 +144,11 @@ def main(argv: list[str] | None = None) -> int:
             url = f"http://127.0.0.1:{port}/"
             stack.enter_context(_process(["app.py", "--model", str(folder), "--port", str(port)], url, env))
             runners["c"] = app_runner(url)
+        if "c0" in paths:
+            port = _free_port()
+            url = f"http://127.0.0.1:{port}/"
+            stack.enter_context(_process(["app.py", "--model", str(folder), "--port", str(port)], url, env))
+            runners["c0"] = app_runner(url, reuse_tls=False)
         if "d" in paths:
             sport, aport = _free_port(), _free_port()
             stack.enter_context(_process(["-m", "serving.server", "--model", str(folder), "--port", str(sport)],
@@ -158,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
                   ", ".join(f"{p} {samples[p][-1]:.0f} ms" for p in paths if samples[p]), file=sys.stderr)
 
     names = {"a": "(a) bare diffusers pipeline", "b": "(b) backend.generate",
-             "c": "(c) app via gradio_client", "d": "(d) app -> SageMaker backend -> serving/server.py"}
+             "c": "(c) app via gradio_client", "c0": "(c0) app via gradio_client, default Client()", "d": "(d) app -> SageMaker backend -> serving/server.py"}
     base = statistics.median(samples["a"]) if "a" in samples else None
     rows = []
     for p in paths:

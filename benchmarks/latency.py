@@ -1,0 +1,203 @@
+"""The walk-through's latency table for any backend: P50, P95, mean, QPS, cost per 10k images.
+
+    python -m benchmarks.latency --model tiny --steps 20,30,50 --runs 10 --instance-type inf2.xlarge
+    python -m benchmarks.latency --backend neuron --artifacts sd2_512_root --precisions bf16,fp32
+    python -m benchmarks.latency --backend sagemaker --endpoint-name sd21-inf2 --instance-type ml.inf2.xlarge
+    python -m benchmarks.latency --model sd21-random --device cuda --precisions bf16 --compare-optimize
+
+It takes the same backend flags as the app. Each row runs `--warmup` unmeasured requests, then
+`--runs` measured ones through `backend.generate`, `--concurrency` at a time; latency is each
+request's wall time, QPS is requests / wall time of the measured batch, and cost per 10k images
+is the hourly price / 3600 / images per second x 10,000.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+from backend.stats import cost_per_10k_images, percentile, qps
+
+# On-demand USD per hour, Linux, us-east-1. A snapshot: prices change, and they differ by
+# region (the walk-through used us-east-2). Check the pricing pages and pass --price-per-hour.
+PRICES_SOURCE = ("AWS EC2 On-Demand pricing (aws.amazon.com/ec2/pricing/on-demand), us-east-1, Linux; "
+                 "snapshot taken 2025, not live")
+PRICES_PER_HOUR = {
+    "inf2.xlarge": 0.7582,
+    "inf2.8xlarge": 1.9679,
+    "inf2.24xlarge": 6.4906,
+    "inf2.48xlarge": 12.9813,
+    "g5.xlarge": 1.006,
+    "g6.xlarge": 0.8048,
+}
+WALKTHROUGH_PRICE = 1.966  # $/h behind the walk-through's own cost column (1.116 QPS -> $4.89 per 10k)
+
+
+@dataclass
+class Row:
+    """One line of the table."""
+
+    backend: str
+    model: str
+    device: str
+    instance: str
+    precision: str
+    optimize: str
+    steps: int
+    runs: int
+    concurrency: int
+    p50_s: float
+    p95_s: float
+    mean_s: float
+    qps: float
+    cost_per_10k: float | None
+
+
+def price_for(instance: str | None, price_per_hour: float | None) -> float | None:
+    """--price-per-hour wins; else the snapshot's price of --instance-type (ml. prefix ignored)."""
+    if price_per_hour is not None:
+        return price_per_hour
+    if not instance:
+        return None
+    key = instance.removeprefix("ml.")
+    if key not in PRICES_PER_HOUR:
+        raise SystemExit(f"--instance-type {instance}: no snapshot price; pass --price-per-hour "
+                         f"(known: {', '.join(sorted(PRICES_PER_HOUR))})")
+    return PRICES_PER_HOUR[key]
+
+
+def measure(generate, runs: int, concurrency: int, progress=None) -> tuple[list[float], float]:
+    """Run `generate(i)` runs times, concurrency at a time: (latencies in s, wall seconds)."""
+    latencies: list[float] = []
+
+    def one(i: int) -> float:
+        t0 = time.perf_counter()
+        generate(i)
+        elapsed = time.perf_counter() - t0
+        if progress is not None:
+            progress.update(1)
+        return elapsed
+
+    start = time.perf_counter()
+    if concurrency <= 1:
+        latencies = [one(i) for i in range(runs)]
+    else:
+        with ThreadPoolExecutor(concurrency) as pool:
+            latencies = list(pool.map(one, range(runs)))
+    return latencies, time.perf_counter() - start
+
+
+def summarize(latencies: Sequence[float], wall: float, images_per_request: int,
+              price: float | None) -> tuple[float, float, float, float, float | None]:
+    """(P50, P95, mean, QPS, cost per 10k images) of one measured batch."""
+    rate = qps(len(latencies), wall)
+    cost = cost_per_10k_images(price, rate * images_per_request) if price is not None else None
+    return (percentile(latencies, 50), percentile(latencies, 95), sum(latencies) / len(latencies), rate, cost)
+
+
+def markdown(rows: list[Row], price: float | None, instance: str) -> str:
+    """The walk-through's table, as Markdown."""
+    lines = [
+        "| instance | backend | model | precision | optimize | steps | P50 (s) | P95 (s) | mean (s) | QPS "
+        "| cost / 10k images ($) |",
+        "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        cost = f"{r.cost_per_10k:.2f}" if r.cost_per_10k is not None else "-"
+        lines.append(f"| {r.instance} | {r.backend} | {r.model} | {r.precision} | {r.optimize} | {r.steps} "
+                     f"| {r.p50_s:.3f} | {r.p95_s:.3f} | {r.mean_s:.3f} | {r.qps:.3f} | {cost} |")
+    if price is not None:
+        lines.append(f"\nCost at ${price:.4f}/h for {instance or 'the given price'}.")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None):
+    """Flags: the app's backend flags plus the benchmark's own."""
+    from backend.settings import add_arguments
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.latency", description=__doc__.splitlines()[0])
+    add_arguments(parser, server_flags=False)
+    b = parser.add_argument_group("benchmark")
+    b.add_argument("--precisions", help="comma-separated (default: every precision the backend offers)")
+    b.add_argument("--steps", default="20,30,50", help="comma-separated step counts (default 20,30,50)")
+    b.add_argument("--runs", type=int, default=10, help="measured requests per row (default 10)")
+    b.add_argument("--warmup", type=int, default=2, help="unmeasured requests per row first (default 2)")
+    b.add_argument("--concurrency", type=int, default=1, help="requests in flight at once (default 1)")
+    b.add_argument("--prompt", default="a lovely cat", help="the prompt (default: the walk-through's)")
+    b.add_argument("--guidance-scale", type=float, default=7.5)
+    b.add_argument("--width", type=int, help="default: the backend's default size")
+    b.add_argument("--height", type=int)
+    b.add_argument("--num-images", type=int, default=1)
+    b.add_argument("--instance-type", default="", help=f"for the cost column; snapshot prices for "
+                   f"{', '.join(sorted(PRICES_PER_HOUR))}")
+    b.add_argument("--price-per-hour", type=float, help="USD per hour; overrides --instance-type's price")
+    b.add_argument("--compare-optimize", action="store_true",
+                   help="local CUDA backend: also run --optimize none (eager) and the chosen/default "
+                        "optimized path, side by side")
+    b.add_argument("--markdown", help="write the table here")
+    b.add_argument("--json", help="write the rows here")
+    b.add_argument("--csv", help="write the rows here")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the table and print it."""
+    args = parse_args(argv)
+    from tqdm import tqdm
+
+    from backend import GenerationRequest, Settings, create_backend
+
+    settings = Settings.from_namespace(args)
+    price = price_for(args.instance_type, args.price_per_hour)
+    steps_list = [int(s) for s in args.steps.split(",") if s.strip()]
+    optimizes = [settings.optimize]
+    if args.compare_optimize:
+        optimizes = ["none", settings.optimize if settings.optimize != "none" else "cuda-graphs"]
+
+    rows: list[Row] = []
+    for optimize in optimizes:
+        backend = create_backend(settings.replace(optimize=optimize))
+        try:
+            caps = backend.capabilities()
+            precisions = args.precisions.split(",") if args.precisions else list(caps.precisions)
+            total = len(precisions) * len(steps_list) * (args.runs + args.warmup)
+            with tqdm(total=total, desc=f"{caps.backend}/{optimize}", unit="req", file=sys.stderr) as bar:
+                for precision in precisions:
+                    for steps in steps_list:
+                        def generate(i: int, steps=steps, precision=precision) -> None:
+                            backend.generate(GenerationRequest(
+                                args.prompt, steps=steps, precision=precision, guidance_scale=args.guidance_scale,
+                                seed=1000 + i, width=args.width, height=args.height, num_images=args.num_images))
+                        measure(generate, args.warmup, 1, bar)
+                        lat, wall = measure(generate, args.runs, args.concurrency, bar)
+                        p50, p95, mean, rate, cost = summarize(lat, wall, args.num_images, price)
+                        rows.append(Row(caps.backend, caps.model, caps.device, args.instance_type or "-", precision,
+                                        optimize, steps, args.runs, args.concurrency, p50, p95, mean, rate, cost))
+        finally:
+            backend.close()
+
+    table = markdown(rows, price, args.instance_type)
+    print(table)
+    if price is not None and args.price_per_hour is None:
+        print(f"Price source: {PRICES_SOURCE}.")
+    if args.markdown:
+        Path(args.markdown).write_text(table + "\n")
+    if args.json:
+        Path(args.json).write_text(json.dumps([asdict(r) for r in rows], indent=2))
+    if args.csv:
+        with open(args.csv, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
+            writer.writeheader()
+            writer.writerows(asdict(r) for r in rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

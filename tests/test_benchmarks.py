@@ -1,0 +1,125 @@
+"""The benchmark arithmetic, checked against the walk-through's own rows, and the scripts' plumbing."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from backend.stats import LatencyStats, cost_per_10k_images, percentile, qps
+from benchmarks import latency
+from conftest import ROOT
+
+# The walk-through's table: (precision, steps, P95 s, QPS, $ per 10k images) on inf2.xlarge.
+WALKTHROUGH = [
+    ("fp32", 20, 1.042, 0.970, 5.63),
+    ("fp32", 30, 1.517, 0.676, 8.07),
+    ("fp32", 50, 2.365, 0.424, 12.88),
+    ("bf16", 20, 0.908, 1.116, 4.89),
+    ("bf16", 50, 2.062, 0.497, 10.99),
+]
+
+
+@pytest.mark.parametrize("precision, steps, p95, rate, cost", WALKTHROUGH)
+def test_cost_matches_the_walkthrough_rows(precision, steps, p95, rate, cost):
+    assert cost_per_10k_images(latency.WALKTHROUGH_PRICE, rate) == pytest.approx(cost, abs=0.01)
+
+
+def test_walkthrough_headline_row():
+    assert round(cost_per_10k_images(1.966, 1.116), 2) == 4.89
+
+
+def test_percentiles_are_numpys_linear_ones():
+    values = [2275.7, 2250.3, 2216.6, 2100.0, 2300.0, 2199.0, 2210.0, 2230.0, 2260.0, 2190.0]
+    assert percentile(values, 95) == pytest.approx(np.percentile(values, 95))
+    assert percentile([1, 2, 3, 4], 50) == 2.5
+    assert percentile([5], 95) == 5
+    with pytest.raises(ValueError):
+        percentile([], 50)
+
+
+def test_qps_and_errors():
+    assert qps(10, 8.96) == pytest.approx(1.116, abs=1e-3)
+    with pytest.raises(ValueError):
+        qps(1, 0)
+    with pytest.raises(ValueError):
+        cost_per_10k_images(1.0, 0)
+
+
+def test_latency_stats_window_and_rate():
+    stats = LatencyStats(window=3)
+    assert stats.summary().count == 0
+    for ms, n in [(1000, 1), (500, 2), (1500, 1), (1000, 2)]:
+        stats.add(ms, n)
+    s = stats.summary()
+    assert s.count == 3 and s.images == 5
+    assert s.p50_ms == 1000 and s.images_per_s == pytest.approx(5 / 3.0)
+
+
+def test_summarize_and_prices():
+    p50, p95, mean, rate, cost = latency.summarize([1.0, 1.0, 2.0, 2.0], wall=6.0, images_per_request=2,
+                                                    price=3.6)
+    assert (p50, mean) == (1.5, 1.5) and p95 == pytest.approx(2.0)
+    assert rate == pytest.approx(4 / 6) and cost == pytest.approx(3.6 / 3600 / (8 / 6) * 10000)
+    assert latency.price_for("ml.inf2.xlarge", None) == latency.PRICES_PER_HOUR["inf2.xlarge"]
+    assert latency.price_for("anything", 2.0) == 2.0
+    with pytest.raises(SystemExit, match="--price-per-hour"):
+        latency.price_for("x9.huge", None)
+
+
+def test_measure_runs_concurrently():
+    import threading
+    import time
+
+    active, peak, lock = [0], [0], threading.Lock()
+
+    def work(i):
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        time.sleep(0.05)
+        with lock:
+            active[0] -= 1
+
+    lat, wall = latency.measure(work, runs=8, concurrency=4)
+    assert len(lat) == 8 and peak[0] == 4 and wall < sum(lat)
+
+
+def test_latency_script_on_the_tiny_model(tmp_path):
+    out = tmp_path / "rows.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.latency", "--model", "tiny", "--device", "cpu", "--steps", "2",
+         "--runs", "2", "--warmup", "1", "--width", "64", "--height", "64", "--instance-type", "inf2.xlarge",
+         "--json", str(out), "--csv", str(tmp_path / "rows.csv")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "| instance | backend | model | precision |" in done.stdout
+    rows = json.loads(out.read_text())
+    assert [r["precision"] for r in rows] == ["fp32", "bf16"]
+    assert all(r["steps"] == 2 and r["p95_s"] >= r["p50_s"] > 0 and r["cost_per_10k"] > 0 for r in rows)
+    assert (tmp_path / "rows.csv").read_text().startswith("backend,model,device,instance")
+
+
+def test_optimized_path_matches_eager_on_cpu():
+    """--optimize sdpa (fused QKV, channels_last) runs here at a small size and changes no pixels."""
+    from backend import GenerationRequest, Settings, create_backend
+
+    request = GenerationRequest("cat", seed=3, steps=3, width=64, height=64)
+    eager = create_backend(Settings(backend="local", model="tiny", device="cpu")).generate(request)
+    fast = create_backend(Settings(backend="local", model="tiny", device="cpu", optimize="sdpa")).generate(request)
+    a, b = (np.asarray(r.images[0], dtype=np.int16) for r in (eager, fast))
+    assert np.abs(a - b).max() <= 2
+
+
+def test_sd21_random_has_the_real_architecture():
+    import torch
+
+    from backend import sd21_random
+
+    with torch.device("meta"):
+        from diffusers import UNet2DConditionModel
+
+        unet = UNet2DConditionModel(**sd21_random.unet_config())
+    params = sum(p.numel() for p in unet.parameters())
+    assert 865e6 < params < 866e6  # SD2.1's UNet: 865.9M parameters

@@ -1,0 +1,131 @@
+"""LocalBackend on the real tiny pipeline: determinism, schedulers, precisions, prompts, models."""
+
+import numpy as np
+import pytest
+import torch
+
+from backend import (BackendUnavailable, GenerationCancelled, GenerationRequest, SCHEDULERS, Settings,
+                     create_backend)
+from backend.metadata import parse_infotext
+
+FAST = dict(steps=3, width=128, height=128)
+
+
+def pixels(image) -> np.ndarray:
+    return np.asarray(image, dtype=np.int16)
+
+
+def test_same_seed_same_pixels_and_seed_plus_i(tiny_backend):
+    a = tiny_backend.generate(GenerationRequest("a lovely cat", seed=10, num_images=2, **FAST))
+    b = tiny_backend.generate(GenerationRequest("a lovely cat", seed=10, num_images=2, **FAST))
+    assert a.seeds == [10, 11]
+    assert all(np.array_equal(pixels(x), pixels(y)) for x, y in zip(a.images, b.images))
+    assert not np.array_equal(pixels(a.images[0]), pixels(a.images[1]))
+    # Image i of a batch is reproducible alone from its own seed: same noise, so the same image
+    # up to float rounding (a batch of 2 runs other CPU kernels than a batch of 1).
+    alone = tiny_backend.generate(GenerationRequest("a lovely cat", seed=11, **FAST))
+    diff = np.abs(pixels(alone.images[0]) - pixels(a.images[1]))
+    assert diff.max() <= 2 and diff.mean() < 0.05
+    other = np.abs(pixels(alone.images[0]) - pixels(a.images[0]))
+    assert other.mean() > 5
+
+
+def test_random_seed_is_reported(tiny_backend):
+    r = tiny_backend.generate(GenerationRequest("a lovely cat", seed=-1, **FAST))
+    again = tiny_backend.generate(GenerationRequest("a lovely cat", seed=r.seeds[0], **FAST))
+    assert 0 <= r.seeds[0] < 2**32
+    assert np.array_equal(pixels(r.images[0]), pixels(again.images[0]))
+
+
+def test_matches_a_bare_diffusers_call(tiny_backend):
+    """The staged, timed run computes what one plain pipeline call computes."""
+    from backend.tiny import build_pipeline
+
+    r = tiny_backend.generate(GenerationRequest("a lovely cat", negative_prompt="blurry", seed=3, **FAST))
+    pipe = build_pipeline()
+    bare = pipe("a lovely cat", negative_prompt="blurry", num_inference_steps=3, guidance_scale=7.5,
+                height=128, width=128, generator=[torch.Generator().manual_seed(3)]).images[0]
+    assert np.abs(pixels(r.images[0]) - pixels(bare)).max() <= 1
+
+
+@pytest.mark.parametrize("scheduler", list(SCHEDULERS))
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_every_scheduler_and_precision_runs(tiny_backend, scheduler, precision):
+    r = tiny_backend.generate(GenerationRequest("a red fox", seed=1, scheduler=scheduler, precision=precision,
+                                                **FAST))
+    image = r.images[0]
+    assert image.size == (128, 128) and image.mode == "RGB"
+    arr = pixels(image)
+    assert arr.std() > 1  # not a blank or NaN-black image
+    info = parse_infotext(image.info["parameters"])
+    assert info["params"]["Sampler"] == SCHEDULERS[scheduler]
+    assert info["params"]["Precision"] == precision
+    assert len(r.timings.step_ms) == 3 and r.timings.total_ms >= r.timings.denoise_ms > 0
+
+
+def test_schedulers_differ(tiny_backend):
+    a = tiny_backend.generate(GenerationRequest("cat", seed=1, scheduler="euler", **FAST)).images[0]
+    b = tiny_backend.generate(GenerationRequest("cat", seed=1, scheduler="ddim", **FAST)).images[0]
+    assert not np.array_equal(pixels(a), pixels(b))
+
+
+def test_no_cfg_and_negative_prompt(tiny_backend):
+    r = tiny_backend.generate(GenerationRequest("cat", negative_prompt="dog", guidance_scale=1.0, seed=2, **FAST))
+    assert r.images and r.request.guidance_scale == 1.0
+
+
+def test_long_prompt_is_truncated_with_a_warning(tiny_backend):
+    tail = "purple dragon wearing golden crown"
+    prompt = "a lovely cat, " * 40 + tail
+    r = tiny_backend.generate(GenerationRequest(prompt, seed=1, **FAST))
+    assert len(r.warnings) == 1
+    assert r.warnings[0].startswith("prompt: longer than the text encoder's 77 tokens")
+    assert tail in r.warnings[0]
+    short = tiny_backend.generate(GenerationRequest("a lovely cat", seed=1, **FAST))
+    assert short.warnings == []
+
+
+def test_infotext_in_result(tiny_backend):
+    r = tiny_backend.generate(GenerationRequest("a lovely cat", negative_prompt="blurry", seed=42, **FAST))
+    info = parse_infotext(r.infotexts[0])
+    assert info["prompt"] == "a lovely cat" and info["negative_prompt"] == "blurry"
+    p = info["params"]
+    assert (p["Steps"], p["Seed"], p["Size"], p["CFG scale"], p["Model"], p["Backend"]) == (
+        "3", "42", "128x128", "7.5", "tiny", "local")
+
+
+def test_stop_interrupts_between_steps(tiny_backend):
+    seen = []
+
+    def on_step(step, total):
+        seen.append(step)
+        if step == 2:
+            raise GenerationCancelled("stopped")
+
+    with pytest.raises(GenerationCancelled):
+        tiny_backend.generate(GenerationRequest("cat", steps=50, width=64, height=64), on_step=on_step)
+    assert seen == [1, 2]
+    # The backend is free again.
+    assert tiny_backend.generate(GenerationRequest("cat", seed=1, **FAST)).images
+
+
+def test_default_model_offline_falls_back_to_tiny_and_says_so(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    backend = create_backend(Settings(backend="local", device="cpu"))
+    caps = backend.capabilities()
+    assert caps.model == "tiny" and caps.is_tiny
+    notes = " ".join(caps.notes)
+    assert "could not be loaded" in notes and "not Stable Diffusion 2.1" in notes and "--model" in notes
+
+
+def test_a_named_model_that_cannot_load_is_an_error(tmp_path):
+    with pytest.raises(BackendUnavailable, match="--model .*could not be loaded"):
+        create_backend(Settings(backend="local", device="cpu", model=str(tmp_path / "missing")))
+
+
+def test_tiny_folder_is_flagged_and_named_without_its_path(tiny_dir):
+    backend = create_backend(Settings(backend="local", device="cpu", model=str(tiny_dir)))
+    caps = backend.capabilities()
+    assert caps.is_tiny and caps.model == tiny_dir.name
+    r = backend.generate(GenerationRequest("cat", seed=1, **FAST))
+    assert str(tiny_dir.parent) not in r.infotexts[0]
