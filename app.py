@@ -52,6 +52,7 @@ EXAMPLES = [
     "an astronaut riding a horse on the moon, highly detailed, cinematic lighting",
     "a watercolor painting of a fox in a snowy forest",
 ]
+MAX_UPLOAD = "1mb"
 # In-process accelerators run one generation at a time; a remote endpoint can take several.
 DEFAULT_CONCURRENCY = {"local": 1, "neuron": 1, "sagemaker": 4}
 CSS = """
@@ -123,6 +124,12 @@ class CancelRegistry:
         with self._lock:
             if self._events.get(session) is event:
                 del self._events[session]
+
+
+def as_text(message: str) -> str:
+    """A message for gr.Error / gr.Warning, whose toasts render (sanitized) HTML: what it repeats of a
+    prompt or of a remote endpoint's answer must show as the text it is, not become markup."""
+    return html.escape(message, quote=False)
 
 
 def banner_html(backend: Backend) -> str:
@@ -207,13 +214,13 @@ def build_demo(backend: Backend, settings: Settings, outputs: OutputStore | None
             event.set()
             raise
         except InvalidRequest as exc:
-            raise gr.Error(str(exc), title="Check the request") from None
+            raise gr.Error(as_text(str(exc)), title="Check the request") from None
         except GenerationCancelled:
             raise gr.Error("Stopped before the images were finished.", title="Stopped") from None
         except BackendUnavailable as exc:
-            raise gr.Error(f"The backend is unavailable: {exc}", title="Backend unavailable") from None
+            raise gr.Error(as_text(f"The backend is unavailable: {exc}"), title="Backend unavailable") from None
         except GenerationFailed as exc:
-            raise gr.Error(f"Generation failed: {exc}", title="Generation failed") from None
+            raise gr.Error(as_text(f"Generation failed: {exc}"), title="Generation failed") from None
         except Exception:  # noqa: BLE001 - nothing unexpected reaches a user as a traceback
             log.exception("unexpected error in generate")
             raise gr.Error("Something unexpected went wrong; it is in the server log. Try again.",
@@ -226,7 +233,7 @@ def build_demo(backend: Backend, settings: Settings, outputs: OutputStore | None
         details = result.details()
         details["app_ms"] = round((time.perf_counter() - t_files) * 1000.0, 1)
         for warning in result.warnings:
-            gr.Warning(warning)
+            gr.Warning(as_text(warning))
         stats = stats if isinstance(stats, LatencyStats) else LatencyStats()
         stats.add(result.timings.total_ms, len(files))
         log.info("generated %d image(s) in %.0f ms (backend %.0f ms)", len(files),
@@ -252,7 +259,8 @@ def build_demo(backend: Backend, settings: Settings, outputs: OutputStore | None
         seeds = (details or {}).get("seeds") or []
         return seeds[0] if seeds else gr.skip()
 
-    with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
+    # delete_cache: files Gradio itself keeps (uploads) go after an hour, and all of them at exit.
+    with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
         gr.HTML(banner_html(backend))
         stats_state = gr.State(None)
         selected_seed = gr.State(None)
@@ -330,6 +338,9 @@ def build_demo(backend: Backend, settings: Settings, outputs: OutputStore | None
 
 def launch(demo: gr.Blocks, settings: Settings, **kwargs: Any):
     """Launch with the settings' host, port, auth and share."""
+    # The app takes no files, but Gradio's /gradio_api/upload route is open to every visitor and
+    # keeps what it gets: refuse anything big (and delete_cache in build_demo drops the rest).
+    kwargs.setdefault("max_file_size", MAX_UPLOAD)
     return demo.launch(
         server_name=settings.host,
         server_port=settings.port,
