@@ -137,3 +137,21 @@ def tiny_app(tmp_path_factory) -> AppProcess:
     """One `python app.py --model tiny` shared by the browser, load and security tests."""
     with launch_app(["--model", "tiny"], tmp_path_factory.mktemp("tiny-app")) as app:
         yield app
+
+
+CHROMIUM = os.environ.get("SD_CHROMIUM", "/usr/bin/chromium")  # Debian's; Playwright never downloads one
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--no-first-run"]
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """One headless Chromium (through Playwright) for the whole run; skips where there is none."""
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium, or set SD_CHROMIUM)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+    with sync_api.sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
