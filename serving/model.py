@@ -13,7 +13,7 @@ Settings come from serving.properties options (`option.sd_backend=neuron` arrive
                 at `artifacts`); `option.model_id=s3://...` instead is downloaded by DJL, which then
                 passes the local folder as `model_id`
   sd_model      local backend: a diffusers folder, Hub id or `tiny`
-  sd_device, sd_max_images, sd_max_queue
+  sd_device, sd_max_images, sd_max_queue, sd_png_level
 """
 
 from __future__ import annotations
@@ -40,12 +40,13 @@ def handle(inputs: Any) -> Any:
 
 def load(properties: Mapping[str, str], env: Mapping[str, str] | None = None):
     """Build the Handler the model properties ask for."""
-    from serving.handler import DEFAULT_MAX_WAITING, Handler
+    from serving.handler import DEFAULT_MAX_WAITING, DEFAULT_PNG_LEVEL, Handler
 
     settings = settings_from_properties(properties, env)
     log.info("loading backend %s (model %s, artifacts %s)", settings.backend, settings.model, settings.artifacts)
     max_waiting = int(_option(properties, env, "max_queue") or DEFAULT_MAX_WAITING)
-    return Handler.from_settings(settings, max_waiting=max_waiting)
+    png_level = int(_option(properties, env, "png_level") or DEFAULT_PNG_LEVEL)
+    return Handler.from_settings(settings, max_waiting=max_waiting, png_level=png_level)
 
 
 def answer(handler, inputs: Any) -> Any:

@@ -8,8 +8,8 @@ It speaks two dialects on one port:
   answering the handler's own status codes;
 - the runtime API that boto3's `sagemaker-runtime` client calls, `POST /endpoints/{name}/invocations`,
   answering the way AWS does: a container error comes back as a 424 `ModelError` carrying
-  `OriginalStatusCode` and `OriginalMessage`, and an unknown endpoint name as a 400
-  `ValidationError`. So `boto3.client("sagemaker-runtime", endpoint_url="http://127.0.0.1:8080")`
+  `OriginalStatusCode` and `OriginalMessage`, and (with --name) an unknown endpoint name as a
+  400 `ValidationError`. So `boto3.client("sagemaker-runtime", endpoint_url="http://127.0.0.1:8080")`
   behaves here as it does against a deployed endpoint (any credentials will do; none are checked).
 """
 
@@ -27,22 +27,22 @@ from urllib.parse import unquote, urlsplit
 from backend import BackendUnavailable, Settings, protocol
 from backend.settings import add_arguments
 
-from .handler import DEFAULT_MAX_WAITING, DEFAULT_QUEUE_TIMEOUT_S, Handler, Response
+from .handler import DEFAULT_MAX_WAITING, DEFAULT_PNG_LEVEL, DEFAULT_QUEUE_TIMEOUT_S, Handler, Response
 
 log = logging.getLogger("serving.server")
 
 DEFAULT_PORT = 8080  # the port SageMaker sends container traffic to
-DEFAULT_NAME = "stable-diffusion"
 ACCOUNT = "000000000000"  # stands in for the AWS account in ARNs and messages
 _RUNTIME_ROUTE = re.compile(r"/endpoints/([^/]+)/invocations")
 
 
 class EndpointServer(ThreadingHTTPServer):
-    """ThreadingHTTPServer holding the handler and the endpoint name the runtime route answers to."""
+    """ThreadingHTTPServer holding the handler and the endpoint name the runtime route answers to
+    (None: any name, as a stand-in for whichever endpoint the caller names)."""
 
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], handler: Handler, endpoint_name: str = DEFAULT_NAME,
+    def __init__(self, address: tuple[str, int], handler: Handler, endpoint_name: str | None = None,
                  region: str = "us-east-1"):
         super().__init__(address, _RequestHandler)
         self.handler = handler
@@ -79,16 +79,17 @@ class _RequestHandler(BaseHTTPRequestHandler):
             self._discard_body()
             self._send(_not_found(self.path))
             return
-        if runtime and unquote(runtime.group(1)) != self.server.endpoint_name:
+        name = unquote(runtime.group(1)) if runtime else None
+        if runtime and self.server.endpoint_name not in (None, name):
             self._discard_body()
-            self._send(self._validation_error(unquote(runtime.group(1))))
+            self._send(self._validation_error(name))
             return
         body = self._read_body()
         if body is None:
             return
         answer = self.server.handler.handle(body, dict(self.headers.items()))
         if runtime:
-            answer = self._as_runtime(answer)
+            answer = self._as_runtime(answer, name)
         self._send(answer)
 
     def _read_body(self) -> bytes | None:
@@ -114,14 +115,14 @@ class _RequestHandler(BaseHTTPRequestHandler):
         else:
             self.close_connection = True
 
-    def _as_runtime(self, answer: Response) -> Response:
+    def _as_runtime(self, answer: Response, name: str) -> Response:
         """What the SageMaker runtime returns for the container's answer."""
         request_id = str(uuid.uuid4())
         if 200 <= answer.status < 300:
             headers = {**answer.headers, "x-Amzn-Invoked-Production-Variant": "AllTraffic",
                        "x-amzn-RequestId": request_id}
             return Response(answer.status, headers, answer.body)
-        name, region = self.server.endpoint_name, self.server.region
+        region = self.server.region
         original = answer.body.decode("utf-8", "replace")
         side = "client" if 400 <= answer.status < 500 else "server"
         body = {
@@ -172,13 +173,16 @@ def build_parser() -> argparse.ArgumentParser:
     g = parser.add_argument_group("endpoint")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 inside a container)")
     g.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}, SageMaker's)")
-    g.add_argument("--name", default=DEFAULT_NAME,
-                   help=f"endpoint name that POST /endpoints/NAME/invocations answers to (default {DEFAULT_NAME}); "
-                        f"other names get AWS's 'not found' ValidationError")
+    g.add_argument("--name", default=None,
+                   help="endpoint name that POST /endpoints/NAME/invocations answers to; other names then get "
+                        "AWS's 'not found' ValidationError (default: any name)")
     g.add_argument("--max-queue", type=int, default=DEFAULT_MAX_WAITING,
                    help=f"requests that may wait for the model; more get a 429 (default {DEFAULT_MAX_WAITING})")
     g.add_argument("--queue-timeout", type=float, default=DEFAULT_QUEUE_TIMEOUT_S,
                    help=f"seconds a request may wait for its turn before a 503 (default {DEFAULT_QUEUE_TIMEOUT_S:g})")
+    g.add_argument("--png-level", type=int, choices=range(10), metavar="0-9", default=DEFAULT_PNG_LEVEL,
+                   help=f"zlib level of the PNGs answered (default {DEFAULT_PNG_LEVEL}, as on a deployed endpoint); "
+                        f"0 is fastest to write and largest")
     return parser
 
 
@@ -188,13 +192,14 @@ def main(argv: list[str] | None = None) -> None:
     ns = build_parser().parse_args(argv)
     settings = Settings.from_namespace(ns)
     try:
-        handler = Handler.from_settings(settings, max_waiting=ns.max_queue, queue_timeout_s=ns.queue_timeout)
+        handler = Handler.from_settings(settings, max_waiting=ns.max_queue, queue_timeout_s=ns.queue_timeout,
+                                        png_level=ns.png_level)
     except BackendUnavailable as exc:
         raise SystemExit(f"error: {exc}") from None
     region = settings.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
     server = EndpointServer((ns.host, ns.port), handler, ns.name, region)
     log.info("serving %s (%s) at %s; runtime route /endpoints/%s/invocations", handler.capabilities.model,
-             handler.capabilities.backend, server.url, ns.name)
+             handler.capabilities.backend, server.url, ns.name or "{any name}")
     try:
         server.serve_forever()
     except KeyboardInterrupt:
