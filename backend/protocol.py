@@ -78,9 +78,12 @@ def parse_json(body: bytes | bytearray | str) -> dict[str, Any]:
     if len(body) > MAX_REQUEST_BYTES:
         raise InvalidRequest(f"body: {len(body)} bytes; at most {MAX_REQUEST_BYTES} are allowed.", "body")
     try:
-        payload = json.loads(body)
+        # Decoded here: json.loads would guess UTF-16 or UTF-32 from the first bytes.
+        text = body.decode("utf-8") if isinstance(body, (bytes, bytearray)) else body
     except UnicodeDecodeError:
         raise InvalidRequest("body: not UTF-8 text; send a JSON object.", "body") from None
+    try:
+        payload = json.loads(text)
     except ValueError as exc:
         raise InvalidRequest(f"body: not valid JSON ({exc}); send a JSON object like "
                              f'{{"prompt": "a lovely cat"}}.', "body") from None
