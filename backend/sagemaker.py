@@ -73,7 +73,7 @@ class SageMakerBackend:
         where = self._client.meta.endpoint_url
         self._where = f"endpoint {self.endpoint_name} at {where}"
         try:
-            data, _, _ = self._invoke({"describe": True}, purpose="describe")
+            data, _ = self._invoke({"describe": True}, purpose="describe")
         except BackendUnavailable:
             raise
         except BackendError as exc:
@@ -120,7 +120,7 @@ class SageMakerBackend:
             # No per-step progress comes back; this lets a stop pressed before sending take effect.
             on_step(0, request.steps)
         started = time.perf_counter()
-        data, attributes, _ = self._invoke(protocol.request_to_json(request), purpose="generate")
+        data, attributes = self._invoke(protocol.request_to_json(request), purpose="generate")
         try:
             answer = json.loads(data)
             pngs = protocol.decode_png_list(answer["images"])
@@ -136,27 +136,27 @@ class SageMakerBackend:
         server = answer.get("server") or {}
         server_ms = attributes.get("handler_ms") or server.get("handler_ms")
         timings.server_ms = float(server_ms) if server_ms is not None else None
-        done = GenerationRequest(**{**request.to_dict(), "seed": seeds[0]})
+        done = dataclasses.replace(request, seed=seeds[0])
         return GenerationResult(images=images, seeds=seeds, timings=timings, request=done, backend=self.name,
                                 model=self._caps.model, warnings=[str(w) for w in answer.get("warnings") or []])
 
-    def _invoke(self, payload: dict[str, Any], purpose: str) -> tuple[bytes, dict[str, str], str]:
-        """Send one invocation, retrying only what did not run; returns body, attributes, content type."""
+    def _invoke(self, payload: dict[str, Any], purpose: str) -> tuple[bytes, dict[str, str]]:
+        """Send one invocation, retrying only what did not run; returns the body and custom attributes."""
         body = json.dumps(payload).encode("utf-8")
-        delay = self.backoff_s
-        for attempt in range(1, MAX_ATTEMPTS + 1):
+        delay, attempt = self.backoff_s, 1
+        while True:
             try:
-                return self._invoke_once(body, purpose)
+                return self._invoke_once(body)
             except _Retry as retry:
                 if attempt == MAX_ATTEMPTS:
                     raise retry.error from None
+                attempt += 1
                 log.info("%s: %s; retrying in %.1f s (attempt %d of %d)", purpose, retry.error, delay,
-                         attempt + 1, MAX_ATTEMPTS)
+                         attempt, MAX_ATTEMPTS)
                 time.sleep(delay)
                 delay *= 2
-        raise AssertionError("unreachable")
 
-    def _invoke_once(self, body: bytes, purpose: str) -> tuple[bytes, dict[str, str], str]:
+    def _invoke_once(self, body: bytes) -> tuple[bytes, dict[str, str]]:
         import botocore.exceptions as bx
 
         try:
@@ -182,8 +182,7 @@ class SageMakerBackend:
                                    f"({type(exc).__name__}); not retried, since it may have run.") from None
         except bx.BotoCoreError as exc:
             raise BackendUnavailable(f"cannot call {self._where} ({type(exc).__name__}: {exc}).") from None
-        attributes = protocol.parse_attributes(response.get("CustomAttributes"))
-        return data, attributes, response.get("ContentType", "")
+        return data, protocol.parse_attributes(response.get("CustomAttributes"))
 
     def _client_error(self, exc: Any) -> Exception:
         """Map a botocore ClientError to a backend error (or a retry, for throttling)."""
