@@ -44,7 +44,7 @@ def test_archive_is_reproducible_and_holds_what_djl_needs(tmp_path):
     assert lines["engine"] == "Python" and lines["option.entryPoint"] == "model.py"
     assert (lines["minWorkers"], lines["maxWorkers"]) == ("1", "1")
     assert int(lines["option.model_loading_timeout"]) >= 600 and int(lines["option.predict_timeout"]) == 60
-    assert (lines["option.sd_backend"], lines["option.sd_model"]) == ("local", "tiny")
+    assert (lines["option.sd_backend"], lines["option.sd_model"], lines["option.sd_png_level"]) == ("local", "tiny", "1")
     assert "diffusers==" in requirements
     assert not any(line.startswith(("torch", "numpy", "gradio", "boto")) for line in requirements.splitlines())
 
