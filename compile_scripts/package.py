@@ -9,7 +9,7 @@ Inside, at the top (DJL's layout for its Python engine):
   model.py             serving/model.py, DJL's entry point
   requirements.txt     what DJL pip-installs before loading (never torch: the image has its build)
   backend/, serving/   this project's code, which model.py imports
-  artifacts/           the compiled root, with --artifacts
+  <root name>/         the compiled root, with --artifacts (its own folder name, which the app shows)
 
 The same inputs give the same bytes: entries sorted, mtime fixed (SOURCE_DATE_EPOCH, else 0),
 owner 0:0 without names, no absolute paths, symlinks stored as the files they point to, and a
@@ -31,18 +31,18 @@ from pathlib import Path
 from typing import Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
-ARTIFACTS_DIR = "artifacts"
 # Packages the endpoint needs beyond the DJL image; torch, torch-neuronx and numpy come with the
 # image, built for its Neuron SDK, and must not be replaced.
 ENDPOINT_PACKAGES = ("diffusers", "transformers", "accelerate", "safetensors", "tokenizers", "huggingface_hub")
 CODE = ("backend", "serving")
 SERVING_FILES = ("__init__.py", "handler.py", "model.py")  # not server.py: DJL is the server there
+RESERVED = {*CODE, "serving.properties", "model.py", "requirements.txt"}
 DEFAULT_LOADING_TIMEOUT_S = 1800  # loading compiled Neuron graphs onto the device takes minutes
 DEFAULT_PREDICT_TIMEOUT_S = 60  # SageMaker's own limit on a real-time invocation
 DEFAULT_PNG_LEVEL = 1  # answers cross the internet from an endpoint; see serving/handler.py
 
 
-def serving_properties(backend: str, artifacts: bool, model_s3_uri: str | None, model: str | None,
+def serving_properties(backend: str, artifacts: str | None, model_s3_uri: str | None, model: str | None,
                        workers: int, loading_timeout: int, predict_timeout: int, png_level: int) -> str:
     """The serving.properties text."""
     lines = [
@@ -58,7 +58,7 @@ def serving_properties(backend: str, artifacts: bool, model_s3_uri: str | None, 
         f"option.sd_png_level={png_level}",
     ]
     if artifacts:
-        lines.append(f"option.sd_artifacts={ARTIFACTS_DIR}")
+        lines.append(f"option.sd_artifacts={artifacts}")
     if model_s3_uri:
         lines.append(f"option.model_id={model_s3_uri}")
     if model:
@@ -78,6 +78,11 @@ def endpoint_requirements(source: Path = ROOT / "requirements.txt") -> str:
     return header + "\n".join(kept) + "\n"
 
 
+def artifacts_name(artifacts: Path) -> str:
+    """The compiled root's folder name, which it keeps inside the archive."""
+    return artifacts.resolve().name
+
+
 def members(artifacts: Path | None, properties: str, requirements: str) -> Iterator[tuple[str, Path | bytes]]:
     """(archive name, file path or bytes) for every entry, unsorted."""
     yield "serving.properties", properties.encode()
@@ -89,7 +94,7 @@ def members(artifacts: Path | None, properties: str, requirements: str) -> Itera
         yield f"serving/{name}", ROOT / "serving" / name
     if artifacts is not None:
         for path in _walk(artifacts):
-            yield f"{ARTIFACTS_DIR}/{path.relative_to(artifacts).as_posix()}", path
+            yield f"{artifacts_name(artifacts)}/{path.relative_to(artifacts).as_posix()}", path
 
 
 def build(out: Path, entries: Iterator[tuple[str, Path | bytes]], mtime: int = 0, compress_level: int = 6) -> str:
@@ -152,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m compile_scripts.package", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, type=Path, help="archive to write, e.g. model.tar.gz")
     where = parser.add_mutually_exclusive_group()
-    where.add_argument("--artifacts", type=Path, help="compiled root to put inside the archive (as artifacts/)")
+    where.add_argument("--artifacts", type=Path, help="compiled root to put inside the archive, under its own name")
     where.add_argument("--model-s3-uri", help="s3:// folder holding the compiled root, which DJL downloads at "
                                               "start (option.model_id); keeps the archive small")
     parser.add_argument("--backend", choices=("neuron", "local"), default="neuron",
@@ -181,7 +186,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--backend neuron needs the compiled root: --artifacts ROOT or --model-s3-uri s3://...")
     if args.artifacts is not None and args.out.resolve().is_relative_to(args.artifacts.resolve()):
         parser.error("--out must not be inside --artifacts")
-    properties = serving_properties(args.backend, args.artifacts is not None, args.model_s3_uri, args.model,
+    if args.artifacts is not None and artifacts_name(args.artifacts) in RESERVED:
+        parser.error(f"--artifacts {args.artifacts}: the folder's name {artifacts_name(args.artifacts)!r} is taken by "
+                     f"the archive's own files; rename the folder")
+    properties = serving_properties(args.backend, artifacts_name(args.artifacts) if args.artifacts else None,
+                                    args.model_s3_uri, args.model,
                                     args.workers, args.loading_timeout, args.predict_timeout, args.png_level)
     requirements = args.requirements.read_text() if args.requirements else endpoint_requirements()
     mtime = int(os.environ.get("SOURCE_DATE_EPOCH", "0"))

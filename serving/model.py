@@ -10,8 +10,8 @@ Settings come from serving.properties options (`option.sd_backend=neuron` arrive
 `sd_backend`), falling back to the SD_* environment variables the app reads:
   sd_backend    neuron | local (default: neuron when the model root has compiled_models/, else local)
   sd_artifacts  the compiled root, relative to the model directory (package.py --artifacts puts it
-                at `artifacts`); `option.model_id=s3://...` instead is downloaded by DJL, which then
-                passes the local folder as `model_id`
+                there under its own folder name); `option.model_id=s3://...` instead is downloaded
+                by DJL, which then passes the local folder as `model_id`
   sd_model      local backend: a diffusers folder, Hub id or `tiny`
   sd_device, sd_max_images, sd_max_queue, sd_png_level
 """

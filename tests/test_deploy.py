@@ -62,8 +62,8 @@ def test_archive_with_a_compiled_root_unpacks_and_serves_through_model_py(tmp_pa
         assert all(m.isreg() for m in members), "only regular files: no links, devices or directories"
         assert all(not m.name.startswith("/") and ".." not in m.name.split("/") for m in members)
         assert {(m.uid, m.gid, m.uname, m.gname, m.mtime) for m in members} == {(0, 0, "", "", 0)}
-        assert "artifacts/scheduler/scheduler_config.json" in tar.getnames()
-        assert "option.sd_artifacts=artifacts" in tar.extractfile("serving.properties").read().decode()
+        assert "root/scheduler/scheduler_config.json" in tar.getnames()
+        assert "option.sd_artifacts=root\n" in tar.extractfile("serving.properties").read().decode()
         unpacked = tmp_path / "unpacked"
         tar.extractall(unpacked, filter="data")
     # What DJL does: import model.py from the model directory, warm up with the model's
@@ -75,15 +75,16 @@ import djl_standin
 sys.modules["djl_python"] = djl_standin
 import model, backend
 assert backend.__file__.startswith({str(unpacked)!r}), backend.__file__
-props = {{"model_dir": {str(unpacked)!r}, "sd_artifacts": "artifacts", "sd_backend": "local", "sd_device": "cpu"}}
+props = {{"model_dir": {str(unpacked)!r}, "sd_artifacts": "root", "sd_backend": "local", "sd_device": "cpu"}}
 assert model.handle(djl_standin.Input(props)) is None
 out = model.handle(djl_standin.Input({{"Content-Type": "application/json", "Accept": "application/json"}},
     json.dumps({{"prompt": "cat", "parameters": {{"num_inference_steps": 1, "width": 64, "height": 64, "seed": 5}}}}).encode()))
-print(out.code, json.loads(out.body())["seeds"], model._handler.capabilities.model)
+caps = model._handler.capabilities
+print(out.code, json.loads(out.body())["seeds"], caps.model, caps.is_tiny)
 """
     done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.split("\n")[-2] == f"200 [5] {unpacked / 'artifacts'}"
+    assert done.stdout.split("\n")[-2] == "200 [5] root True"
 
 
 def test_package_refuses_what_cannot_work(tmp_path, capsys):
