@@ -85,7 +85,7 @@ class SageMakerBackend:
                                      f"is it running this project's serving code?") from None
         self.remote = remote
         self._caps = dataclasses.replace(
-            remote, backend=self.name, device=f"{remote.backend} on {remote.device}, endpoint {self.endpoint_name}")
+            remote, backend=self.name, device=f"{remote.device} ({remote.backend} backend) via endpoint {self.endpoint_name}")
         log.info("endpoint %s: %s on %s, precisions %s", self.endpoint_name, remote.model, remote.device,
                  ", ".join(remote.precisions))
 
