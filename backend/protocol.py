@@ -73,10 +73,14 @@ class Busy(BackendUnavailable):
     """Too many requests are waiting already; safe to retry later (the model did not run)."""
 
 
+def check_request_size(size: int) -> None:
+    """Refuse a request body over MAX_REQUEST_BYTES."""
+    if size > MAX_REQUEST_BYTES:
+        raise InvalidRequest(f"body: {size} bytes; at most {MAX_REQUEST_BYTES} are allowed.", "body")
+
+
 def parse_json(body: bytes | bytearray | str) -> dict[str, Any]:
     """Decode a request body into a JSON object, or raise InvalidRequest saying what is wrong."""
-    if len(body) > MAX_REQUEST_BYTES:
-        raise InvalidRequest(f"body: {len(body)} bytes; at most {MAX_REQUEST_BYTES} are allowed.", "body")
     try:
         # Decoded here: json.loads would guess UTF-16 or UTF-32 from the first bytes.
         text = body.decode("utf-8") if isinstance(body, (bytes, bytearray)) else body

@@ -85,15 +85,17 @@ class Handler:
             kind = protocol.kind_of(exc)
             status = exc.status if isinstance(exc, Refused) else protocol.STATUS_OF_KIND[kind]
             log.info("%d %s: %s", status, kind, exc)
-            return _error(kind, str(exc), status)
+            return error_response(kind, str(exc), status)
         except Exception as exc:  # noqa: BLE001 - the client gets a kind and a message, the log the traceback
             log.exception("unexpected error while handling an invocation")
-            return _error("GenerationFailed",
+            return error_response("GenerationFailed",
                           f"the endpoint failed unexpectedly ({type(exc).__name__}); its log has the details.")
 
     def _handle(self, body: bytes, headers: Mapping[str, str], started: float) -> Response:
-        if len(body) > protocol.MAX_REQUEST_BYTES:
-            raise Refused(413, f"body: {len(body)} bytes; at most {protocol.MAX_REQUEST_BYTES} are allowed.", "body")
+        try:
+            protocol.check_request_size(len(body))
+        except InvalidRequest as exc:
+            raise Refused(413, str(exc), "body") from None
         _check_content_type(header(headers, "Content-Type"))
         answer_type = choose_answer_type(header(headers, "Accept"))
         payload = protocol.parse_json(body)
@@ -203,6 +205,7 @@ def _check_content_type(content_type: str | None) -> None:
                   "content_type")
 
 
-def _error(kind: str, text: str, status: int | None = None) -> Response:
+def error_response(kind: str, text: str, status: int | None = None) -> Response:
+    """A JSON error answer of the wire format's shape."""
     status = status or protocol.STATUS_OF_KIND[kind]
     return Response(status, {"Content-Type": protocol.JSON}, protocol.error_body(kind, text, status))

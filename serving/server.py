@@ -24,10 +24,17 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
 
-from backend import BackendUnavailable, Settings, protocol
+from backend import BackendUnavailable, InvalidRequest, Settings, protocol
 from backend.settings import add_arguments
 
-from .handler import DEFAULT_MAX_WAITING, DEFAULT_PNG_LEVEL, DEFAULT_QUEUE_TIMEOUT_S, Handler, Response
+from .handler import (
+    DEFAULT_MAX_WAITING,
+    DEFAULT_PNG_LEVEL,
+    DEFAULT_QUEUE_TIMEOUT_S,
+    Handler,
+    Response,
+    error_response,
+)
 
 log = logging.getLogger("serving.server")
 
@@ -96,17 +103,16 @@ class _RequestHandler(BaseHTTPRequestHandler):
         length = self.headers.get("Content-Length")
         if length is None or not length.strip().isdigit():
             self.close_connection = True
-            self._send(Response(411, {"Content-Type": protocol.JSON},
-                                protocol.error_body("InvalidRequest", "Content-Length is required.", 411)))
+            self._send(error_response("InvalidRequest", "Content-Length is required.", 411))
             return None
-        size = int(length)
-        if size > protocol.MAX_REQUEST_BYTES:
+        try:
+            protocol.check_request_size(int(length))
+        except InvalidRequest as exc:
             # Not read: closing is cheaper than draining a body that is refused anyway.
             self.close_connection = True
-            self._send(Response(413, {"Content-Type": protocol.JSON}, protocol.error_body(
-                "InvalidRequest", f"body: {size} bytes; at most {protocol.MAX_REQUEST_BYTES} are allowed.", 413)))
+            self._send(error_response("InvalidRequest", str(exc), 413))
             return None
-        return self.rfile.read(size)
+        return self.rfile.read(int(length))
 
     def _discard_body(self) -> None:
         length = self.headers.get("Content-Length", "0").strip()
@@ -162,8 +168,8 @@ class _RequestHandler(BaseHTTPRequestHandler):
 
 
 def _not_found(path: str) -> Response:
-    text = f"{path}: not found; use GET /ping, POST /invocations or POST /endpoints/NAME/invocations."
-    return Response(404, {"Content-Type": protocol.JSON}, json.dumps({"code": 404, "error": text}).encode())
+    return error_response("InvalidRequest", f"{path}: not found; use GET /ping, POST /invocations or "
+                                            f"POST /endpoints/NAME/invocations.", 404)
 
 
 def build_parser() -> argparse.ArgumentParser:

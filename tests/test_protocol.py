@@ -88,11 +88,16 @@ def test_values_out_of_range_are_refused_by_validation(parameters, field):
     (b"{not json", "body: not valid JSON"),
     (b"\xff\xfe", "body: not UTF-8"),
     (b"[1, 2]", "body: must be a JSON object, not a list"),
-    (b"x" * (protocol.MAX_REQUEST_BYTES + 1), f"body: {protocol.MAX_REQUEST_BYTES + 1} bytes"),
 ])
 def test_bodies_that_are_not_a_json_object_are_refused(body, expected):
     with pytest.raises(InvalidRequest, match="^" + expected):
         protocol.parse_json(body)
+
+
+def test_bodies_over_the_limit_are_refused():
+    protocol.check_request_size(protocol.MAX_REQUEST_BYTES)
+    with pytest.raises(InvalidRequest, match=f"^body: {protocol.MAX_REQUEST_BYTES + 1} bytes; at most"):
+        protocol.check_request_size(protocol.MAX_REQUEST_BYTES + 1)
 
 
 def test_describe():
