@@ -103,18 +103,12 @@ def test_package_refuses_what_cannot_work(tmp_path, capsys):
 # ---- deploy against moto -------------------------------------------------------------------------
 
 @pytest.fixture
-def aws(monkeypatch):
+def aws(monkeypatch, aws_env):
     """A moto server standing in for AWS, with fake credentials; yields its URL."""
     from moto.sagemaker import models as sagemaker_models
     from moto.sagemaker import responses as sagemaker_responses
     from moto.server import ThreadedMotoServer
 
-    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_DEFAULT_REGION": REGION, "AWS_CONFIG_FILE": "/nonexistent",
-                       "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent"}.items():
-        monkeypatch.setenv(key, value)
-    for key in ("AWS_PROFILE", "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN"):
-        monkeypatch.delenv(key, raising=False)
     # moto's list of endpoint instance types predates inf2; AWS accepts ml.inf2.*.
     validate = sagemaker_models.FakeEndpointConfig.validate_instance_type
     monkeypatch.setattr(sagemaker_models.FakeEndpointConfig, "validate_instance_type",
@@ -286,7 +280,6 @@ def test_missing_bucket_role_and_credentials_get_clear_messages(aws, clients, ar
 
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     assert run(aws, "status", "--name", "sd21") == 1
     assert "no AWS credentials found" in capsys.readouterr().err
 

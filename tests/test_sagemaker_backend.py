@@ -33,13 +33,8 @@ REGION = "us-east-2"
 
 
 @pytest.fixture(autouse=True)
-def fake_credentials(monkeypatch):
-    for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": REGION,
-                       "AWS_CONFIG_FILE": "/nonexistent", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
-                       "AWS_EC2_METADATA_DISABLED": "true"}.items():
-        monkeypatch.setenv(key, value)
-    for key in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN"):
-        monkeypatch.delenv(key, raising=False)
+def _aws(aws_env):
+    """Every test here talks to stand-ins with throwaway credentials."""
 
 
 @pytest.fixture(scope="module")

@@ -238,14 +238,10 @@ def server(tmp_path_factory):
 
 
 @pytest.fixture
-def runtime(server, monkeypatch):
+def runtime(server, aws_env):
     """boto3's sagemaker-runtime client pointed at the server, with throwaway credentials."""
     import boto3
 
-    for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-                       "AWS_DEFAULT_REGION": "us-east-2"}.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
     return boto3.client("sagemaker-runtime", endpoint_url=server)
 
 
