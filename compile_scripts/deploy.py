@@ -344,15 +344,22 @@ class Deployer:
         """Remove the autoscaling target, endpoint, configs and models (and the S3 archives); returns what went."""
         check_name(name)
         removed: list[str] = []
+
+        def gone(item: str) -> None:
+            removed.append(item)
+            self.out(f"deleted {item}")
+
         if self._remove_autoscaling(name):
-            removed.append(f"autoscaling target {_resource_id(name)}")
+            gone(f"autoscaling target {_resource_id(name)}")
         endpoint = self._endpoint(name)
         configs = self._own_configs(name)
         if endpoint is not None:
             if endpoint["EndpointConfigName"] not in configs:
                 configs.append(endpoint["EndpointConfigName"])
+            if wait:
+                self.out(f"deleting endpoint {name}; waiting until it is gone")
             self._delete_endpoint(name, wait)
-            removed.append(f"endpoint {name}")
+            gone(f"endpoint {name}")
         models = self._own_models(name)
         for config in configs:
             described = self._describe_config(config)
@@ -361,7 +368,7 @@ class Deployer:
                     models.append(variant["ModelName"])
             if described is not None:
                 self.sm.delete_endpoint_config(EndpointConfigName=config)
-                removed.append(f"endpoint config {config}")
+                gone(f"endpoint config {config}")
         archives = []
         for model in models:
             described = self._describe(self.sm.describe_model, ModelName=model)
@@ -369,14 +376,12 @@ class Deployer:
                 continue
             archives.append(described.get("PrimaryContainer", {}).get("ModelDataUrl", ""))
             self.sm.delete_model(ModelName=model)
-            removed.append(f"model {model}")
+            gone(f"model {model}")
         if delete_model_data:
             for uri in sorted({a for a in archives if a.startswith("s3://")}):
                 bucket, _, key = uri[len("s3://"):].partition("/")
                 self.s3.delete_object(Bucket=bucket, Key=key)
-                removed.append(uri)
-        for item in removed:
-            self.out(f"deleted {item}")
+                gone(uri)
         if not removed:
             self.out(f"nothing named {name} to delete in {self.region}")
         return removed
