@@ -4,7 +4,6 @@ fault-injecting stand-in for AWS; then the app with --backend sagemaker through 
 from __future__ import annotations
 
 import base64
-import io
 import json
 import threading
 import time

@@ -11,7 +11,6 @@ import statistics
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 from PIL import Image
