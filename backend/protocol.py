@@ -1,0 +1,259 @@
+"""The endpoint's wire format, shared by the SageMaker backend (client) and serving/ (server).
+
+Request (`Content-Type: application/json`); everything but `prompt` is optional:
+
+    {"prompt": "a lovely cat", "negative_prompt": "", "parameters": {
+      "num_inference_steps": 20, "guidance_scale": 7.5, "seed": 42, "num_images_per_prompt": 1,
+      "height": 512, "width": 512, "scheduler": "dpm++2m", "precision": "bf16"}}
+
+`{"describe": true}` asks for the endpoint's capabilities instead (Capabilities.to_dict()).
+A key that is not listed here is refused with a 400 that names it: a misspelt parameter
+("num_inference_step") would otherwise be ignored and silently give a different image. A `null`
+value means "the default". Numbers must be JSON numbers and texts JSON strings; the values
+themselves are checked by api.GenerationRequest.validated against the backend's capabilities.
+
+Responses, chosen by `Accept`:
+- `image/png` (the default, and what `*/*` gets): the first image's PNG, infotext included;
+- `application/json`: `{"images": [base64 PNG], "seeds": [...], "timings": {...}, "info": "...",
+  "warnings": [...], "model": "...", "backend": "..."}`.
+Either way the server's own times ride in the `X-Amzn-SageMaker-Custom-Attributes` header as
+`key=value` pairs joined by `;` (the form DJL-Serving splits request attributes by), which
+SageMaker passes back to the caller as `CustomAttributes`.
+
+Errors are JSON in the shape of DJL-Serving's `Output.error`, so the endpoint answers alike under
+DJL and under serving/server.py: `{"code": 400, "message": "InvalidRequest", "error": "steps: ..."}`
+where `message` names the kind (InvalidRequest 400, GenerationFailed 500, BackendUnavailable 503,
+Busy 429) and `error` is the text a person can read.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any, Mapping
+
+from .api import (
+    BackendError,
+    BackendUnavailable,
+    GenerationFailed,
+    GenerationRequest,
+    InvalidRequest,
+)
+
+JSON = "application/json"
+PNG = "image/png"
+CUSTOM_ATTRIBUTES = "X-Amzn-SageMaker-Custom-Attributes"
+
+MAX_REQUEST_BYTES = 64 * 1024  # prompts are at most 2000 characters each; this leaves room for \u escapes
+# SageMaker real-time endpoints refuse payloads over 6 MB in either direction.
+MAX_RESPONSE_BYTES = 6 * 1000 * 1000
+MAX_CUSTOM_ATTRIBUTES_CHARS = 1024  # SageMaker's limit on the header
+
+# wire name -> GenerationRequest field; the wire uses diffusers' argument names.
+PARAMETERS: dict[str, str] = {
+    "num_inference_steps": "steps",
+    "guidance_scale": "guidance_scale",
+    "seed": "seed",
+    "num_images_per_prompt": "num_images",
+    "height": "height",
+    "width": "width",
+    "scheduler": "scheduler",
+    "precision": "precision",
+}
+_NUMBERS = {"num_inference_steps", "guidance_scale", "seed", "num_images_per_prompt", "height", "width"}
+_TEXTS = {"scheduler", "precision"}
+TOP_LEVEL = ("prompt", "negative_prompt", "parameters", "describe")
+
+# Error kind <-> HTTP status of the container's answer.
+BUSY = "Busy"
+STATUS_OF_KIND = {"InvalidRequest": 400, "Busy": 429, "GenerationFailed": 500, "BackendUnavailable": 503}
+
+
+class Busy(BackendUnavailable):
+    """Too many requests are waiting already; safe to retry later (the model did not run)."""
+
+
+def check_request_size(size: int) -> None:
+    """Refuse a request body over MAX_REQUEST_BYTES."""
+    if size > MAX_REQUEST_BYTES:
+        raise InvalidRequest(f"body: {size} bytes; at most {MAX_REQUEST_BYTES} are allowed.", "body")
+
+
+def parse_json(body: bytes | bytearray | str) -> dict[str, Any]:
+    """Decode a request body into a JSON object, or raise InvalidRequest saying what is wrong."""
+    try:
+        # Decoded here: json.loads would guess UTF-16 or UTF-32 from the first bytes.
+        text = body.decode("utf-8") if isinstance(body, (bytes, bytearray)) else body
+    except UnicodeDecodeError:
+        raise InvalidRequest("body: not UTF-8 text; send a JSON object.", "body") from None
+    try:
+        payload = json.loads(text)
+    except ValueError as exc:
+        raise InvalidRequest(f"body: not valid JSON ({exc}); send a JSON object like "
+                             f'{{"prompt": "a lovely cat"}}.', "body") from None
+    if not isinstance(payload, dict):
+        raise InvalidRequest(f"body: must be a JSON object, not {_json_type(payload)}.", "body")
+    return payload
+
+
+def is_describe(payload: Mapping[str, Any]) -> bool:
+    """True for `{"describe": true}`; a describe that is not a boolean is an error."""
+    value = payload.get("describe")
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise InvalidRequest(f"describe: must be true or false, not {_json_type(value)}.", "describe")
+    return value
+
+
+def request_from_json(payload: Mapping[str, Any]) -> GenerationRequest:
+    """The GenerationRequest a wire request asks for (not yet validated against capabilities)."""
+    _refuse_unknown(payload, TOP_LEVEL, "")
+    prompt = payload.get("prompt")
+    if prompt is None:
+        raise InvalidRequest('prompt: missing; send at least {"prompt": "a lovely cat"}.', "prompt")
+    if not isinstance(prompt, str):
+        raise InvalidRequest(f"prompt: must be a string, not {_json_type(prompt)}.", "prompt")
+    negative = payload.get("negative_prompt")
+    if negative is not None and not isinstance(negative, str):
+        raise InvalidRequest(f"negative_prompt: must be a string, not {_json_type(negative)}.", "negative_prompt")
+    params = payload.get("parameters")
+    if params is None:
+        params = {}
+    if not isinstance(params, dict):
+        raise InvalidRequest(f"parameters: must be a JSON object, not {_json_type(params)}.", "parameters")
+    _refuse_unknown(params, tuple(PARAMETERS), "parameters.")
+    fields: dict[str, Any] = {"prompt": prompt, "negative_prompt": negative or ""}
+    for wire, value in params.items():
+        if value is None:
+            continue
+        if wire in _NUMBERS and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise InvalidRequest(f"parameters.{wire}: must be a number, not {_json_type(value)}.", PARAMETERS[wire])
+        if wire in _TEXTS and not isinstance(value, str):
+            raise InvalidRequest(f"parameters.{wire}: must be a string, not {_json_type(value)}.", PARAMETERS[wire])
+        fields[PARAMETERS[wire]] = value
+    return GenerationRequest(**fields)
+
+
+def request_to_json(request: GenerationRequest) -> dict[str, Any]:
+    """The wire form of a request (what SageMakerBackend sends)."""
+    params: dict[str, Any] = {}
+    for wire, name in PARAMETERS.items():
+        value = getattr(request, name)
+        if value is not None:
+            params[wire] = value
+    return {"prompt": request.prompt, "negative_prompt": request.negative_prompt, "parameters": params}
+
+
+def check_response_size(request: GenerationRequest, as_json: bool) -> None:
+    """Refuse, before running, a request whose answer could exceed SageMaker's payload limit."""
+    width, height = request.width or 0, request.height or 0
+    count = request.num_images if as_json else 1
+    # An incompressible PNG is its raw RGB size plus a byte per row and a little framing.
+    worst = count * (width * height * 3 + height + 4096)
+    if as_json:
+        worst = worst * 4 // 3 + 4096
+    if worst > MAX_RESPONSE_BYTES:
+        raise InvalidRequest(
+            f"num_images_per_prompt/size: {count} image(s) of {width}x{height} could exceed the endpoint's "
+            f"{MAX_RESPONSE_BYTES // 1_000_000} MB answer limit; ask for fewer images or a smaller size.",
+            "num_images",
+        )
+
+
+def encode_png_list(pngs: list[bytes]) -> list[str]:
+    """PNG bytes as base64 text for the JSON answer."""
+    return [base64.b64encode(p).decode("ascii") for p in pngs]
+
+
+def decode_png_list(values: Any) -> list[bytes]:
+    """The inverse of encode_png_list; raises ValueError on anything that is not base64 text."""
+    if not isinstance(values, list) or not values:
+        raise ValueError("`images` must be a non-empty list")
+    return [base64.b64decode(v, validate=True) for v in values]
+
+
+def format_attributes(values: Mapping[str, Any]) -> str:
+    """`key=value;key=value` for the custom-attributes header (ASCII, at most 1024 characters)."""
+    parts = []
+    for key, value in values.items():
+        text = f"{value:.1f}" if isinstance(value, float) else str(value)
+        parts.append(f"{key}={text}")
+    header = ";".join(parts)
+    return header[:MAX_CUSTOM_ATTRIBUTES_CHARS].encode("ascii", "replace").decode("ascii")
+
+
+def parse_attributes(header: str | None) -> dict[str, str]:
+    """The inverse of format_attributes; pieces without `=` are ignored."""
+    values: dict[str, str] = {}
+    for part in (header or "").split(";"):
+        key, sep, value = part.partition("=")
+        if sep and key.strip():
+            values[key.strip()] = value.strip()
+    return values
+
+
+def kind_of(error: BaseException) -> str:
+    """The wire name of an error's kind."""
+    if isinstance(error, Busy):
+        return BUSY
+    if isinstance(error, InvalidRequest):
+        return "InvalidRequest"
+    if isinstance(error, BackendUnavailable):
+        return "BackendUnavailable"
+    return "GenerationFailed"
+
+
+def error_body(kind: str, text: str, status: int | None = None) -> bytes:
+    """A JSON error answer, in DJL's Output.error shape."""
+    code = status or STATUS_OF_KIND[kind]
+    return json.dumps({"code": code, "message": kind, "error": text}).encode("utf-8")
+
+
+def parse_error(body: bytes | str | None) -> tuple[str | None, str]:
+    """(kind, text) of an error answer; kind is None when the body is not ours (plain text, HTML)."""
+    text = body.decode("utf-8", "replace") if isinstance(body, (bytes, bytearray)) else (body or "")
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return None, text.strip()[:500]
+    if isinstance(data, dict) and isinstance(data.get("error"), str):
+        kind = data.get("message")
+        return (kind if kind in STATUS_OF_KIND else None), data["error"]
+    return None, text.strip()[:500]
+
+
+def error_for(kind: str | None, status: int, text: str) -> BackendError:
+    """The backend error a client raises for an endpoint's error answer."""
+    if kind == "InvalidRequest" or (kind is None and 400 <= status < 500 and status != 429):
+        return InvalidRequest(text)
+    if kind == BUSY or status == 429:
+        return Busy(text)
+    if kind == "BackendUnavailable" or (kind is None and status == 503):
+        return BackendUnavailable(text)
+    return GenerationFailed(text)
+
+
+def _refuse_unknown(mapping: Mapping[str, Any], known: tuple[str, ...], prefix: str) -> None:
+    unknown = [k for k in mapping if k not in known]
+    if unknown:
+        raise InvalidRequest(
+            f"{prefix}{unknown[0]}: not a known field; known: {', '.join(prefix + k for k in known)}.",
+            unknown[0],
+        )
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return f"the number {value!r}"
+    if isinstance(value, str):
+        return f"the string {value[:40]!r}"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__

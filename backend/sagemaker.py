@@ -1,0 +1,234 @@
+"""SageMakerBackend: generation on a SageMaker real-time endpoint, through boto3's sagemaker-runtime.
+
+Credentials and region are found the standard AWS way (environment, profile, instance role);
+`--endpoint-url` (or AWS_ENDPOINT_URL) points the client at a local serving/server.py instead.
+
+An invocation is not idempotent: it runs the model. So botocore's own retries are off, and the
+only retries here are for answers that say the model did not run (throttling, a full queue, a
+connection that was refused). A read timeout is reported, never retried: the endpoint may still
+be generating, and sending it again would run the model twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import os
+import time
+from typing import Any
+
+from . import protocol
+from .api import (
+    BackendError,
+    BackendUnavailable,
+    Capabilities,
+    GenerationFailed,
+    GenerationRequest,
+    GenerationResult,
+    InvalidRequest,
+    StepCallback,
+    Timings,
+)
+from .metadata import KEY, attach
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+# SageMaker gives the container 60 s to answer; waiting a little longer means a slow answer is
+# still received, and a timeout here means the endpoint's own limit already passed.
+DEFAULT_READ_TIMEOUT_S = 75.0
+CONNECT_TIMEOUT_S = 5.0
+MAX_ATTEMPTS = 3  # for answers that say the model did not run
+BACKOFF_S = 0.5  # doubled after each such answer
+_THROTTLING = {"ThrottlingException", "Throttling", "TooManyRequestsException", "ModelNotReadyException"}
+_CREDENTIALS = {"UnrecognizedClientException", "InvalidSignatureException", "ExpiredTokenException",
+                "AccessDeniedException", "IncompleteSignature", "InvalidClientTokenId"}
+
+
+class _Retry(Exception):
+    """The model did not run; the same request may be sent again."""
+
+    def __init__(self, error: BackendError):
+        super().__init__(str(error))
+        self.error = error
+
+
+class SageMakerBackend:
+    """One SageMaker endpoint; capabilities come from the endpoint itself (`{"describe": true}`)."""
+
+    name = "sagemaker"
+
+    def __init__(self, settings: Settings):
+        if not settings.endpoint_name:
+            raise BackendUnavailable("--endpoint-name is required for --backend sagemaker "
+                                     "(compile_scripts/deploy.py prints it after a deploy).")
+        self.endpoint_name = settings.endpoint_name
+        self.read_timeout_s = float(settings.extra.get("read_timeout")
+                                    or os.environ.get("SD_READ_TIMEOUT") or DEFAULT_READ_TIMEOUT_S)
+        self.backoff_s = float(settings.extra.get("retry_backoff") or os.environ.get("SD_RETRY_BACKOFF")
+                               or BACKOFF_S)
+        self._client = self._make_client(settings)
+        where = self._client.meta.endpoint_url
+        self._where = f"endpoint {self.endpoint_name} at {where}"
+        try:
+            data, _ = self._invoke({"describe": True}, purpose="describe")
+        except BackendUnavailable:
+            raise
+        except BackendError as exc:
+            raise BackendUnavailable(f"{self._where} could not describe itself: {exc}") from None
+        try:
+            remote = Capabilities.from_dict(json.loads(data))
+        except (ValueError, TypeError) as exc:
+            raise BackendUnavailable(f"{self._where} did not describe itself ({type(exc).__name__}); "
+                                     f"is it running this project's serving code?") from None
+        self.remote = remote
+        self._caps = dataclasses.replace(
+            remote, backend=self.name, device=f"{remote.device} ({remote.backend} backend) via endpoint {self.endpoint_name}")
+        log.info("endpoint %s: %s on %s, precisions %s", self.endpoint_name, remote.model, remote.device,
+                 ", ".join(remote.precisions))
+
+    def _make_client(self, settings: Settings):
+        import boto3
+        import botocore.exceptions
+        from botocore.config import Config
+
+        config = Config(
+            read_timeout=self.read_timeout_s,
+            connect_timeout=CONNECT_TIMEOUT_S,
+            # One attempt: botocore would retry a read timeout, running the model again.
+            retries={"total_max_attempts": 1, "mode": "standard"},
+            tcp_keepalive=True,
+        )
+        try:
+            session = boto3.session.Session(region_name=settings.region)
+            return session.client("sagemaker-runtime", endpoint_url=settings.endpoint_url, config=config)
+        except botocore.exceptions.NoRegionError:
+            raise BackendUnavailable("no AWS region: pass --region (or set AWS_REGION) for the endpoint "
+                                     f"{settings.endpoint_name}.") from None
+
+    def capabilities(self) -> Capabilities:
+        """The endpoint's own capabilities, under this backend's name."""
+        return self._caps
+
+    def generate(self, request: GenerationRequest, on_step: StepCallback | None = None) -> GenerationResult:
+        """Validate here, send, and decode the endpoint's JSON answer into PIL images."""
+        request = request.validated(self._caps)
+        protocol.check_response_size(request, as_json=True)
+        if on_step is not None:
+            # No per-step progress comes back; this lets a stop pressed before sending take effect.
+            on_step(0, request.steps)
+        started = time.perf_counter()
+        data, attributes = self._invoke(protocol.request_to_json(request), purpose="generate")
+        try:
+            answer = json.loads(data)
+            pngs = protocol.decode_png_list(answer["images"])
+            images = [_open_png(png) for png in pngs]
+            seeds = [int(s) for s in answer["seeds"]]
+            timings = Timings.from_dict(answer.get("timings") or {})
+        except (ValueError, KeyError, TypeError, OSError) as exc:
+            raise GenerationFailed(f"{self._where} answered with something that is not this project's JSON "
+                                   f"with PNG images ({type(exc).__name__}: {str(exc)[:200]}).") from None
+        if len(seeds) != len(images):
+            raise GenerationFailed(f"{self._where} answered {len(images)} image(s) but {len(seeds)} seed(s).")
+        timings.total_ms = (time.perf_counter() - started) * 1000.0
+        server = answer.get("server") or {}
+        server_ms = attributes.get("handler_ms") or server.get("handler_ms")
+        timings.server_ms = float(server_ms) if server_ms is not None else None
+        done = dataclasses.replace(request, seed=seeds[0])
+        return GenerationResult(images=images, seeds=seeds, timings=timings, request=done, backend=self.name,
+                                model=self._caps.model, warnings=[str(w) for w in answer.get("warnings") or []])
+
+    def _invoke(self, payload: dict[str, Any], purpose: str) -> tuple[bytes, dict[str, str]]:
+        """Send one invocation, retrying only what did not run; returns the body and custom attributes."""
+        body = json.dumps(payload).encode("utf-8")
+        delay, attempt = self.backoff_s, 1
+        while True:
+            try:
+                return self._invoke_once(body)
+            except _Retry as retry:
+                if attempt == MAX_ATTEMPTS:
+                    raise retry.error from None
+                attempt += 1
+                log.info("%s: %s; retrying in %.1f s (attempt %d of %d)", purpose, retry.error, delay,
+                         attempt, MAX_ATTEMPTS)
+                time.sleep(delay)
+                delay *= 2
+
+    def _invoke_once(self, body: bytes) -> tuple[bytes, dict[str, str]]:
+        import botocore.exceptions as bx
+
+        try:
+            response = self._client.invoke_endpoint(EndpointName=self.endpoint_name, Body=body,
+                                                    ContentType=protocol.JSON, Accept=protocol.JSON)
+            data = response["Body"].read()
+        except bx.ReadTimeoutError:
+            raise GenerationFailed(f"{self._where} did not answer within {self.read_timeout_s:g} s; the request "
+                                   f"was not retried, since the endpoint may still be running it.") from None
+        except (bx.EndpointConnectionError, bx.ConnectTimeoutError) as exc:
+            # The request never reached the endpoint, so it cannot have run.
+            raise _Retry(BackendUnavailable(f"cannot reach {self._where} ({type(exc).__name__}); "
+                                            f"is it running, and is the URL right?")) from None
+        except (bx.NoCredentialsError, bx.PartialCredentialsError, bx.CredentialRetrievalError) as exc:
+            raise BackendUnavailable(
+                f"no usable AWS credentials ({type(exc).__name__}): run `aws configure`, set AWS_PROFILE or "
+                f"AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, or use an instance role. For a local "
+                f"serving/server.py any values do (AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test).") from None
+        except bx.ClientError as exc:
+            raise self._client_error(exc) from None
+        except (bx.ConnectionClosedError, bx.ResponseStreamingError) as exc:
+            raise GenerationFailed(f"{self._where} closed the connection before answering "
+                                   f"({type(exc).__name__}); not retried, since it may have run.") from None
+        except bx.BotoCoreError as exc:
+            raise BackendUnavailable(f"cannot call {self._where} ({type(exc).__name__}: {exc}).") from None
+        return data, protocol.parse_attributes(response.get("CustomAttributes"))
+
+    def _client_error(self, exc: Any) -> Exception:
+        """Map a botocore ClientError to a backend error (or a retry, for throttling)."""
+        error = exc.response.get("Error", {})
+        code = error.get("Code", "")
+        message = error.get("Message", "") or str(exc)
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        if code == "ModelError":
+            original_status = int(exc.response.get("OriginalStatusCode") or 0)
+            kind, text = protocol.parse_error(exc.response.get("OriginalMessage") or message)
+            mapped = protocol.error_for(kind, original_status, text or message)
+            if isinstance(mapped, protocol.Busy):
+                return _Retry(BackendUnavailable(f"{self._where} is busy: {text}"))
+            if isinstance(mapped, InvalidRequest):
+                return InvalidRequest(f"the endpoint refused the request: {text}")
+            if isinstance(mapped, BackendUnavailable):
+                return BackendUnavailable(f"{self._where}: {text}")
+            return GenerationFailed(f"the endpoint failed (status {original_status or 'unknown'}): {text}")
+        if code in _THROTTLING or status == 429:
+            return _Retry(BackendUnavailable(f"{self._where} is throttling requests ({code}: {message}); "
+                                             f"try again shortly."))
+        if code == "ValidationError" and "not found" in message.lower():
+            return BackendUnavailable(f"{self._where} does not exist ({message}); check --endpoint-name and "
+                                      f"--region, or run `python -m compile_scripts.deploy status --name "
+                                      f"{self.endpoint_name}`.")
+        if code == "ValidationError":
+            return InvalidRequest(f"the endpoint refused the request: {message}")
+        if code in _CREDENTIALS or status in (401, 403):
+            return BackendUnavailable(f"AWS refused the credentials for {self._where} ({code}: {message}).")
+        if code == "ServiceUnavailable" or status == 503:
+            return BackendUnavailable(f"{self._where} is unavailable ({code}: {message}).")
+        if 400 <= status < 500:
+            return InvalidRequest(f"the endpoint refused the request ({code}: {message}).")
+        return GenerationFailed(f"{self._where} failed ({code or status}: {message}).")
+
+    def close(self) -> None:
+        """Close the HTTP connections."""
+        self._client.close()
+
+
+def _open_png(data: bytes):
+    """A loaded PIL image that keeps its infotext in .info."""
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    if image.format != "PNG":
+        raise ValueError(f"an image is {image.format}, not PNG")
+    return attach(image, image.info.get(KEY, ""))

@@ -1,0 +1,559 @@
+"""Deploy model.tar.gz as a SageMaker real-time endpoint, show its status, delete it.
+
+    python -m compile_scripts.deploy deploy --name sd21 --role arn:aws:iam::123456789012:role/SageMakerRole \\
+        --bucket my-bucket --model-tar model.tar.gz --region us-east-2
+    python -m compile_scripts.deploy status --name sd21 --region us-east-2
+    python -m compile_scripts.deploy delete --name sd21 --region us-east-2 [--delete-model-data]
+
+deploy uploads the archive to s3://BUCKET/PREFIX/NAME/model-<sha256>.tar.gz, creates a model and an
+endpoint config whose names carry a hash of what they hold (NAME-m-<hash>, NAME-c-<hash>), and
+creates the endpoint NAME, or points an existing one at the new config. Running it again with the
+same inputs changes nothing; with new inputs it updates the endpoint in place and then removes the
+models and configs it no longer uses. delete removes the endpoint, every NAME-m-/NAME-c- model and
+config, and the autoscaling target, so nothing is left billing or cluttering the account.
+
+The default image is `djl-inference:0.30.0-neuronx-sdk2.20.1` from AWS's Deep Learning Containers
+account 763104351884: DJL-Serving dropped Neuron support in late 2025, and that is its last
+neuronx image. Pass --image-uri for another image, or for a region whose DLC account differs.
+An ml.inf2.xlarge endpoint bills by the hour while it exists, serving or not: delete it when done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+DLC_ACCOUNT = "763104351884"
+DJL_NEURONX_TAG = "djl-inference:0.30.0-neuronx-sdk2.20.1"
+DEFAULT_INSTANCE = "ml.inf2.xlarge"
+VARIANT = "AllTraffic"
+DEFAULT_PREFIX = "stable-diffusion"
+DEFAULT_VOLUME_GB = 100  # the walk-through's: model.tar.gz, its unpacked copy and the Neuron cache
+DEFAULT_STARTUP_S = 1800  # DJL pip-installs requirements and loads compiled graphs before /ping is healthy
+DEFAULT_TARGET_INVOCATIONS = 20  # per instance per minute: ~2.2 s an image leaves room for bursts
+TAG_KEY = "sd-demo:deployment"
+# SageMaker names: at most 63 characters of letters, digits and inner hyphens; 13 go to "-m-<hash>".
+_NAME = re.compile(r"[a-zA-Z0-9](-*[a-zA-Z0-9]){0,49}")
+_SETTLED = {"InService", "Failed", "OutOfService"}
+
+
+class DeployError(Exception):
+    """A failure with a message that says what to do."""
+
+
+def default_image(region: str) -> str:
+    """The DJL-Serving neuronx image for a region."""
+    suffix = "amazonaws.com.cn" if region.startswith("cn-") else "amazonaws.com"
+    return f"{DLC_ACCOUNT}.dkr.ecr.{region}.{suffix}/{DJL_NEURONX_TAG}"
+
+
+def short_hash(*parts: Any) -> str:
+    """Ten hex digits naming a model or config by what it holds."""
+    return hashlib.sha256("\n".join(map(str, parts)).encode()).hexdigest()[:10]
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class Plan:
+    """What a deploy asks for."""
+
+    name: str
+    role: str
+    bucket: str
+    model_tar: Path
+    prefix: str = DEFAULT_PREFIX
+    instance_type: str = DEFAULT_INSTANCE
+    image_uri: str | None = None
+    min_instances: int = 1
+    max_instances: int = 1
+    target_invocations: int = DEFAULT_TARGET_INVOCATIONS
+    volume_gb: int = DEFAULT_VOLUME_GB
+    startup_timeout_s: int = DEFAULT_STARTUP_S
+    wait: bool = True
+
+
+class Deployer:
+    """SageMaker, S3 and Application Auto Scaling calls for one region."""
+
+    def __init__(self, region: str | None = None, endpoint_url: str | None = None,
+                 out: Callable[[str], None] = print, poll_s: float = 30.0, timeout_s: float = 3600.0):
+        import boto3
+
+        session = boto3.session.Session(region_name=region)
+        if not session.region_name:
+            raise DeployError("no AWS region: pass --region or set AWS_REGION (inf2 endpoints exist in "
+                              "us-east-1, us-east-2, us-west-2 and others; see docs/sagemaker.md).")
+        self.region = session.region_name
+        self.sm = session.client("sagemaker", endpoint_url=endpoint_url)
+        self.s3 = session.client("s3", endpoint_url=endpoint_url)
+        self.scaling = session.client("application-autoscaling", endpoint_url=endpoint_url)
+        self.out = out
+        self.poll_s = poll_s
+        self.timeout_s = timeout_s
+
+    # ---- deploy ---------------------------------------------------------------------------------
+
+    def deploy(self, plan: Plan) -> dict[str, Any]:
+        """Upload, create or reuse model and config, create or update the endpoint; returns its description."""
+        check_name(plan.name)
+        if not 1 <= plan.min_instances <= plan.max_instances:
+            raise DeployError("--min-instances must be at least 1 and at most --max-instances.")
+        model_data = self.upload(plan)
+        image = plan.image_uri or default_image(self.region)
+        model = f"{plan.name}-m-{short_hash(image, model_data, plan.role)}"
+        config = f"{plan.name}-c-{short_hash(model, plan.instance_type, plan.min_instances, plan.volume_gb, plan.startup_timeout_s)}"
+        self._ensure_model(model, image, model_data, plan)
+        self._ensure_config(config, model, plan)
+        endpoint = self._endpoint(plan.name)
+        if endpoint and endpoint["EndpointStatus"] not in _SETTLED:
+            self.out(f"endpoint {plan.name} is {endpoint['EndpointStatus']}; waiting for it to settle first")
+            endpoint = self.wait_settled(plan.name)
+        if endpoint and endpoint["EndpointStatus"] == "Failed":
+            self.out(f"endpoint {plan.name} is Failed ({endpoint.get('FailureReason', 'no reason given')}); "
+                     f"deleting it to create it again")
+            self._delete_endpoint(plan.name, wait=True)
+            endpoint = None
+        if endpoint is None:
+            self.sm.create_endpoint(EndpointName=plan.name, EndpointConfigName=config,
+                                    Tags=[{"Key": TAG_KEY, "Value": plan.name}])
+            self.out(f"creating endpoint {plan.name} ({plan.instance_type} x{plan.min_instances}); "
+                     f"this takes about 10 minutes")
+        elif endpoint["EndpointConfigName"] != config:
+            # An endpoint under autoscaling cannot be updated; the target is registered again below.
+            self._remove_autoscaling(plan.name)
+            self.sm.update_endpoint(EndpointName=plan.name, EndpointConfigName=config)
+            self.out(f"updating endpoint {plan.name}: {endpoint['EndpointConfigName']} -> {config}")
+        else:
+            self.out(f"endpoint {plan.name} already runs {config}; nothing to change")
+        if not plan.wait:
+            self.out(f"not waiting; follow it with: python -m compile_scripts.deploy status --name {plan.name} "
+                     f"--region {self.region}")
+            if plan.max_instances > plan.min_instances:
+                self.out("autoscaling is set once the endpoint is InService: run this deploy again then.")
+            return self.sm.describe_endpoint(EndpointName=plan.name)
+        final = self.wait_settled(plan.name)
+        if final["EndpointStatus"] != "InService":
+            raise DeployError(f"endpoint {plan.name} is {final['EndpointStatus']}: "
+                              f"{final.get('FailureReason', 'no reason given')}. Its container log is in CloudWatch, "
+                              f"log group /aws/sagemaker/Endpoints/{plan.name}.")
+        self._set_autoscaling(plan)
+        self._remove_unused(plan.name, keep_model=model, keep_config=config)
+        self.out(f"endpoint {plan.name} is InService. Try it:\n"
+                 f"  python app.py --backend sagemaker --endpoint-name {plan.name} --region {self.region}\n"
+                 f"It bills per instance-hour until deleted:\n"
+                 f"  python -m compile_scripts.deploy delete --name {plan.name} --region {self.region}")
+        return final
+
+    def upload(self, plan: Plan) -> str:
+        """Put the archive in S3 under a name made of its hash (skipped when already there)."""
+        if not plan.model_tar.is_file():
+            raise DeployError(f"--model-tar {plan.model_tar}: no such file; build it with "
+                              f"python -m compile_scripts.package --out {plan.model_tar} ...")
+        self._check_bucket(plan.bucket)
+        digest = file_sha256(plan.model_tar)
+        key = f"{plan.prefix.strip('/')}/{plan.name}/model-{digest[:16]}.tar.gz"
+        uri = f"s3://{plan.bucket}/{key}"
+        if self._s3_exists(plan.bucket, key):
+            self.out(f"{uri} is already uploaded")
+        else:
+            size = plan.model_tar.stat().st_size
+            self.out(f"uploading {plan.model_tar} ({size / 1e6:.1f} MB) to {uri}")
+            self.s3.upload_file(str(plan.model_tar), plan.bucket, key)
+        return uri
+
+    def _check_bucket(self, bucket: str) -> None:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.s3.head_bucket(Bucket=bucket)
+        except ClientError as exc:
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            code = exc.response.get("Error", {}).get("Code")
+            if status == 404 or code in ("404", "NoSuchBucket"):
+                raise DeployError(f"--bucket {bucket}: no such bucket. Create it in {self.region} first: "
+                                  f"aws s3 mb s3://{bucket} --region {self.region}") from None
+            if status == 403 or code in ("403", "AccessDenied"):
+                raise DeployError(f"--bucket {bucket}: access denied; these credentials cannot use that "
+                                  f"bucket (it may belong to another account).") from None
+            raise
+
+    def _s3_exists(self, bucket: str, key: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.s3.head_object(Bucket=bucket, Key=key)
+            return True
+        except ClientError as exc:
+            if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+                return False
+            raise
+
+    def _ensure_model(self, model: str, image: str, model_data: str, plan: Plan) -> None:
+        if self._exists(self.sm.describe_model, ModelName=model):
+            self.out(f"model {model} exists; reusing it")
+            return
+        self.sm.create_model(ModelName=model, ExecutionRoleArn=plan.role,
+                             PrimaryContainer={"Image": image, "ModelDataUrl": model_data},
+                             Tags=[{"Key": TAG_KEY, "Value": plan.name}])
+        self.out(f"created model {model} ({image})")
+
+    def _ensure_config(self, config: str, model: str, plan: Plan) -> None:
+        if self._exists(self.sm.describe_endpoint_config, EndpointConfigName=config):
+            self.out(f"endpoint config {config} exists; reusing it")
+            return
+        self.sm.create_endpoint_config(
+            EndpointConfigName=config,
+            ProductionVariants=[{
+                "VariantName": VARIANT,
+                "ModelName": model,
+                "InstanceType": plan.instance_type,
+                "InitialInstanceCount": plan.min_instances,
+                "VolumeSizeInGB": plan.volume_gb,
+                "ContainerStartupHealthCheckTimeoutInSeconds": plan.startup_timeout_s,
+                "ModelDataDownloadTimeoutInSeconds": plan.startup_timeout_s,
+            }],
+            Tags=[{"Key": TAG_KEY, "Value": plan.name}],
+        )
+        self.out(f"created endpoint config {config} ({plan.instance_type} x{plan.min_instances}, "
+                 f"{plan.volume_gb} GB volume)")
+
+    def _set_autoscaling(self, plan: Plan) -> None:
+        resource = _resource_id(plan.name)
+        if plan.max_instances == plan.min_instances:
+            if self._remove_autoscaling(plan.name):
+                self.out("autoscaling removed (--max-instances equals --min-instances)")
+            return
+        self.scaling.register_scalable_target(
+            ServiceNamespace="sagemaker", ResourceId=resource, ScalableDimension=_DIMENSION,
+            MinCapacity=plan.min_instances, MaxCapacity=plan.max_instances)
+        self.scaling.put_scaling_policy(
+            PolicyName=_policy_name(plan.name), ServiceNamespace="sagemaker", ResourceId=resource,
+            ScalableDimension=_DIMENSION, PolicyType="TargetTrackingScaling",
+            TargetTrackingScalingPolicyConfiguration={
+                "TargetValue": float(plan.target_invocations),
+                "PredefinedMetricSpecification": {"PredefinedMetricType": "SageMakerVariantInvocationsPerInstance"},
+                # Scale out fast (a queue forms in seconds), in slowly (a new inf2 takes ~10 minutes).
+                "ScaleOutCooldown": 60,
+                "ScaleInCooldown": 600,
+            })
+        self.out(f"autoscaling: {plan.min_instances}-{plan.max_instances} instances, target "
+                 f"{plan.target_invocations} invocations per instance per minute")
+
+    def _remove_autoscaling(self, name: str) -> bool:
+        """Remove the scaling policy and target, if any; True when there was one."""
+        targets = self.scaling.describe_scalable_targets(
+            ServiceNamespace="sagemaker", ResourceIds=[_resource_id(name)], ScalableDimension=_DIMENSION,
+        )["ScalableTargets"]
+        if not targets:
+            return False
+        policies = self.scaling.describe_scaling_policies(
+            ServiceNamespace="sagemaker", ResourceId=_resource_id(name), ScalableDimension=_DIMENSION,
+        )["ScalingPolicies"]
+        for policy in policies:
+            self.scaling.delete_scaling_policy(PolicyName=policy["PolicyName"], ServiceNamespace="sagemaker",
+                                               ResourceId=_resource_id(name), ScalableDimension=_DIMENSION)
+        self.scaling.deregister_scalable_target(ServiceNamespace="sagemaker", ResourceId=_resource_id(name),
+                                                ScalableDimension=_DIMENSION)
+        return True
+
+    def _remove_unused(self, name: str, keep_model: str, keep_config: str) -> None:
+        """Delete this deployment's earlier configs and models, now that the endpoint uses new ones."""
+        for config in self._own_configs(name):
+            if config != keep_config:
+                self.sm.delete_endpoint_config(EndpointConfigName=config)
+                self.out(f"deleted unused endpoint config {config}")
+        for model in self._own_models(name):
+            if model != keep_model:
+                self.sm.delete_model(ModelName=model)
+                self.out(f"deleted unused model {model}")
+
+    # ---- waiting --------------------------------------------------------------------------------
+
+    def wait_settled(self, name: str) -> dict[str, Any]:
+        """Poll until the endpoint is InService, Failed or OutOfService, printing each change."""
+        started = time.monotonic()
+        last = None
+        while True:
+            endpoint = self._endpoint(name)
+            if endpoint is None:
+                raise DeployError(f"endpoint {name} disappeared while waiting for it (deleted elsewhere?)")
+            status = endpoint["EndpointStatus"]
+            if status != last:
+                self.out(f"  [{time.monotonic() - started:5.0f} s] {name}: {status}")
+                last = status
+            if status in _SETTLED:
+                return endpoint
+            if time.monotonic() - started > self.timeout_s:
+                raise DeployError(f"endpoint {name} still {status} after {self.timeout_s:.0f} s; it keeps going "
+                                  f"on AWS's side: check it with `status`, or delete it.")
+            time.sleep(self.poll_s)
+
+    def _wait_deleted(self, name: str) -> None:
+        started = time.monotonic()
+        while self._endpoint(name) is not None:
+            if time.monotonic() - started > self.timeout_s:
+                raise DeployError(f"endpoint {name} still exists after {self.timeout_s:.0f} s of deleting.")
+            time.sleep(self.poll_s)
+
+    # ---- status and delete ----------------------------------------------------------------------
+
+    def status(self, name: str) -> dict[str, Any] | None:
+        """Print the endpoint's state, instances, autoscaling and leftovers; returns its description."""
+        endpoint = self._endpoint(name)
+        models, configs = self._own_models(name), self._own_configs(name)
+        if endpoint is None:
+            self.out(f"no endpoint {name} in {self.region}")
+            if models or configs:
+                self.out(f"  left from earlier deploys: {', '.join(configs + models)} "
+                         f"(python -m compile_scripts.deploy delete --name {name} removes them)")
+            return None
+        self.out(f"endpoint {name} ({self.region}): {endpoint['EndpointStatus']}")
+        if endpoint.get("FailureReason"):
+            self.out(f"  failure: {endpoint['FailureReason']}")
+        self.out(f"  config: {endpoint['EndpointConfigName']}")
+        for variant in endpoint.get("ProductionVariants", []):
+            self.out(f"  variant {variant.get('VariantName')}: {variant.get('CurrentInstanceCount', '?')} "
+                     f"instance(s) running, {variant.get('DesiredInstanceCount', '?')} wanted")
+        config = self._describe_config(endpoint["EndpointConfigName"])
+        for variant in (config or {}).get("ProductionVariants", []):
+            self.out(f"  instance type: {variant.get('InstanceType')}, model: {variant.get('ModelName')}")
+        targets = self.scaling.describe_scalable_targets(
+            ServiceNamespace="sagemaker", ResourceIds=[_resource_id(name)], ScalableDimension=_DIMENSION,
+        )["ScalableTargets"]
+        for target in targets:
+            self.out(f"  autoscaling: {target['MinCapacity']}-{target['MaxCapacity']} instances")
+        if not targets:
+            self.out("  autoscaling: off")
+        return endpoint
+
+    def delete(self, name: str, delete_model_data: bool = False, wait: bool = True) -> list[str]:
+        """Remove the autoscaling target, endpoint, configs and models (and the S3 archives); returns what went."""
+        check_name(name)
+        removed: list[str] = []
+
+        def gone(item: str) -> None:
+            removed.append(item)
+            self.out(f"deleted {item}")
+
+        if self._remove_autoscaling(name):
+            gone(f"autoscaling target {_resource_id(name)}")
+        endpoint = self._endpoint(name)
+        configs = self._own_configs(name)
+        if endpoint is not None:
+            if endpoint["EndpointConfigName"] not in configs:
+                configs.append(endpoint["EndpointConfigName"])
+            if wait:
+                self.out(f"deleting endpoint {name}; waiting until it is gone")
+            self._delete_endpoint(name, wait)
+            gone(f"endpoint {name}")
+        models = self._own_models(name)
+        for config in configs:
+            described = self._describe_config(config)
+            for variant in (described or {}).get("ProductionVariants", []):
+                if variant.get("ModelName") and variant["ModelName"] not in models:
+                    models.append(variant["ModelName"])
+            if described is not None:
+                self.sm.delete_endpoint_config(EndpointConfigName=config)
+                gone(f"endpoint config {config}")
+        archives = []
+        for model in models:
+            described = self._describe(self.sm.describe_model, ModelName=model)
+            if described is None:
+                continue
+            archives.append(described.get("PrimaryContainer", {}).get("ModelDataUrl", ""))
+            self.sm.delete_model(ModelName=model)
+            gone(f"model {model}")
+        if delete_model_data:
+            for uri in sorted({a for a in archives if a.startswith("s3://")}):
+                bucket, _, key = uri[len("s3://"):].partition("/")
+                self.s3.delete_object(Bucket=bucket, Key=key)
+                gone(uri)
+        if not removed:
+            self.out(f"nothing named {name} to delete in {self.region}")
+        return removed
+
+    def _delete_endpoint(self, name: str, wait: bool) -> None:
+        self.sm.delete_endpoint(EndpointName=name)
+        if wait:
+            self._wait_deleted(name)
+
+    # ---- lookups --------------------------------------------------------------------------------
+
+    def _endpoint(self, name: str) -> dict[str, Any] | None:
+        return self._describe(self.sm.describe_endpoint, EndpointName=name)
+
+    def _describe_config(self, config: str) -> dict[str, Any] | None:
+        return self._describe(self.sm.describe_endpoint_config, EndpointConfigName=config)
+
+    def _exists(self, call: Callable[..., Any], **kwargs: Any) -> bool:
+        return self._describe(call, **kwargs) is not None
+
+    @staticmethod
+    def _describe(call: Callable[..., Any], **kwargs: Any) -> dict[str, Any] | None:
+        """call(**kwargs), or None when SageMaker says the thing does not exist."""
+        from botocore.exceptions import ClientError
+
+        try:
+            return call(**kwargs)
+        except ClientError as exc:
+            error = exc.response.get("Error", {})
+            if error.get("Code") in ("ValidationException", "ValidationError") and \
+                    re.search(r"could not find|does not exist|not found", error.get("Message", ""), re.I):
+                return None
+            raise
+
+    def _own_models(self, name: str) -> list[str]:
+        pattern = re.compile(re.escape(name) + r"-m-[0-9a-f]{10}")
+        found = []
+        for page in self.sm.get_paginator("list_models").paginate(NameContains=f"{name}-m-"):
+            found += [m["ModelName"] for m in page["Models"] if pattern.fullmatch(m["ModelName"])]
+        return sorted(found)
+
+    def _own_configs(self, name: str) -> list[str]:
+        pattern = re.compile(re.escape(name) + r"-c-[0-9a-f]{10}")
+        found = []
+        for page in self.sm.get_paginator("list_endpoint_configs").paginate(NameContains=f"{name}-c-"):
+            found += [c["EndpointConfigName"] for c in page["EndpointConfigs"]
+                      if pattern.fullmatch(c["EndpointConfigName"])]
+        return sorted(found)
+
+
+_DIMENSION = "sagemaker:variant:DesiredInstanceCount"
+
+
+def _resource_id(name: str) -> str:
+    return f"endpoint/{name}/variant/{VARIANT}"
+
+
+def _policy_name(name: str) -> str:
+    return f"{name}-invocations-per-instance"
+
+
+def check_name(name: str) -> None:
+    """Refuse a name SageMaker would refuse, before anything is created."""
+    if not _NAME.fullmatch(name or ""):
+        raise DeployError(f"--name {name!r}: use 1-50 letters, digits and inner hyphens (SageMaker's rule, "
+                          f"less the 13 characters of the -m-/-c- suffixes).")
+
+
+def explain(exc: Exception, region: str | None) -> str:
+    """A message that says what went wrong and what to do, for the errors people meet."""
+    from botocore.exceptions import ClientError, NoCredentialsError, PartialCredentialsError
+
+    if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
+        return ("no AWS credentials found: run `aws configure` (or `aws sso login`), set AWS_PROFILE, or set "
+                "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY.")
+    if not isinstance(exc, ClientError):
+        return f"{type(exc).__name__}: {exc}"
+    error = exc.response.get("Error", {})
+    code, message = error.get("Code", ""), error.get("Message", "")
+    operation = getattr(exc, "operation_name", "the call")
+    if code == "ResourceLimitExceeded":
+        return (f"{operation}: the account's quota does not allow this ({message}). Request an increase of "
+                f"'ml.inf2.xlarge for endpoint usage' (or the instance type you chose) for Amazon SageMaker in "
+                f"Service Quotas, region {region}; new accounts start at 0. Then run deploy again.")
+    if code in ("ValidationException", "ValidationError") and "model data" in message.lower():
+        return (f"{operation}: SageMaker cannot read the model archive ({message}); give the role s3:GetObject "
+                f"on it, and keep bucket and endpoint in the same region.")
+    if code in ("ValidationException", "ValidationError") and re.search(r"\brole\b|assume", message, re.I):
+        return (f"{operation}: SageMaker cannot use the role ({message}). --role must be the ARN of an IAM role "
+                f"that exists, trusts sagemaker.amazonaws.com, and may read the model archive in S3 and pull "
+                f"from ECR; see docs/sagemaker.md, 'IAM role'.")
+    if code == "NoSuchBucket":
+        return f"{operation}: the bucket does not exist ({message}); create it with `aws s3 mb`."
+    if code in ("AccessDenied", "AccessDeniedException", "UnrecognizedClientException", "InvalidClientTokenId",
+                "ExpiredTokenException"):
+        return f"{operation}: AWS refused these credentials ({code}: {message})."
+    return f"{operation} failed: {code}: {message}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Subcommands deploy, status and delete."""
+    parser = argparse.ArgumentParser(prog="python -m compile_scripts.deploy",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     description=__doc__.split("\n\n")[0],
+                                     epilog=f"Default image:\n  {DLC_ACCOUNT}.dkr.ecr.<region>.amazonaws.com/"
+                                            f"{DJL_NEURONX_TAG}\nDJL-Serving's last neuronx image; it dropped "
+                                            f"Neuron support in late 2025.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--name", required=True, help="endpoint name (also prefixes its model and config names)")
+    common.add_argument("--region", help="AWS region (default: AWS_REGION or the AWS config's)")
+    common.add_argument("--endpoint-url", help="send every AWS call here (a moto server in tests); "
+                                               "AWS_ENDPOINT_URL also works")
+    common.add_argument("--poll", type=float, default=30.0, help="seconds between status checks (default 30)")
+    common.add_argument("--timeout", type=float, default=3600.0, help="most seconds to wait (default 3600)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("deploy", parents=[common], help="upload and create or update the endpoint",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Upload model.tar.gz and create (or update) the endpoint.\n\nDefault image:\n  "
+                                   f"{DLC_ACCOUNT}.dkr.ecr.<region>.amazonaws.com/{DJL_NEURONX_TAG}\nthe last "
+                                   "DJL-Serving image with Neuron support (DJL-Serving dropped it in late 2025).")
+    d.add_argument("--role", required=True, help="ARN of the IAM role SageMaker runs the endpoint as")
+    d.add_argument("--bucket", required=True, help="S3 bucket for model.tar.gz, in the same region")
+    d.add_argument("--model-tar", required=True, type=Path, help="archive from compile_scripts/package.py")
+    d.add_argument("--prefix", default=DEFAULT_PREFIX, help=f"S3 key prefix (default {DEFAULT_PREFIX})")
+    d.add_argument("--instance-type", default=DEFAULT_INSTANCE, help=f"default {DEFAULT_INSTANCE}")
+    d.add_argument("--image-uri", help="container image (default: the DJL neuronx image for the region)")
+    d.add_argument("--min-instances", type=int, default=1, help="instances at start and at least (default 1)")
+    d.add_argument("--max-instances", type=int, help="more than --min-instances turns on autoscaling")
+    d.add_argument("--target-invocations", type=int, default=DEFAULT_TARGET_INVOCATIONS,
+                   help=f"autoscaling target per instance per minute (default {DEFAULT_TARGET_INVOCATIONS})")
+    d.add_argument("--volume-size", type=int, default=DEFAULT_VOLUME_GB, help=f"GB (default {DEFAULT_VOLUME_GB})")
+    d.add_argument("--startup-timeout", type=int, default=DEFAULT_STARTUP_S,
+                   help=f"seconds for download and start before the health check must pass (default {DEFAULT_STARTUP_S})")
+    d.add_argument("--no-wait", action="store_true", help="return once the endpoint is being created")
+    sub.add_parser("status", parents=[common], help="show the endpoint's state")
+    x = sub.add_parser("delete", parents=[common], help="delete the endpoint, its configs, models and autoscaling")
+    x.add_argument("--delete-model-data", action="store_true", help="also delete the uploaded model.tar.gz files")
+    x.add_argument("--no-wait", action="store_true", help="do not wait for the endpoint to be gone")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; exit status 0 on success, 1 on an AWS or usage error, 3 for status of nothing."""
+    args = build_parser().parse_args(argv)
+    region = args.region
+    try:
+        deployer = Deployer(args.region, args.endpoint_url, poll_s=args.poll, timeout_s=args.timeout)
+        region = deployer.region
+        if args.command == "deploy":
+            plan = Plan(name=args.name, role=args.role, bucket=args.bucket, model_tar=args.model_tar,
+                        prefix=args.prefix, instance_type=args.instance_type, image_uri=args.image_uri,
+                        min_instances=args.min_instances,
+                        max_instances=args.max_instances if args.max_instances is not None else args.min_instances,
+                        target_invocations=args.target_invocations, volume_gb=args.volume_size,
+                        startup_timeout_s=args.startup_timeout, wait=not args.no_wait)
+            deployer.deploy(plan)
+        elif args.command == "status":
+            return 0 if deployer.status(args.name) is not None else 3
+        else:
+            deployer.delete(args.name, args.delete_model_data, wait=not args.no_wait)
+    except DeployError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # noqa: BLE001 - botocore errors become one readable line
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        if not isinstance(exc, (BotoCoreError, ClientError)):
+            raise
+        print(f"error: {explain(exc, region)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,331 @@
+"""The endpoint: serving/handler.py directly, serving/model.py through a djl_python stand-in, and
+serving/server.py as a real process called by the walk-through's own boto3 code."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import io
+import json
+import statistics
+import sys
+import threading
+import time
+
+import pytest
+from PIL import Image
+
+from backend import BackendUnavailable, GenerationFailed, protocol
+from backend.metadata import parse_infotext, read_infotext
+from conftest import free_port, run_process
+from serving.handler import Handler, choose_answer_type
+
+JSON_HEADERS = {"Content-Type": "application/json"}
+SMALL = {"num_inference_steps": 2, "height": 64, "width": 64, "seed": 42}
+
+
+def body(payload) -> bytes:
+    return json.dumps(payload).encode()
+
+
+@pytest.fixture
+def handler(tiny_backend):
+    return Handler(tiny_backend)
+
+
+# ---- handler ------------------------------------------------------------------------------------
+
+def test_default_answer_is_the_first_png_with_its_infotext_and_server_times(handler):
+    answer = handler.handle(body({"prompt": "a lovely cat", "parameters": SMALL}), JSON_HEADERS)
+    assert answer.status == 200 and answer.content_type == "image/png"
+    image = Image.open(io.BytesIO(answer.body))
+    assert image.size == (64, 64)
+    params = parse_infotext(read_infotext(answer.body))
+    assert params["prompt"] == "a lovely cat"
+    assert (params["params"]["Seed"], params["params"]["Steps"]) == ("42", "2")
+    attributes = protocol.parse_attributes(answer.headers[protocol.CUSTOM_ATTRIBUTES])
+    assert attributes["seeds"] == "42" and attributes["steps"] == "2"
+    assert 0 < float(attributes["total_ms"]) <= float(attributes["handler_ms"])
+
+
+def test_json_answer_has_every_image_seed_and_timing(handler):
+    answer = handler.handle(body({"prompt": "cat", "negative_prompt": "dog",
+                                  "parameters": {**SMALL, "num_images_per_prompt": 2}}),
+                            {**JSON_HEADERS, "Accept": "application/json"})
+    assert answer.status == 200 and answer.content_type == "application/json"
+    data = json.loads(answer.body)
+    assert data["seeds"] == [42, 43]
+    pngs = [base64.b64decode(i) for i in data["images"]]
+    assert [parse_infotext(read_infotext(p))["params"]["Seed"] for p in pngs] == ["42", "43"]
+    assert data["info"] == read_infotext(pngs[0])
+    assert parse_infotext(data["info"])["negative_prompt"] == "dog"
+    assert len(data["timings"]["step_ms"]) == 2
+    assert data["server"]["handler_ms"] >= data["timings"]["total_ms"]
+    assert (data["model"], data["backend"]) == ("tiny", "local")
+
+
+def test_describe_returns_the_capabilities(handler, tiny_backend):
+    answer = handler.handle(body({"describe": True}), JSON_HEADERS)
+    assert answer.status == 200
+    assert json.loads(answer.body) == tiny_backend.capabilities().to_dict()
+
+
+@pytest.mark.parametrize("raw, headers, status, expected", [
+    (b'{"prompt": "cat"', JSON_HEADERS, 400, "body: not valid JSON"),
+    (body({"prompt": "cat", "parameters": {"num_inference_steps": "many"}}), JSON_HEADERS, 400,
+     "parameters.num_inference_steps: must be a number"),
+    (body({"prompt": "cat", "parameters": {"num_inference_steps": 500}}), JSON_HEADERS, 400, "steps: 500 is out of range"),
+    (body({"prompt": "cat", "parameters": {"width": 1 << 20}}), JSON_HEADERS, 400, "width: 1048576 is out of range"),
+    (body({"prompt": "c" * 2001}), JSON_HEADERS, 400, "prompt: 2001 characters; at most 2000"),
+    (body({"prompt": "cat", "parameters": {"num_images_per_prompt": 5}}), JSON_HEADERS, 400, "num_images: 5 is out"),
+    (body({"prompt": "cat", "strength": 0.5}), JSON_HEADERS, 400, "strength: not a known field"),
+    (b" " * (protocol.MAX_REQUEST_BYTES + 1), JSON_HEADERS, 413, "body: 65537 bytes"),
+    (body({"prompt": "cat"}), {"Content-Type": "text/plain"}, 415, "Content-Type: 'text/plain' is not accepted"),
+    (body({"prompt": "cat"}), {**JSON_HEADERS, "Accept": "image/jpeg"}, 406, "Accept: 'image/jpeg' is not offered"),
+])
+def test_bad_requests_get_a_4xx_that_says_what_is_wrong(handler, raw, headers, status, expected):
+    answer = handler.handle(raw, headers)
+    assert answer.status == status and answer.content_type == "application/json"
+    error = json.loads(answer.body)
+    assert (error["code"], error["message"]) == (status, "InvalidRequest")
+    assert error["error"].startswith(expected)
+
+
+def test_a_failure_inside_generation_is_a_500_told_apart_from_a_bad_request(handler, monkeypatch):
+    import backend.pipeline
+
+    def broken_run(*args, **kwargs):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(backend.pipeline, "run", broken_run)
+    answer = handler.handle(body({"prompt": "cat", "parameters": SMALL}), JSON_HEADERS)
+    error = json.loads(answer.body)
+    assert (answer.status, error["message"]) == (500, "GenerationFailed")
+    assert "RuntimeError: device lost" in error["error"]
+
+
+@pytest.mark.parametrize("raised, status, kind, text", [
+    (BackendUnavailable("the Neuron device is gone"), 503, "BackendUnavailable", "the Neuron device is gone"),
+    (GenerationFailed("out of memory"), 500, "GenerationFailed", "out of memory"),
+    (KeyError("/home/secret/path"), 500, "GenerationFailed", "the endpoint failed unexpectedly (KeyError)"),
+])
+def test_backend_errors_keep_their_kind(handler, monkeypatch, raised, status, kind, text):
+    def fail(request, on_step=None):
+        raise raised
+
+    monkeypatch.setattr(handler.backend, "generate", fail)
+    answer = handler.handle(body({"prompt": "cat", "parameters": SMALL}), JSON_HEADERS)
+    error = json.loads(answer.body)
+    assert (answer.status, error["message"]) == (status, kind)
+    assert error["error"].startswith(text) and "secret" not in error["error"]
+
+
+def test_requests_queue_one_at_a_time_and_too_many_get_a_429(tiny_backend):
+    handler = Handler(tiny_backend, max_waiting=1, queue_timeout_s=30)
+    answers = []
+    handler._turn_lock.acquire()  # a generation is running
+    try:
+        waiter = threading.Thread(target=lambda: answers.append(
+            handler.handle(body({"prompt": "cat", "parameters": SMALL}), JSON_HEADERS)))
+        waiter.start()
+        deadline = time.monotonic() + 10
+        while handler._waiting < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        refused = handler.handle(body({"prompt": "cat", "parameters": SMALL}), JSON_HEADERS)
+        assert refused.status == 429 and json.loads(refused.body)["message"] == "Busy"
+        # A bad request is answered at once, even while the queue is full.
+        assert handler.handle(body({"prompt": ""}), JSON_HEADERS).status == 400
+    finally:
+        handler._turn_lock.release()
+    waiter.join(30)
+    assert answers[0].status == 200
+    assert float(protocol.parse_attributes(answers[0].headers[protocol.CUSTOM_ATTRIBUTES])["queue_ms"]) > 0
+
+
+def test_a_request_that_waits_too_long_gets_a_503(tiny_backend):
+    handler = Handler(tiny_backend, queue_timeout_s=0.2)
+    with handler._turn_lock:
+        answer = handler.handle(body({"prompt": "cat", "parameters": SMALL}), JSON_HEADERS)
+    assert answer.status == 503 and "no turn within 0.2 s" in json.loads(answer.body)["error"]
+
+
+@pytest.mark.parametrize("accept, expected", [
+    (None, "image/png"), ("*/*", "image/png"), ("image/*", "image/png"), ("application/json", "application/json"),
+    ("image/png;q=0.5, application/json", "application/json"), ("application/json;q=0, */*", "image/png"),
+    ("text/html,application/xhtml+xml,*/*;q=0.8", "image/png"),
+])
+def test_accept_negotiation(accept, expected):
+    assert choose_answer_type(accept) == expected
+
+
+# ---- serving/model.py under a djl_python stand-in -----------------------------------------------
+
+@pytest.fixture
+def djl(monkeypatch):
+    """serving.model with `djl_python` provided by tests/djl_standin.py and no handler loaded yet."""
+    import djl_standin
+    import serving.model
+
+    monkeypatch.setitem(sys.modules, "djl_python", djl_standin)
+    monkeypatch.setattr(serving.model, "_handler", None)
+    return djl_standin, serving.model
+
+
+def test_djl_warm_up_loads_the_model_then_requests_are_answered(djl, tmp_path, tiny_backend, monkeypatch):
+    import serving.handler
+
+    standin, model = djl
+    made = []
+    # The shared tiny backend saves a load; tests/test_deploy.py runs the real load from model.tar.gz.
+    monkeypatch.setattr(serving.handler, "create_backend", lambda settings: made.append(settings) or tiny_backend)
+    props = {"model_dir": str(tmp_path), "sd_backend": "local", "sd_model": "tiny", "sd_device": "cpu"}
+    assert model.handle(standin.Input(props)) is None
+    assert [(s.backend, s.model, s.device) for s in made] == [("local", "tiny", "cpu")]
+    assert model._handler.backend is tiny_backend
+
+    # After warm-up DJL passes the request's headers as properties (and model_dir).
+    out = model.handle(standin.Input({"Content-Type": "application/json", "model_dir": str(tmp_path)},
+                                     body({"prompt": "cat", "parameters": SMALL})))
+    assert out.code == 200 and out.properties["content-type"] == "image/png"
+    assert "Seed: 42" in read_infotext(out.body())
+    assert "handler_ms=" in out.properties[protocol.CUSTOM_ATTRIBUTES]
+
+    out = model.handle(standin.Input({"content-type": "application/json", "accept": "application/json"},
+                                     body({"prompt": "cat", "parameters": SMALL})))
+    assert out.code == 200 and json.loads(out.body())["seeds"] == [42]
+
+    out = model.handle(standin.Input({"Content-Type": "application/json"}, body({"prompt": "cat", "steps": 3})))
+    assert (out.code, out.message, out.properties["content-type"]) == (400, "InvalidRequest", "application/json")
+    error = json.loads(out.body())
+    assert protocol.parse_error(out.body()) == ("InvalidRequest", error["error"])
+    assert error["error"].startswith("steps: not a known field")
+
+
+def test_djl_properties_choose_backend_and_compiled_root(tmp_path):
+    from serving.model import settings_from_properties
+
+    root = tmp_path / "artifacts"
+    (root / "compiled_models").mkdir(parents=True)
+    settings = settings_from_properties({"model_dir": str(tmp_path), "sd_artifacts": "artifacts"}, env={})
+    assert (settings.backend, settings.artifacts) == ("neuron", str(root))
+
+    downloaded = tmp_path / "downloaded"
+    (downloaded / "compiled_models").mkdir(parents=True)
+    settings = settings_from_properties({"model_dir": str(tmp_path), "model_id": str(downloaded)}, env={})
+    assert (settings.backend, settings.artifacts) == ("neuron", str(downloaded))
+
+    (tmp_path / "model_index.json").write_text("{}")
+    settings = settings_from_properties({"model_dir": str(tmp_path)}, env={"SD_MAX_IMAGES": "2"})
+    assert (settings.backend, settings.model, settings.max_images) == ("local", str(tmp_path), 2)
+    assert settings_from_properties({"model_dir": str(tmp_path)}, env={"SD_BACKEND": "neuron"}).backend == "neuron"
+
+    with pytest.raises(BackendUnavailable, match="was not downloaded"):
+        settings_from_properties({"model_dir": str(tmp_path), "model_id": "s3://bucket/root/"}, env={})
+
+
+# ---- serving/server.py as a real process --------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """`python -m serving.server --model tiny` answering to the endpoint name sd-test."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with run_process(["-m", "serving.server", "--model", "tiny", "--device", "cpu", "--port", str(port),
+                      "--name", "sd-test"], url + "/ping", log_path=log):
+        yield url
+
+
+@pytest.fixture
+def runtime(server, aws_env):
+    """boto3's sagemaker-runtime client pointed at the server, with throwaway credentials."""
+    import boto3
+
+    return boto3.client("sagemaker-runtime", endpoint_url=server)
+
+
+def test_the_walkthroughs_client_code_gets_an_image(runtime):
+    # The walk-through's invoke cell, as written there (the tiny model at its 512x512 default).
+    response_model = runtime.invoke_endpoint(
+        EndpointName="sd-test",
+        Body=json.dumps({"prompt": "a lovely cat"}),
+        ContentType="application/json",
+    )
+    resp = response_model["Body"].read()
+    image = Image.open(io.BytesIO(resp))
+    assert image.size == (512, 512)
+    assert response_model["ContentType"] == "image/png"
+    assert "handler_ms=" in response_model["CustomAttributes"]
+    assert read_infotext(resp).startswith("a lovely cat\nSteps: 20, Sampler: DPM++ 2M, CFG scale: 7.5")
+
+
+def test_boto3_json_answer_and_errors_look_as_they_do_on_aws(runtime):
+    from botocore.exceptions import ClientError
+
+    response = runtime.invoke_endpoint(EndpointName="sd-test", ContentType="application/json",
+                                       Accept="application/json", Body=body({"prompt": "cat", "parameters": SMALL}))
+    assert json.loads(response["Body"].read())["seeds"] == [42]
+    assert response["InvokedProductionVariant"] == "AllTraffic"
+
+    with pytest.raises(ClientError) as err:
+        runtime.invoke_endpoint(EndpointName="sd-test", ContentType="application/json",
+                                Body=body({"prompt": "cat", "parameters": {"num_inference_steps": 1000}}))
+    assert err.value.response["Error"]["Code"] == "ModelError"
+    assert err.value.response["ResponseMetadata"]["HTTPStatusCode"] == 424
+    assert err.value.response["OriginalStatusCode"] == 400
+    assert protocol.parse_error(err.value.response["OriginalMessage"]) == (
+        "InvalidRequest", "steps: 1000 is out of range; use a whole number from 1 to 100.")
+    assert "/aws/sagemaker/Endpoints/sd-test" in err.value.response["LogStreamArn"]
+    assert "Received client error (400) from primary" in err.value.response["Error"]["Message"]
+
+    with pytest.raises(ClientError) as err:
+        runtime.invoke_endpoint(EndpointName="no-such-endpoint", ContentType="application/json", Body=b"{}")
+    assert err.value.response["Error"]["Code"] == "ValidationError"
+    assert err.value.response["ResponseMetadata"]["HTTPStatusCode"] == 400
+    assert "Endpoint no-such-endpoint of account" in err.value.response["Error"]["Message"]
+
+
+def test_container_route_answers_raw_statuses_and_keeps_connections_alive(server):
+    conn = http.client.HTTPConnection(server.removeprefix("http://"), timeout=30)
+    conn.request("GET", "/ping")
+    ping = conn.getresponse()
+    assert ping.status == 200 and json.loads(ping.read()) == {"status": "Healthy"}
+    sock = conn.sock
+
+    conn.request("POST", "/invocations", body=b"{oops", headers=JSON_HEADERS)
+    bad = conn.getresponse()
+    assert bad.status == 400 and json.loads(bad.read())["error"].startswith("body: not valid JSON")
+
+    conn.request("POST", "/nowhere", body=b"{}", headers=JSON_HEADERS)
+    missing = conn.getresponse()
+    assert missing.status == 404 and b"/ping" in missing.read()
+
+    # Nagle + delayed ACK would add ~40 ms to each small answer on a kept-alive connection.
+    times = []
+    for _ in range(15):
+        started = time.perf_counter()
+        conn.request("POST", "/invocations", body=body({"describe": True}), headers=JSON_HEADERS)
+        answer = conn.getresponse()
+        assert answer.status == 200 and json.loads(answer.read())["model"] == "tiny"
+        times.append((time.perf_counter() - started) * 1000.0)
+    assert conn.sock is sock, "the connection was not kept alive"
+    assert statistics.median(times) < 30, times
+    conn.close()
+
+
+def test_requests_without_length_or_too_large_are_refused_before_reading(server):
+    host, port = server.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.putrequest("POST", "/invocations")
+    conn.endheaders()
+    answer = conn.getresponse()
+    assert answer.status == 411 and answer.getheader("Connection") == "close"
+    conn.close()
+
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.putrequest("POST", "/invocations")
+    conn.putheader("Content-Length", str(10 * 1024 * 1024))
+    conn.endheaders()
+    answer = conn.getresponse()
+    assert answer.status == 413 and "10485760 bytes" in json.loads(answer.read())["error"]
+    conn.close()
