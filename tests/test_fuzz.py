@@ -1,4 +1,4 @@
-"""Property tests: request validation, the infotext writer/parser, and (once it exists) the wire protocol.
+"""Property tests: request validation, the infotext writer/parser, and the endpoint's wire protocol.
 
 Each property runs a bounded number of examples so the file takes seconds.
 """
@@ -10,11 +10,12 @@ import io
 import json
 
 import pytest
-from hypothesis import HealthCheck, assume, example, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from backend.api import MAX_SEED, Capabilities, GenerationRequest, InvalidRequest
+from backend import protocol
+from backend.api import MAX_SEED, SCHEDULERS, Capabilities, GenerationRequest, InvalidRequest
 from backend.metadata import NEGATIVE, attach, parse_infotext, png_bytes, read_infotext, write_infotext
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -172,21 +173,106 @@ def test_infotext_survives_a_real_png(prompt, negative, level, mode):
     assert parsed["params"] == {k: str(v) for k, v in params.items()}
 
 
-# --- wire protocol (backend/protocol.py, from the sagemaker work) ---------------------------------
+# --- wire protocol: the endpoint's handler (serving/handler.py) with any body ------------------------
 
-def _protocol():
-    return pytest.importorskip("backend.protocol", reason="backend/protocol.py has not landed yet")
+class _Narrowed:
+    """The real tiny backend, offering only 64x64, 2 steps and 1 image, so that the valid requests
+    the fuzzer makes run in milliseconds; everything else is the real pipeline."""
+
+    def __init__(self, backend):
+        self.name, self._backend = backend.name, backend
+        self._caps = dataclasses.replace(backend.capabilities(), max_steps=2, max_size=64, default_size=(64, 64),
+                                         max_images=1)
+
+    def capabilities(self):
+        return self._caps
+
+    def generate(self, request, on_step=None):
+        return self._backend.generate(request, on_step)
+
+    def close(self):
+        pass
+
+
+@pytest.fixture(scope="module")
+def endpoint_handler(tiny_backend):
+    from serving.handler import Handler
+
+    return Handler(_Narrowed(tiny_backend))
 
 
 json_values = st.recursive(
-    st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False, allow_infinity=False),
-              any_text),
-    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(any_text, inner, max_size=4)),
-    max_leaves=8,
+    st.one_of(st.none(), st.booleans(), st.integers(), st.integers(10**300, 10**400),
+              st.floats(allow_nan=False, allow_infinity=False), any_text, st.sampled_from(["dpm++2m", "fp32"])),
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(any_text, inner, max_size=3)),
+    max_leaves=6,
 )
+wire_parameters = st.dictionaries(st.one_of(st.sampled_from(sorted(protocol.PARAMETERS)), any_text),
+                                  st.one_of(json_values, st.integers(-2, 70)), max_size=6)
+wire_objects = st.fixed_dictionaries({}, optional={
+    "prompt": st.one_of(any_text, json_values), "negative_prompt": st.one_of(any_text, json_values),
+    "parameters": st.one_of(wire_parameters, json_values), "describe": json_values,
+})
+near_valid = st.fixed_dictionaries({  # mostly runnable on the narrowed backend, now and then one field off
+    "prompt": st.text(min_size=1, max_size=30),
+    "parameters": st.fixed_dictionaries({"num_inference_steps": st.sampled_from([1, 2, 2, 2, 0, 3])}, optional={
+        "guidance_scale": st.floats(0, 30), "seed": st.one_of(st.integers(-1, MAX_SEED), st.just(MAX_SEED + 1)),
+        "height": st.sampled_from([64, 64, 64, 63]), "width": st.sampled_from([64, 64, 64, 72]),
+        "scheduler": st.sampled_from([*SCHEDULERS, "DPM++ 2M", "nope"]),
+        "precision": st.sampled_from(["fp32", "bf16", None, "fp16"]),
+        "num_images_per_prompt": st.sampled_from([1, 1, 0]),
+    }),
+}, optional={"negative_prompt": st.text(max_size=20)})
+bodies = st.one_of(
+    near_valid.map(lambda v: json.dumps(v).encode()),  # requests that mostly run
+    st.binary(max_size=300),  # not even text
+    json_values.map(lambda v: json.dumps(v).encode()),  # any JSON at all
+    wire_objects.map(lambda v: json.dumps(v).encode()),  # the shape of a request, any values
+    st.dictionaries(any_text, json_values, max_size=3).map(lambda v: json.dumps(v).encode()),
+)
+header_values = st.one_of(st.none(), st.just("application/json"),
+                          st.sampled_from(["image/png", "*/*", "text/plain", "application/json; charset=utf-8",
+                                           "image/*;q=0", "application/json;q=0.5, image/png"]),
+                          st.text(max_size=30))
 
 
-def test_protocol_placeholder_until_it_lands():
-    """Replaced by the protocol properties once backend/protocol.py exists."""
-    _protocol()
-    json.dumps({})
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.function_scoped_fixture])
+@given(body=bodies, content_type=header_values, accept=header_values)
+@example(body=json.dumps({"prompt": "cat \ud800"}).encode(), content_type=None, accept=None)
+@example(body=json.dumps({"prompt": "cat", "parameters": {"guidance_scale": 10**400}}).encode(),
+         content_type=None, accept=None)
+@example(body=b'{"prompt": "cat", "parameters": {"seed": 1' + b"0" * 5000 + b"}}", content_type=None, accept=None)
+@example(body=json.dumps({"prompt": "cat", "parameters": {"num_inference_steps": 2, "height": 64,
+                                                          "width": 64}}).encode(),
+         content_type="application/json", accept="application/json")
+def test_endpoint_answers_any_body_with_a_result_or_a_clean_4xx(endpoint_handler, body, content_type, accept):
+    """Any bytes, any JSON, any headers: 200 with images, or a 4xx/429/503 JSON error; never a 500."""
+    headers = {k: v for k, v in (("Content-Type", content_type), ("Accept", accept)) if v is not None}
+    answer = endpoint_handler.handle(body, headers)
+    event(f"status {answer.status}")
+    if answer.status == 200:
+        if answer.content_type == protocol.PNG:
+            assert answer.body.startswith(b"\x89PNG")
+        else:
+            data = json.loads(answer.body)
+            assert "images" in data or "precisions" in data  # an answer or a describe
+        return
+    assert answer.status in (400, 406, 411, 413, 415, 429, 503), (answer.status, answer.body[:300])
+    error = json.loads(answer.body)
+    assert error["code"] == answer.status and error["message"] in protocol.STATUS_OF_KIND
+    assert "Traceback" not in error["error"] and 'File "' not in error["error"]
+    assert len(error["error"]) < 1000, error["error"][:200]
+
+
+@FUZZ
+@given(prompt=st.text(min_size=1, max_size=100).filter(str.strip), negative=st.text(max_size=50),
+       steps=st.integers(1, 100), seed=st.integers(-1, MAX_SEED), size=st.integers(8, 128).map(lambda k: k * 8),
+       guidance=st.floats(0, 30), scheduler=st.sampled_from(sorted(FREE.schedulers)))
+def test_wire_request_round_trip(prompt, negative, steps, seed, size, guidance, scheduler):
+    """What the SageMaker client sends is what the endpoint reads back, field for field."""
+    request = GenerationRequest(prompt=prompt, negative_prompt=negative, steps=steps, seed=seed, width=size,
+                                height=size, guidance_scale=guidance, scheduler=scheduler,
+                                precision="fp32").validated(FREE)
+    wire = json.loads(json.dumps(protocol.request_to_json(request)))
+    assert protocol.request_from_json(wire).validated(FREE) == request
