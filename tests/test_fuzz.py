@@ -243,6 +243,7 @@ header_values = st.one_of(st.none(), st.just("application/json"),
 @example(body=json.dumps({"prompt": "cat", "parameters": {"guidance_scale": 10**400}}).encode(),
          content_type=None, accept=None)
 @example(body=b'{"prompt": "cat", "parameters": {"seed": 1' + b"0" * 5000 + b"}}", content_type=None, accept=None)
+@example(body=b'{"prompt": ' + b"[" * 20_000 + b"]" * 20_000 + b"}", content_type=None, accept=None)  # was a 500
 @example(body=json.dumps({"prompt": "cat", "parameters": {"num_inference_steps": 2, "height": 64,
                                                           "width": 64}}).encode(),
          content_type="application/json", accept="application/json")
