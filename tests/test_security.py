@@ -9,13 +9,15 @@ import contextlib
 import http.client
 import json
 import os
+import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
 import pytest
 
-from conftest import ROOT, launch_app
+from backend import protocol
+from conftest import ROOT, free_port, launch_app, run_process
 
 USER, PASSWORD = "alice", "s3cret-pa55word"
 FAST = dict(negative_prompt="", steps=2, precision=None, guidance_scale=7.5, seed=3, scheduler="dpm++2m",
@@ -204,6 +206,7 @@ RAW_BODIES = [
     {"data": ["cat", "", 2, None, 10**400]},  # a number JSON can carry and a float cannot
     {"data": [{"prompt": "cat"}]}, {"data": [["cat"], [], {}, None, True]}, {"data": "cat"}, {"data": []},
     {"data": ["cat"] * 50}, {"data": None}, {}, [], "cat", 42,
+    b'{"data": [' + b"[" * 20_000 + b"]" * 20_000 + b"]}",  # nested deeper than any parser recurses
 ]
 
 
@@ -211,15 +214,15 @@ def test_raw_http_api_answers_any_json_cleanly(auth_app):
     """The REST API (POST /gradio_api/call/generate) with any JSON: a 4xx or a clean error event, no leak."""
     with logged_in(auth_app.url) as http:
         for body in RAW_BODIES:
-            raw = json.dumps(body)  # escapes lone surrogates as \\udXXX, as any JSON client would
+            raw = body if isinstance(body, bytes) else json.dumps(body)  # lone surrogates as \udXXX escapes
             response = http.post("/gradio_api/call/generate", content=raw,
                                  headers={"content-type": "application/json"})
-            assert response.status_code < 500, (body, response.status_code, response.text[:300])
+            assert response.status_code < 500, (str(body)[:100], response.status_code, response.text[:300])
             assert_nothing_revealed(response.text)
             if response.status_code == 200:
                 event = response.json()["event_id"]
                 stream = http.get(f"/gradio_api/call/generate/{event}").text
-                assert "event: error" in stream, (body, stream[:300])
+                assert "event: error" in stream, (str(body)[:100], stream[:300])
                 assert_nothing_revealed(stream)
         not_json = http.post("/gradio_api/call/generate", content=b"\xff{not json",
                              headers={"content-type": "application/json"})
@@ -276,3 +279,73 @@ def test_uploads_are_small_and_bounded(tiny_app):
         assert big.status_code == 413, (big.status_code, big.text[:200])
     after = {p for p in tiny_app.temp_dir.rglob("*") if p.is_file()}
     assert not [p for p in after - before if p.name == "big.bin"]
+
+
+# --- the endpoint's limits (python -m serving.server) ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def endpoint_url(tmp_path_factory):
+    """python -m serving.server --model tiny"""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with run_process(["-m", "serving.server", "--model", "tiny", "--device", "cpu", "--port", str(port)],
+                     url + "/ping", log_path=tmp_path_factory.mktemp("endpoint") / "endpoint.log"):
+        yield url
+
+
+def raw_post(url: str, path: str, body: bytes, headers: dict | None = None, length: int | bool | None = None):
+    """POST exactly these bytes with this Content-Length (default: theirs; False: none); (status, JSON or bytes)."""
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+    try:
+        conn.putrequest("POST", path)
+        for key, value in {"Content-Type": "application/json", **(headers or {})}.items():
+            conn.putheader(key, value)
+        if length is not False:
+            conn.putheader("Content-Length", str(len(body) if length is None else length))
+        conn.endheaders()
+        with contextlib.suppress(OSError):  # the server may close without reading what it refuses
+            conn.send(body)
+        response = conn.getresponse()
+        data = response.read()
+        try:
+            return response.status, json.loads(data)
+        except ValueError:
+            return response.status, data
+    finally:
+        conn.close()
+
+
+ENDPOINT_LIMITS = [  # wire parameters -> the field the refusal names
+    ({"num_inference_steps": 10**6}, "steps"), ({"num_images_per_prompt": 10**6}, "num_images"),
+    ({"height": 10**6, "width": 10**6}, "width"), ({"guidance_scale": 1e308}, "guidance_scale"),
+    ({"seed": 2**64}, "seed"), ({"num_inference_steps": 10**400}, "steps"),
+    ({"num_images_per_prompt": 4, "height": 1024, "width": 1024}, "num_images"),  # a > 6 MB answer
+]
+
+
+def test_endpoint_limits_hold_against_oversized_bodies_and_huge_counts(endpoint_url):
+    """Too big, lying about its size, no length, huge steps/images/sizes: a 4xx at once, then it still works."""
+    limit = protocol.MAX_REQUEST_BYTES
+    for path in ("/invocations", "/endpoints/sd-test/invocations"):
+        status, answer = raw_post(endpoint_url, path, b'{"prompt": "' + b"x" * limit + b'"}')
+        assert status == 413 and "at most" in answer["error"], (path, status, answer)
+        started = time.monotonic()
+        status, _ = raw_post(endpoint_url, path, b'{"prompt": "cat"}', length=10**12)  # never sends the rest
+        assert status == 413 and time.monotonic() - started < 30
+        status, _ = raw_post(endpoint_url, path, b'{"prompt": "cat"}', headers={"Transfer-Encoding": "chunked"},
+                             length=False)
+        assert status == 411
+    for parameters, field in ENDPOINT_LIMITS:
+        body = json.dumps({"prompt": "cat", "parameters": parameters}).encode()
+        status, answer = raw_post(endpoint_url, "/invocations", body, headers={"Accept": "application/json"})
+        assert status == 400 and answer["message"] == "InvalidRequest", (parameters, status, answer)
+        assert field in answer["error"].split(":")[0] and len(answer["error"]) < 600, answer["error"]
+        assert_nothing_revealed(answer["error"])
+    for body in (json.dumps({"prompt": "x" * 20_000}).encode(), b'{"prompt": ' + b"[" * 20_000 + b"]" * 20_000 + b"}"):
+        status, answer = raw_post(endpoint_url, "/invocations", body)
+        assert status == 400, (status, answer)
+        assert_nothing_revealed(answer["error"])
+    small = json.dumps({"prompt": "still fine", "parameters": {"num_inference_steps": 2, "height": 64, "width": 64}})
+    status, png = raw_post(endpoint_url, "/invocations", small.encode())
+    assert status == 200 and png.startswith(b"\x89PNG")
