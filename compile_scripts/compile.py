@@ -23,6 +23,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -139,7 +140,11 @@ class Compiler:
 
             started = time.perf_counter()
             self.echo(f"model files: saving {self.model} to {self.root} ...")
-            pipe = load_pipeline(self.model, torch.float32)  # fp32 on disk: every dtype is cast from it
+            try:
+                pipe = load_pipeline(self.model, torch.float32)  # fp32 on disk: every dtype is cast from it
+            except Exception as exc:  # noqa: BLE001 - offline, a typo, no access: say which model
+                raise CompileError(f"--model {self.model}: cannot be loaded ({exc.__class__.__name__}: "
+                                   f"{str(exc).strip()[:300]})") from None
             pipe.save_pretrained(self.root)
             del pipe
             gc.collect()
@@ -312,7 +317,9 @@ class Compiler:
         module = self.load_part(part, DTYPE_NAMES[dtype])
         inputs = self.example_inputs(part, manifest)
         started = time.perf_counter()
-        with torch.inference_mode(False), torch.no_grad():
+        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+            # "Converting a tensor to a Python boolean...": shape checks baked in, which is the point.
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
             if self.target == "neuron":
                 traced = self.trace_neuron(part, dtype, module, inputs)
             else:
@@ -390,11 +397,13 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 2
     started = time.perf_counter()
+    from backend.api import BackendError
+
     try:
         compiler = Compiler(args.model, args.out, args.height, args.width, args.target, args.force, args.workdir,
                             echo=lambda text: print(text, flush=True))
         compiler.compile(list(dict.fromkeys(args.dtype)), [p for p in PARTS if p in args.parts])
-    except CompileError as exc:
+    except (CompileError, BackendError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"compiled root: {args.out} ({time.perf_counter() - started:.1f} s). Serve it with: "
