@@ -57,6 +57,7 @@ from .neuron_modules import (
     StaticBatch,
     part_input_specs,
 )
+from .sd21_random import SD21_RANDOM_ID
 from .settings import DEFAULT_ARTIFACTS, Settings
 from .tiny import TINY_MODEL_ID
 
@@ -82,6 +83,8 @@ TINY_NOTE = (
     "It is not Stable Diffusion 2.1. To serve the real model, compile it: python -m compile_scripts.compile "
     "--model stabilityai/stable-diffusion-2-1-base --out ROOT (on inf2; see docs/neuron.md)."
 )
+RANDOM_NOTE = ("Compiled from sd21-random: the SD2.1-base architecture with random weights, for measuring "
+               "real-size latency. Images are noise; it is not Stable Diffusion 2.1.")
 CPU_NOTE = ("These parts were traced for the CPU (--target cpu): the Neuron code path runs here with a "
             "stand-in for the NeuronCores. It is for testing the plumbing, not for speed.")
 
@@ -375,7 +378,8 @@ class NeuronBackend:
         self.sets = find_artifacts(self.root, settings.model)
         first = self.sets[0]
         self.target = first.target
-        self.model = first.model
+        # A folder's name, not its path on the compile machine; Hub ids and 'tiny' as recorded.
+        self.model = Path(first.model).name if os.path.isabs(first.model) else first.model
         self.width, self.height = first.width, first.height
         self._neuronx = _import_torch_neuronx(self.root) if self.target == "neuron" else None
         self.device_ids = neuron_core_ids()
@@ -384,9 +388,14 @@ class NeuronBackend:
             for warning in art.warnings:
                 log.warning("%s", warning)
                 self.notes.append(warning)
-        if self.model == TINY_MODEL_ID:
-            log.warning(TINY_NOTE)
-            self.notes.insert(0, TINY_NOTE)
+        random_weights = None
+        if self.model == TINY_MODEL_ID or sdpipe.is_tiny_folder(str(self.root)):
+            random_weights = TINY_NOTE
+        elif self.model == SD21_RANDOM_ID:
+            random_weights = RANDOM_NOTE
+        if random_weights:
+            log.warning(random_weights)
+            self.notes.insert(0, random_weights)
         if self.target == "cpu":
             self.notes.append(CPU_NOTE)
         self._pipelines: dict[str, Any] = {}
@@ -411,7 +420,7 @@ class NeuronBackend:
             default_size=(self.width, self.height),
             max_images=settings.max_images,
             max_prompt_tokens=tokenizer.model_max_length,
-            is_tiny=self.model == TINY_MODEL_ID,
+            is_tiny=random_weights is not None,  # the app's warning banner
             notes=tuple(self.notes),
         )
         for dtype in self._pipelines:

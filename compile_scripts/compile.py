@@ -121,7 +121,9 @@ class Compiler:
     def save_model(self) -> None:
         """Write the diffusers model files into the root, unless they are already this model's."""
         from backend.neuron import COMPILED_DIR, SOURCE, read_json, write_json
-        from backend.pipeline import load_pipeline
+        from backend.pipeline import is_tiny_folder, load_pipeline
+        from backend.tiny import TINY_MODEL_ID
+        from backend.tiny import save as save_tiny
 
         compiled = self.root / COMPILED_DIR
         source_path = compiled / SOURCE
@@ -140,14 +142,19 @@ class Compiler:
 
             started = time.perf_counter()
             self.echo(f"model files: saving {self.model} to {self.root} ...")
-            try:
-                pipe = load_pipeline(self.model, torch.float32)  # fp32 on disk: every dtype is cast from it
-            except Exception as exc:  # noqa: BLE001 - offline, a typo, no access: say which model
-                raise CompileError(f"--model {self.model}: cannot be loaded ({exc.__class__.__name__}: "
-                                   f"{str(exc).strip()[:300]})") from None
-            pipe.save_pretrained(self.root)
-            del pipe
-            gc.collect()
+            if self.model == TINY_MODEL_ID:
+                save_tiny(self.root)  # with its README, which marks the root as random weights
+            else:
+                try:
+                    pipe = load_pipeline(self.model, torch.float32)  # fp32 on disk: each dtype is cast from it
+                except Exception as exc:  # noqa: BLE001 - offline, a typo, no access: say which model
+                    raise CompileError(f"--model {self.model}: cannot be loaded ({exc.__class__.__name__}: "
+                                       f"{str(exc).strip()[:300]})") from None
+                pipe.save_pretrained(self.root)
+                del pipe
+                gc.collect()
+                if is_tiny_folder(self.model):
+                    shutil.copy(Path(self.model) / "README.md", self.root / "README.md")
             self.echo(f"model files: saved in {time.perf_counter() - started:.1f} s")
         compiled.mkdir(parents=True, exist_ok=True)
         write_json(source_path, {"model": self.model, "saved_at": _now(), "versions": self.versions})
