@@ -34,7 +34,6 @@ import torch
 from . import pipeline as sdpipe
 from .api import (
     DEFAULT_SCHEDULER,
-    PRECISIONS,
     RANDOM_SEED,
     BackendError,
     BackendUnavailable,
@@ -306,7 +305,8 @@ def _flat_set(root: Path, compiled: Path, source: str | None, architecture: dict
         batch_per_core=FLAT_LAYOUT["batch_per_core"], tokens=tokens,
         text_hidden=int(architecture["text_hidden_size"]), latent_channels=int(architecture["vae_latent_channels"]),
         vae_scale_factor=int(architecture["vae_scale_factor"]),
-        warnings=["walk-through layout (no manifest): assumed bf16, 512x512, batch 1 per core"],
+        warnings=["walk-through layout (no manifest): assumed bf16, 512x512, batch 1 per core"
+                  + (", compiled under the installed Neuron SDK" if target == "neuron" else "")],
     )
 
 
@@ -494,7 +494,7 @@ class NeuronBackend:
     def generate(self, request: GenerationRequest, on_step: StepCallback | None = None) -> GenerationResult:
         """Validate and run one request on the pipeline of its precision."""
         wanted = request.precision
-        if wanted not in (None, "") and wanted in PRECISIONS and wanted not in self._caps.precisions:
+        if wanted in DTYPE_NAMES and wanted not in self._caps.precisions:  # compilable, just not compiled
             raise InvalidRequest(
                 f"precision: {wanted} was not compiled in {self.root}; compiled: {', '.join(self._caps.precisions)}. "
                 f"Compile it with: {compile_hint(self.root, self.model, wanted)}",

@@ -48,7 +48,20 @@ class NeuronAttnProcessor:
     self-attention (query and key of one shape) the scores are computed transposed, K @ Q^T with
     the softmax over dim 1, as AWS's SD2 samples do: the same numbers, in the layout that the
     compiler handles best for the large square score matrices of the 64x64 latent level.
+
+    kernel="sdpa" computes the same attention (same processor, same scale) with PyTorch's fused
+    kernel instead. It is what --target cpu traces by default: on a CPU the fused kernel is 1.5-2x
+    faster than materialised score matrices, and the CPU artifacts should be as fast as eager
+    diffusers. The bmm kernel traces on a CPU too (compile.py --attention bmm), which is how it is
+    tested here.
     """
+
+    KERNELS = ("bmm", "sdpa")
+
+    def __init__(self, kernel: str = "bmm"):
+        if kernel not in self.KERNELS:
+            raise ValueError(f"attention kernel {kernel!r}: use one of {', '.join(self.KERNELS)}")
+        self.kernel = kernel
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
@@ -76,12 +89,15 @@ class NeuronAttnProcessor:
         key = attn.to_k(encoder_hidden_states)
         value = attn.to_v(encoder_hidden_states)
 
-        query = attn.head_to_batch_dim(query)
-        key = attn.head_to_batch_dim(key)
-        value = attn.head_to_batch_dim(value)
-        probs = attention_probs(query, key, attention_mask, attn.scale, attn.upcast_attention, attn.upcast_softmax)
-        hidden_states = torch.bmm(probs, value)
-        hidden_states = attn.batch_to_head_dim(hidden_states)
+        if self.kernel == "sdpa":
+            hidden_states = _sdpa(attn, query, key, value, attention_mask, batch_size)
+        else:
+            query = attn.head_to_batch_dim(query)
+            key = attn.head_to_batch_dim(key)
+            value = attn.head_to_batch_dim(value)
+            probs = attention_probs(query, key, attention_mask, attn.scale, attn.upcast_attention,
+                                    attn.upcast_softmax)
+            hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))
 
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
@@ -90,6 +106,18 @@ class NeuronAttnProcessor:
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
+
+
+def _sdpa(attn, query, key, value, mask, batch_size: int) -> torch.Tensor:
+    """The same attention through F.scaled_dot_product_attention, at attn.scale (AttnProcessor2_0 uses
+    SDPA's default, which equals attn.scale only when scale_qk is on)."""
+    heads = attn.heads
+    head_dim = key.shape[-1] // heads
+    query, key, value = (x.view(batch_size, -1, heads, head_dim).transpose(1, 2) for x in (query, key, value))
+    if mask is not None:
+        mask = mask.view(batch_size, heads, -1, mask.shape[-1])
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=attn.scale)
+    return out.transpose(1, 2).reshape(batch_size, -1, heads * head_dim).to(query.dtype)
 
 
 def attention_probs(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scale: float,
@@ -113,11 +141,11 @@ def attention_probs(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor |
     return probs.to(dtype)
 
 
-def install_neuron_attention(module: nn.Module) -> int:
+def install_neuron_attention(module: nn.Module, kernel: str = "bmm") -> int:
     """Give every diffusers Attention inside module a NeuronAttnProcessor; returns how many."""
     from diffusers.models.attention_processor import Attention
 
-    processor = NeuronAttnProcessor()
+    processor = NeuronAttnProcessor(kernel)
     count = 0
     for sub in module.modules():
         if isinstance(sub, Attention):

@@ -49,6 +49,11 @@ BASE_COMPILER_ARGS = {
 # Since neuronx-cc 2.22 the compiler no longer casts matmuls to bf16 unless asked; the walk-through's
 # bf16 timings assume it does.
 BF16_COMPILER_ARGS = ["--auto-cast=matmult", "--auto-cast-type=bf16"]
+# The attention kernel of NeuronAttnProcessor (backend/neuron_modules.py): explicit matmuls for the
+# Neuron compiler; PyTorch's fused kernel on a CPU, where it is 1.5-2x faster than explicit scores.
+ATTENTION_KERNELS = ("bmm", "sdpa")
+DEFAULT_ATTENTION = {"neuron": "bmm", "cpu": "sdpa"}
+ATTENTION_PARTS = ("unet", "vae_decoder")
 
 
 class CompileError(Exception):
@@ -103,13 +108,14 @@ class Compiler:
     """Saves the model into a root and traces its parts, one dtype and one part at a time."""
 
     def __init__(self, model: str, root: Path, height: int, width: int, target: str, force: bool = False,
-                 workdir: Path | None = None, echo: Callable[[str], None] = print):
+                 workdir: Path | None = None, echo: Callable[[str], None] = print, attention: str | None = None):
         from backend.neuron import installed_versions
 
         self.model = model_key(model)
         self.root = root
         self.height, self.width = height, width
         self.target = target
+        self.attention = attention or DEFAULT_ATTENTION[target]
         self.force = force
         self.workdir = workdir
         self.echo = echo
@@ -205,7 +211,7 @@ class Compiler:
         return {
             "inputs": [s.to_json() for s in self.part_specs(part, manifest)],
             "compiler_args": compiler_args(part, manifest["dtype"], self.target),
-            "attention": "NeuronAttnProcessor" if part in ("unet", "vae_decoder") else None,
+            "attention": self.attention if part in ATTENTION_PARTS else None,
             "versions": self.versions,
         }
 
@@ -281,7 +287,7 @@ class Compiler:
             module = TextEncoderWrap(CLIPTextModel.from_pretrained(self.root / "text_encoder", dtype=dtype))
         elif part == "unet":
             unet = UNet2DConditionModel.from_pretrained(self.root / "unet", dtype=dtype)
-            install_neuron_attention(unet)
+            install_neuron_attention(unet, self.attention)
             module = UNetWrap(unet)
         else:
             vae = AutoencoderKL.from_pretrained(self.root / "vae", dtype=dtype)
@@ -289,7 +295,7 @@ class Compiler:
             del vae
             gc.collect()
             if part == "vae_decoder":
-                install_neuron_attention(module)
+                install_neuron_attention(module, self.attention)
         return module.eval().requires_grad_(False)
 
     def example_inputs(self, part: str, manifest: dict[str, Any]):
@@ -389,6 +395,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--target", choices=TARGETS, default="neuron",
                         help="neuron: torch_neuronx.trace on inf2 (default); cpu: torch.jit.trace, for tests")
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="parts to compile (default all)")
+    parser.add_argument("--attention", choices=ATTENTION_KERNELS,
+                        help="attention kernel traced into the UNet and VAE decoder: bmm (explicit matmuls, the "
+                             "default for neuron) or sdpa (fused, the default for cpu); --target cpu --attention bmm "
+                             "runs the Neuron graph's attention on a CPU")
     parser.add_argument("--force", action="store_true", help="recompile parts that are up to date")
     parser.add_argument("--workdir", type=Path, help="keep the Neuron compiler's work files (logs, NEFFs) here")
     return parser
@@ -408,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         compiler = Compiler(args.model, args.out, args.height, args.width, args.target, args.force, args.workdir,
-                            echo=lambda text: print(text, flush=True))
+                            echo=lambda text: print(text, flush=True), attention=args.attention)
         compiler.compile(list(dict.fromkeys(args.dtype)), [p for p in PARTS if p in args.parts])
     except (CompileError, BackendError) as exc:
         print(f"error: {exc}", file=sys.stderr)

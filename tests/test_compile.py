@@ -65,7 +65,8 @@ def test_manifest_records_what_was_compiled(compiled_root):
         assert unet["inputs"] == [{"shape": [1, 4, size // 8, size // 8], "dtype": torch_dtype},
                                   {"shape": [1], "dtype": "float32"},
                                   {"shape": [1, 77, 32], "dtype": torch_dtype}]
-        assert unet["compiler_args"] == [] and unet["attention"] == "NeuronAttnProcessor"
+        assert unet["compiler_args"] == [] and unet["attention"] == "sdpa"  # the CPU target's default kernel
+        assert manifest["parts"]["text_encoder"]["attention"] is None
         assert all(p["seconds"] > 0 and (compiled_root / "compiled_models" / dtype / p["file"]).is_file()
                    for p in manifest["parts"].values())
     assert json.loads((compiled_root / "compiled_models" / "source.json").read_text())["model"] == "tiny"

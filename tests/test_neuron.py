@@ -65,19 +65,14 @@ def neuron_backend(compiled_root):
 def eager_pipelines(compiled_root):
     """Plain eager diffusers pipelines on the root's own model files, one per dtype.
 
-    fp32 is diffusers as it comes. bf16 runs the attention the traced parts run (NeuronAttnProcessor)
-    and decodes one image at a time (vae.enable_slicing), as the compiled VAE does: the tiny model's
-    random VAE turns a one-ulp bf16 difference in its input into ~0.05 of pixel, so bf16 is compared
-    like with like. On this model even diffusers' own AttnProcessor against its AttnProcessor2_0,
-    or a batch of 2 against two of 1 through the eager VAE, move bf16 pixels by 0.03-0.15;
-    test_attention_bf16_no_worse_than_diffusers_classic checks the processor itself against SDPA.
+    The bf16 one decodes one image at a time (vae.enable_slicing), as the compiled VAE does: the
+    tiny model's random VAE turns a one-ulp bf16 difference in its input into ~0.05 of pixel, and a
+    batch of 2 rounds differently from two batches of 1 in oneDNN's bf16 convolutions.
     """
     pipes = {}
     for precision in ("fp32", "bf16"):
         pipe = sdpipe.load_pipeline(str(compiled_root), sdpipe.DTYPES[precision], "cpu", local_files_only=True)
         if precision == "bf16":
-            install_neuron_attention(pipe.unet)
-            install_neuron_attention(pipe.vae.decoder)
             pipe.vae.enable_slicing()
         pipes[precision] = pipe
     return pipes
@@ -112,12 +107,13 @@ def tiny_unet(compiled_root):
     return unet, inputs
 
 
-def test_attention_processor_is_invoked_and_matches_sdpa(tiny_unet, monkeypatch):
+@pytest.mark.parametrize("kernel", ["bmm", "sdpa"])
+def test_attention_processor_is_invoked_and_matches_sdpa(tiny_unet, monkeypatch, kernel):
     unet, inputs = tiny_unet
     with torch.no_grad():
-        reference = unet(*inputs).sample
+        reference = unet(*inputs).sample  # diffusers' own AttnProcessor2_0
         patched = copy.deepcopy(unet)
-        count = install_neuron_attention(patched)
+        count = install_neuron_attention(patched, kernel)
         calls = []
         original = NeuronAttnProcessor.__call__
 
@@ -152,10 +148,37 @@ def test_attention_bf16_no_worse_than_diffusers_classic(tiny_unet):
     assert ours_err <= 1.5 * max(sdpa, classic_err)
 
 
-def test_traced_unet_uses_explicit_attention(compiled_root):
+@pytest.fixture(scope="module")
+def bmm_root(tmp_path_factory):
+    """fp32 parts traced with the Neuron graph's attention (explicit matmuls) instead of the CPU's SDPA."""
+    from compile_scripts.compile import main
+
+    root = tmp_path_factory.mktemp("bmm") / "root"
+    assert main(["--model", "tiny", "--out", str(root), "--target", "cpu", "--dtype", "fp32", "--attention", "bmm",
+                 "--height", "128", "--width", "128"]) == 0
+    return root
+
+
+def test_cpu_parts_use_fused_attention(compiled_root):
     code = torch.jit.load(str(compiled_root / "compiled_models" / "fp32" / "unet.pt")).code
-    assert "scaled_dot_product_attention" not in code
-    assert code.count("torch.bmm(") >= 2 and "softmax" in code
+    assert "scaled_dot_product_attention" in code and "torch.bmm(" not in code
+
+
+def test_neuron_attention_traced_for_cpu_matches_eager(bmm_root):
+    for part in ("unet", "vae_decoder"):
+        code = torch.jit.load(str(bmm_root / "compiled_models" / "fp32" / f"{part}.pt")).code
+        assert "scaled_dot_product_attention" not in code
+        assert code.count("torch.bmm(") >= 2 and "softmax" in code
+    backend = NeuronBackend(Settings(backend="neuron", artifacts=str(bmm_root)))
+    try:
+        request = GenerationRequest(prompt="a lovely cat", steps=STEPS, seed=9, num_images=2,
+                                    precision="fp32").validated(backend.capabilities())
+        seeds = request.image_seeds(request.seed)
+        eager = sdpipe.load_pipeline(str(bmm_root), torch.float32, "cpu", local_files_only=True)
+        diff = np.abs(float_images(backend._pipelines["fp32"], request, seeds) - float_images(eager, request, seeds))
+        assert diff.max() <= FP32_TOL, diff.max()
+    finally:
+        backend.close()
 
 
 # --- generation matches eager -------------------------------------------------------------------
