@@ -277,13 +277,20 @@ def _manifest_set(root: Path, directory: Path, source: str | None, architecture:
             f"--artifacts {root}: {dtype} is missing {', '.join(f'{COMPILED_DIR}/{dtype}/{p}.pt' for p in missing)}; "
             f"compile it: {compile_hint(root, model, dtype, parts=' '.join(missing))}"
         )
-    art = ArtifactSet(
-        dtype=dtype, directory=directory, layout="manifest", target=target, model=str(model),
-        height=int(manifest["height"]), width=int(manifest["width"]),
-        batch_per_core=int(manifest["batch_per_core"]), tokens=int(manifest["tokens"]),
-        text_hidden=int(architecture["text_hidden_size"]), latent_channels=int(architecture["vae_latent_channels"]),
-        vae_scale_factor=int(architecture["vae_scale_factor"]), manifest=manifest,
-    )
+    try:
+        art = ArtifactSet(
+            dtype=dtype, directory=directory, layout="manifest", target=target, model=str(model),
+            height=int(manifest["height"]), width=int(manifest["width"]),
+            batch_per_core=int(manifest["batch_per_core"]), tokens=int(manifest["tokens"]),
+            text_hidden=int(architecture["text_hidden_size"]),
+            latent_channels=int(architecture["vae_latent_channels"]),
+            vae_scale_factor=int(architecture["vae_scale_factor"]), manifest=manifest,
+        )
+        for part in PARTS:
+            art.input_specs(part)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise BackendUnavailable(f"{path}: incomplete ({exc.__class__.__name__}: {exc}); recompile: "
+                                 f"{compile_hint(root, model, dtype, force=True)}") from None
     errors, warnings = version_problems(manifest.get("versions") or {}, installed_versions(), target)
     if errors:
         raise BackendUnavailable(f"{where}: " + " ".join(errors))

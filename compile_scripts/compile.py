@@ -135,10 +135,10 @@ class Compiler:
         source_path = compiled / SOURCE
         saved = read_json(source_path).get("model") if source_path.is_file() else None
         if (self.root / "model_index.json").is_file() and saved is not None:
-            if saved == self.model and not self.force:
+            if saved == self.model:
                 self.echo(f"model files: {self.root} already holds {self.model}")
                 return
-            if saved != self.model and not self.force:
+            if not self.force:
                 raise CompileError(f"{self.root} holds the files of model {saved!r}, not {self.model!r}: compile into "
                                    f"another --out folder, or pass --force to replace them (and recompile every dtype).")
         if Path(self.model).is_dir() and Path(self.model).resolve() == self.root.resolve():

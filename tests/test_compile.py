@@ -3,6 +3,7 @@ the Neuron compiler's arguments, and the clear errors (no Neuron SDK here, anoth
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -26,15 +27,7 @@ def compiled_root(tmp_path_factory):
     return neuron_helpers.compiled_root(tmp_path_factory)
 
 
-def _neuronx_installed() -> bool:
-    try:
-        import torch_neuronx  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(_neuronx_installed(), reason="torch-neuronx is installed here")
+@pytest.mark.skipif(importlib.util.find_spec("torch_neuronx") is not None, reason="torch-neuronx is installed here")
 @pytest.mark.parametrize("invocation", [["-m", "compile_scripts.compile"], ["compile_scripts/compile.py"]],
                          ids=["module", "script"])
 def test_target_neuron_without_the_sdk_says_how_to_install_it(invocation, tmp_path):
