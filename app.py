@@ -11,11 +11,13 @@ This file is the UI only: flags/env -> Settings -> create_backend -> gr.Blocks.
 
 from __future__ import annotations
 
+import functools
 import html
 import itertools
 import logging
 import os
 import shutil
+import signal
 import tempfile
 import threading
 import time
@@ -24,6 +26,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+import anyio
 import gradio as gr
 
 from backend import (
@@ -49,6 +52,7 @@ EXAMPLES = [
     "an astronaut riding a horse on the moon, highly detailed, cinematic lighting",
     "a watercolor painting of a fox in a snowy forest",
 ]
+MAX_UPLOAD = "1mb"
 # In-process accelerators run one generation at a time; a remote endpoint can take several.
 DEFAULT_CONCURRENCY = {"local": 1, "neuron": 1, "sagemaker": 4}
 CSS = """
@@ -122,6 +126,12 @@ class CancelRegistry:
                 del self._events[session]
 
 
+def as_text(message: str) -> str:
+    """A message for gr.Error / gr.Warning, whose toasts render (sanitized) HTML: what it repeats of a
+    prompt or of a remote endpoint's answer must show as the text it is, not become markup."""
+    return html.escape(message, quote=False)
+
+
 def banner_html(backend: Backend) -> str:
     """Backend, device, model, precisions, and the tiny-model warning where it applies."""
     caps = backend.capabilities()
@@ -176,9 +186,9 @@ def build_demo(backend: Backend, settings: Settings, outputs: OutputStore | None
     fallback_session = itertools.count()
     default_w, default_h = caps.default_size
 
-    def generate(prompt, negative_prompt=None, steps=20, precision=caps.default_precision, guidance_scale=7.5,
-                 seed=-1, scheduler="dpm++2m", width=default_w, height=default_h, num_images=1,
-                 stats=None, request: gr.Request = None, progress=gr.Progress()):
+    async def generate(prompt, negative_prompt=None, steps=20, precision=caps.default_precision,
+                       guidance_scale=7.5, seed=-1, scheduler="dpm++2m", width=default_w, height=default_h,
+                       num_images=1, stats=None, request: gr.Request = None, progress=gr.Progress()):
         """Generate images for a prompt; returns the PNG gallery and a JSON details object."""
         session = getattr(request, "session_hash", None) or f"anon-{next(fallback_session)}"
         event = cancels.start(session)
@@ -195,15 +205,22 @@ def build_demo(backend: Backend, settings: Settings, outputs: OutputStore | None
                 seed=seed if seed not in (None, "") else -1, scheduler=scheduler, precision=precision,
                 width=width, height=height, num_images=num_images,
             )
-            result = backend.generate(req, on_step=on_step)
+            # In a worker thread that Gradio abandons when it cancels this task (Stop, an API client's
+            # job.cancel()): the event below then stops the backend at its next step, where a plain
+            # sync function would hold the device until a generation nobody waits for was done.
+            result = await anyio.to_thread.run_sync(functools.partial(backend.generate, req, on_step=on_step),
+                                                    abandon_on_cancel=True)
+        except anyio.get_cancelled_exc_class():
+            event.set()
+            raise
         except InvalidRequest as exc:
-            raise gr.Error(str(exc), title="Check the request") from None
+            raise gr.Error(as_text(str(exc)), title="Check the request") from None
         except GenerationCancelled:
             raise gr.Error("Stopped before the images were finished.", title="Stopped") from None
         except BackendUnavailable as exc:
-            raise gr.Error(f"The backend is unavailable: {exc}", title="Backend unavailable") from None
+            raise gr.Error(as_text(f"The backend is unavailable: {exc}"), title="Backend unavailable") from None
         except GenerationFailed as exc:
-            raise gr.Error(f"Generation failed: {exc}", title="Generation failed") from None
+            raise gr.Error(as_text(f"Generation failed: {exc}"), title="Generation failed") from None
         except Exception:  # noqa: BLE001 - nothing unexpected reaches a user as a traceback
             log.exception("unexpected error in generate")
             raise gr.Error("Something unexpected went wrong; it is in the server log. Try again.",
@@ -211,11 +228,12 @@ def build_demo(backend: Backend, settings: Settings, outputs: OutputStore | None
         finally:
             cancels.finish(session, event)
         t_files = time.perf_counter()
-        files = [store.save(img, s) for img, s in zip(result.images, result.seeds)]
+        files = await anyio.to_thread.run_sync(
+            lambda: [store.save(img, s) for img, s in zip(result.images, result.seeds)])
         details = result.details()
         details["app_ms"] = round((time.perf_counter() - t_files) * 1000.0, 1)
         for warning in result.warnings:
-            gr.Warning(warning)
+            gr.Warning(as_text(warning))
         stats = stats if isinstance(stats, LatencyStats) else LatencyStats()
         stats.add(result.timings.total_ms, len(files))
         log.info("generated %d image(s) in %.0f ms (backend %.0f ms)", len(files),
@@ -241,7 +259,8 @@ def build_demo(backend: Backend, settings: Settings, outputs: OutputStore | None
         seeds = (details or {}).get("seeds") or []
         return seeds[0] if seeds else gr.skip()
 
-    with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
+    # delete_cache: files Gradio itself keeps (uploads) go after an hour, and all of them at exit.
+    with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
         gr.HTML(banner_html(backend))
         stats_state = gr.State(None)
         selected_seed = gr.State(None)
@@ -264,11 +283,6 @@ def build_demo(backend: Backend, settings: Settings, outputs: OutputStore | None
                         scheduler = gr.Dropdown([(SCHEDULERS.get(k, k), k) for k in caps.schedulers],
                                                 value="dpm++2m", label="Scheduler")
                     with gr.Row():
-                        seed = gr.Number(value=-1, precision=0, label="Seed (-1: random)", minimum=-1,
-                                         maximum=2**32 - 1)
-                        randomize_btn = gr.Button("\U0001f3b2 Random seed", size="sm")
-                        reuse_btn = gr.Button("\u267b\ufe0f Reuse seed of selected image", size="sm")
-                    with gr.Row():
                         if caps.fixed_sizes:
                             ws = sorted({w for w, _ in caps.fixed_sizes})
                             hs = sorted({h for _, h in caps.fixed_sizes})
@@ -279,13 +293,22 @@ def build_demo(backend: Backend, settings: Settings, outputs: OutputStore | None
                                               step=caps.size_multiple, label="Width")
                             height = gr.Slider(caps.min_size, caps.max_size, value=default_h,
                                                step=caps.size_multiple, label="Height")
+                    # Two controls a row: three sliders side by side clip their "1024" range labels.
+                    with gr.Row():
                         num_images = gr.Slider(1, caps.max_images, value=1, step=1, label="Number of images")
+                        seed = gr.Number(value=-1, precision=0, label="Seed (-1: random)", minimum=-1,
+                                         maximum=2**32 - 1)
+                    with gr.Row():
+                        randomize_btn = gr.Button("\U0001f3b2 Random seed", size="sm")
+                        reuse_btn = gr.Button("\u267b\ufe0f Reuse seed of selected image", size="sm")
                 gr.Examples(EXAMPLES, inputs=[prompt], label="Example prompts")
             with gr.Column(scale=6):
                 gallery = gr.Gallery(label="Images", format="png", columns=2, height="auto",
                                      object_fit="contain", interactive=False)
                 latency = gr.Markdown(latency_markdown(None, None), elem_id="latency")
-                details = gr.JSON(label="Details", open=False)
+                # Folded: the latency panel says what most people want; step_ms alone is `steps` lines.
+                with gr.Accordion("Details (JSON)", open=False):
+                    details = gr.JSON(label="Details", open=False)
 
         inputs = [prompt, negative, steps, precision, guidance, seed, scheduler, width, height, num_images,
                   stats_state]
@@ -315,6 +338,9 @@ def build_demo(backend: Backend, settings: Settings, outputs: OutputStore | None
 
 def launch(demo: gr.Blocks, settings: Settings, **kwargs: Any):
     """Launch with the settings' host, port, auth and share."""
+    # The app takes no files, but Gradio's /gradio_api/upload route is open to every visitor and
+    # keeps what it gets: refuse anything big (and delete_cache in build_demo drops the rest).
+    kwargs.setdefault("max_file_size", MAX_UPLOAD)
     return demo.launch(
         server_name=settings.host,
         server_port=settings.port,
@@ -327,6 +353,10 @@ def launch(demo: gr.Blocks, settings: Settings, **kwargs: Any):
     )
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> None:
     """Parse flags, start the backend, launch the app."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -336,6 +366,9 @@ def main(argv: list[str] | None = None) -> None:
     except BackendUnavailable as exc:
         raise SystemExit(f"error: {exc}") from None
     demo = build_demo(backend, settings)
+    # docker stop, systemd and Spaces end the app with SIGTERM, whose default action skips every
+    # `finally`: unwind as Ctrl+C does, so Gradio closes its server and the outputs folder goes.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         launch(demo, settings)
     finally:

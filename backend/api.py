@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import reprlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
@@ -126,6 +127,7 @@ class GenerationRequest:
         """Return a normalized copy, or raise InvalidRequest naming the field and what is allowed."""
         if not isinstance(self.prompt, str) or not self.prompt.strip():
             raise InvalidRequest("prompt: must not be empty; type what the image should show.", "prompt")
+        _check_text("prompt", self.prompt)
         if len(self.prompt) > caps.max_prompt_chars:
             raise InvalidRequest(
                 f"prompt: {len(self.prompt)} characters; at most {caps.max_prompt_chars} are allowed.", "prompt"
@@ -133,6 +135,7 @@ class GenerationRequest:
         negative = self.negative_prompt or ""
         if not isinstance(negative, str):
             raise InvalidRequest("negative_prompt: must be text.", "negative_prompt")
+        _check_text("negative_prompt", negative)
         if len(negative) > caps.max_prompt_chars:
             raise InvalidRequest(
                 f"negative_prompt: {len(negative)} characters; at most {caps.max_prompt_chars} are allowed.",
@@ -146,7 +149,7 @@ class GenerationRequest:
         precision = self.precision if self.precision not in (None, "") else caps.default_precision
         if precision not in caps.precisions:
             raise InvalidRequest(
-                f"precision: {precision!r} is not available on this backend; choose one of "
+                f"precision: {_show(precision)} is not available on this backend; choose one of "
                 f"{', '.join(caps.precisions)}.",
                 "precision",
             )
@@ -184,39 +187,60 @@ def normalize_scheduler(value: Any, caps: Capabilities) -> str:
             if wanted in (key, SCHEDULERS.get(key, key).lower()):
                 return key
     names = ", ".join(f"{SCHEDULERS.get(k, k)} ({k})" for k in caps.schedulers)
-    raise InvalidRequest(f"scheduler: {value!r} is not known; choose one of {names}.", "scheduler")
+    raise InvalidRequest(f"scheduler: {_show(value)} is not known; choose one of {names}.", "scheduler")
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring, _REPR.maxother, _REPR.maxlong, _REPR.maxlist, _REPR.maxdict, _REPR.maxlevel = 60, 60, 30, 4, 4, 2
+
+
+def _show(value: Any) -> str:
+    """A value as it goes in an error message: short, whatever a client sent."""
+    try:
+        return _REPR.repr(value)
+    except ValueError:  # an int past Python's 4300-digit str() limit
+        return f"a {type(value).__name__} too large to show"
+
+
+def _check_text(name: str, text: str) -> None:
+    # JSON can carry unpaired surrogates ("\ud800"); no tokenizer, PNG chunk or HTTP body can.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidRequest(f"{name}: contains characters that are not valid text (unpaired "
+                             f"surrogates); remove them.", name) from None
 
 
 def _integer(name: str, value: Any, lo: int, hi: int, hint: str = "") -> int:
     allowed = f"a whole number from {lo} to {hi}{hint}"
     if isinstance(value, bool):
-        raise InvalidRequest(f"{name}: must be {allowed}, not {value!r}.", name)
+        raise InvalidRequest(f"{name}: must be {allowed}, not {_show(value)}.", name)
     if isinstance(value, float):
         if not math.isfinite(value) or value != int(value):
-            raise InvalidRequest(f"{name}: must be {allowed}, not {value!r}.", name)
+            raise InvalidRequest(f"{name}: must be {allowed}, not {_show(value)}.", name)
         value = int(value)
     elif isinstance(value, str):
         try:
             value = int(value.strip())
         except ValueError:
-            raise InvalidRequest(f"{name}: must be {allowed}, not {value!r}.", name) from None
+            raise InvalidRequest(f"{name}: must be {allowed}, not {_show(value)}.", name) from None
     elif not isinstance(value, int):
         raise InvalidRequest(f"{name}: must be {allowed}, not {type(value).__name__}.", name)
     if not lo <= value <= hi:
-        raise InvalidRequest(f"{name}: {value} is out of range; use {allowed}.", name)
+        raise InvalidRequest(f"{name}: {_show(value)} is out of range; use {allowed}.", name)
     return value
 
 
 def _number(name: str, value: Any, lo: float, hi: float) -> float:
     allowed = f"a number from {lo:g} to {hi:g}"
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise InvalidRequest(f"{name}: must be {allowed}, not {value!r}.", name)
+        raise InvalidRequest(f"{name}: must be {allowed}, not {_show(value)}.", name)
     try:
         number = float(value)
-    except ValueError:
-        raise InvalidRequest(f"{name}: must be {allowed}, not {value!r}.", name) from None
+    except (ValueError, OverflowError):  # OverflowError: an int beyond float range, e.g. 10**400
+        raise InvalidRequest(f"{name}: must be {allowed}, not {_show(value)}.", name) from None
     if not math.isfinite(number) or not lo <= number <= hi:
-        raise InvalidRequest(f"{name}: {value!r} is out of range; use {allowed}.", name)
+        raise InvalidRequest(f"{name}: {_show(value)} is out of range; use {allowed}.", name)
     return number
 
 

@@ -91,6 +91,9 @@ def parse_json(body: bytes | bytearray | str) -> dict[str, Any]:
     except ValueError as exc:
         raise InvalidRequest(f"body: not valid JSON ({exc}); send a JSON object like "
                              f'{{"prompt": "a lovely cat"}}.', "body") from None
+    except RecursionError:  # [[[[...]]]] a few thousand deep fits in the size limit
+        raise InvalidRequest("body: JSON nested too deeply; send a JSON object like "
+                             '{"prompt": "a lovely cat"}.', "body") from None
     if not isinstance(payload, dict):
         raise InvalidRequest(f"body: must be a JSON object, not {_json_type(payload)}.", "body")
     return payload

@@ -16,6 +16,7 @@ import io
 import json
 import logging
 import os
+import re
 import time
 from typing import Any
 
@@ -70,7 +71,7 @@ class SageMakerBackend:
         self.backoff_s = float(settings.extra.get("retry_backoff") or os.environ.get("SD_RETRY_BACKOFF")
                                or BACKOFF_S)
         self._client = self._make_client(settings)
-        where = self._client.meta.endpoint_url
+        where = _without_credentials(self._client.meta.endpoint_url)
         self._where = f"endpoint {self.endpoint_name} at {where}"
         try:
             data, _ = self._invoke({"describe": True}, purpose="describe")
@@ -181,7 +182,8 @@ class SageMakerBackend:
             raise GenerationFailed(f"{self._where} closed the connection before answering "
                                    f"({type(exc).__name__}); not retried, since it may have run.") from None
         except bx.BotoCoreError as exc:
-            raise BackendUnavailable(f"cannot call {self._where} ({type(exc).__name__}: {exc}).") from None
+            raise BackendUnavailable(f"cannot call {self._where} ({type(exc).__name__}: "
+                                     f"{_without_credentials(str(exc))}).") from None
         return data, protocol.parse_attributes(response.get("CustomAttributes"))
 
     def _client_error(self, exc: Any) -> Exception:
@@ -232,3 +234,9 @@ def _open_png(data: bytes):
     if image.format != "PNG":
         raise ValueError(f"an image is {image.format}, not PNG")
     return attach(image, image.info.get(KEY, ""))
+
+
+def _without_credentials(text: str) -> str:
+    """Text with any URL's user:password@ taken out: messages reach people, an --endpoint-url through
+    an authenticating proxy (http://user:secret@host) must not."""
+    return re.sub(r"(?<=//)[^/@\s]+@", "", text)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import socket
@@ -102,6 +103,58 @@ def tiny_backend():
     backend = create_backend(Settings(backend="local", model="tiny", device="cpu"))
     yield backend
     backend.close()
+
+
+@dataclasses.dataclass
+class AppProcess:
+    """A running `python app.py`: its URL, process, log file and its own GRADIO_TEMP_DIR."""
+
+    url: str
+    proc: subprocess.Popen
+    log_path: Path
+    temp_dir: Path
+
+    def log(self) -> str:
+        """Everything the app has printed so far."""
+        return self.log_path.read_text(errors="replace")
+
+
+@contextlib.contextmanager
+def launch_app(extra_args: list[str], tmp_path: Path, env: dict | None = None):
+    """Like run_app, but yields an AppProcess whose cache folder is its own (for leak checks)."""
+    port = free_port()
+    temp_dir = tmp_path / f"gradio-{port}"
+    temp_dir.mkdir()
+    log_path = tmp_path / f"app-{port}.log"
+    url = f"http://127.0.0.1:{port}/"
+    full_env = {"GRADIO_TEMP_DIR": str(temp_dir), **(env or {})}
+    with run_process(["app.py", "--port", str(port), *extra_args], url, env=full_env, log_path=log_path) as proc:
+        yield AppProcess(url, proc, log_path, temp_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_app(tmp_path_factory) -> AppProcess:
+    """One `python app.py --model tiny` shared by the browser, load and security tests."""
+    with launch_app(["--model", "tiny"], tmp_path_factory.mktemp("tiny-app")) as app:
+        yield app
+
+
+CHROMIUM = os.environ.get("SD_CHROMIUM", "/usr/bin/chromium")  # Debian's; Playwright never downloads one
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--no-first-run"]
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """One headless Chromium (through Playwright) for the whole run; skips where there is none."""
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium, or set SD_CHROMIUM)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+    with sync_api.sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
 
 
 @pytest.fixture

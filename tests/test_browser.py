@@ -1,0 +1,283 @@
+"""The app in a real browser (Debian's Chromium through Playwright), as a person uses it.
+
+Each test saves a screenshot in its tmp dir (and in $SD_SCREENSHOT_DIR when set). With
+SD_UPDATE_SCREENSHOT=1 the full page after the first generation is copied to docs/screenshot.png.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from backend.metadata import parse_infotext, read_infotext
+from conftest import CHROMIUM
+
+ROOT = Path(__file__).resolve().parent.parent
+
+if not Path(CHROMIUM).exists():
+    pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium, or set SD_CHROMIUM)", allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+
+
+@pytest.fixture
+def page(browser, request, tmp_path):
+    """A fresh browser context and page; its screenshot is saved when the test ends."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
+    pg = context.new_page()
+    pg.errors = []  # uncaught page errors: the app's own JS must not throw
+    pg.on("pageerror", lambda exc: pg.errors.append(str(exc)))
+    yield pg
+    screenshot(pg, tmp_path, request.node.name)
+    context.close()
+
+
+def screenshot(pg, tmp_path: Path, name: str) -> Path:
+    """Full-page screenshot in tmp_path, copied to $SD_SCREENSHOT_DIR when that is set."""
+    path = tmp_path / f"{name}.png"
+    pg.screenshot(path=str(path), full_page=True)
+    if os.environ.get("SD_SCREENSHOT_DIR"):
+        Path(os.environ["SD_SCREENSHOT_DIR"]).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, Path(os.environ["SD_SCREENSHOT_DIR"]) / path.name)
+    return path
+
+
+# --- helpers: what a person does ---------------------------------------------------------------------
+
+def open_app(pg, url: str) -> None:
+    """Load the page and wait for the prompt box."""
+    pg.goto(url)
+    pg.get_by_label("Prompt", exact=True).wait_for(timeout=60_000)
+
+
+def open_advanced(pg) -> None:
+    """Unfold the Advanced accordion."""
+    pg.get_by_text("Advanced", exact=True).click()
+    pg.get_by_label("number input for Steps").wait_for()
+
+
+def set_slider(pg, label: str, value: int) -> None:
+    """Type a value in a slider's number box."""
+    box = pg.get_by_label(f"number input for {label}")
+    slider = pg.get_by_label(f"range slider for {label}")
+    for _ in range(3):  # a box typed into while the page is still busy can lose the value: check it took
+        box.fill(str(value))
+        box.press("Enter")
+        try:
+            pg.wait_for_function("([el, v]) => el.value === v", arg=[slider.element_handle(), str(value)],
+                                 timeout=5_000)
+            return
+        except sync_api.TimeoutError:
+            continue
+    raise AssertionError(f"the {label} slider did not take the value {value}")
+
+
+def choose(pg, label: str, option: str) -> None:
+    """Pick an option of a dropdown."""
+    pg.get_by_label(label, exact=True).click()
+    pg.get_by_role("option", name=option, exact=True).click()
+
+
+def session_count(pg) -> int:
+    """Requests the latency panel has counted for this session (0 before the first)."""
+    found = re.search(r"This session:\s*(\d+) request", pg.locator("#latency").inner_text())
+    return int(found.group(1)) if found else 0
+
+
+def wait_for_result(pg, before: int, timeout_s: float = 180.0) -> str:
+    """Wait until the latency panel counts one more request; returns the panel's text."""
+    pg.wait_for_function(
+        "n => { const m = (document.querySelector('#latency')?.innerText || '')"
+        ".match(/This session:\\s*(\\d+) request/); return m && Number(m[1]) > n; }",
+        arg=before, timeout=timeout_s * 1000,
+    )
+    return pg.locator("#latency").inner_text()
+
+
+def gallery_sources(pg) -> list[str]:
+    """URLs of the images in the gallery's grid."""
+    return pg.eval_on_selector_all("button.thumbnail-item.thumbnail-lg img", "els => els.map(e => e.src)")
+
+
+def fetch_png(pg, src: str) -> bytes:
+    """An image the gallery shows, fetched with the page's cookies."""
+    response = pg.request.get(src)
+    assert response.ok, response.status
+    return response.body()
+
+
+def download_selected(pg, tmp_path: Path, name: str) -> bytes:
+    """Press the gallery preview's Download button; the PNG's bytes."""
+    with pg.expect_download() as info:
+        pg.get_by_role("button", name="Download", exact=True).click()
+    path = tmp_path / name
+    info.value.save_as(path)
+    return path.read_bytes()
+
+
+def select_thumbnail(pg, index: int, count: int) -> None:
+    """Click image `index` (0-based) of the gallery, as a person selects it."""
+    pg.get_by_role("button", name=f"Thumbnail {index + 1} of {count}").first.click()
+    pg.locator("button.thumbnail-item.selected").first.wait_for()
+
+
+def pixels(png: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(png)) as img:
+        return np.asarray(img.convert("RGB"))
+
+
+def small_settings(pg, steps: int = 2, size: int = 64) -> None:
+    """Few steps and a small image: the browser tests check behaviour, not pictures."""
+    set_slider(pg, "Steps", steps)
+    set_slider(pg, "Width", size)
+    set_slider(pg, "Height", size)
+
+
+# --- tests ---------------------------------------------------------------------------------------
+
+def test_type_a_prompt_press_enter_see_the_image_and_latency(page, tiny_app, tmp_path):
+    """The first thing anyone does, with the default settings (20 steps, 512x512)."""
+    open_app(page, tiny_app.url)
+    assert "Latency appears here" in page.locator("#latency").inner_text()
+    prompt = page.get_by_label("Prompt", exact=True)
+    prompt.fill("a lovely cat")
+    before = session_count(page)
+    prompt.press("Enter")
+    panel = wait_for_result(page, before)
+
+    assert re.search(r"This request: \d+ ms for 1 image", panel), panel
+    for stage in ("text encoder", "denoising (20 steps", "VAE decode", "app (PNG files)"):
+        assert stage in panel, panel
+    sources = gallery_sources(page)
+    assert len(sources) == 1
+    # The browser really drew it: the <img> decoded to a 512x512 picture.
+    size = page.eval_on_selector("button.thumbnail-item.thumbnail-lg img", "e => [e.naturalWidth, e.naturalHeight]")
+    assert size == [512, 512]
+    info = parse_infotext(read_infotext(fetch_png(page, sources[0])))
+    assert info["prompt"] == "a lovely cat"
+    assert info["params"]["Steps"] == "20" and info["params"]["Size"] == "512x512"
+    assert page.errors == []
+
+    shot = screenshot(page, tmp_path, "after-generation")
+    if os.environ.get("SD_UPDATE_SCREENSHOT") == "1":
+        shutil.copy(shot, ROOT / "docs" / "screenshot.png")
+
+
+def test_advanced_controls_and_reuse_seed_reproduce_an_image(page, tiny_app, tmp_path):
+    """Steps, precision, size, count and seed from Advanced; then reuse the seed of image 2."""
+    open_app(page, tiny_app.url)
+    open_advanced(page)
+    small_settings(page, steps=3, size=128)
+    set_slider(page, "Number of images", 2)
+    choose(page, "Precision", "bf16")
+    page.get_by_label("Seed (-1: random)").fill("4242")
+    page.get_by_label("Prompt", exact=True).fill("two foxes")
+    before = session_count(page)
+    page.get_by_role("button", name="Generate").click()
+    panel = wait_for_result(page, before)
+    assert "for 2 image(s)" in panel and "denoising (3 steps" in panel
+
+    # A person selects the second image and downloads it from the preview.
+    select_thumbnail(page, 1, 2)
+    first = download_selected(page, tmp_path, "first.png")
+    info = parse_infotext(read_infotext(first))
+    assert info["prompt"] == "two foxes"
+    assert info["params"]["Seed"] == "4243"  # image i has seed + i
+    assert (info["params"]["Steps"], info["params"]["Precision"], info["params"]["Size"]) == ("3", "bf16", "128x128")
+
+    page.get_by_role("button", name=re.compile("Reuse seed")).click()
+    page.wait_for_function("() => document.querySelector('input[aria-label=\"Seed (-1: random)\"]').value === '4243'")
+    page.get_by_role("button", name="Generate").click()
+    wait_for_result(page, before + 1)
+    select_thumbnail(page, 0, 2)
+    again = download_selected(page, tmp_path, "again.png")
+    assert parse_infotext(read_infotext(again))["params"]["Seed"] == "4243"
+    assert np.array_equal(pixels(first), pixels(again)), "the reused seed did not reproduce the image"
+    assert not np.array_equal(pixels(first), pixels(fetch_png(page, gallery_sources(page)[1])))
+    assert page.errors == []
+
+
+def test_empty_prompt_shows_an_error_and_the_app_still_works(page, tiny_app):
+    """Generate with no prompt: a clear message, then a normal generation."""
+    open_app(page, tiny_app.url)
+    page.get_by_role("button", name="Generate").click()
+    toast = page.get_by_test_id("toast-body").filter(has_text="prompt")
+    toast.wait_for(timeout=60_000)
+    assert "must not be empty" in toast.inner_text()
+    assert "Traceback" not in toast.inner_text()
+
+    open_advanced(page)
+    small_settings(page)
+    page.get_by_label("Prompt", exact=True).fill("after the error")
+    page.get_by_role("button", name="Generate").click()
+    panel = wait_for_result(page, 0)
+    assert "denoising (2 steps" in panel and len(gallery_sources(page)) == 1
+    assert page.errors == []
+
+
+def test_stop_ends_a_long_generation(page, tiny_app):
+    """100 steps at 1024x1024, Stop after a few: the server stops denoising, the next request runs."""
+    open_app(page, tiny_app.url)
+    open_advanced(page)
+    set_slider(page, "Steps", 100)
+    set_slider(page, "Width", 1024)
+    set_slider(page, "Height", 1024)
+    page.get_by_label("Prompt", exact=True).fill("a very long generation")
+    page.get_by_role("button", name="Generate").click()
+
+    def steps_done() -> int:
+        text = page.locator("body").inner_text()
+        found = re.search(r"(\d+)/100 steps", text)
+        return int(found.group(1)) if found else 0
+
+    # Time two steps from the progress bar, to know how long the rest would take here, now.
+    deadline = time.monotonic() + 120
+    while steps_done() < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    k1, t1 = steps_done(), time.monotonic()
+    while steps_done() < k1 + 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    k2, t2 = steps_done(), time.monotonic()
+    assert k2 >= k1 + 2 >= 3, "the progress bar never showed the steps"
+    seconds_per_step = (t2 - t1) / (k2 - k1)
+
+    page.get_by_role("button", name="Stop").click()
+    stopped_at = time.monotonic()
+    remaining_s = (100 - k2) * seconds_per_step
+    page.wait_for_function("() => !/\\d+\\/100 steps/.test(document.body.innerText)", timeout=10_000)
+
+    # One generation runs at a time: this one can only finish once the long one has let go.
+    small_settings(page)
+    page.get_by_label("Prompt", exact=True).fill("right after stop")
+    page.get_by_role("button", name="Generate").click()
+    panel = wait_for_result(page, 0, timeout_s=remaining_s + 60)
+    waited = time.monotonic() - stopped_at
+    print(f"stop: {seconds_per_step:.2f} s/step, {remaining_s:.0f} s left, next one after {waited:.1f} s")
+    assert waited < remaining_s / 2, (
+        f"the next generation took {waited:.1f} s after Stop; the stopped one had ~{remaining_s:.0f} s left")
+    assert "This session: 1 request" in panel and "denoising (2 steps" in panel
+    assert page.errors == []
+
+
+def test_tiny_model_banner(page, tiny_app):
+    """The banner names backend, device, model and sizes, and warns that tiny is not SD2.1."""
+    open_app(page, tiny_app.url)
+    banner = page.locator("#banner")
+    banner.wait_for()
+    text = banner.inner_text()
+    for part in ("Stable Diffusion", "backend local", "device cpu", "model tiny", "fp32", "64-1024 px"):
+        assert part in text, text
+    warning = page.locator("#tiny-warning")
+    assert warning.is_visible()
+    assert "random weights" in warning.inner_text() and "not Stable Diffusion 2.1" in warning.inner_text()
+    # The warning stands out: its amber background, not the page's.
+    assert warning.evaluate("e => getComputedStyle(e).backgroundColor") == "rgb(254, 243, 199)"
+    assert page.title() == "Stable Diffusion on AWS Inferentia2"
+    assert page.errors == []
