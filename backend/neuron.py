@@ -1,0 +1,549 @@
+"""NeuronBackend: compiled artifacts -> a diffusers pipeline, on Inferentia2 (or on a CPU for testing).
+
+A compiled root is a diffusers model folder plus compiled_models/ (see DESIGN.md):
+
+    ROOT/model_index.json, scheduler/, tokenizer/, text_encoder/, unet/, vae/ ...
+    ROOT/compiled_models/source.json                 which model the diffusers files are
+    ROOT/compiled_models/<dtype>/{text_encoder,unet,vae_decoder,vae_post_quant_conv}.pt
+    ROOT/compiled_models/<dtype>/manifest.json       how they were compiled
+
+`python -m compile_scripts.compile` writes it. The flat layout of AWS's walk-through
+(ROOT/compiled_models/unet.pt and friends, no manifest) loads too. For each dtype the pipeline is
+built from the real diffusers modules, then the compiled parts are swapped in (the pipeline reads
+.config, .device and .dtype of its modules). On inf2 the UNet runs through torch_neuronx.DataParallel
+over the chip's NeuronCores; parts traced with --target cpu run the same code on a CPU, through a
+stand-in for DataParallel and a guard that enforces the compiled shapes as the Neuron runtime does.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import threading
+import time
+import zipfile
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import pipeline as sdpipe
+from .api import (
+    DEFAULT_SCHEDULER,
+    RANDOM_SEED,
+    BackendError,
+    BackendUnavailable,
+    Capabilities,
+    GenerationFailed,
+    GenerationRequest,
+    GenerationResult,
+    InvalidRequest,
+    StepCallback,
+)
+from .neuron_modules import (
+    DTYPE_NAMES,
+    PARTS,
+    CastDtype,
+    CpuDataParallel,
+    InputSpec,
+    NeuronTextEncoder,
+    NeuronUNet,
+    ShapeGuard,
+    StaticBatch,
+    part_input_specs,
+)
+from .sd21_random import SD21_RANDOM_ID
+from .settings import DEFAULT_ARTIFACTS, Settings
+from .tiny import TINY_MODEL_ID
+
+log = logging.getLogger(__name__)
+
+COMPILED_DIR = "compiled_models"
+MANIFEST = "manifest.json"
+SOURCE = "source.json"
+MANIFEST_FORMAT = 1
+PRECISION_ORDER = ("bf16", "fp32")  # preferred first: bf16 is the faster on Inferentia2
+SDK_PACKAGES = ("torch-neuronx", "neuronx-cc")
+VERSIONED_PACKAGES = ("torch", "diffusers", "transformers", *SDK_PACKAGES)
+# What AWS's walk-through compiled, which its flat layout does not record.
+FLAT_LAYOUT = dict(dtype="bf16", height=512, width=512, batch_per_core=1)
+NEURON_SDK_HINT = (
+    "Install the Neuron SDK on an inf2 instance (a Neuron DLAMI has it): "
+    "pip install --extra-index-url https://pip.repos.neuron.amazonaws.com torch-neuronx neuronx-cc "
+    "(the last torch-neuronx line pairs torch 2.9: pip install -r requirements-neuron.txt; see docs/neuron.md). "
+    "To try the Neuron code path on this machine instead, compile CPU parts with --target cpu."
+)
+TINY_NOTE = (
+    "Compiled from the built-in tiny model: random weights, SD2.1-shaped, so images are noise. "
+    "It is not Stable Diffusion 2.1. To serve the real model, compile it: python -m compile_scripts.compile "
+    "--model stabilityai/stable-diffusion-2-1-base --out ROOT (on inf2; see docs/neuron.md)."
+)
+RANDOM_NOTE = ("Compiled from sd21-random: the SD2.1-base architecture with random weights, for measuring "
+               "real-size latency. Images are noise; it is not Stable Diffusion 2.1.")
+CPU_NOTE = ("These parts were traced for the CPU (--target cpu): the Neuron code path runs here with a "
+            "stand-in for the NeuronCores. It is for testing the plumbing, not for speed.")
+
+
+# --- artifacts --------------------------------------------------------------------------------
+
+
+def installed_versions() -> dict[str, str | None]:
+    """Versions of the packages a compiled part depends on; None for those not installed."""
+    versions: dict[str, str | None] = {}
+    for name in VERSIONED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def model_architecture(root: Path) -> dict[str, Any]:
+    """The config values a compiled part bakes in, read from the diffusers files of a root."""
+    def config(sub: str) -> dict[str, Any]:
+        path = root / sub / "config.json"
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise BackendUnavailable(f"{path}: cannot be read ({exc.__class__.__name__}); the root's diffusers "
+                                     f"files are incomplete: compile again into a fresh --out folder.") from None
+
+    unet, text, vae = config("unet"), config("text_encoder"), config("vae")
+    return {
+        "unet_in_channels": unet.get("in_channels"),
+        "unet_out_channels": unet.get("out_channels"),
+        "unet_cross_attention_dim": unet.get("cross_attention_dim"),
+        "unet_block_out_channels": unet.get("block_out_channels"),
+        "text_hidden_size": text.get("hidden_size"),
+        "text_max_positions": text.get("max_position_embeddings"),
+        "vae_latent_channels": vae.get("latent_channels"),
+        "vae_scale_factor": 2 ** (len(vae.get("block_out_channels") or [0]) - 1),
+    }
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from a file, or BackendUnavailable naming the file."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise BackendUnavailable(f"{path}: cannot be read ({exc.__class__.__name__}: {exc}); compile that dtype "
+                                 f"again with --force.") from None
+    if not isinstance(data, dict):
+        raise BackendUnavailable(f"{path}: is not a JSON object; compile that dtype again with --force.")
+    return data
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write a JSON file atomically (a crash leaves the old file or the new one, never half of one)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def is_neuron_archive(path: Path) -> bool:
+    """True when a TorchScript file holds a Neuron-compiled graph (it calls the neuron custom ops).
+
+    Read from the archive's code without loading it: loading a Neuron graph needs torch_neuronx.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for name in archive.namelist():
+                if "/code/" in name and name.endswith(".py"):
+                    text = archive.read(name).decode("utf-8", "replace")
+                    if "ops.neuron." in text or "classes.neuron." in text:
+                        return True
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise BackendUnavailable(f"{path}: is not a TorchScript file ({exc.__class__.__name__}); compile it again.") \
+            from None
+    return False
+
+
+@dataclass
+class ArtifactSet:
+    """The compiled parts of one dtype and what they were compiled for."""
+
+    dtype: str
+    directory: Path
+    layout: str  # "manifest" or "flat" (AWS's walk-through)
+    target: str  # "neuron" or "cpu"
+    model: str
+    height: int
+    width: int
+    batch_per_core: int
+    tokens: int
+    text_hidden: int
+    latent_channels: int
+    vae_scale_factor: int
+    manifest: dict[str, Any] | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def path(self, part: str) -> Path:
+        """The .pt file of a part."""
+        return self.directory / f"{part}.pt"
+
+    def input_specs(self, part: str) -> list[InputSpec]:
+        """The shapes and dtypes a part was traced with (recorded, or the walk-through's)."""
+        if self.manifest is not None:
+            return [InputSpec.from_json(s) for s in self.manifest["parts"][part]["inputs"]]
+        # The walk-through traced the UNet with a bf16 timestep and everything at batch 1.
+        timestep = DTYPE_NAMES[self.dtype]
+        return part_input_specs(part, DTYPE_NAMES[self.dtype], 1, self.height // self.vae_scale_factor,
+                                self.width // self.vae_scale_factor, self.tokens, self.text_hidden,
+                                self.latent_channels, timestep_dtype=timestep)
+
+
+def compile_hint(root: Path, model: str | None, dtype: str, parts: str = "", force: bool = False) -> str:
+    """The command that (re)compiles what is missing or stale."""
+    cmd = f"python -m compile_scripts.compile --model {model or 'MODEL'} --out {root} --dtype {dtype}"
+    if parts:
+        cmd += f" --parts {parts}"
+    return cmd + (" --force" if force else "")
+
+
+def find_artifacts(root: Path, wanted_model: str | None = None) -> list[ArtifactSet]:
+    """Every dtype compiled in a root, checked against its diffusers files; BackendUnavailable if unusable."""
+    if not root.is_dir():
+        raise BackendUnavailable(
+            f"--artifacts {root}: no such folder. Compile one on inf2 with: python -m compile_scripts.compile "
+            f"--model stabilityai/stable-diffusion-2-1-base --out {root} (or --model tiny --target cpu to try it here)."
+        )
+    if not (root / "model_index.json").is_file():
+        raise BackendUnavailable(f"--artifacts {root}: no model_index.json, so it is not a compiled root (a diffusers "
+                                 f"model folder plus {COMPILED_DIR}/). Compile one with python -m compile_scripts.compile.")
+    compiled = root / COMPILED_DIR
+    source = read_json(compiled / SOURCE).get("model") if (compiled / SOURCE).is_file() else None
+    architecture = model_architecture(root)
+    sets = []
+    if compiled.is_dir():
+        for directory in sorted(p for p in compiled.iterdir() if p.is_dir() and (p / MANIFEST).is_file()):
+            sets.append(_manifest_set(root, directory, source, architecture, wanted_model))
+        if not sets and (compiled / "unet.pt").is_file():
+            sets.append(_flat_set(root, compiled, source, architecture))
+    if not sets:
+        raise BackendUnavailable(
+            f"--artifacts {root}: nothing compiled in {compiled} (neither <dtype>/manifest.json nor the walk-through's "
+            f"unet.pt). Compile with: {compile_hint(root, wanted_model or source, 'bf16')}"
+        )
+    sizes = {(s.width, s.height, s.batch_per_core) for s in sets}
+    if len(sizes) > 1:
+        found = ", ".join(f"{s.dtype}: {s.width}x{s.height} (batch {s.batch_per_core} per core)" for s in sets)
+        raise BackendUnavailable(f"--artifacts {root}: the dtypes were compiled for different sizes ({found}); a root "
+                                 f"serves one size. Recompile one of them with the other's --height/--width and --force.")
+    targets = {s.target for s in sets}
+    if len(targets) > 1:
+        raise BackendUnavailable(f"--artifacts {root}: some dtypes were compiled for Neuron and some for the CPU; "
+                                 f"recompile them all with one --target.")
+    return sorted(sets, key=lambda s: PRECISION_ORDER.index(s.dtype) if s.dtype in PRECISION_ORDER else 99)
+
+
+def _manifest_set(root: Path, directory: Path, source: str | None, architecture: dict[str, Any],
+                  wanted_model: str | None) -> ArtifactSet:
+    path = directory / MANIFEST
+    manifest = read_json(path)
+    dtype = directory.name
+    where = f"{COMPILED_DIR}/{dtype}/{MANIFEST}"
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise BackendUnavailable(f"{path}: manifest format {manifest.get('format')!r}, this app reads format "
+                                 f"{MANIFEST_FORMAT}; recompile: {compile_hint(root, source, dtype, force=True)}")
+    if manifest.get("dtype") != dtype:
+        raise BackendUnavailable(f"{path}: this manifest is for dtype {manifest.get('dtype')!r}, not the folder's "
+                                 f"{dtype!r}; recompile: {compile_hint(root, source, dtype, force=True)}")
+    if dtype not in DTYPE_NAMES:
+        raise BackendUnavailable(f"{path}: dtype {dtype!r} is not one this backend runs ({', '.join(DTYPE_NAMES)}).")
+    model = manifest.get("model")
+    if source is not None and model != source:
+        raise BackendUnavailable(f"{where}: compiled from model {model!r}, but the root holds the files of {source!r}; "
+                                 f"recompile: {compile_hint(root, source, dtype, force=True)}")
+    if wanted_model and model != wanted_model:
+        raise BackendUnavailable(f"--model {wanted_model}: {root} was compiled from {model!r}; drop --model or "
+                                 f"point --artifacts at a root compiled from {wanted_model}.")
+    recorded = manifest.get("architecture") or {}
+    differs = [k for k, v in architecture.items() if recorded.get(k) != v]
+    if differs:
+        detail = ", ".join(f"{k}: compiled {recorded.get(k)!r}, root {architecture[k]!r}" for k in differs)
+        raise BackendUnavailable(f"{where}: compiled for another model than the root's files ({detail}); "
+                                 f"recompile: {compile_hint(root, source or model, dtype, force=True)}")
+    target = manifest.get("target")
+    if target not in ("neuron", "cpu"):
+        raise BackendUnavailable(f"{path}: unknown target {target!r}; recompile with --target neuron or cpu.")
+    parts = manifest.get("parts") or {}
+    missing = [p for p in PARTS if p not in parts or not (directory / f"{p}.pt").is_file()]
+    if missing:
+        raise BackendUnavailable(
+            f"--artifacts {root}: {dtype} is missing {', '.join(f'{COMPILED_DIR}/{dtype}/{p}.pt' for p in missing)}; "
+            f"compile it: {compile_hint(root, model, dtype, parts=' '.join(missing))}"
+        )
+    try:
+        art = ArtifactSet(
+            dtype=dtype, directory=directory, layout="manifest", target=target, model=str(model),
+            height=int(manifest["height"]), width=int(manifest["width"]),
+            batch_per_core=int(manifest["batch_per_core"]), tokens=int(manifest["tokens"]),
+            text_hidden=int(architecture["text_hidden_size"]),
+            latent_channels=int(architecture["vae_latent_channels"]),
+            vae_scale_factor=int(architecture["vae_scale_factor"]), manifest=manifest,
+        )
+        for part in PARTS:
+            art.input_specs(part)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise BackendUnavailable(f"{path}: incomplete ({exc.__class__.__name__}: {exc}); recompile: "
+                                 f"{compile_hint(root, model, dtype, force=True)}") from None
+    errors, warnings = version_problems(manifest.get("versions") or {}, installed_versions(), target)
+    if errors:
+        raise BackendUnavailable(f"{where}: " + " ".join(errors))
+    art.warnings.extend(f"{dtype}: {w}" for w in warnings)
+    return art
+
+
+def _flat_set(root: Path, compiled: Path, source: str | None, architecture: dict[str, Any]) -> ArtifactSet:
+    missing = [p for p in PARTS if not (compiled / f"{p}.pt").is_file()]
+    if missing:
+        raise BackendUnavailable(f"--artifacts {root}: the walk-through layout is missing "
+                                 f"{', '.join(f'{COMPILED_DIR}/{p}.pt' for p in missing)}; copy them from the compile "
+                                 f"folder (sd2_compile_dir_512/<part>/model.pt) or compile with compile_scripts.")
+    target = "neuron" if is_neuron_archive(compiled / "unet.pt") else "cpu"
+    tokens = int(architecture.get("text_max_positions") or 77)
+    return ArtifactSet(
+        dtype=FLAT_LAYOUT["dtype"], directory=compiled, layout="flat", target=target,
+        model=source or root.resolve().name, height=FLAT_LAYOUT["height"], width=FLAT_LAYOUT["width"],
+        batch_per_core=FLAT_LAYOUT["batch_per_core"], tokens=tokens,
+        text_hidden=int(architecture["text_hidden_size"]), latent_channels=int(architecture["vae_latent_channels"]),
+        vae_scale_factor=int(architecture["vae_scale_factor"]),
+        warnings=["walk-through layout (no manifest): assumed bf16, 512x512, batch 1 per core"
+                  + (", compiled under the installed Neuron SDK" if target == "neuron" else "")],
+    )
+
+
+def version_problems(recorded: dict[str, Any], installed: dict[str, str | None],
+                     target: str) -> tuple[list[str], list[str]]:
+    """(errors, warnings) comparing the versions a part was compiled with against those installed.
+
+    A Neuron part is a TorchScript module that calls torch-neuronx's ops on a NEFF from neuronx-cc:
+    it loads only under the torch that torch-neuronx was built for, so a different torch line is an
+    error; another Neuron SDK release usually loads, but is not what was tested, so it is a warning.
+    """
+    errors: list[str] = []
+    warnings: list[str] = []
+    if target == "neuron":
+        rec, inst = recorded.get("torch-neuronx"), installed.get("torch-neuronx")
+        if rec and inst and _torch_line(rec) != _torch_line(inst):
+            errors.append(f"compiled with torch-neuronx {rec} (torch {_torch_line(rec)}), but torch-neuronx {inst} "
+                          f"(torch {_torch_line(inst)}) is installed; compiled parts run only under the torch line "
+                          f"they were compiled with. Install torch-neuronx {rec} or recompile with --force.")
+        for name in SDK_PACKAGES:
+            rec, inst = recorded.get(name), installed.get(name)
+            if rec and inst and rec != inst and not errors:
+                warnings.append(f"compiled with {name} {rec}, {inst} is installed; if loading fails or images look "
+                                f"wrong, recompile with --force under this Neuron SDK.")
+    rec, inst = recorded.get("torch"), installed.get("torch")
+    if target == "cpu" and rec and inst and rec != inst:
+        warnings.append(f"traced with torch {rec}, torch {inst} is installed; recompile with --force if loading fails.")
+    return errors, warnings
+
+
+def _torch_line(version: str) -> str:
+    """'2.9.0.2.15.32035' (torch-neuronx: torch version + Neuron release) -> '2.9'."""
+    return ".".join(version.split(".")[:2])
+
+
+def neuron_core_ids(env: dict[str, str] | None = None) -> list[int]:
+    """NeuronCores the UNet runs data-parallel on: one chip's two, as AWS's sample, or fewer if fewer are visible.
+
+    SD_NEURON_CORES overrides the count; NEURON_RT_VISIBLE_CORES ('0-1', '2,3') and
+    NEURON_RT_NUM_CORES limit what this process can see.
+    """
+    env = os.environ if env is None else env
+    if env.get("SD_NEURON_CORES"):
+        return list(range(max(1, int(env["SD_NEURON_CORES"]))))
+    visible = 2
+    if env.get("NEURON_RT_NUM_CORES"):
+        visible = int(env["NEURON_RT_NUM_CORES"])
+    elif env.get("NEURON_RT_VISIBLE_CORES"):
+        count = 0
+        for item in env["NEURON_RT_VISIBLE_CORES"].split(","):
+            lo, _, hi = item.strip().partition("-")
+            count += (int(hi) - int(lo) + 1) if hi else 1
+        visible = count
+    return list(range(max(1, min(2, visible))))
+
+
+# --- the backend ------------------------------------------------------------------------------
+
+
+class NeuronBackend:
+    """Stable Diffusion from compiled parts: one pipeline per compiled dtype, run one request at a time."""
+
+    name = "neuron"
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.root = Path(settings.artifacts or DEFAULT_ARTIFACTS).expanduser()
+        self._lock = threading.Lock()
+        self.sets = find_artifacts(self.root, settings.model)
+        first = self.sets[0]
+        self.target = first.target
+        # A folder's name, not its path on the compile machine; Hub ids and 'tiny' as recorded.
+        self.model = Path(first.model).name if os.path.isabs(first.model) else first.model
+        self.width, self.height = first.width, first.height
+        self._neuronx = _import_torch_neuronx(self.root) if self.target == "neuron" else None
+        self.device_ids = neuron_core_ids()
+        self.notes: list[str] = []
+        for art in self.sets:
+            for warning in art.warnings:
+                log.warning("%s", warning)
+                self.notes.append(warning)
+        random_weights = None
+        if self.model == TINY_MODEL_ID or sdpipe.is_tiny_folder(str(self.root)):
+            random_weights = TINY_NOTE
+        elif self.model == SD21_RANDOM_ID:
+            random_weights = RANDOM_NOTE
+        if random_weights:
+            log.warning(random_weights)
+            self.notes.insert(0, random_weights)
+        if self.target == "cpu":
+            self.notes.append(CPU_NOTE)
+        self._pipelines: dict[str, Any] = {}
+        self._schedulers: dict[str, sdpipe.SchedulerCache] = {}
+        for art in self.sets:
+            started = time.perf_counter()
+            pipe = self._build_pipeline(art)
+            self._pipelines[art.dtype] = pipe
+            self._schedulers[art.dtype] = sdpipe.SchedulerCache(pipe.scheduler.config)
+            log.info("loaded %s parts (%s, %s) from %s in %.1f s", art.dtype, art.layout, art.target, art.directory,
+                     time.perf_counter() - started)
+        tokenizer = next(iter(self._pipelines.values())).tokenizer
+        cores = len(self.device_ids)
+        device = (f"neuron ({cores} NeuronCore{'s' if cores > 1 else ''})" if self.target == "neuron"
+                  else f"cpu (Neuron stand-in, {cores} simulated cores)")
+        self._caps = Capabilities(
+            backend=self.name,
+            model=self.model,
+            device=device,
+            precisions=tuple(self._pipelines),
+            fixed_sizes=((self.width, self.height),),
+            default_size=(self.width, self.height),
+            max_images=settings.max_images,
+            max_prompt_tokens=tokenizer.model_max_length,
+            is_tiny=random_weights is not None,  # the app's warning banner
+            notes=tuple(self.notes),
+        )
+        for dtype in self._pipelines:
+            self._warm_up(dtype)
+
+    # Loading -----------------------------------------------------------------------------------
+
+    def _load_part(self, art: ArtifactSet, part: str) -> torch.nn.Module:
+        path = art.path(part)
+        try:
+            module = torch.jit.load(str(path), map_location="cpu")
+        except Exception as exc:  # noqa: BLE001 - a corrupt or foreign file: say which and what to do
+            raise BackendUnavailable(f"{path}: cannot be loaded ({exc.__class__.__name__}: "
+                                     f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}); "
+                                     f"recompile: {compile_hint(self.root, art.model, art.dtype, part, True)}") from None
+        return module.eval()
+
+    def _build_pipeline(self, art: ArtifactSet):
+        """The diffusers pipeline with real modules, then the compiled parts swapped in."""
+        dtype = DTYPE_NAMES[art.dtype]
+        try:
+            pipe = sdpipe.load_pipeline(str(self.root), dtype, "cpu", local_files_only=True)
+        except Exception as exc:  # noqa: BLE001
+            raise BackendUnavailable(f"--artifacts {self.root}: the diffusers files cannot be loaded "
+                                     f"({exc.__class__.__name__}: {exc}); compile into a fresh --out folder.") from None
+        parts = {part: self._load_part(art, part) for part in PARTS}
+        specs = {part: art.input_specs(part) for part in PARTS}
+        cores = len(self.device_ids)
+        if art.target == "neuron":
+            # One copy of the UNet per core; dynamic batching off, so each core gets exactly its
+            # compiled batch (StaticBatch in NeuronUNet pads the last chunk to that).
+            unet_runner = self._neuronx.DataParallel(parts["unet"], self.device_ids, set_dynamic_batching=False)
+            runners = {p: parts[p] for p in ("text_encoder", "vae_decoder", "vae_post_quant_conv")}
+        else:
+            unet_runner = CpuDataParallel(ShapeGuard(parts["unet"], "unet", specs["unet"]), self.device_ids,
+                                          art.batch_per_core)
+            runners = {p: ShapeGuard(parts[p], p, specs[p]) for p in ("text_encoder", "vae_decoder",
+                                                                       "vae_post_quant_conv")}
+        unet_config, text_config = pipe.unet.config, pipe.text_encoder.config
+        pipe.unet = NeuronUNet(unet_runner, unet_config, specs["unet"][0].dtype, chunk=art.batch_per_core * cores,
+                               timestep_dtype=specs["unet"][1].dtype)
+        pipe.text_encoder = NeuronTextEncoder(runners["text_encoder"], text_config, dtype,
+                                              batch=specs["text_encoder"][0].shape[0])
+        for part, attr in (("vae_decoder", "decoder"), ("vae_post_quant_conv", "post_quant_conv")):
+            spec = specs[part][0]
+            setattr(pipe.vae, attr, CastDtype(StaticBatch(runners[part], spec.shape[0]), spec.dtype))
+        gc.collect()  # the eager UNet and text encoder just let go can be gigabytes
+        return pipe
+
+    def _warm_up(self, precision: str) -> None:
+        """One 1-step generation, so the first person does not wait for lazy loading (and broken parts fail now)."""
+        started = time.perf_counter()
+        request = GenerationRequest(prompt="warm-up", steps=1, seed=0, precision=precision,
+                                    scheduler=DEFAULT_SCHEDULER).validated(self._caps)
+        pipe = self._pipelines[precision]
+        try:
+            sdpipe.run(pipe, request, [0], scheduler=self._schedulers[precision].get(request.scheduler))
+        except Exception as exc:  # noqa: BLE001
+            log.exception("warm-up failed")
+            raise BackendUnavailable(f"--artifacts {self.root}: the {precision} parts failed their first run "
+                                     f"({exc.__class__.__name__}: {str(exc)[:300]}); recompile them with --force.") \
+                from None
+        log.info("warmed up %s in %.1f s", precision, time.perf_counter() - started)
+
+    # The contract ------------------------------------------------------------------------------
+
+    def capabilities(self) -> Capabilities:
+        """The compiled dtypes, the one compiled size, all schedulers."""
+        return self._caps
+
+    def generate(self, request: GenerationRequest, on_step: StepCallback | None = None) -> GenerationResult:
+        """Validate and run one request on the pipeline of its precision."""
+        wanted = request.precision
+        if wanted in DTYPE_NAMES and wanted not in self._caps.precisions:  # compilable, just not compiled
+            raise InvalidRequest(
+                f"precision: {wanted} was not compiled in {self.root}; compiled: {', '.join(self._caps.precisions)}. "
+                f"Compile it with: {compile_hint(self.root, self.model, wanted)}",
+                "precision",
+            )
+        request = request.validated(self._caps)
+        base_seed = sdpipe.random_seed() if request.seed == RANDOM_SEED else request.seed
+        request = request.__class__(**{**request.to_dict(), "seed": base_seed})
+        seeds = request.image_seeds(base_seed)
+        with self._lock:
+            pipe = self._pipelines[request.precision]
+            warnings = sdpipe.truncation_warnings(pipe.tokenizer, request)
+            scheduler = self._schedulers[request.precision].get(request.scheduler)
+            try:
+                images, timings = sdpipe.run(pipe, request, seeds, on_step, scheduler=scheduler)
+            except BackendError:
+                raise
+            except Exception as exc:  # noqa: BLE001
+                log.exception("generation failed")
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                raise GenerationFailed(f"generation failed on {self._caps.device}: "
+                                       f"{exc.__class__.__name__}: {first[:300]}") from exc
+        images = sdpipe.label_images(images, request, seeds, self.model, self.name, timings.total_ms)
+        return GenerationResult(images=images, seeds=seeds, timings=timings, request=request,
+                                backend=self.name, model=self.model, warnings=warnings)
+
+    def close(self) -> None:
+        """Drop the pipelines (and with them the parts loaded on the NeuronCores)."""
+        self._pipelines.clear()
+        self._schedulers.clear()
+        gc.collect()
+
+
+def _import_torch_neuronx(root: Path):
+    """torch_neuronx, or BackendUnavailable saying how to get it and a Neuron device."""
+    try:
+        import torch_neuronx
+    except Exception as exc:  # noqa: BLE001 - missing or broken: either way it cannot run here
+        raise BackendUnavailable(f"--artifacts {root}: these parts were compiled for Neuron, and torch-neuronx cannot "
+                                 f"be imported here ({exc.__class__.__name__}). {NEURON_SDK_HINT}") from None
+    if not any(Path("/dev").glob("neuron*")):
+        raise BackendUnavailable(f"--artifacts {root}: these parts were compiled for Neuron, and this machine has no "
+                                 f"Neuron device (/dev/neuron*). Run on an inf2 instance, or compile CPU parts with "
+                                 f"--target cpu to try the backend here.")
+    return torch_neuronx

@@ -1,0 +1,413 @@
+"""The one definition of what is traced for Neuron and of the adapters that put it back in a pipeline.
+
+compile_scripts/compile.py traces the wrappers below; backend/neuron.py loads what it saved and fits
+it into a diffusers StableDiffusionPipeline with the adapters below. Both sides import this module,
+so a traced graph and the code that calls it cannot drift apart.
+
+Four parts are traced, as in AWS's SD2.1 walk-through: the CLIP text encoder, the UNet, the VAE
+decoder and the VAE's post_quant_conv. The UNet runs data-parallel over the NeuronCores of a chip:
+with classifier-free guidance its batch of 2 runs one sample per core.
+
+Nothing here imports torch_neuronx: the same modules trace with torch.jit.trace on a CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+PARTS = ("text_encoder", "unet", "vae_decoder", "vae_post_quant_conv")
+DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# The timestep goes into the UNet as float32 whatever the model's dtype: bf16 holds integers above
+# 256 only to a multiple of 2..8 (999 -> 1000), while eager diffusers embeds the exact timestep.
+TIMESTEP_DTYPE = torch.float32
+
+
+class StaticShapeError(RuntimeError):
+    """A compiled part was called with inputs of another shape or dtype than it was compiled for."""
+
+
+# --- attention -------------------------------------------------------------------------------
+
+
+class NeuronAttnProcessor:
+    """Attention as explicit matmuls and a softmax, scaled by attn.scale, for neuronx-cc to trace.
+
+    Why not the walk-through's patch: it replaced `Attention.get_attention_scores` with a version that
+    scales by a hard-coded 0.125. With torch 2.x diffusers runs `AttnProcessor2_0`, which calls
+    F.scaled_dot_product_attention and never calls get_attention_scores, so that patch changes
+    nothing; and 0.125 = 1/sqrt(64) is right only for head_dim 64 (SD2.1's UNet), not for other
+    head sizes (the tiny model's is 16, the VAE's 512). This processor is installed with
+    `set_processor`, so it is really what runs, and it scales by `attn.scale` (1/sqrt(head_dim)).
+
+    Explicit bmm + softmax rather than SDPA: the Neuron compiler maps batched matmuls straight onto
+    its matmul engine, while SDPA reaches it as a decomposition it cannot schedule as well. For
+    self-attention (query and key of one shape) the scores are computed transposed, K @ Q^T with
+    the softmax over dim 1, as AWS's SD2 samples do: the same numbers, in the layout that the
+    compiler handles best for the large square score matrices of the 64x64 latent level.
+
+    kernel="sdpa" computes the same attention (same processor, same scale) with PyTorch's fused
+    kernel instead. It is what --target cpu traces by default: on a CPU the fused kernel is 1.5-2x
+    faster than materialised score matrices, and the CPU artifacts should be as fast as eager
+    diffusers. The bmm kernel traces on a CPU too (compile.py --attention bmm), which is how it is
+    tested here.
+    """
+
+    KERNELS = ("bmm", "sdpa")
+
+    def __init__(self, kernel: str = "bmm"):
+        if kernel not in self.KERNELS:
+            raise ValueError(f"attention kernel {kernel!r}: use one of {', '.join(self.KERNELS)}")
+        self.kernel = kernel
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
+                 *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Same contract as diffusers' AttnProcessor; returns the attention block's output."""
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        batch_size, sequence_length, _ = (
+            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+        )
+        attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+
+        if self.kernel == "sdpa":
+            hidden_states = _sdpa(attn, query, key, value, attention_mask, batch_size)
+        else:
+            query = attn.head_to_batch_dim(query)
+            key = attn.head_to_batch_dim(key)
+            value = attn.head_to_batch_dim(value)
+            probs = attention_probs(query, key, attention_mask, attn.scale, attn.upcast_attention,
+                                    attn.upcast_softmax)
+            hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))
+
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+def _sdpa(attn, query, key, value, mask, batch_size: int) -> torch.Tensor:
+    """The same attention through F.scaled_dot_product_attention, at attn.scale (AttnProcessor2_0 uses
+    SDPA's default, which equals attn.scale only when scale_qk is on)."""
+    heads = attn.heads
+    head_dim = key.shape[-1] // heads
+    query, key, value = (x.view(batch_size, -1, heads, head_dim).transpose(1, 2) for x in (query, key, value))
+    if mask is not None:
+        mask = mask.view(batch_size, heads, -1, mask.shape[-1])
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=attn.scale)
+    return out.transpose(1, 2).reshape(batch_size, -1, heads * head_dim).to(query.dtype)
+
+
+def attention_probs(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scale: float,
+                    upcast_attention: bool = False, upcast_softmax: bool = False) -> torch.Tensor:
+    """softmax(scale * Q K^T) for (batch*heads, tokens, head_dim) inputs, in the query's dtype."""
+    dtype = query.dtype
+    if upcast_attention:
+        query, key = query.float(), key.float()
+    if mask is None and query.shape == key.shape:
+        scores = torch.bmm(key, query.transpose(-1, -2)) * scale
+        if upcast_softmax:
+            scores = scores.float()
+        probs = scores.softmax(dim=1).permute(0, 2, 1)
+    else:
+        scores = torch.bmm(query, key.transpose(-1, -2)) * scale
+        if mask is not None:
+            scores = scores + mask
+        if upcast_softmax:
+            scores = scores.float()
+        probs = scores.softmax(dim=-1)
+    return probs.to(dtype)
+
+
+def install_neuron_attention(module: nn.Module, kernel: str = "bmm") -> int:
+    """Give every diffusers Attention inside module a NeuronAttnProcessor; returns how many."""
+    from diffusers.models.attention_processor import Attention
+
+    processor = NeuronAttnProcessor(kernel)
+    count = 0
+    for sub in module.modules():
+        if isinstance(sub, Attention):
+            sub.set_processor(processor)
+            count += 1
+    return count
+
+
+# --- what is traced --------------------------------------------------------------------------
+
+
+class UNetWrap(nn.Module):
+    """The traced UNet: (sample, timestep[batch], encoder_hidden_states) -> the predicted sample."""
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor):
+        """A plain tensor out: traced graphs cannot return UNet2DConditionOutput."""
+        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
+
+class TextEncoderWrap(nn.Module):
+    """The traced text encoder: input_ids (1, 77) -> last_hidden_state (1, 77, hidden)."""
+
+    def __init__(self, text_encoder: nn.Module):
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Only last_hidden_state: the pipeline uses nothing else and a tensor traces most simply."""
+        return self.text_encoder(input_ids, return_dict=False)[0]
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """The shape and dtype one input of a compiled part was traced with."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    def to_json(self) -> dict[str, Any]:
+        """{"shape": [...], "dtype": "bfloat16"} for the manifest."""
+        return {"shape": list(self.shape), "dtype": str(self.dtype).removeprefix("torch.")}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "InputSpec":
+        """Inverse of to_json."""
+        return cls(tuple(int(v) for v in data["shape"]), getattr(torch, data["dtype"]))
+
+
+def part_input_specs(part: str, dtype: torch.dtype, batch: int, latent_height: int, latent_width: int,
+                     tokens: int, text_hidden: int, latent_channels: int = 4,
+                     timestep_dtype: torch.dtype = TIMESTEP_DTYPE) -> list[InputSpec]:
+    """The inputs a part is traced with: `batch` is per NeuronCore for the UNet, else per call."""
+    latent = (batch, latent_channels, latent_height, latent_width)
+    if part == "text_encoder":
+        return [InputSpec((batch, tokens), torch.int64)]
+    if part == "unet":
+        return [InputSpec(latent, dtype), InputSpec((batch,), timestep_dtype),
+                InputSpec((batch, tokens, text_hidden), dtype)]
+    if part in ("vae_decoder", "vae_post_quant_conv"):
+        return [InputSpec(latent, dtype)]
+    raise KeyError(f"unknown part {part!r}; parts are {', '.join(PARTS)}")
+
+
+# --- what runs the traced parts --------------------------------------------------------------
+
+
+class ShapeGuard(nn.Module):
+    """Refuses inputs of another shape or dtype than the compiled ones, as the Neuron runtime does.
+
+    A CPU TorchScript graph runs at any shape, a Neuron one only at the shapes it was traced with;
+    with this guard around the CPU artifacts a shape bug fails here as it would on inf2.
+    """
+
+    def __init__(self, module: nn.Module, name: str, specs: Sequence[InputSpec]):
+        super().__init__()
+        self.module = module
+        self.name = name
+        self.specs = list(specs)
+
+    def check(self, *inputs: torch.Tensor) -> None:
+        """Raise StaticShapeError unless every input has its compiled shape and dtype."""
+        if len(inputs) != len(self.specs):
+            raise StaticShapeError(f"{self.name}: called with {len(inputs)} inputs; it was compiled for "
+                                   f"{len(self.specs)}")
+        for i, (value, spec) in enumerate(zip(inputs, self.specs)):
+            if tuple(value.shape) != spec.shape or value.dtype != spec.dtype:
+                raise StaticShapeError(
+                    f"{self.name}: input {i} is {_describe(value.shape, value.dtype)} but the part was compiled "
+                    f"for {_describe(spec.shape, spec.dtype)}; a compiled Neuron graph runs only at the shapes "
+                    f"it was traced with"
+                )
+
+    def forward(self, *inputs: torch.Tensor):
+        """Check, then run the part."""
+        self.check(*inputs)
+        return self.module(*inputs)
+
+
+class CpuDataParallel(nn.Module):
+    """A CPU stand-in for torch_neuronx.DataParallel(model, device_ids, set_dynamic_batching=False).
+
+    Like the real one it splits dim 0 into one equal slice per core and requires each slice to be
+    exactly what the part was compiled for (input.shape[0] / len(device_ids) == compiled batch).
+    The cores of a real DataParallel run their slices at the same time; on a CPU, whose traced graph
+    takes any batch, the nearest equivalent is one call on the checked batch. Two calls in a row
+    would pay each small op's thread fork/join twice: about 20% slower per step than eager diffusers
+    with 2 CPU threads (tiny model, 512x512), the same results to the last bf16 bit.
+    """
+
+    def __init__(self, guard: ShapeGuard, device_ids: Sequence[int], batch_per_core: int):
+        super().__init__()
+        self.guard = guard
+        self.device_ids = list(device_ids)
+        self.batch_per_core = batch_per_core
+
+    def forward(self, *inputs: torch.Tensor):
+        """Check each core's slice of the batch, then run the batch."""
+        cores = len(self.device_ids)
+        batch = inputs[0].shape[0]
+        if batch != cores * self.batch_per_core:
+            raise StaticShapeError(
+                f"DataParallel over {cores} cores with dynamic batching off needs a batch of "
+                f"{cores} x {self.batch_per_core} (the compiled batch per core); got {batch}"
+            )
+        for core_inputs in zip(*(x.split(self.batch_per_core) for x in inputs)):
+            self.guard.check(*core_inputs)
+        return self.guard.module(*inputs)
+
+
+class StaticBatch(nn.Module):
+    """Runs a part compiled for a fixed batch on any batch: in chunks of that size, the last padded."""
+
+    def __init__(self, module: nn.Module, batch: int):
+        super().__init__()
+        self.module = module
+        self.batch = batch
+
+    def forward(self, *inputs: torch.Tensor):
+        """Chunk dim 0, pad the last chunk by repeating its last row, run, join, drop the padding."""
+        total = inputs[0].shape[0]
+        if total == self.batch:
+            return self.module(*inputs)
+        outputs = []
+        for start in range(0, total, self.batch):
+            chunk = [x[start:start + self.batch] for x in inputs]
+            short = self.batch - chunk[0].shape[0]
+            if short:
+                chunk = [torch.cat([x, x[-1:].expand(short, *x.shape[1:])]) for x in chunk]
+            outputs.append(self.module(*chunk))
+        return slice_outputs(concat_outputs(outputs), total)
+
+
+class CastDtype(nn.Module):
+    """Calls a part in its compiled dtype and hands the result back in the caller's dtype.
+
+    So a pipeline of one precision can use a part compiled in another (an fp32 VAE behind a bf16
+    UNet, or the reverse) and a part never sees a dtype that its graph was not compiled for.
+    """
+
+    def __init__(self, module: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.module = module
+        self.dtype = dtype
+
+    def forward(self, sample: torch.Tensor, *args: Any) -> torch.Tensor:
+        """Cast in, run, cast out (extra arguments, such as the decoder's latent_embeds=None, are dropped)."""
+        if any(a is not None for a in args):
+            raise ValueError("a compiled VAE part takes one tensor; conditional inputs were not compiled")
+        out = first_tensor(self.module(sample.to(self.dtype)))
+        return out.to(sample.dtype)
+
+
+class NeuronUNet(nn.Module):
+    """Stands in the pipeline for UNet2DConditionModel: what the pipeline reads, around the compiled UNet.
+
+    `runner` takes (sample, timestep[batch], encoder_hidden_states) at the compiled batch and returns
+    the sample, alone or as the first item of a tuple (the walk-through traced UNetWrap returning
+    the tuple of `return_dict=False`).
+    """
+
+    def __init__(self, runner: nn.Module, config: Any, dtype: torch.dtype, chunk: int,
+                 timestep_dtype: torch.dtype = TIMESTEP_DTYPE):
+        super().__init__()
+        self.unetwrap = StaticBatch(runner, chunk)
+        self.config = config
+        self.in_channels = config.in_channels
+        self.dtype = dtype
+        self.device = torch.device("cpu")  # the Neuron runtime takes and returns host tensors
+        self.timestep_dtype = timestep_dtype
+
+    def forward(self, sample: torch.Tensor, timestep: Any, encoder_hidden_states: torch.Tensor,
+                timestep_cond: torch.Tensor | None = None, cross_attention_kwargs: dict | None = None,
+                added_cond_kwargs: dict | None = None, return_dict: bool = True, **kwargs: Any):
+        """UNet2DConditionModel's call signature; what was not compiled in must be left unset."""
+        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+        if timestep_cond is not None or cross_attention_kwargs or added_cond_kwargs:
+            raise ValueError("the compiled UNet takes no timestep_cond, cross_attention_kwargs or "
+                             "added_cond_kwargs (LoRA scales and adapters were not compiled in)")
+        batch = sample.shape[0]
+        # Expanded to the batch so that DataParallel hands each core its own slice of timesteps.
+        t = torch.as_tensor(timestep).to(self.timestep_dtype).reshape(-1).expand(batch)
+        out = first_tensor(self.unetwrap(sample.to(self.dtype), t, encoder_hidden_states.to(self.dtype)))
+        return UNet2DConditionOutput(sample=out) if return_dict else (out,)
+
+
+class NeuronTextEncoder(nn.Module):
+    """Stands in the pipeline for CLIPTextModel: returns (last_hidden_state,) from the compiled encoder."""
+
+    def __init__(self, runner: nn.Module, config: Any, dtype: torch.dtype, batch: int = 1):
+        super().__init__()
+        self.neuron_text_encoder = StaticBatch(runner, batch)
+        self.config = config
+        self.dtype = dtype
+        self.device = torch.device("cpu")
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any):
+        """Indexable like the model's output: [0] is last_hidden_state (no mask: CLIP does not use one)."""
+        if kwargs.get("output_hidden_states"):
+            raise ValueError("the compiled text encoder returns only the last hidden state (clip_skip "
+                             "is not available)")
+        out = self.neuron_text_encoder(input_ids)
+        if isinstance(out, dict):  # the walk-through traced CLIPTextModel itself, which returns a dict
+            out = out["last_hidden_state"]
+        return (first_tensor(out).to(self.dtype),)
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def first_tensor(out: Any) -> torch.Tensor:
+    """A traced part's main output: the tensor itself, or the first of a tuple/list."""
+    while isinstance(out, (tuple, list)):
+        out = out[0]
+    return out
+
+
+def concat_outputs(outputs: list[Any]) -> Any:
+    """Join per-chunk outputs along dim 0: tensors, tuples/lists of tensors or dicts of tensors."""
+    first = outputs[0]
+    if len(outputs) == 1:
+        return first
+    if isinstance(first, torch.Tensor):
+        return torch.cat(outputs)
+    if isinstance(first, dict):
+        return {k: torch.cat([o[k] for o in outputs]) for k in first}
+    return type(first)(torch.cat(items) for items in zip(*outputs))
+
+
+def slice_outputs(out: Any, n: int) -> Any:
+    """The first n rows of each tensor in a part's output."""
+    if isinstance(out, torch.Tensor):
+        return out[:n]
+    if isinstance(out, dict):
+        return {k: v[:n] for k, v in out.items()}
+    return type(out)(v[:n] for v in out)
+
+
+def _describe(shape: Sequence[int], dtype: torch.dtype) -> str:
+    return f"{'x'.join(str(s) for s in shape)} {str(dtype).removeprefix('torch.')}"
+

@@ -1,0 +1,1 @@
+"""Scripts that prepare artifacts: compile.py traces the model for Neuron (or the CPU)."""

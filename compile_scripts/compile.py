@@ -1,0 +1,436 @@
+"""Trace Stable Diffusion 2.1's text encoder, UNet, VAE decoder and post_quant_conv for Neuron or the CPU.
+
+    # on inf2 (inf2.8xlarge or larger: the UNet compile needs ~35 GB of host memory)
+    python -m compile_scripts.compile --model stabilityai/stable-diffusion-2-1-base --out sd2_512_root
+    python -m compile_scripts.compile --model stabilityai/stable-diffusion-2-1 --out sd2_768_root \\
+        --height 768 --width 768 --dtype bf16 fp32
+    # anywhere: the same code traced with torch.jit.trace, for testing the Neuron backend on a CPU
+    python -m compile_scripts.compile --model tiny --out /tmp/tiny_root --target cpu --dtype bf16 fp32
+
+The root is a diffusers model folder (saved first) plus compiled_models/<dtype>/{part}.pt and a
+manifest.json; `python app.py --backend neuron --artifacts ROOT` serves it. Each part is traced in
+its own step, with only that part in memory (load, deep-copy the part, free the rest, trace, save),
+and parts whose manifest entry matches the current settings and versions are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import os
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+if __package__ in (None, ""):  # `python compile_scripts/compile.py`: make the repo root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+PARTS = ("text_encoder", "unet", "vae_decoder", "vae_post_quant_conv")
+DTYPES = ("bf16", "fp32")
+TARGETS = ("neuron", "cpu")
+BATCH_PER_CORE = 1  # the UNet's compiled batch on each NeuronCore: CFG's 2 samples, one per core
+VAE_BATCH = 1  # images are decoded one at a time, as the walk-through compiled them
+MIN_UNET_MEMORY_GB = 35  # AWS: compile the SD2.1 UNet on inf2.8xlarge (128 GB) or larger, not inf2.xlarge (16 GB)
+EXAMPLE_PROMPT = "a lovely cat"
+# AWS's SD2.1 sample: the UNet and the VAE decoder are compiled as UNets, and every part's NEFF is
+# laid out for fast loading.
+BASE_COMPILER_ARGS = {
+    "text_encoder": ["--enable-fast-loading-neuron-binaries"],
+    "unet": ["--model-type=unet-inference", "--enable-fast-loading-neuron-binaries"],
+    "vae_decoder": ["--model-type=unet-inference", "--enable-fast-loading-neuron-binaries"],
+    "vae_post_quant_conv": [],
+}
+# Since neuronx-cc 2.22 the compiler no longer casts matmuls to bf16 unless asked; the walk-through's
+# bf16 timings assume it does.
+BF16_COMPILER_ARGS = ["--auto-cast=matmult", "--auto-cast-type=bf16"]
+# The attention kernel of NeuronAttnProcessor (backend/neuron_modules.py): explicit matmuls for the
+# Neuron compiler; PyTorch's fused kernel on a CPU, where it is 1.5-2x faster than explicit scores.
+ATTENTION_KERNELS = ("bmm", "sdpa")
+DEFAULT_ATTENTION = {"neuron": "bmm", "cpu": "sdpa"}
+ATTENTION_PARTS = ("unet", "vae_decoder")
+
+
+class CompileError(Exception):
+    """The compile cannot go on; the message says what to do."""
+
+
+def compiler_args(part: str, dtype: str, target: str) -> list[str]:
+    """The neuronx-cc arguments of one part ([] when tracing for the CPU)."""
+    if target != "neuron":
+        return []
+    return BASE_COMPILER_ARGS[part] + (BF16_COMPILER_ARGS if dtype == "bf16" else [])
+
+
+def host_memory_gb() -> float | None:
+    """This machine's memory in GB (psutil if present, else /proc/meminfo), None if unknown."""
+    try:
+        import psutil
+
+        return psutil.virtual_memory().total / 1e9
+    except ImportError:
+        pass
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024 / 1e9
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def import_neuron_sdk():
+    """torch_neuronx, or CompileError saying how to install the Neuron SDK."""
+    from backend.neuron import NEURON_SDK_HINT
+
+    # AWS's SD samples set this before importing torch_neuronx: the compiler fuses the softmax.
+    os.environ.setdefault("NEURON_FUSE_SOFTMAX", "1")
+    try:
+        import torch_neuronx
+    except Exception as exc:  # noqa: BLE001 - missing or broken, the answer is the same
+        raise CompileError(f"--target neuron needs torch-neuronx and neuronx-cc, which cannot be imported here "
+                           f"({exc.__class__.__name__}). {NEURON_SDK_HINT}") from None
+    return torch_neuronx
+
+
+def model_key(model: str) -> str:
+    """How a model is recorded: 'tiny' and Hub ids as given, folders as absolute paths."""
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.is_dir() else model
+
+
+class Compiler:
+    """Saves the model into a root and traces its parts, one dtype and one part at a time."""
+
+    def __init__(self, model: str, root: Path, height: int, width: int, target: str, force: bool = False,
+                 workdir: Path | None = None, echo: Callable[[str], None] = print, attention: str | None = None):
+        from backend.neuron import installed_versions
+
+        self.model = model_key(model)
+        self.root = root
+        self.height, self.width = height, width
+        self.target = target
+        self.attention = attention or DEFAULT_ATTENTION[target]
+        self.force = force
+        self.workdir = workdir
+        self.echo = echo
+        self.sdk = import_neuron_sdk() if target == "neuron" else None
+        self.versions = installed_versions()
+
+    # The diffusers files -----------------------------------------------------------------------
+
+    def save_model(self) -> None:
+        """Write the diffusers model files into the root, unless they are already this model's."""
+        from backend.neuron import COMPILED_DIR, SOURCE, read_json, write_json
+        from backend.pipeline import is_tiny_folder, load_pipeline
+        from backend.tiny import TINY_MODEL_ID
+        from backend.tiny import save as save_tiny
+
+        compiled = self.root / COMPILED_DIR
+        source_path = compiled / SOURCE
+        saved = read_json(source_path).get("model") if source_path.is_file() else None
+        if (self.root / "model_index.json").is_file() and saved is not None:
+            if saved == self.model:
+                self.echo(f"model files: {self.root} already holds {self.model}")
+                return
+            if not self.force:
+                raise CompileError(f"{self.root} holds the files of model {saved!r}, not {self.model!r}: compile into "
+                                   f"another --out folder, or pass --force to replace them (and recompile every dtype).")
+        if Path(self.model).is_dir() and Path(self.model).resolve() == self.root.resolve():
+            self.echo(f"model files: compiling {self.root} in place")
+        else:
+            import torch
+
+            started = time.perf_counter()
+            self.echo(f"model files: saving {self.model} to {self.root} ...")
+            if self.model == TINY_MODEL_ID:
+                save_tiny(self.root)  # with its README, which marks the root as random weights
+            else:
+                try:
+                    pipe = load_pipeline(self.model, torch.float32)  # fp32 on disk: each dtype is cast from it
+                except Exception as exc:  # noqa: BLE001 - offline, a typo, no access: say which model
+                    raise CompileError(f"--model {self.model}: cannot be loaded ({exc.__class__.__name__}: "
+                                       f"{str(exc).strip()[:300]})") from None
+                pipe.save_pretrained(self.root)
+                del pipe
+                gc.collect()
+                if is_tiny_folder(self.model):
+                    shutil.copy(Path(self.model) / "README.md", self.root / "README.md")
+            self.echo(f"model files: saved in {time.perf_counter() - started:.1f} s")
+        compiled.mkdir(parents=True, exist_ok=True)
+        write_json(source_path, {"model": self.model, "saved_at": _now(), "versions": self.versions})
+
+    # Manifests ---------------------------------------------------------------------------------
+
+    def base_manifest(self, dtype: str) -> dict[str, Any]:
+        """The settings every part of a dtype shares (a change to any of them makes every part stale)."""
+        from backend.neuron import MANIFEST_FORMAT, model_architecture
+
+        arch = model_architecture(self.root)
+        factor = arch["vae_scale_factor"]
+        return {
+            "format": MANIFEST_FORMAT,
+            "model": self.model,
+            "dtype": dtype,
+            "height": self.height,
+            "width": self.width,
+            "latent_height": self.height // factor,
+            "latent_width": self.width // factor,
+            "batch_per_core": BATCH_PER_CORE,
+            "tokens": self.tokens(),
+            "target": self.target,
+            "architecture": arch,
+            "versions": self.versions,
+            "parts": {},
+        }
+
+    def tokens(self) -> int:
+        """The text encoder's window (77 for CLIP), from the saved tokenizer's config."""
+        import json
+
+        config = json.loads((self.root / "tokenizer" / "tokenizer_config.json").read_text())
+        return int(config.get("model_max_length") or 77)
+
+    def part_specs(self, part: str, manifest: dict[str, Any]):
+        """The input shapes and dtypes a part is traced with."""
+        from backend.neuron_modules import DTYPE_NAMES, part_input_specs
+
+        batch = {"unet": BATCH_PER_CORE, "text_encoder": 1}.get(part, VAE_BATCH)
+        arch = manifest["architecture"]
+        return part_input_specs(part, DTYPE_NAMES[manifest["dtype"]], batch, manifest["latent_height"],
+                                manifest["latent_width"], manifest["tokens"], arch["text_hidden_size"],
+                                arch["vae_latent_channels"])
+
+    def part_entry_wanted(self, part: str, manifest: dict[str, Any]) -> dict[str, Any]:
+        """The fields of a part's manifest entry that must match for it to be up to date."""
+        return {
+            "inputs": [s.to_json() for s in self.part_specs(part, manifest)],
+            "compiler_args": compiler_args(part, manifest["dtype"], self.target),
+            "attention": self.attention if part in ATTENTION_PARTS else None,
+            "versions": self.versions,
+        }
+
+    # Compiling ---------------------------------------------------------------------------------
+
+    def compile(self, dtypes: list[str], parts: list[str]) -> dict[str, dict[str, Any]]:
+        """Save the model, then trace each asked part of each asked dtype; returns the manifests."""
+        from backend.neuron import COMPILED_DIR, MANIFEST, read_json, write_json
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.save_model()
+        manifests = {}
+        steps = [(d, p) for d in dtypes for p in parts]
+        for index, (dtype, part) in enumerate(steps, 1):
+            directory = self.root / COMPILED_DIR / dtype
+            directory.mkdir(parents=True, exist_ok=True)
+            path = directory / MANIFEST
+            manifest = manifests.get(dtype)
+            if manifest is None:
+                manifest = self.base_manifest(dtype)
+                old = read_json(path) if path.is_file() else None
+                if old is not None:
+                    shared = [k for k in manifest if k not in ("parts", "versions")]
+                    changed = [k for k in shared if old.get(k) != manifest[k]]
+                    if changed:
+                        self.echo(f"{dtype}: settings changed ({', '.join(changed)}); its earlier parts are stale")
+                    else:
+                        manifest["parts"] = dict(old.get("parts") or {})
+                manifests[dtype] = manifest
+            label = f"[{index}/{len(steps)}] {dtype} {part}"
+            wanted = self.part_entry_wanted(part, manifest)
+            entry = manifest["parts"].get(part)
+            current = entry is not None and (directory / f"{part}.pt").is_file() and all(
+                entry.get(k) == v for k, v in wanted.items())
+            if current and not self.force:
+                self.echo(f"{label}: up to date (compiled {entry.get('compiled_at')}); --force recompiles it")
+                continue
+            if part == "unet" and self.target == "neuron":
+                self.warn_if_short_of_memory()
+            shapes = ", ".join("x".join(str(d) for d in s["shape"]) for s in wanted["inputs"])
+            self.echo(f"{label}: tracing for {self.target} (inputs {shapes}) ...")
+            started = time.perf_counter()
+            trace_seconds = self.trace_part(part, manifest, directory / f"{part}.pt")
+            seconds = time.perf_counter() - started
+            size = (directory / f"{part}.pt").stat().st_size
+            manifest["parts"][part] = {
+                "file": f"{part}.pt", **wanted, "seconds": round(seconds, 2),
+                "trace_seconds": round(trace_seconds, 2), "bytes": size, "compiled_at": _now(),
+            }
+            manifest["versions"] = self.versions
+            write_json(path, manifest)  # after every part: an interrupted compile keeps what it finished
+            self.echo(f"{label}: done in {seconds:.1f} s ({size / 1e6:.1f} MB) -> {directory / f'{part}.pt'}")
+        for dtype, manifest in manifests.items():
+            write_json(self.root / COMPILED_DIR / dtype / MANIFEST, manifest)
+        return manifests
+
+    def warn_if_short_of_memory(self) -> None:
+        """AWS advises inf2.8xlarge or larger for the UNet compile; say so before it is killed."""
+        memory = host_memory_gb()
+        if memory is not None and memory < MIN_UNET_MEMORY_GB:
+            self.echo(f"warning: this machine has {memory:.0f} GB of memory; compiling the SD2.1 UNet needs about "
+                      f"{MIN_UNET_MEMORY_GB} GB (AWS advises inf2.8xlarge or larger). It may be killed for lack of "
+                      f"memory; add swap or use a larger instance.")
+
+    def load_part(self, part: str, dtype):
+        """Only the module a part needs, loaded from the root's files, with the rest freed."""
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        from backend.neuron_modules import TextEncoderWrap, UNetWrap, install_neuron_attention
+
+        if part == "text_encoder":
+            module = TextEncoderWrap(CLIPTextModel.from_pretrained(self.root / "text_encoder", dtype=dtype))
+        elif part == "unet":
+            unet = UNet2DConditionModel.from_pretrained(self.root / "unet", dtype=dtype)
+            install_neuron_attention(unet, self.attention)
+            module = UNetWrap(unet)
+        else:
+            vae = AutoencoderKL.from_pretrained(self.root / "vae", dtype=dtype)
+            module = copy.deepcopy(vae.decoder if part == "vae_decoder" else vae.post_quant_conv)
+            del vae
+            gc.collect()
+            if part == "vae_decoder":
+                install_neuron_attention(module, self.attention)
+        return module.eval().requires_grad_(False)
+
+    def example_inputs(self, part: str, manifest: dict[str, Any]):
+        """Inputs of the compiled shapes: real token ids for the text encoder (an embedding lookup
+        needs ids in range), fixed-seed noise for the rest."""
+        import torch
+
+        specs = self.part_specs(part, manifest)
+        if part == "text_encoder":
+            from transformers import CLIPTokenizer
+
+            tokenizer = CLIPTokenizer.from_pretrained(self.root / "tokenizer")
+            ids = tokenizer(EXAMPLE_PROMPT, padding="max_length", max_length=specs[0].shape[1], truncation=True,
+                            return_tensors="pt").input_ids
+            return (ids.repeat(specs[0].shape[0], 1),)
+        generator = torch.Generator().manual_seed(0)
+        inputs = []
+        for spec in specs:
+            if len(spec.shape) == 1:  # the timestep: the last one of a 1000-step schedule
+                inputs.append(torch.full(spec.shape, 999.0, dtype=spec.dtype))
+            else:
+                inputs.append(torch.randn(spec.shape, generator=generator).to(spec.dtype))
+        return tuple(inputs)
+
+    def trace_part(self, part: str, manifest: dict[str, Any], path: Path) -> float:
+        """Load, trace and save one part; returns the seconds the trace itself took."""
+        import torch
+
+        from backend.neuron_modules import DTYPE_NAMES
+
+        dtype = manifest["dtype"]
+        module = self.load_part(part, DTYPE_NAMES[dtype])
+        inputs = self.example_inputs(part, manifest)
+        started = time.perf_counter()
+        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+            # "Converting a tensor to a Python boolean...": shape checks baked in, which is the point.
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            if self.target == "neuron":
+                traced = self.trace_neuron(part, dtype, module, inputs)
+            else:
+                traced = trace_cpu(module, inputs)
+        trace_seconds = time.perf_counter() - started
+        del module
+        gc.collect()
+        tmp = path.with_name(path.name + ".tmp")
+        torch.jit.save(traced, str(tmp))
+        os.replace(tmp, path)
+        del traced
+        gc.collect()
+        return trace_seconds
+
+    def trace_neuron(self, part: str, dtype: str, module, inputs):
+        """torch_neuronx.trace with AWS's arguments; the compiler's work folder is kept only with --workdir."""
+        workdir = self.workdir / dtype / part if self.workdir else Path(tempfile.mkdtemp(prefix=f"neuron-{part}-"))
+        workdir.mkdir(parents=True, exist_ok=True)
+        try:
+            traced = self.sdk.trace(module, inputs if len(inputs) > 1 else inputs[0],
+                                    compiler_workdir=str(workdir), compiler_args=compiler_args(part, dtype, "neuron"))
+        finally:
+            if not self.workdir:
+                shutil.rmtree(workdir, ignore_errors=True)
+        # As AWS's sample: load the NEFF asynchronously, and the UNet lazily (DataParallel loads
+        # it onto each core).
+        if hasattr(self.sdk, "async_load"):
+            self.sdk.async_load(traced)
+        if part == "unet" and hasattr(self.sdk, "lazy_load"):
+            self.sdk.lazy_load(traced)
+        return traced
+
+
+def trace_cpu(module, inputs):
+    """torch.jit.trace for the CPU target: the graph the Neuron compiler would get, run by TorchScript.
+
+    Frozen (weights folded in as constants) so TorchScript can fuse and pre-pack them for oneDNN,
+    which makes the traced path at least as fast as eager diffusers on a CPU.
+    """
+    import torch
+
+    traced = torch.jit.trace(module, inputs, check_trace=False)
+    return torch.jit.freeze(traced.eval())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line."""
+    parser = argparse.ArgumentParser(
+        prog="python -m compile_scripts.compile",
+        description="Trace SD2.1's text encoder, UNet, VAE decoder and post_quant_conv for Neuron (inf2) or the CPU, "
+                    "into ROOT/compiled_models/<dtype>/ beside the model's diffusers files.",
+    )
+    parser.add_argument("--model", required=True,
+                        help="Hub id (stabilityai/stable-diffusion-2-1-base), a diffusers folder, or 'tiny'")
+    parser.add_argument("--out", required=True, type=Path, help="the compiled root to write (created if missing)")
+    parser.add_argument("--dtype", nargs="+", choices=DTYPES, default=["bf16"],
+                        help="one or more of bf16, fp32; each goes in its own folder of one root (default bf16)")
+    parser.add_argument("--height", type=int, default=512, help="image height (512; 768 for SD2.1-768)")
+    parser.add_argument("--width", type=int, default=512, help="image width (512; 768 for SD2.1-768)")
+    parser.add_argument("--target", choices=TARGETS, default="neuron",
+                        help="neuron: torch_neuronx.trace on inf2 (default); cpu: torch.jit.trace, for tests")
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="parts to compile (default all)")
+    parser.add_argument("--attention", choices=ATTENTION_KERNELS,
+                        help="attention kernel traced into the UNet and VAE decoder: bmm (explicit matmuls, the "
+                             "default for neuron) or sdpa (fused, the default for cpu); --target cpu --attention bmm "
+                             "runs the Neuron graph's attention on a CPU")
+    parser.add_argument("--force", action="store_true", help="recompile parts that are up to date")
+    parser.add_argument("--workdir", type=Path, help="keep the Neuron compiler's work files (logs, NEFFs) here")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    for name in ("height", "width"):
+        value = getattr(args, name)
+        if value <= 0 or value % 8:
+            print(f"error: --{name} {value}: must be a positive multiple of 8 (the VAE's downsampling factor)",
+                  file=sys.stderr)
+            return 2
+    started = time.perf_counter()
+    from backend.api import BackendError
+
+    try:
+        compiler = Compiler(args.model, args.out, args.height, args.width, args.target, args.force, args.workdir,
+                            echo=lambda text: print(text, flush=True), attention=args.attention)
+        compiler.compile(list(dict.fromkeys(args.dtype)), [p for p in PARTS if p in args.parts])
+    except (CompileError, BackendError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"compiled root: {args.out} ({time.perf_counter() - started:.1f} s). Serve it with: "
+          f"python app.py --backend neuron --artifacts {args.out}")
+    return 0
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

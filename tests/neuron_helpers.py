@@ -1,0 +1,138 @@
+"""Shared by test_neuron.py and test_compile.py: the tiny model compiled once for the CPU, and
+AWS's walk-through traced the walk-through's way.
+
+Stand-ins, and why: the Neuron compiler and device cannot exist here, so the parts are traced with
+`--target cpu` (torch.jit.trace) and run through the CPU stand-in for torch_neuronx.DataParallel.
+Everything else is the real thing: the compile script, diffusers pipelines, the loader.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+# Smaller than the tiny model's native 512 so that the many generations of the tests stay fast;
+# the walk-through layout below covers 512x512.
+SIZE = 256
+_ROOTS: dict[str, Path] = {}
+
+
+def compiled_root(tmp_path_factory) -> Path:
+    """The tiny model compiled for the CPU in bf16 and fp32 at SIZE x SIZE, once per test session."""
+    if "cpu" not in _ROOTS:
+        from compile_scripts.compile import main
+
+        root = tmp_path_factory.mktemp("neuron-root") / "root"
+        status = main(["--model", "tiny", "--out", str(root), "--target", "cpu", "--dtype", "bf16", "fp32",
+                       "--height", str(SIZE), "--width", str(SIZE)])
+        assert status == 0
+        _ROOTS["cpu"] = root
+    return _ROOTS["cpu"]
+
+
+def copy_root(root: Path, dest: Path) -> Path:
+    """A private copy of a compiled root that a test may break."""
+    return Path(shutil.copytree(root, dest))
+
+
+# --- AWS's walk-through, as it wrote it (the blog's compile section), traced with torch.jit.trace ---
+
+
+class WalkthroughUNetWrap(nn.Module):
+    """The walk-through's UNetWrap: returns the tuple of return_dict=False."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, encoder_hidden_states, cross_attention_kwargs=None):
+        """As in the blog."""
+        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)
+
+
+class WalkthroughNeuronUNet(nn.Module):
+    """The walk-through's NeuronUNet, used by its loading code."""
+
+    def __init__(self, unetwrap):
+        super().__init__()
+        self.unetwrap = unetwrap
+        self.config = unetwrap.unet.config
+        self.in_channels = unetwrap.unet.in_channels
+        self.device = unetwrap.unet.device
+
+    def forward(self, sample, timestep, encoder_hidden_states, cross_attention_kwargs=None, **kwargs):
+        """As in the blog (**kwargs: diffusers 0.42 passes a few more, all None)."""
+        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+        sample = self.unetwrap(sample, timestep.float().expand((sample.shape[0],)).to(torch.bfloat16),
+                               encoder_hidden_states)[0]
+        return UNet2DConditionOutput(sample=sample)
+
+
+class WalkthroughNeuronTextEncoder(nn.Module):
+    """The walk-through's NeuronTextEncoder, used by its loading code."""
+
+    def __init__(self, text_encoder):
+        super().__init__()
+        self.neuron_text_encoder = text_encoder
+        self.config = text_encoder.config
+        self.dtype = text_encoder.dtype
+        self.device = text_encoder.device
+
+    def forward(self, emb, attention_mask=None, **kwargs):
+        """As in the blog."""
+        return [self.neuron_text_encoder(emb)["last_hidden_state"]]
+
+
+def trace_walkthrough(model_dir: Path, root: Path) -> Path:
+    """Trace the tiny model as the walk-through traces SD2.1: bf16, 512x512 (64x64 latents), batch 1,
+    the text encoder as the raw CLIPTextModel, the UNet through UNetWrap; flat compiled_models/*.pt."""
+    from diffusers import StableDiffusionPipeline
+
+    dtype = torch.bfloat16
+    pipe = StableDiffusionPipeline.from_pretrained(str(model_dir), dtype=dtype, safety_checker=None,
+                                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(root)  # the walk-through saves the bf16 pipeline as the root's model files
+    compiled = root / "compiled_models"
+    compiled.mkdir(parents=True)
+    tok = pipe.tokenizer
+    emb = torch.tensor([[tok.bos_token_id, *tok("a lovely cat", add_special_tokens=False).input_ids,
+                         tok.eos_token_id]])
+    emb = torch.cat([emb, torch.zeros(1, 77 - emb.shape[1], dtype=emb.dtype)], dim=1)
+    hidden = pipe.text_encoder.config.hidden_size
+    with torch.no_grad():
+        text_encoder = copy.deepcopy(pipe.text_encoder)
+        torch.jit.save(torch.jit.trace(text_encoder, emb, strict=False, check_trace=False),
+                       str(compiled / "text_encoder.pt"))
+        decoder = copy.deepcopy(pipe.vae.decoder)
+        torch.jit.save(torch.jit.trace(decoder, torch.randn([1, 4, 64, 64]).to(dtype), check_trace=False),
+                       str(compiled / "vae_decoder.pt"))
+        unet = copy.deepcopy(WalkthroughUNetWrap(pipe.unet))
+        example = (torch.randn([1, 4, 64, 64]).to(dtype), torch.tensor(999).float().expand((1,)).to(dtype),
+                   torch.randn([1, 77, hidden]).to(dtype))
+        torch.jit.save(torch.jit.trace(unet, example, check_trace=False), str(compiled / "unet.pt"))
+        post_quant_conv = copy.deepcopy(pipe.vae.post_quant_conv)
+        torch.jit.save(torch.jit.trace(post_quant_conv, torch.randn([1, 4, 64, 64]).to(dtype), check_trace=False),
+                       str(compiled / "vae_post_quant_conv.pt"))
+    return root
+
+
+def walkthrough_pipeline(root: Path):
+    """The walk-through's loading code on a CPU: its wrappers, jit.load, no DataParallel."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(root), dtype=torch.bfloat16, safety_checker=None,
+                                                   feature_extractor=None, requires_safety_checker=False)
+    compiled = root / "compiled_models"
+    pipe.unet = WalkthroughNeuronUNet(WalkthroughUNetWrap(pipe.unet))
+    pipe.unet.unetwrap = torch.jit.load(str(compiled / "unet.pt"))
+    pipe.text_encoder = WalkthroughNeuronTextEncoder(pipe.text_encoder)
+    pipe.text_encoder.neuron_text_encoder = torch.jit.load(str(compiled / "text_encoder.pt"))
+    pipe.vae.decoder = torch.jit.load(str(compiled / "vae_decoder.pt"))
+    pipe.vae.post_quant_conv = torch.jit.load(str(compiled / "vae_post_quant_conv.pt"))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -1,0 +1,453 @@
+"""NeuronBackend on CPU-traced parts of the tiny model: same images as eager diffusers, the
+walk-through's layout, clear errors, the static-shape guard, and the app end to end.
+
+The Neuron compiler and device cannot exist here (see neuron_helpers.py); everything else is real.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import neuron_helpers
+from backend import (
+    BackendUnavailable,
+    GenerationRequest,
+    InvalidRequest,
+    Settings,
+    create_backend,
+)
+from backend import pipeline as sdpipe
+from backend.api import SCHEDULERS
+from backend.neuron import (
+    NeuronBackend,
+    find_artifacts,
+    is_neuron_archive,
+    neuron_core_ids,
+    version_problems,
+)
+from backend.neuron_modules import (
+    CpuDataParallel,
+    InputSpec,
+    NeuronAttnProcessor,
+    ShapeGuard,
+    StaticBatch,
+    StaticShapeError,
+    install_neuron_attention,
+)
+
+SIZE = neuron_helpers.SIZE
+STEPS = 4
+FP32_TOL = 1e-4  # on [0, 1] float pixels
+BF16_TOL = 2e-2
+
+
+@pytest.fixture(scope="session")
+def compiled_root(tmp_path_factory):
+    """The tiny model traced for the CPU, bf16 and fp32 (shared with test_compile.py)."""
+    return neuron_helpers.compiled_root(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def neuron_backend(compiled_root):
+    """One NeuronBackend on the compiled root."""
+    backend = create_backend(Settings(backend="neuron", artifacts=str(compiled_root)))
+    yield backend
+    backend.close()
+
+
+@pytest.fixture(scope="module")
+def eager_pipelines(compiled_root):
+    """Plain eager diffusers pipelines on the root's own model files, one per dtype.
+
+    The bf16 one decodes one image at a time (vae.enable_slicing), as the compiled VAE does: the
+    tiny model's random VAE turns a one-ulp bf16 difference in its input into ~0.05 of pixel, and a
+    batch of 2 rounds differently from two batches of 1 in oneDNN's bf16 convolutions.
+    """
+    pipes = {}
+    for precision in ("fp32", "bf16"):
+        pipe = sdpipe.load_pipeline(str(compiled_root), sdpipe.DTYPES[precision], "cpu", local_files_only=True)
+        if precision == "bf16":
+            pipe.vae.enable_slicing()
+        pipes[precision] = pipe
+    return pipes
+
+
+def float_images(pipe, request: GenerationRequest, seeds: list[int]) -> np.ndarray:
+    """What backend.pipeline.run computes, as [0, 1] floats before the PNG rounding."""
+    pipe.scheduler = sdpipe.make_scheduler(request.scheduler, pipe.scheduler.config)
+    with torch.inference_mode():
+        return pipe(prompt=request.prompt, negative_prompt=request.negative_prompt or None,
+                    num_inference_steps=request.steps, guidance_scale=request.guidance_scale,
+                    height=request.height, width=request.width, num_images_per_prompt=len(seeds),
+                    generator=[torch.Generator("cpu").manual_seed(s) for s in seeds], output_type="np").images
+
+
+def pixels(images) -> np.ndarray:
+    """PIL images as one int array."""
+    return np.stack([np.asarray(img, dtype=np.int16) for img in images])
+
+
+# --- the attention processor -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_unet(compiled_root):
+    """The tiny UNet (fp32) and an input for it."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(compiled_root / "unet").eval()
+    g = torch.Generator().manual_seed(0)
+    inputs = (torch.randn(2, 4, 32, 32, generator=g), torch.tensor(500), torch.randn(2, 77, 32, generator=g))
+    return unet, inputs
+
+
+@pytest.mark.parametrize("kernel", ["bmm", "sdpa"])
+def test_attention_processor_is_invoked_and_matches_sdpa(tiny_unet, monkeypatch, kernel):
+    unet, inputs = tiny_unet
+    with torch.no_grad():
+        reference = unet(*inputs).sample  # diffusers' own AttnProcessor2_0
+        patched = copy.deepcopy(unet)
+        count = install_neuron_attention(patched, kernel)
+        calls = []
+        original = NeuronAttnProcessor.__call__
+
+        def counting(self, attn, *args, **kwargs):
+            calls.append(attn.scale)
+            return original(self, attn, *args, **kwargs)
+
+        monkeypatch.setattr(NeuronAttnProcessor, "__call__", counting)
+        out = patched(*inputs).sample
+    assert count == len(patched.attn_processors) > 0
+    assert all(isinstance(p, NeuronAttnProcessor) for p in patched.attn_processors.values())
+    assert len(calls) == count  # every attention of the UNet ran through it, once
+    assert set(calls) == {16 ** -0.5}  # the tiny model's head_dim is 16: the walk-through's 0.125 would be wrong
+    assert (out - reference).abs().max().item() < 1e-5
+
+
+def test_attention_bf16_no_worse_than_diffusers_classic(tiny_unet):
+    from diffusers.models.attention_processor import AttnProcessor
+
+    unet, inputs = tiny_unet
+    bf16 = copy.deepcopy(unet).to(torch.bfloat16)
+    args = (inputs[0].bfloat16(), inputs[1], inputs[2].bfloat16())
+    with torch.no_grad():
+        reference = unet(*inputs).sample  # fp32 SDPA
+        sdpa = (bf16(*args).sample.float() - reference).abs().max().item()
+        classic = copy.deepcopy(bf16)
+        classic.set_attn_processor(AttnProcessor())
+        classic_err = (classic(*args).sample.float() - reference).abs().max().item()
+        ours = copy.deepcopy(bf16)
+        install_neuron_attention(ours)
+        ours_err = (ours(*args).sample.float() - reference).abs().max().item()
+    assert ours_err <= 1.5 * max(sdpa, classic_err)
+
+
+@pytest.fixture(scope="module")
+def bmm_root(tmp_path_factory):
+    """fp32 parts traced with the Neuron graph's attention (explicit matmuls) instead of the CPU's SDPA."""
+    from compile_scripts.compile import main
+
+    root = tmp_path_factory.mktemp("bmm") / "root"
+    assert main(["--model", "tiny", "--out", str(root), "--target", "cpu", "--dtype", "fp32", "--attention", "bmm",
+                 "--height", "128", "--width", "128"]) == 0
+    return root
+
+
+def test_cpu_parts_use_fused_attention(compiled_root):
+    code = torch.jit.load(str(compiled_root / "compiled_models" / "fp32" / "unet.pt")).code
+    assert "scaled_dot_product_attention" in code and "torch.bmm(" not in code
+
+
+def test_neuron_attention_traced_for_cpu_matches_eager(bmm_root):
+    for part in ("unet", "vae_decoder"):
+        code = torch.jit.load(str(bmm_root / "compiled_models" / "fp32" / f"{part}.pt")).code
+        assert "scaled_dot_product_attention" not in code
+        assert code.count("torch.bmm(") >= 2 and "softmax" in code
+    backend = NeuronBackend(Settings(backend="neuron", artifacts=str(bmm_root)))
+    try:
+        request = GenerationRequest(prompt="a lovely cat", steps=STEPS, seed=9, num_images=2,
+                                    precision="fp32").validated(backend.capabilities())
+        seeds = request.image_seeds(request.seed)
+        eager = sdpipe.load_pipeline(str(bmm_root), torch.float32, "cpu", local_files_only=True)
+        diff = np.abs(float_images(backend._pipelines["fp32"], request, seeds) - float_images(eager, request, seeds))
+        assert diff.max() <= FP32_TOL, diff.max()
+    finally:
+        backend.close()
+
+
+# --- generation matches eager -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("guidance", [7.5, 1.0], ids=["cfg", "no-cfg"])
+@pytest.mark.parametrize("scheduler", list(SCHEDULERS))
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_images_match_eager(neuron_backend, eager_pipelines, precision, scheduler, guidance):
+    request = GenerationRequest(prompt="a lovely cat", negative_prompt="blurry", steps=STEPS, seed=7,
+                                scheduler=scheduler, precision=precision, guidance_scale=guidance,
+                                num_images=2).validated(neuron_backend.capabilities())
+    seeds = request.image_seeds(request.seed)
+    traced = float_images(neuron_backend._pipelines[precision], request, seeds)
+    eager = float_images(eager_pipelines[precision], request, seeds)
+    assert traced.shape == eager.shape == (2, SIZE, SIZE, 3)
+    diff = np.abs(traced - eager).max()
+    assert diff <= (FP32_TOL if precision == "fp32" else BF16_TOL), diff
+
+
+@pytest.mark.parametrize("guidance", [7.5, 1.0], ids=["cfg", "no-cfg"])
+def test_generate_matches_local_backend_fp32(neuron_backend, compiled_root, guidance):
+    local = create_backend(Settings(backend="local", model=str(compiled_root), device="cpu"))
+    request = GenerationRequest(prompt="a lovely cat", steps=STEPS, seed=11, precision="fp32",
+                                guidance_scale=guidance, num_images=2, width=SIZE, height=SIZE)
+    ours, theirs = neuron_backend.generate(request), local.generate(request)
+    assert ours.seeds == theirs.seeds == [11, 12]
+    assert [img.size for img in ours.images] == [(SIZE, SIZE)] * 2
+    # PNG pixels: at most one level apart where a value sits on a rounding boundary.
+    assert np.abs(pixels(ours.images) - pixels(theirs.images)).max() <= 1
+    assert "Backend: neuron" in ours.infotexts[0]
+    assert ours.timings.step_ms and len(ours.timings.step_ms) == STEPS
+
+
+def test_generate_bf16_odd_batch_is_padded(neuron_backend, eager_pipelines):
+    # 3 images without CFG: a UNet batch of 3 runs as chunks of 2 (one per core), the last padded.
+    request = GenerationRequest(prompt="a fox", steps=2, seed=3, precision="bf16", guidance_scale=1.0,
+                                num_images=3)
+    result = neuron_backend.generate(request)
+    assert len(result.images) == 3
+    eager = eager_pipelines["bf16"]
+    eager_images, _ = sdpipe.run(eager, result.request, result.seeds,
+                                 scheduler=sdpipe.make_scheduler(result.request.scheduler, eager.scheduler.config))
+    assert np.abs(pixels(result.images) - pixels(eager_images)).max() <= round(BF16_TOL * 255)
+
+
+def test_capabilities(neuron_backend):
+    caps = neuron_backend.capabilities()
+    assert caps.backend == "neuron"
+    assert caps.precisions == ("bf16", "fp32")
+    assert caps.fixed_sizes == ((SIZE, SIZE),) and caps.default_size == (SIZE, SIZE)
+    assert caps.schedulers == tuple(SCHEDULERS)
+    assert caps.is_tiny and caps.model == "tiny"
+    assert caps.device.startswith("cpu")
+
+
+# --- requests it cannot run ------------------------------------------------------------------------
+
+
+def test_other_size_is_an_invalid_request(neuron_backend):
+    with pytest.raises(InvalidRequest) as err:
+        neuron_backend.generate(GenerationRequest(prompt="cat", width=512, height=512, steps=1))
+    assert f"{SIZE}x{SIZE}" in str(err.value) and "512x512" in str(err.value)
+
+
+# --- the walk-through's flat layout ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def walkthrough_root(tiny_dir, tmp_path_factory):
+    """The tiny model traced exactly as AWS's walk-through traces SD2.1 (flat layout, no manifest)."""
+    return neuron_helpers.trace_walkthrough(tiny_dir, tmp_path_factory.mktemp("walkthrough") / "sd2_512_root")
+
+
+def test_walkthrough_layout_loads_and_generates(walkthrough_root):
+    backend = create_backend(Settings(backend="neuron", artifacts=str(walkthrough_root)))
+    try:
+        caps = backend.capabilities()
+        assert caps.precisions == ("bf16",) and caps.fixed_sizes == ((512, 512),)
+        assert any("walk-through layout" in n for n in caps.notes)
+        request = GenerationRequest(prompt="a lovely cat", steps=2, seed=5, num_images=2)
+        result = backend.generate(request)
+        assert [img.size for img in result.images] == [(512, 512)] * 2
+        # The same images as the walk-through's own loading code (its wrappers, jit.load, no
+        # DataParallel: a CPU graph takes the UNet's batch of 4 at once). Its VAE decodes one image at
+        # a time, as a decoder compiled for batch 1 must (see eager_pipelines for why that matters).
+        reference = neuron_helpers.walkthrough_pipeline(walkthrough_root)
+        reference.vae.enable_slicing()
+        expected, _ = sdpipe.run(reference, result.request, result.seeds,
+                                 scheduler=sdpipe.make_scheduler(result.request.scheduler, reference.scheduler.config))
+        assert np.abs(pixels(result.images) - pixels(expected)).max() <= round(BF16_TOL * 255)
+        with pytest.raises(InvalidRequest) as err:
+            backend.generate(GenerationRequest(prompt="cat", precision="fp32", steps=1))
+        assert "compiled: bf16" in str(err.value) and "--dtype fp32" in str(err.value)
+    finally:
+        backend.close()
+
+
+def test_walkthrough_layout_compiled_for_neuron_needs_the_sdk(walkthrough_root, tmp_path):
+    import zipfile
+
+    root = neuron_helpers.copy_root(walkthrough_root, tmp_path / "root")
+    # A Neuron-traced module calls the neuron custom ops; that is how a manifest-less file is told apart.
+    with zipfile.ZipFile(root / "compiled_models" / "unet.pt", "w") as archive:
+        archive.writestr("unet/code/__torch__.py",
+                         "def forward(self, x):\n  return torch.ops.neuron.forward_v2([x], self.model)\n")
+    assert is_neuron_archive(root / "compiled_models" / "unet.pt")
+    assert not is_neuron_archive(walkthrough_root / "compiled_models" / "unet.pt")
+    with pytest.raises(BackendUnavailable) as err:
+        NeuronBackend(Settings(backend="neuron", artifacts=str(root)))
+    assert "torch-neuronx" in str(err.value) and "pip.repos.neuron.amazonaws.com" in str(err.value)
+
+
+# --- broken or foreign roots -----------------------------------------------------------------------
+
+
+def _manifest(root, dtype):
+    return root / "compiled_models" / dtype / "manifest.json"
+
+
+def _edit_manifest(root, dtype, **changes):
+    path = _manifest(root, dtype)
+    data = json.loads(path.read_text())
+    for key, value in changes.items():
+        if isinstance(value, dict):
+            data[key].update(value)
+        else:
+            data[key] = value
+    path.write_text(json.dumps(data))
+
+
+def _unavailable(root) -> str:
+    with pytest.raises(BackendUnavailable) as err:
+        NeuronBackend(Settings(backend="neuron", artifacts=str(root)))
+    return str(err.value)
+
+
+def test_missing_root(tmp_path):
+    message = _unavailable(tmp_path / "nowhere")
+    assert "no such folder" in message and "compile_scripts.compile" in message
+
+
+def test_missing_part(compiled_root, tmp_path):
+    root = neuron_helpers.copy_root(compiled_root, tmp_path / "root")
+    (root / "compiled_models" / "fp32" / "unet.pt").unlink()
+    message = _unavailable(root)
+    assert "fp32/unet.pt" in message and "--dtype fp32 --parts unet" in message
+
+
+def test_manifest_of_another_model(compiled_root, tmp_path):
+    root = neuron_helpers.copy_root(compiled_root, tmp_path / "root")
+    _edit_manifest(root, "bf16", model="stabilityai/stable-diffusion-2-1-base")
+    message = _unavailable(root)
+    assert "stabilityai/stable-diffusion-2-1-base" in message and "'tiny'" in message and "--force" in message
+
+
+def test_manifest_of_another_architecture(compiled_root, tmp_path):
+    root = neuron_helpers.copy_root(compiled_root, tmp_path / "root")
+    _edit_manifest(root, "fp32", architecture={"unet_cross_attention_dim": 1024})
+    message = _unavailable(root)
+    assert "another model" in message and "unet_cross_attention_dim" in message
+
+
+def test_manifest_of_another_dtype(compiled_root, tmp_path):
+    root = neuron_helpers.copy_root(compiled_root, tmp_path / "root")
+    shutil.copy(_manifest(root, "bf16"), _manifest(root, "fp32"))
+    message = _unavailable(root)
+    assert "for dtype 'bf16', not the folder's 'fp32'" in message
+
+
+def test_dtypes_of_different_sizes(compiled_root, tmp_path):
+    root = neuron_helpers.copy_root(compiled_root, tmp_path / "root")
+    _edit_manifest(root, "fp32", height=512, width=512)
+    message = _unavailable(root)
+    assert "different sizes" in message and f"bf16: {SIZE}x{SIZE}" in message and "fp32: 512x512" in message
+
+
+def test_model_flag_must_match(compiled_root):
+    with pytest.raises(BackendUnavailable) as err:
+        NeuronBackend(Settings(backend="neuron", artifacts=str(compiled_root), model="some/other-model"))
+    assert "some/other-model" in str(err.value) and "'tiny'" in str(err.value)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch_neuronx") is not None, reason="torch-neuronx is installed here")
+def test_neuron_artifacts_without_torch_neuronx(compiled_root, tmp_path):
+    root = neuron_helpers.copy_root(compiled_root, tmp_path / "root")
+    for dtype in ("bf16", "fp32"):
+        _edit_manifest(root, dtype, target="neuron")
+    message = _unavailable(root)
+    assert "torch-neuronx" in message and "neuronx-cc" in message
+    assert "pip.repos.neuron.amazonaws.com" in message and "--target cpu" in message
+
+
+def test_versions_are_checked(compiled_root, tmp_path):
+    errors, warnings = version_problems({"torch-neuronx": "2.8.0.2.10.1", "neuronx-cc": "2.21.1"},
+                                        {"torch-neuronx": "2.9.0.2.15.32035", "neuronx-cc": "2.26.6360.0"}, "neuron")
+    assert errors and "torch 2.8" in errors[0] and "torch 2.9" in errors[0]
+    errors, warnings = version_problems({"torch-neuronx": "2.9.0.2.14.1", "neuronx-cc": "2.24.5133.0"},
+                                        {"torch-neuronx": "2.9.0.2.15.32035", "neuronx-cc": "2.26.6360.0"}, "neuron")
+    assert not errors and len(warnings) == 2 and "recompile with --force" in warnings[0]
+    root = neuron_helpers.copy_root(compiled_root, tmp_path / "root")
+    _edit_manifest(root, "bf16", versions={"torch": "2.0.0"})
+    sets = find_artifacts(root)
+    assert any("torch 2.0.0" in w for w in sets[0].warnings) and not sets[1].warnings
+
+
+def test_neuron_core_ids():
+    assert neuron_core_ids({}) == [0, 1]
+    assert neuron_core_ids({"NEURON_RT_VISIBLE_CORES": "3"}) == [0]
+    assert neuron_core_ids({"NEURON_RT_VISIBLE_CORES": "0-3"}) == [0, 1]
+    assert neuron_core_ids({"NEURON_RT_NUM_CORES": "1"}) == [0]
+    assert neuron_core_ids({"SD_NEURON_CORES": "4"}) == [0, 1, 2, 3]
+
+
+def test_auto_does_not_pick_cpu_artifacts_without_a_device(compiled_root):
+    from backend import choose_backend
+
+    assert choose_backend(Settings(backend="auto", artifacts=str(compiled_root))) == "local"
+
+
+# --- the shape guard -------------------------------------------------------------------------------
+
+
+def test_shape_guard_refuses_other_shapes():
+    guard = ShapeGuard(torch.nn.Identity(), "vae_decoder", [InputSpec((1, 4, 32, 32), torch.float32)])
+    guard(torch.zeros(1, 4, 32, 32))
+    with pytest.raises(StaticShapeError, match="input 0 is 2x4x32x32 float32 but the part was compiled for 1x4x32x32"):
+        guard(torch.zeros(2, 4, 32, 32))
+    with pytest.raises(StaticShapeError, match="1x4x64x64"):
+        guard(torch.zeros(1, 4, 64, 64))
+    with pytest.raises(StaticShapeError, match="bfloat16"):
+        guard(torch.zeros(1, 4, 32, 32, dtype=torch.bfloat16))
+
+
+def test_data_parallel_stand_in_needs_the_exact_batch():
+    guard = ShapeGuard(torch.nn.Identity(), "unet", [InputSpec((1, 3), torch.float32)])
+    parallel = CpuDataParallel(guard, [0, 1], batch_per_core=1)
+    assert parallel(torch.arange(6.0).reshape(2, 3)).shape == (2, 3)
+    with pytest.raises(StaticShapeError, match="needs a batch of 2 x 1"):
+        parallel(torch.zeros(4, 3))
+    # StaticBatch is what feeds it exact chunks: 3 rows run as 2 + (1 padded to 2).
+    assert torch.equal(StaticBatch(parallel, 2)(torch.arange(9.0).reshape(3, 3)), torch.arange(9.0).reshape(3, 3))
+
+
+def test_guard_catches_shape_bugs_in_the_loaded_pipeline(neuron_backend):
+    pipe = neuron_backend._pipelines["fp32"]
+    # A request past validation at another size reaches the compiled parts, which refuse it as inf2 would.
+    request = GenerationRequest(prompt="cat", steps=1, seed=1, precision="fp32", width=SIZE * 2, height=SIZE * 2)
+    with pytest.raises(StaticShapeError, match="compiled for"):
+        sdpipe.run(pipe, request, [1])
+    parallel = pipe.unet.unetwrap.module  # CpuDataParallel under the chunking
+    latent = SIZE // 8
+    with pytest.raises(StaticShapeError, match="needs a batch of 2 x 1"):
+        parallel(torch.zeros(4, 4, latent, latent), torch.zeros(4), torch.zeros(4, 77, 32))
+
+
+# --- the app, end to end -----------------------------------------------------------------------
+
+
+def test_app_generates_through_gradio_client(compiled_root, tmp_path):
+    from conftest import run_app
+    from gradio_client import Client
+
+    with run_app(["--backend", "neuron", "--artifacts", str(compiled_root)], tmp_path) as url:
+        client = Client(url, verbose=False)
+        result = client.predict(prompt="a lovely cat", steps=2, seed=42, precision="fp32", num_images=2,
+                                api_name="/generate")
+    gallery, details = result[0], result[1]
+    assert len(gallery) == 2
+    assert details["backend"] == "neuron" and details["size"] == f"{SIZE}x{SIZE}"
+    assert details["seeds"] == [42, 43] and details["precision"] == "fp32"
