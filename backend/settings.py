@@ -38,7 +38,7 @@ class Settings:
     concurrency: int | None = None  # None: the backend's own limit
     max_images: int = 4
     png_level: int = 0  # zlib level of the PNGs the app serves: 0 is fastest, 6-9 smallest
-    optimize: str = "none"  # local CUDA path: none | sdpa | compile | cuda-graphs (benchmarks)
+    optimize: str = "auto"  # local backend: auto (= sdpa) | none | sdpa | compile | cuda-graphs
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -113,8 +113,8 @@ def add_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] | None
                         "AWS_ENDPOINT_URL also works")
     g.add_argument("--max-images", type=int, default=int(_env(env, "max-images") or 4),
                    help="most images one request may ask for (default 4)")
-    g.add_argument("--optimize", choices=("none", "sdpa", "compile", "cuda-graphs"),
-                   default=_env(env, "optimize") or "none",
+    g.add_argument("--optimize", choices=("auto", "none", "sdpa", "compile", "cuda-graphs"),
+                   default=_env(env, "optimize") or "auto",
                    help="local backend on CUDA: channels_last + SDPA, plus torch.compile or CUDA graphs")
     if server_flags:
         s = parser.add_argument_group("web server")

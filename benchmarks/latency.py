@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     steps_list = [int(s) for s in args.steps.split(",") if s.strip()]
     optimizes = [settings.optimize]
     if args.compare_optimize:
-        optimizes = ["none", settings.optimize if settings.optimize != "none" else "cuda-graphs"]
+        optimizes = ["none", settings.optimize if settings.optimize not in ("none", "auto") else "cuda-graphs"]
 
     rows: list[Row] = []
     for optimize in optimizes:

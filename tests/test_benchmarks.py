@@ -106,7 +106,7 @@ def test_optimized_path_matches_eager_on_cpu():
     from backend import GenerationRequest, Settings, create_backend
 
     request = GenerationRequest("cat", seed=3, steps=3, width=64, height=64)
-    eager = create_backend(Settings(backend="local", model="tiny", device="cpu")).generate(request)
+    eager = create_backend(Settings(backend="local", model="tiny", device="cpu", optimize="none")).generate(request)
     fast = create_backend(Settings(backend="local", model="tiny", device="cpu", optimize="sdpa")).generate(request)
     a, b = (np.asarray(r.images[0], dtype=np.int16) for r in (eager, fast))
     assert np.abs(a - b).max() <= 2
