@@ -73,13 +73,14 @@ class LocalBackend:
         self.device = resolve_device(settings.device)
         self._precisions = precisions_for(self.device)
         self._lock = threading.Lock()  # one generation at a time on an in-process device
+        self._device = sdpipe.device_thread()
         self._pipelines: dict[str, object] = {}
         self.notes: list[str] = []
         self.model = settings.model_or_default
         self.model_source = self.model
         first = self._precisions[0]
         try:
-            self._pipelines[first] = self._load(self.model, first)
+            self._pipelines[first] = self._device.run(self._load, self.model, first)
         except Exception as exc:  # noqa: BLE001 - any load failure of the *default* model falls back
             if settings.model:  # the user named a model: failing to load it is an error, not a fallback
                 raise BackendUnavailable(f"--model {settings.model}: could not be loaded ({_short(exc)}).") from exc
@@ -87,7 +88,7 @@ class LocalBackend:
             self.notes.append(f"The default model {DEFAULT_MODEL} could not be loaded here "
                               f"(offline, or not in the Hub cache).")
             self.model = self.model_source = TINY_MODEL_ID
-            self._pipelines[first] = self._load(self.model, first)
+            self._pipelines[first] = self._device.run(self._load, self.model, first)
         # Shown in the banner and written in infotext: a folder's name, never a path of this server.
         self.model = sdpipe.model_display_name(self.model_source)
         if self.model == TINY_MODEL_ID or sdpipe.is_tiny_folder(self.model_source):
@@ -154,11 +155,11 @@ class LocalBackend:
         request = request.__class__(**{**request.to_dict(), "seed": base_seed})
         seeds = request.image_seeds(base_seed)
         with self._lock:
-            pipe = self._pipeline(request.precision)
+            pipe = self._device.run(self._pipeline, request.precision)
             warnings = sdpipe.truncation_warnings(pipe.tokenizer, request)
             scheduler = self._schedulers[request.precision].get(request.scheduler)
             try:
-                images, timings = sdpipe.run(pipe, request, seeds, on_step, scheduler=scheduler)
+                images, timings = self._device.run(sdpipe.run, pipe, request, seeds, on_step, scheduler=scheduler)
             except Exception as exc:
                 from .api import BackendError
 

@@ -382,6 +382,7 @@ class NeuronBackend:
         self.settings = settings
         self.root = Path(settings.artifacts or DEFAULT_ARTIFACTS).expanduser()
         self._lock = threading.Lock()
+        self._device = sdpipe.device_thread()  # all torch work on one thread
         self.sets = find_artifacts(self.root, settings.model)
         first = self.sets[0]
         self.target = first.target
@@ -409,7 +410,7 @@ class NeuronBackend:
         self._schedulers: dict[str, sdpipe.SchedulerCache] = {}
         for art in self.sets:
             started = time.perf_counter()
-            pipe = self._build_pipeline(art)
+            pipe = self._device.run(self._build_pipeline, art)
             self._pipelines[art.dtype] = pipe
             self._schedulers[art.dtype] = sdpipe.SchedulerCache(pipe.scheduler.config)
             log.info("loaded %s parts (%s, %s) from %s in %.1f s", art.dtype, art.layout, art.target, art.directory,
@@ -431,7 +432,7 @@ class NeuronBackend:
             notes=tuple(self.notes),
         )
         for dtype in self._pipelines:
-            self._warm_up(dtype)
+            self._device.run(self._warm_up, dtype)
 
     # Loading -----------------------------------------------------------------------------------
 
@@ -516,7 +517,7 @@ class NeuronBackend:
             warnings = sdpipe.truncation_warnings(pipe.tokenizer, request)
             scheduler = self._schedulers[request.precision].get(request.scheduler)
             try:
-                images, timings = sdpipe.run(pipe, request, seeds, on_step, scheduler=scheduler)
+                images, timings = self._device.run(sdpipe.run, pipe, request, seeds, on_step, scheduler=scheduler)
             except BackendError:
                 raise
             except Exception as exc:  # noqa: BLE001
