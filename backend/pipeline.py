@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import threading
@@ -88,7 +89,10 @@ class DeviceThread:
         """Call fn on the device thread and return its result (or raise its exception)."""
         if threading.get_ident() == self._ident:
             return fn(*args, **kwargs)
-        return self._pool.submit(fn, *args, **kwargs).result()
+        # The caller's context variables go along (as asyncio.to_thread does): Gradio finds the
+        # request's progress bar through them when on_step reports a step from this thread.
+        context = contextvars.copy_context()
+        return self._pool.submit(context.run, fn, *args, **kwargs).result()
 
 
 
