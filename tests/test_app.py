@@ -101,8 +101,9 @@ def test_full_queue_is_a_clear_message_and_nothing_else_is_lost(app_url):
     clients = [Client(app_url, verbose=False) for _ in range(4)]
     jobs = []
     for i, c in enumerate(clients[:3]):
-        jobs.append(c.submit(prompt=f"user {i}", seed=i, steps=40, width=256, height=256, api_name="/generate"))
-        time.sleep(0.5)  # keep the order deterministic
+        # Long enough (several seconds each) that none can finish before the fourth arrives.
+        jobs.append(c.submit(prompt=f"user {i}", seed=i, steps=100, api_name="/generate"))
+        time.sleep(0.3)  # keep the order deterministic
     with pytest.raises(Exception) as info:
         clients[3].predict(prompt="one too many", api_name="/generate", **FAST)
     assert "queue is full" in str(info.value).lower()
