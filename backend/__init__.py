@@ -7,7 +7,6 @@ backend that needs them.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 from .api import (

@@ -11,10 +11,8 @@ import torch
 
 from . import pipeline as sdpipe
 from .api import (
-    RANDOM_SEED,
     BackendUnavailable,
     Capabilities,
-    GenerationFailed,
     GenerationRequest,
     GenerationResult,
     StepCallback,
@@ -83,8 +81,8 @@ class LocalBackend:
             self._pipelines[first] = self._device.run(self._load, self.model, first)
         except Exception as exc:  # noqa: BLE001 - any load failure of the *default* model falls back
             if settings.model:  # the user named a model: failing to load it is an error, not a fallback
-                raise BackendUnavailable(f"--model {settings.model}: could not be loaded ({_short(exc)}).") from exc
-            log.warning("the default model %s could not be loaded (%s); using the tiny model", self.model, _short(exc))
+                raise BackendUnavailable(f"--model {settings.model}: could not be loaded ({sdpipe.short_error(exc)}).") from exc
+            log.warning("the default model %s could not be loaded (%s); using the tiny model", self.model, sdpipe.short_error(exc))
             self.notes.append(f"The default model {DEFAULT_MODEL} could not be loaded here "
                               f"(offline, or not in the Hub cache).")
             self.model = self.model_source = TINY_MODEL_ID
@@ -150,26 +148,9 @@ class LocalBackend:
 
     def generate(self, request: GenerationRequest, on_step: StepCallback | None = None) -> GenerationResult:
         """Validate and run one request."""
-        request = request.validated(self._caps)
-        base_seed = sdpipe.random_seed() if request.seed == RANDOM_SEED else request.seed
-        request = request.__class__(**{**request.to_dict(), "seed": base_seed})
-        seeds = request.image_seeds(base_seed)
-        with self._lock:
-            pipe = self._device.run(self._pipeline, request.precision)
-            warnings = sdpipe.truncation_warnings(pipe.tokenizer, request)
-            scheduler = self._schedulers[request.precision].get(request.scheduler)
-            try:
-                images, timings = self._device.run(sdpipe.run, pipe, request, seeds, on_step, scheduler=scheduler)
-            except Exception as exc:
-                from .api import BackendError
-
-                if isinstance(exc, BackendError):
-                    raise
-                log.exception("generation failed")
-                raise GenerationFailed(f"generation failed on {self.device}: {_short(exc)}") from exc
-        images = sdpipe.label_images(images, request, seeds, self.model, self.name, timings.total_ms)
-        return GenerationResult(images=images, seeds=seeds, timings=timings, request=request,
-                                backend=self.name, model=self.model, warnings=warnings)
+        return sdpipe.generate_locked(request.validated(self._caps), on_step, lock=self._lock, device=self._device,
+                                      pipeline_for=self._pipeline, schedulers=self._schedulers,
+                                      model=self.model, backend=self.name, where=self.device)
 
     def close(self) -> None:
         """Drop the pipelines."""
@@ -182,12 +163,3 @@ def _offline() -> bool:
     import os
 
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
-
-
-def _short(exc: BaseException) -> str:
-    """An exception as one line without paths of this machine."""
-    import re
-
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    text = re.sub(r"(?<![\w.-])(/[^\s'\"]+)+", "<path>", text)
-    return f"{type(exc).__name__}: {text}"[:300]

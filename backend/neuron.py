@@ -34,11 +34,8 @@ import torch
 from . import pipeline as sdpipe
 from .api import (
     DEFAULT_SCHEDULER,
-    RANDOM_SEED,
-    BackendError,
     BackendUnavailable,
     Capabilities,
-    GenerationFailed,
     GenerationRequest,
     GenerationResult,
     InvalidRequest,
@@ -508,26 +505,9 @@ class NeuronBackend:
                 f"Compile it with: {compile_hint(self.root, self.model, wanted)}",
                 "precision",
             )
-        request = request.validated(self._caps)
-        base_seed = sdpipe.random_seed() if request.seed == RANDOM_SEED else request.seed
-        request = request.__class__(**{**request.to_dict(), "seed": base_seed})
-        seeds = request.image_seeds(base_seed)
-        with self._lock:
-            pipe = self._pipelines[request.precision]
-            warnings = sdpipe.truncation_warnings(pipe.tokenizer, request)
-            scheduler = self._schedulers[request.precision].get(request.scheduler)
-            try:
-                images, timings = self._device.run(sdpipe.run, pipe, request, seeds, on_step, scheduler=scheduler)
-            except BackendError:
-                raise
-            except Exception as exc:  # noqa: BLE001
-                log.exception("generation failed")
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-                raise GenerationFailed(f"generation failed on {self._caps.device}: "
-                                       f"{exc.__class__.__name__}: {first[:300]}") from exc
-        images = sdpipe.label_images(images, request, seeds, self.model, self.name, timings.total_ms)
-        return GenerationResult(images=images, seeds=seeds, timings=timings, request=request,
-                                backend=self.name, model=self.model, warnings=warnings)
+        return sdpipe.generate_locked(request.validated(self._caps), on_step, lock=self._lock, device=self._device,
+                                      pipeline_for=self._pipelines.__getitem__, schedulers=self._schedulers,
+                                      model=self.model, backend=self.name, where=self._caps.device)
 
     def close(self) -> None:
         """Drop the pipelines (and with them the parts loaded on the NeuronCores)."""

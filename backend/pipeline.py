@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -13,8 +14,12 @@ from typing import Any
 import torch
 
 from .api import (
+    RANDOM_SEED,
     SCHEDULERS,
+    BackendError,
+    GenerationFailed,
     GenerationRequest,
+    GenerationResult,
     StepCallback,
     Timings,
 )
@@ -293,6 +298,40 @@ def label_images(images: list[Any], request: GenerationRequest, seeds: list[int]
                  backend: str, latency_ms: float | None) -> list[Any]:
     """Attach each image's infotext."""
     return [attach(img, infotext_for(request, s, model, backend, latency_ms)) for img, s in zip(images, seeds)]
+
+
+def generate_locked(request: GenerationRequest, on_step: StepCallback | None, *, lock: threading.Lock,
+                    device: "DeviceThread", pipeline_for: Any, schedulers: dict[str, "SchedulerCache"],
+                    model: str, backend: str, where: str) -> GenerationResult:
+    """The common body of an in-process backend's generate(), for a request already validated.
+
+    Resolves seed -1, then under `lock` runs the pipeline of the request's precision
+    (`pipeline_for(precision)`, called on the device thread) on `device`; any error that is not
+    already a BackendError becomes GenerationFailed naming `where` (e.g. "cpu", "neuron")."""
+    base_seed = random_seed() if request.seed == RANDOM_SEED else request.seed
+    request = request.__class__(**{**request.to_dict(), "seed": base_seed})
+    seeds = request.image_seeds(base_seed)
+    with lock:
+        pipe = device.run(pipeline_for, request.precision)
+        warnings = truncation_warnings(pipe.tokenizer, request)
+        scheduler = schedulers[request.precision].get(request.scheduler)
+        try:
+            images, timings = device.run(run, pipe, request, seeds, on_step, scheduler=scheduler)
+        except BackendError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - anything else is this generation failing
+            log.exception("generation failed")
+            raise GenerationFailed(f"generation failed on {where}: {short_error(exc)}") from exc
+    images = label_images(images, request, seeds, model, backend, timings.total_ms)
+    return GenerationResult(images=images, seeds=seeds, timings=timings, request=request,
+                            backend=backend, model=model, warnings=warnings)
+
+
+def short_error(exc: BaseException) -> str:
+    """An exception as one line, without this machine's paths, for a user's eyes."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = re.sub(r"(?<![\w.-])(/[^\s'\"]+)+", "<path>", text)
+    return f"{type(exc).__name__}: {text}"[:300]
 
 
 def random_seed() -> int:

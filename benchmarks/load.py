@@ -17,14 +17,10 @@ import argparse
 import concurrent.futures
 import contextlib
 import dataclasses
-import os
 import shlex
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +31,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from backend.metadata import parse_infotext, read_infotext  # noqa: E402
+from benchmarks.procs import run_app  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -177,41 +174,12 @@ def markdown(summary: dict[str, Any], users: int, requests: int, where: str) -> 
     ])
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextlib.contextmanager
 def _app(app_args: list[str], temp_dir: Path):
     """python app.py APP_ARGS on a free port, with its own Gradio cache; yields its URL."""
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}/"
-    env = {**os.environ, "GRADIO_TEMP_DIR": str(temp_dir), "GRADIO_ANALYTICS_ENABLED": "False"}
-    proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port), *app_args], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 600
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"app.py exited with {proc.returncode}")
-            try:
-                urllib.request.urlopen(url, timeout=2)
-                break
-            except urllib.error.HTTPError:
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(url) from None
-                time.sleep(0.5)
+    env = {"GRADIO_TEMP_DIR": str(temp_dir), "GRADIO_ANALYTICS_ENABLED": "False"}
+    with run_app(app_args, env=env, timeout=600) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,55 +21,17 @@ import argparse
 import contextlib
 import json
 import os
-import socket
 import ssl
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from benchmarks.procs import free_port, run_process
+
 PROMPT = "a lovely cat"
 STEPS, CFG, SIZE = 20, 7.5, 512
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait(url: str, proc: subprocess.Popen, timeout: float = 180.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args} exited with {proc.returncode}")
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return
-        except urllib.error.HTTPError:
-            return
-        except OSError:
-            time.sleep(0.3)
-    raise TimeoutError(url)
-
-
-@contextlib.contextmanager
-def _process(args: list[str], url: str, env: dict):
-    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    try:
-        _wait(url, proc)
-        yield proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,21 +107,21 @@ def main(argv: list[str] | None = None) -> int:
             return run
 
         if "c" in paths:
-            port = _free_port()
+            port = free_port()
             url = f"http://127.0.0.1:{port}/"
-            stack.enter_context(_process(["app.py", "--model", str(folder), "--port", str(port)], url, env))
+            stack.enter_context(run_process(["app.py", "--model", str(folder), "--port", str(port)], url, env))
             runners["c"] = app_runner(url)
         if "c0" in paths:
-            port = _free_port()
+            port = free_port()
             url = f"http://127.0.0.1:{port}/"
-            stack.enter_context(_process(["app.py", "--model", str(folder), "--port", str(port)], url, env))
+            stack.enter_context(run_process(["app.py", "--model", str(folder), "--port", str(port)], url, env))
             runners["c0"] = app_runner(url, reuse_tls=False)
         if "d" in paths:
-            sport, aport = _free_port(), _free_port()
-            stack.enter_context(_process(["-m", "serving.server", "--model", str(folder), "--port", str(sport)],
+            sport, aport = free_port(), free_port()
+            stack.enter_context(run_process(["-m", "serving.server", "--model", str(folder), "--port", str(sport)],
                                          f"http://127.0.0.1:{sport}/ping", env))
             url = f"http://127.0.0.1:{aport}/"
-            stack.enter_context(_process(
+            stack.enter_context(run_process(
                 ["app.py", "--backend", "sagemaker", "--endpoint-name", "bench", "--endpoint-url",
                  f"http://127.0.0.1:{sport}", "--port", str(aport)], url, env))
             runners["d"] = app_runner(url)

@@ -6,12 +6,9 @@ import contextlib
 import dataclasses
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -19,6 +16,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from benchmarks import procs  # noqa: E402
+from benchmarks.procs import free_port, run_process  # noqa: E402 - the tests import them from here too
 
 # Every test run gets its own Gradio cache, removed at the end (set before gradio is imported).
 _GRADIO_TMP = tempfile.mkdtemp(prefix="sd-tests-gradio-")
@@ -32,58 +32,9 @@ def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_GRADIO_TMP, ignore_errors=True)
 
 
-def free_port() -> int:
-    """A TCP port that is free on 127.0.0.1 right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, timeout: float = 120.0, proc: subprocess.Popen | None = None) -> None:
-    """Wait until url answers (any HTTP status), failing early if proc dies."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered")
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return
-        except urllib.error.HTTPError:
-            return
-        except OSError:
-            time.sleep(0.3)
-    raise TimeoutError(f"{url} did not answer within {timeout} s")
-
-
-@contextlib.contextmanager
-def run_process(args: list[str], url: str, env: dict | None = None, timeout: float = 180.0,
-                log_path: Path | None = None):
-    """Start `python args...` in the repo root, wait for url, yield the Popen, stop it after."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    log = open(log_path, "wb") if log_path else subprocess.DEVNULL
-    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        wait_http(url, timeout, proc)
-        yield proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if log_path:
-            log.close()
-
-
-@contextlib.contextmanager
 def run_app(extra_args: list[str], tmp_path: Path, env: dict | None = None):
-    """Launch `python app.py ...` on a free port; yields its base URL."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/"
-    with run_process(["app.py", "--port", str(port), *extra_args], url, env=env,
-                     log_path=tmp_path / f"app-{port}.log"):
-        yield url
+    """Launch `python app.py ...` on a free port, its output in tmp_path; yields its base URL."""
+    return procs.run_app(extra_args, env=env, log_path=tmp_path / f"app-{free_port()}.log")
 
 
 @pytest.fixture(scope="session")
