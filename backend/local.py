@@ -17,6 +17,7 @@ from .api import (
     GenerationResult,
     StepCallback,
 )
+from .frozen import eager_module, freeze_pipeline
 from .settings import DEFAULT_MODEL, Settings
 from .sd21_random import SD21_RANDOM_ID
 from .tiny import TINY_MODEL_ID
@@ -58,17 +59,25 @@ def precisions_for(device: str) -> tuple[str, ...]:
     return ("fp32", "bf16")  # CPUs: fp16 matmuls are slow or missing
 
 
+def auto_optimize(device: str) -> str:
+    """What --optimize auto means on a device.
+
+    CPU: trace (sdpa, plus the UNet and VAE decoder as frozen TorchScript graphs per shape: the
+    same pixels, 15% faster on the tiny model and ~5% on SD2.1-sized ones). Elsewhere: sdpa
+    (fused QKV + SDPA + channels_last). torch.compile is opt-in, as it costs minutes at start-up.
+    """
+    return "trace" if device == "cpu" else "sdpa"
+
+
 class LocalBackend:
     """diffusers StableDiffusionPipeline, one per precision, loaded lazily, run one at a time."""
 
     name = "local"
 
     def __init__(self, settings: Settings):
-        # auto: fused QKV + SDPA + channels_last, which changes no pixels beyond float rounding and
-        # is ~5% faster on a CPU (the VAE decode most); compiling is opt-in, as it costs start-up.
-        self.optimize = "sdpa" if settings.optimize == "auto" else settings.optimize
         self.settings = settings
         self.device = resolve_device(settings.device)
+        self.optimize = auto_optimize(self.device) if settings.optimize == "auto" else settings.optimize
         self._precisions = precisions_for(self.device)
         self._lock = threading.Lock()  # one generation at a time on an in-process device
         self._device = sdpipe.device_thread()
@@ -133,11 +142,14 @@ class LocalBackend:
         if precision not in self._pipelines:
             base = next(iter(self._pipelines.values()))
             dtype = sdpipe.DTYPES[precision]
-            parts = {name: copy.deepcopy(getattr(base, name)).to(dtype=dtype)
+            # The eager modules (already fused and channels_last), not their traced stand-ins.
+            parts = {name: copy.deepcopy(eager_module(getattr(base, name))).to(dtype=dtype)
                      for name in ("unet", "vae", "text_encoder")}
             pipe = type(base)(**parts, tokenizer=base.tokenizer, scheduler=copy.deepcopy(base.scheduler),
                               safety_checker=None, feature_extractor=None, requires_safety_checker=False)
             pipe.set_progress_bar_config(disable=True)
+            if self.optimize == "trace":
+                freeze_pipeline(pipe)
             self._pipelines[precision] = pipe
             self._schedulers[precision] = sdpipe.SchedulerCache(pipe.scheduler.config)
         return self._pipelines[precision]

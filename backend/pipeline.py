@@ -140,14 +140,15 @@ def load_pipeline(model: str, dtype: torch.dtype, device: str = "cpu", local_fil
     return pipe.to(device)
 
 
-OPTIMIZE_MODES = ("none", "sdpa", "compile", "cuda-graphs")
+OPTIMIZE_MODES = ("none", "sdpa", "trace", "compile", "cuda-graphs")
 
 
 def optimize_pipeline(pipe, mode: str):
     """Make the UNet and VAE faster in place (the local backend's --optimize).
 
     sdpa: fused QKV projections with torch's scaled_dot_product_attention and channels_last
-    convolutions. compile: that, plus torch.compile of the UNet and the VAE decoder (inductor).
+    convolutions. trace: that, with the UNet and the VAE decoder run as frozen TorchScript graphs,
+    one per input shape, traced on first use (backend/frozen.py; for CPUs). compile: that, plus torch.compile of the UNet and the VAE decoder (inductor).
     cuda-graphs: that, with inductor's CUDA graphs ("reduce-overhead"), which removes the
     per-kernel launch cost that dominates a 20-step UNet loop on a fast GPU. The first request
     after start compiles (tens of seconds); the backend warms up once so users never pay it.
@@ -163,6 +164,10 @@ def optimize_pipeline(pipe, mode: str):
     pipe.fuse_qkv_projections()
     pipe.unet.to(memory_format=torch.channels_last)
     pipe.vae.to(memory_format=torch.channels_last)
+    if mode == "trace":
+        from .frozen import freeze_pipeline
+
+        freeze_pipeline(pipe)
     if mode in ("compile", "cuda-graphs"):
         compile_mode = "reduce-overhead" if mode == "cuda-graphs" else "max-autotune-no-cudagraphs"
         if pipe.device.type != "cuda":

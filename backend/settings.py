@@ -38,7 +38,7 @@ class Settings:
     concurrency: int | None = None  # None: the backend's own limit
     max_images: int = 4
     png_level: int = 0  # zlib level of the PNGs the app serves: 0 is fastest, 6-9 smallest
-    optimize: str = "auto"  # local backend: auto (= sdpa) | none | sdpa | compile | cuda-graphs
+    optimize: str = "auto"  # local backend: auto (trace on CPU, else sdpa) | none | sdpa | trace | compile | cuda-graphs
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -113,9 +113,11 @@ def add_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] | None
                         "AWS_ENDPOINT_URL also works")
     g.add_argument("--max-images", type=int, default=int(_env(env, "max-images") or 4),
                    help="most images one request may ask for (default 4)")
-    g.add_argument("--optimize", choices=("auto", "none", "sdpa", "compile", "cuda-graphs"),
+    g.add_argument("--optimize", choices=("auto", "none", "sdpa", "trace", "compile", "cuda-graphs"),
                    default=_env(env, "optimize") or "auto",
-                   help="local backend on CUDA: channels_last + SDPA, plus torch.compile or CUDA graphs")
+                   help="local backend: sdpa = fused QKV + SDPA + channels_last; trace = that, with the UNet and "
+                        "VAE decoder as frozen TorchScript graphs per shape (CPU); compile / cuda-graphs = "
+                        "torch.compile (CUDA); auto (default) = trace on a CPU, sdpa elsewhere; none = plain diffusers")
     if server_flags:
         s = parser.add_argument_group("web server")
         s.add_argument("--host", default=_env(env, "host") or env.get("GRADIO_SERVER_NAME") or "127.0.0.1",
