@@ -139,8 +139,8 @@ def parse_args(argv: list[str] | None):
                    f"{', '.join(sorted(PRICES_PER_HOUR))}")
     b.add_argument("--price-per-hour", type=float, help="USD per hour; overrides --instance-type's price")
     b.add_argument("--compare-optimize", action="store_true",
-                   help="local CUDA backend: also run --optimize none (eager) and the chosen/default "
-                        "optimized path, side by side")
+                   help="local backend: also run --optimize none (eager diffusers) beside the chosen "
+                        "optimized path (default: cuda-graphs on CUDA, auto elsewhere)")
     b.add_argument("--markdown", help="write the table here")
     b.add_argument("--json", help="write the rows here")
     b.add_argument("--csv", help="write the rows here")
@@ -159,13 +159,18 @@ def main(argv: list[str] | None = None) -> int:
     steps_list = [int(s) for s in args.steps.split(",") if s.strip()]
     optimizes = [settings.optimize]
     if args.compare_optimize:
-        optimizes = ["none", settings.optimize if settings.optimize not in ("none", "auto") else "cuda-graphs"]
+        from backend.local import resolve_device
+
+        fastest = "cuda-graphs" if resolve_device(settings.device) == "cuda" else "auto"
+        optimizes = ["none", settings.optimize if settings.optimize not in ("none", "auto") else fastest]
 
     rows: list[Row] = []
     for optimize in optimizes:
         backend = create_backend(settings.replace(optimize=optimize))
         try:
             caps = backend.capabilities()
+            resolved = getattr(backend, "optimize", optimize)  # what auto became on this device
+            label = f"{optimize} ({resolved})" if resolved != optimize else optimize
             precisions = args.precisions.split(",") if args.precisions else list(caps.precisions)
             total = len(precisions) * len(steps_list) * (args.runs + args.warmup)
             with tqdm(total=total, desc=f"{caps.backend}/{optimize}", unit="req", file=sys.stderr) as bar:
@@ -179,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
                         lat, wall = measure(generate, args.runs, args.concurrency, bar)
                         p50, p95, mean, rate, cost = summarize(lat, wall, args.num_images, price)
                         rows.append(Row(caps.backend, caps.model, caps.device, args.instance_type or "-", precision,
-                                        optimize, steps, args.runs, args.concurrency, p50, p95, mean, rate, cost))
+                                        label, steps, args.runs, args.concurrency, p50, p95, mean, rate, cost))
         finally:
             backend.close()
 
