@@ -102,21 +102,22 @@ def test_latency_script_on_the_tiny_model(tmp_path):
 
 
 def test_overhead_script_runs_every_app_path(tmp_path):
-    """benchmarks.overhead at a small size: bare, backend, gradio_client and Gradio's HTTP API, side by side."""
+    """benchmarks.overhead at a small size: bare and backend workers beside the app through Gradio's HTTP API.
+
+    (The gradio_client path is the same client.predict call that the app tests make; one app start is enough.)"""
     out = tmp_path / "overhead.json"
     done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.overhead", "--paths", "a,b,c,c1", "--runs", "2", "--warmup", "1",
+        [sys.executable, "-m", "benchmarks.overhead", "--paths", "a,b,c1", "--runs", "2", "--warmup", "0",
          "--steps", "2", "--size", "64", "--json", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "| path | median ms | min ms | ratio to (a) | added to (b), ms |" in done.stdout
     rows = {r["path"][:4]: r for r in json.loads(out.read_text())}
-    assert set(rows) == {"(a) ", "(b) ", "(c) ", "(c1)"}
+    assert set(rows) == {"(a) ", "(b) ", "(c1)"}
     assert rows["(a) "]["ratio"] == 1.0 and rows["(a) "]["over_b_ms"] is None
-    for key in ("(c) ", "(c1)"):
-        row = rows[key]
-        assert len(row["raw_ms"]) == 2 and row["over_b_ms"] is not None
-        assert "backend" in row["where"] and "PNG files" in row["where"]
+    row = rows["(c1)"]
+    assert len(row["raw_ms"]) == 2 and row["over_b_ms"] is not None and row["ratio"] > 0
+    assert "backend" in row["where"] and "PNG files" in row["where"]
 
 
 def test_optimized_path_matches_eager_on_cpu():

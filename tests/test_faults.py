@@ -122,8 +122,8 @@ def test_endpoint_killed_mid_request_then_down_then_back(endpoint, direct_app, t
     client = client_of(direct_app, tmp_path)
     generate(client, 1)
     long = client.submit("killed mid-way", seed=2, api_name="/generate",
-                         **{**SMALL, "steps": 100, "width": 512, "height": 512})
-    time.sleep(1.5)  # the endpoint is denoising by now (100 steps at 512x512 take 10 s or more here)
+                         **{**SMALL, "steps": 100, "width": 768, "height": 768})
+    time.sleep(1.5)  # the endpoint is denoising by now (100 steps at 768x768 take about 9 s here)
     assert not long.done()
     endpoint.kill()
     expect_clear_error(lambda: long.result(timeout=60), "closed the connection before answering")
@@ -151,6 +151,7 @@ def invoke_directly(endpoint: Endpoint, steps: int, size: int, timeout_s: float 
 
 def seconds_per_step(endpoint: Endpoint, size: int) -> float:
     """How long one denoising step at size x size takes on the endpoint, here and now."""
+    assert invoke_directly(endpoint, 1, size) == 200  # the first call at a size traces its graphs
     started = time.monotonic()
     assert invoke_directly(endpoint, 1, size) == 200
     one = time.monotonic() - started
@@ -171,10 +172,11 @@ def wait_until_free(endpoint: Endpoint, timeout_s: float = 300) -> None:
 def test_endpoint_slower_than_the_timeout(endpoint, direct_app, tmp_path):
     """A generation longer than the app's 4 s read timeout: a clear message, and the app recovers."""
     client = client_of(direct_app, tmp_path)
-    # Long enough to outlast the timeout three times over on this machine, and no longer.
-    steps = min(100, max(10, round(12 / seconds_per_step(endpoint, 512))))
+    # Long enough to outlast the timeout three times over on this machine, and no longer. At 768x768,
+    # as 100 steps (the most allowed) at 512x512 now take about 3.5 s on 2 cores: under the timeout.
+    steps = min(100, max(10, round(12 / seconds_per_step(endpoint, 768))))
     started = time.monotonic()
-    expect_clear_error(lambda: generate(client, 10, steps=steps, width=512, height=512),
+    expect_clear_error(lambda: generate(client, 10, steps=steps, width=768, height=768),
                        "did not answer within 4 s", "not retried")
     assert time.monotonic() - started < 30
     # The endpoint still runs the request the app gave up on (SageMaker's do too). Meanwhile a new
