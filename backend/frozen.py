@@ -32,6 +32,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .neuron_modules import UNetWrap  # the same (sample, timesteps, text) -> sample graph as Neuron's
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_SHAPES = 4
@@ -119,17 +121,6 @@ class _StandIn(nn.Module):
         return self.eager.device
 
 
-class _UNetGraph(nn.Module):
-    """What is traced of the UNet: (sample, timesteps[batch] float32, encoder_hidden_states) -> sample."""
-
-    def __init__(self, unet: nn.Module):
-        super().__init__()
-        self.unet = unet
-
-    def forward(self, sample: torch.Tensor, timesteps: torch.Tensor, encoder_hidden_states: torch.Tensor):
-        return self.unet(sample, timesteps, encoder_hidden_states, return_dict=False)[0]
-
-
 class _DecoderGraph(nn.Module):
     """What is traced of the VAE: latents -> decoded image tensor."""
 
@@ -146,7 +137,7 @@ class FrozenUNet(_StandIn):
 
     def __init__(self, unet: nn.Module, max_shapes: int = DEFAULT_MAX_SHAPES):
         super().__init__(unet)
-        self.graphs = ShapeCache(f"UNet ({unet.dtype})", lambda: _UNetGraph(self.eager), max_shapes)
+        self.graphs = ShapeCache(f"UNet ({unet.dtype})", lambda: UNetWrap(self.eager), max_shapes)
 
     def forward(self, sample: torch.Tensor, timestep: Any, encoder_hidden_states: torch.Tensor,
                 *args: Any, return_dict: bool = True, **kwargs: Any):
