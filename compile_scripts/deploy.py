@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from compile_scripts.package import file_sha256
+
 DLC_ACCOUNT = "763104351884"
 DJL_NEURONX_TAG = "djl-inference:0.30.0-neuronx-sdk2.20.1"
 DEFAULT_INSTANCE = "ml.inf2.xlarge"
@@ -56,15 +58,6 @@ def default_image(region: str) -> str:
 def short_hash(*parts: Any) -> str:
     """Ten hex digits naming a model or config by what it holds."""
     return hashlib.sha256("\n".join(map(str, parts)).encode()).hexdigest()[:10]
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file, read in blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass

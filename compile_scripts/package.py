@@ -120,7 +120,7 @@ def build(out: Path, entries: Iterator[tuple[str, Path | bytes]], mtime: int = 0
                         with open(source, "rb") as f:
                             tar.addfile(info, f)
     os.replace(partial, out)
-    return _sha256(out)
+    return file_sha256(out)
 
 
 def _walk(root: Path) -> Iterator[Path]:
@@ -144,7 +144,8 @@ def _normalize(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in blocks (also what deploy.py records for the archive it uploads)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
