@@ -8,6 +8,7 @@ import os
 import re
 import threading
 import time
+import types
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +58,25 @@ def make_scheduler(key: str, base_config: Any):
     config = dict(base_config)
     # SD2's config has steps_offset=1; a config without it makes diffusers warn and shift timesteps.
     config["steps_offset"] = max(1, int(config.get("steps_offset") or 0))
-    return cls.from_config(config, **overrides)
+    return _starting_at_the_first_timestep(cls.from_config(config, **overrides))
+
+
+def _starting_at_the_first_timestep(scheduler):
+    """Tell the scheduler, each time the pipeline sets its timesteps, that denoising starts at the first.
+
+    Otherwise the first step() looks its position up with `(timesteps == t).nonzero().item()`,
+    which on a GPU makes the CPU wait for the first UNet call to finish before it can queue the
+    rest of the loop. Text-to-image always starts at index 0, so the answer is the same.
+    """
+    if hasattr(scheduler, "set_begin_index"):  # DDIM has no step index to look up
+        # A bound method, so that a copy of the scheduler (copy.deepcopy) sets its own index.
+        scheduler.set_timesteps = types.MethodType(_set_timesteps_from_the_first, scheduler)
+    return scheduler
+
+
+def _set_timesteps_from_the_first(self, *args, **kwargs):
+    type(self).set_timesteps(self, *args, **kwargs)  # resets the begin index
+    self.set_begin_index(0)
 
 
 class SchedulerCache:
@@ -242,6 +261,45 @@ def infotext_for(request: GenerationRequest, seed: int, model: str, backend: str
     return write_infotext(request.prompt, request.negative_prompt, params)
 
 
+class StageClock:
+    """Stage boundaries of one generation: wall time on a CPU, CUDA events on a GPU.
+
+    A GPU runs kernels after the CPU has queued them, so a wall clock read between two steps
+    times their launch, not their run, and synchronizing to read it would drain the queue at
+    every step. The events are recorded in the stream instead and read once, after the images
+    have reached the host. `event` makes one (torch.cuda.Event with timing on CUDA, None: wall time).
+    """
+
+    def __init__(self, event: Any = None):
+        self._event = event
+        self._marks: list[Any] = []
+
+    @classmethod
+    def for_device(cls, device: torch.device) -> "StageClock":
+        """The clock that tells the truth on `device`."""
+        if device.type == "cuda":
+            return cls(lambda: torch.cuda.Event(enable_timing=True))
+        return cls()
+
+    def mark(self) -> None:
+        """A boundary now (on a GPU: once the work queued so far has run)."""
+        if self._event is None:
+            self._marks.append(time.perf_counter())
+        else:
+            event = self._event()
+            event.record()
+            self._marks.append(event)
+
+    def intervals_ms(self) -> list[float]:
+        """Milliseconds between consecutive marks (on a GPU, waits for the last one)."""
+        pairs = list(zip(self._marks, self._marks[1:]))
+        if self._event is None:
+            return [(b - a) * 1000.0 for a, b in pairs]
+        if self._marks:
+            self._marks[-1].synchronize()
+        return [a.elapsed_time(b) for a, b in pairs]
+
+
 def run(pipe, request: GenerationRequest, seeds: list[int], on_step: StepCallback | None = None,
         scheduler=None) -> tuple[list[Any], Timings]:
     """Run a validated request on a pipeline: encode, denoise, decode, each timed.
@@ -249,25 +307,25 @@ def run(pipe, request: GenerationRequest, seeds: list[int], on_step: StepCallbac
     The stages are called one by one (rather than one `pipe(...)` call) so that text encoding,
     each denoising step and the VAE decode are timed apart; the arithmetic is the pipeline's own,
     so images equal those of `pipe(prompt, ..., generator=[torch.Generator().manual_seed(s)...])`.
+    Nothing in the denoising loop waits for the device: on_step is called when a step has been
+    queued (on a CPU, when it has run), and the timings are read after the images are on the host.
     """
     if scheduler is not None:
         pipe.scheduler = scheduler
     n = len(seeds)
     cfg = request.guidance_scale > 1.0
     device = pipe._execution_device
+    clock = StageClock.for_device(device)
     t0 = time.perf_counter()
+    clock.mark()
     with torch.inference_mode():
         prompt_embeds, negative_embeds = pipe.encode_prompt(
             request.prompt, device, n, cfg, negative_prompt=request.negative_prompt or None
         )
-        t1 = time.perf_counter()
-        steps: list[float] = []
-        last = [t1]
+        clock.mark()
 
         def step_end(_pipe, i: int, _t, kwargs: dict) -> dict:
-            now = time.perf_counter()
-            steps.append((now - last[0]) * 1000.0)
-            last[0] = now
+            clock.mark()
             if on_step is not None:
                 on_step(i + 1, request.steps)
             return kwargs
@@ -285,16 +343,20 @@ def run(pipe, request: GenerationRequest, seeds: list[int], on_step: StepCallbac
             output_type="latent",
             callback_on_step_end=step_end,
         ).images
-        t2 = time.perf_counter()
+        clock.mark()
         decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
         images = pipe.image_processor.postprocess(decoded, output_type="pil", do_denormalize=[True] * n)
-        t3 = time.perf_counter()
+    total_ms = (time.perf_counter() - t0) * 1000.0
+    # Marks: start, text encoded, each step, denoising returned. The VAE stage is the rest of the
+    # total (decode, and the copy to PIL images).
+    text_ms, *steps, tail_ms = clock.intervals_ms()
+    denoise_ms = sum(steps) + tail_ms
     timings = Timings(
-        total_ms=(t3 - t0) * 1000.0,
-        text_encoder_ms=(t1 - t0) * 1000.0,
-        denoise_ms=(t2 - t1) * 1000.0,
+        total_ms=total_ms,
+        text_encoder_ms=text_ms,
+        denoise_ms=denoise_ms,
         step_ms=steps,
-        vae_ms=(t3 - t2) * 1000.0,
+        vae_ms=max(0.0, total_ms - text_ms - denoise_ms),
     )
     return images, timings
 

@@ -49,6 +49,66 @@ def test_matches_a_bare_diffusers_call(tiny_backend):
 
 
 @pytest.mark.parametrize("scheduler", list(SCHEDULERS))
+def test_each_scheduler_matches_diffusers_without_looking_up_its_first_step(tiny_backend, scheduler, monkeypatch):
+    """Each scheduler computes what diffusers computes with it, and none looks up where the loop
+    starts: `index_for_timestep` is `(timesteps == t).nonzero().item()`, a wait for the GPU."""
+    from backend.pipeline import scheduler_class_and_overrides
+    from backend.tiny import build_pipeline
+
+    cls, overrides = scheduler_class_and_overrides(scheduler)
+    pipe = build_pipeline()
+    pipe.scheduler = cls.from_config({**pipe.scheduler.config, "steps_offset": 1}, **overrides)
+    bare = pipe("a lovely cat", num_inference_steps=3, guidance_scale=7.5, height=128, width=128,
+                generator=[torch.Generator().manual_seed(5)]).images[0]
+
+    def no_lookup(*args, **kwargs):
+        raise AssertionError("the scheduler looked up its step index from the timestep")
+
+    if hasattr(cls, "index_for_timestep"):
+        monkeypatch.setattr(cls, "index_for_timestep", no_lookup)
+    ours = tiny_backend.generate(GenerationRequest("a lovely cat", seed=5, scheduler=scheduler, **FAST))
+    assert np.abs(pixels(ours.images[0]) - pixels(bare)).max() <= 1
+
+
+def test_stage_timings_add_up(tiny_backend):
+    t = tiny_backend.generate(GenerationRequest("a lovely cat", seed=1, **FAST)).timings
+    assert len(t.step_ms) == 3 and all(s > 0 for s in t.step_ms)
+    assert t.text_encoder_ms > 0 and t.vae_ms > 0 and t.denoise_ms >= sum(t.step_ms)
+    assert t.text_encoder_ms + t.denoise_ms + t.vae_ms == pytest.approx(t.total_ms, abs=0.5)
+
+
+def test_stage_clock_on_a_gpu_reads_its_events_once_at_the_end():
+    """The CUDA clock records events and waits only when read (a stand-in for torch.cuda.Event,
+    which needs a GPU: it keeps the time it was recorded and says when it is waited on)."""
+    import time
+
+    from backend.pipeline import StageClock
+
+    log = []
+
+    class Event:
+        def record(self):
+            self.at = time.perf_counter()
+            log.append("record")
+
+        def synchronize(self):
+            log.append("wait")
+
+        def elapsed_time(self, later):
+            return (later.at - self.at) * 1000.0
+
+    clock = StageClock(Event)
+    for pause in (0.0, 0.02, 0.01):
+        time.sleep(pause)
+        clock.mark()
+    assert log == ["record"] * 3  # marking never waits
+    first, second = clock.intervals_ms()
+    assert log[-1] == "wait" and log.count("wait") == 1
+    assert 15 < first < 200 and 5 < second < 200
+    assert StageClock.for_device(torch.device("cpu"))._event is None  # wall time on a CPU
+
+
+@pytest.mark.parametrize("scheduler", list(SCHEDULERS))
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_every_scheduler_and_precision_runs(tiny_backend, scheduler, precision):
     r = tiny_backend.generate(GenerationRequest("a red fox", seed=1, scheduler=scheduler, precision=precision,
