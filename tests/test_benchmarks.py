@@ -131,6 +131,41 @@ def test_optimized_path_matches_eager_on_cpu():
     assert np.abs(a - b).max() <= 2
 
 
+def test_compile_path_captures_whole_graphs_at_a_small_size(monkeypatch):
+    """--optimize compile / cuda-graphs, on the CPU: torch.compile(fullgraph=True) captures the UNet and the
+    VAE decoder whole (a graph break would fail the warm-up on a GPU), and the images are sdpa's.
+
+    Only inductor's code generation is left out (minutes on 2 cores): the captured graphs run as they are."""
+    import torch
+
+    from backend import GenerationRequest, Settings, create_backend
+
+    real_compile = torch.compile
+    captured = []
+
+    def capture_only(model, *, mode=None, fullgraph=False, **kwargs):
+        assert fullgraph and mode == "default"  # on a CPU; reduce-overhead (CUDA graphs) is for CUDA
+
+        def backend(graph_module, example_inputs):
+            captured.append(graph_module)
+            return graph_module.forward
+        return real_compile(model, backend=backend, fullgraph=True, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", capture_only)
+    torch._dynamo.reset()
+    try:
+        # cuda-graphs (what --compare-optimize runs on CUDA) is compile's path with another inductor mode.
+        compiled = create_backend(Settings(backend="local", model="tiny", device="cpu", optimize="cuda-graphs"))
+        assert len(captured) == 2  # the warm-up captured the UNet and the VAE decoder, each in one graph
+        request = GenerationRequest("cat", seed=3, steps=3, width=64, height=64)
+        fast = compiled.generate(request)
+        eager = create_backend(Settings(backend="local", model="tiny", device="cpu", optimize="sdpa")).generate(request)
+    finally:
+        torch._dynamo.reset()
+    a, b = (np.asarray(r.images[0], dtype=np.int16) for r in (eager, fast))
+    assert np.abs(a - b).max() <= 1
+
+
 def test_sd21_random_has_the_real_architecture():
     import torch
 
