@@ -2,7 +2,8 @@
 
     python -m benchmarks.latency --model tiny --steps 20,30,50 --runs 10 --instance-type inf2.xlarge
     python -m benchmarks.latency --backend neuron --artifacts sd2_512_root --precisions bf16,fp32
-    python -m benchmarks.latency --backend sagemaker --endpoint-name sd21-inf2 --instance-type ml.inf2.xlarge
+    python -m benchmarks.latency --backend sagemaker --endpoint-name sd21-inf2 --instance-type ml.inf2.xlarge \
+        --price-per-hour PRICE     # SageMaker's hourly price for the endpoint's instance (not EC2's)
     python -m benchmarks.latency --model sd21-random --device cuda --precisions bf16 --compare-optimize
 
 It takes the same backend flags as the app. Each row runs `--warmup` unmeasured requests, then
@@ -61,16 +62,22 @@ class Row:
 
 
 def price_for(instance: str | None, price_per_hour: float | None) -> float | None:
-    """--price-per-hour wins; else the snapshot's price of --instance-type (ml. prefix ignored)."""
+    """--price-per-hour wins; else the snapshot's EC2 price of --instance-type.
+
+    SageMaker's ml.* instances are billed at SageMaker's own hourly prices, which are higher than
+    the EC2 prices of the same hardware: for them the price must be given."""
     if price_per_hour is not None:
         return price_per_hour
     if not instance:
         return None
-    key = instance.removeprefix("ml.")
-    if key not in PRICES_PER_HOUR:
+    if instance.startswith("ml."):
+        raise SystemExit(f"--instance-type {instance}: SageMaker bills its instances at its own prices, higher "
+                         f"than EC2's and different by region; pass --price-per-hour from the SageMaker pricing "
+                         f"page (Real-Time Inference, your region)")
+    if instance not in PRICES_PER_HOUR:
         raise SystemExit(f"--instance-type {instance}: no snapshot price; pass --price-per-hour "
                          f"(known: {', '.join(sorted(PRICES_PER_HOUR))})")
-    return PRICES_PER_HOUR[key]
+    return PRICES_PER_HOUR[instance]
 
 
 def measure(generate, runs: int, concurrency: int, progress=None) -> tuple[list[float], float]:
@@ -135,7 +142,7 @@ def parse_args(argv: list[str] | None):
     b.add_argument("--width", type=int, help="default: the backend's default size")
     b.add_argument("--height", type=int)
     b.add_argument("--num-images", type=int, default=1)
-    b.add_argument("--instance-type", default="", help=f"for the cost column; snapshot prices for "
+    b.add_argument("--instance-type", default="", help=f"for the cost column; EC2 snapshot prices for "
                    f"{', '.join(sorted(PRICES_PER_HOUR))}")
     b.add_argument("--price-per-hour", type=float, help="USD per hour; overrides --instance-type's price")
     b.add_argument("--compare-optimize", action="store_true",

@@ -62,8 +62,11 @@ def test_summarize_and_prices():
                                                     price=3.6)
     assert (p50, mean) == (1.5, 1.5) and p95 == pytest.approx(2.0)
     assert rate == pytest.approx(4 / 6) and cost == pytest.approx(3.6 / 3600 / (8 / 6) * 10000)
-    assert latency.price_for("ml.inf2.xlarge", None) == latency.PRICES_PER_HOUR["inf2.xlarge"]
+    assert latency.price_for("inf2.xlarge", None) == latency.PRICES_PER_HOUR["inf2.xlarge"]
     assert latency.price_for("anything", 2.0) == 2.0
+    assert latency.price_for("ml.inf2.xlarge", 0.99) == 0.99
+    with pytest.raises(SystemExit, match="SageMaker bills its instances at its own prices"):
+        latency.price_for("ml.inf2.xlarge", None)  # not EC2's price of the same hardware
     with pytest.raises(SystemExit, match="--price-per-hour"):
         latency.price_for("x9.huge", None)
 
