@@ -155,6 +155,15 @@ def load_pipeline(model: str, dtype: torch.dtype, device: str = "cpu", local_fil
             requires_safety_checker=False,
             local_files_only=local_files_only,
         )
+        # from_pretrained leaves every weight requiring grad, and torch.matmul chooses its kernel by
+        # that flag: a non-contiguous 3-D input (the UNet's proj_in) is folded into one mm when no
+        # operand needs grad, else run as a bmm over an expanded weight. On CPUs without native bf16
+        # (AVX2) those two round differently, so the same folder gave other bf16 pixels than the
+        # built-in tiny model or the traced parts (frozen constants need no grad). Inference never
+        # needs gradients: drop them, as tiny.py and the compile script already do.
+        for component in pipe.components.values():
+            if isinstance(component, torch.nn.Module):
+                component.eval().requires_grad_(False)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
