@@ -8,7 +8,8 @@ A compiled root is a diffusers model folder plus compiled_models/ (see DESIGN.md
     ROOT/compiled_models/<dtype>/manifest.json       how they were compiled
 
 `python -m compile_scripts.compile` writes it. The flat layout of AWS's walk-through
-(ROOT/compiled_models/unet.pt and friends, no manifest) loads too. For each dtype the pipeline is
+(ROOT/compiled_models/unet.pt and friends, no manifest) loads too, each part in the dtype it was traced
+with (backend/archive.py reads it from the file). For each dtype the pipeline is
 built from the real diffusers modules, then the compiled parts are swapped in (the pipeline reads
 .config, .device and .dtype of its modules). On inf2 the UNet runs through torch_neuronx.DataParallel
 over the chip's NeuronCores; parts traced with --target cpu run the same code on a CPU, through a
@@ -23,7 +24,7 @@ import logging
 import os
 import threading
 import time
-import zipfile
+import pickle
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -31,6 +32,8 @@ from typing import Any
 
 import torch
 
+from . import archive
+from . import neuron_stack
 from . import pipeline as sdpipe
 from .api import (
     DEFAULT_SCHEDULER,
@@ -44,6 +47,7 @@ from .api import (
 from .neuron_modules import (
     DTYPE_NAMES,
     PARTS,
+    VAE_PARTS,
     CastDtype,
     CpuDataParallel,
     InputSpec,
@@ -66,12 +70,13 @@ MANIFEST_FORMAT = 1
 PRECISION_ORDER = ("bf16", "fp32")  # preferred first: bf16 is the faster on Inferentia2
 SDK_PACKAGES = ("torch-neuronx", "neuronx-cc")
 VERSIONED_PACKAGES = ("torch", "diffusers", "transformers", *SDK_PACKAGES)
-# What AWS's walk-through compiled, which its flat layout does not record.
-FLAT_LAYOUT = dict(dtype="bf16", height=512, width=512, batch_per_core=1)
+# What AWS's walk-through compiled, which its flat layout does not record. Its dtypes are read from
+# the parts themselves (AWS's notebook keeps the VAE parts in fp32 beside a bf16 UNet).
+FLAT_LAYOUT = dict(height=512, width=512, batch_per_core=1)
 NEURON_SDK_HINT = (
-    "Install the Neuron SDK on an inf2 instance (a Neuron DLAMI has it): "
-    "pip install --extra-index-url https://pip.repos.neuron.amazonaws.com torch-neuronx neuronx-cc "
-    "(the last torch-neuronx line pairs torch 2.9: pip install -r requirements-neuron.txt; see docs/neuron.md). "
+    f"Install the supported Neuron stack ({neuron_stack.describe()}) in its own virtual environment: "
+    "pip install -r requirements-neuron.txt (torch-neuronx and neuronx-cc come from pip.repos.neuron.amazonaws.com), "
+    f"or work inside the endpoint's container {neuron_stack.DLC_IMAGE}; see docs/neuron.md. "
     "To try the Neuron code path on this machine instead, compile CPU parts with --target cpu."
 )
 TINY_NOTE = (
@@ -142,21 +147,23 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def is_neuron_archive(path: Path) -> bool:
-    """True when a TorchScript file holds a Neuron-compiled graph (it calls the neuron custom ops).
+    """True when a TorchScript file holds a Neuron-compiled graph; BackendUnavailable if it is no TorchScript file.
 
     Read from the archive's code without loading it: loading a Neuron graph needs torch_neuronx.
     """
     try:
-        with zipfile.ZipFile(path) as archive:
-            for name in archive.namelist():
-                if "/code/" in name and name.endswith(".py"):
-                    text = archive.read(name).decode("utf-8", "replace")
-                    if "ops.neuron." in text or "classes.neuron." in text:
-                        return True
-    except (OSError, zipfile.BadZipFile) as exc:
-        raise BackendUnavailable(f"{path}: is not a TorchScript file ({exc.__class__.__name__}); compile it again.") \
-            from None
-    return False
+        return archive.is_neuron_archive(path)
+    except archive.ArchiveError as exc:
+        raise BackendUnavailable(f"{exc}; compile it again.") from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """'bf16' or 'fp32' for a torch dtype this backend runs; BackendUnavailable names any other."""
+    for name, value in DTYPE_NAMES.items():
+        if value == dtype:
+            return name
+    raise BackendUnavailable(f"a part takes {str(dtype).removeprefix('torch.')} inputs; this backend runs "
+                             f"{' and '.join(DTYPE_NAMES)} parts: compile with compile_scripts/compile.py --dtype bf16.")
 
 
 @dataclass
@@ -177,20 +184,35 @@ class ArtifactSet:
     vae_scale_factor: int
     manifest: dict[str, Any] | None = None
     warnings: list[str] = field(default_factory=list)
+    # Flat layout: each part's input dtypes as read from its file; a part missing here could not be
+    # read without the device and is probed at load (NeuronBackend._probe_flat_dtypes).
+    flat_dtypes: dict[str, list[torch.dtype]] = field(default_factory=dict)
 
     def path(self, part: str) -> Path:
         """The .pt file of a part."""
         return self.directory / f"{part}.pt"
 
+    def part_dtype(self, part: str) -> str:
+        """The dtype a part computes in ('bf16' or 'fp32'): a bf16 root keeps its VAE parts in fp32 by default."""
+        if self.manifest is not None:
+            return self.manifest["parts"][part].get("dtype") or self.dtype
+        if part == "text_encoder":  # takes token ids; it runs beside the UNet, in its dtype
+            return self.dtype
+        return dtype_name(self.input_specs(part)[0].dtype)
+
     def input_specs(self, part: str) -> list[InputSpec]:
-        """The shapes and dtypes a part was traced with (recorded, or the walk-through's)."""
+        """The shapes and dtypes a part was traced with (recorded, or the walk-through's shapes with the dtypes read
+        from its file)."""
         if self.manifest is not None:
             return [InputSpec.from_json(s) for s in self.manifest["parts"][part]["inputs"]]
-        # The walk-through traced the UNet with a bf16 timestep and everything at batch 1.
-        timestep = DTYPE_NAMES[self.dtype]
-        return part_input_specs(part, DTYPE_NAMES[self.dtype], 1, self.height // self.vae_scale_factor,
-                                self.width // self.vae_scale_factor, self.tokens, self.text_hidden,
-                                self.latent_channels, timestep_dtype=timestep)
+        # The walk-through traced everything at batch 1, the UNet with its timestep in the UNet's dtype.
+        specs = part_input_specs(part, DTYPE_NAMES[self.dtype], 1, self.height // self.vae_scale_factor,
+                                 self.width // self.vae_scale_factor, self.tokens, self.text_hidden,
+                                 self.latent_channels, timestep_dtype=DTYPE_NAMES[self.dtype])
+        dtypes = self.flat_dtypes.get(part)
+        if dtypes is None:
+            return specs
+        return [InputSpec(spec.shape, dtype) for spec, dtype in zip(specs, dtypes)]
 
 
 def compile_hint(root: Path, model: str | None, dtype: str, parts: str = "", force: bool = False) -> str:
@@ -288,6 +310,11 @@ def _manifest_set(root: Path, directory: Path, source: str | None, architecture:
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise BackendUnavailable(f"{path}: incomplete ({exc.__class__.__name__}: {exc}); recompile: "
                                  f"{compile_hint(root, model, dtype, force=True)}") from None
+    for part in PARTS:
+        if part != "text_encoder" and dtype_name(art.input_specs(part)[0].dtype) != art.part_dtype(part):
+            raise BackendUnavailable(f"{path}: {part} is recorded as {art.part_dtype(part)} but its inputs as "
+                                     f"{art.input_specs(part)[0].dtype}; recompile: "
+                                     f"{compile_hint(root, model, dtype, part, force=True)}")
     errors, warnings = version_problems(manifest.get("versions") or {}, installed_versions(), target)
     if errors:
         raise BackendUnavailable(f"{where}: " + " ".join(errors))
@@ -303,15 +330,57 @@ def _flat_set(root: Path, compiled: Path, source: str | None, architecture: dict
                                  f"folder (sd2_compile_dir_512/<part>/model.pt) or compile with compile_scripts.")
     target = "neuron" if is_neuron_archive(compiled / "unet.pt") else "cpu"
     tokens = int(architecture.get("text_max_positions") or 77)
-    return ArtifactSet(
-        dtype=FLAT_LAYOUT["dtype"], directory=compiled, layout="flat", target=target,
+    art = ArtifactSet(
+        dtype="bf16", directory=compiled, layout="flat", target=target,
         model=source or root.resolve().name, height=FLAT_LAYOUT["height"], width=FLAT_LAYOUT["width"],
         batch_per_core=FLAT_LAYOUT["batch_per_core"], tokens=tokens,
         text_hidden=int(architecture["text_hidden_size"]), latent_channels=int(architecture["vae_latent_channels"]),
         vae_scale_factor=int(architecture["vae_scale_factor"]),
-        warnings=["walk-through layout (no manifest): assumed bf16, 512x512, batch 1 per core"
-                  + (", compiled under the installed Neuron SDK" if target == "neuron" else "")],
     )
+    for part in PARTS:
+        dtypes = flat_input_dtypes(art.path(part), part, len(art.input_specs(part)), target)
+        if dtypes is not None:
+            art.flat_dtypes[part] = dtypes
+    if "unet" in art.flat_dtypes:  # the pipeline's precision is the UNet's
+        art.dtype = dtype_name(art.flat_dtypes["unet"][0])
+    art.warnings.append(f"walk-through layout (no manifest): assumed 512x512, batch 1 per core; {flat_dtype_note(art)}"
+                        + (", compiled under the installed Neuron SDK" if target == "neuron" else ""))
+    return art
+
+
+def flat_input_dtypes(path: Path, part: str, count: int, target: str) -> list[torch.dtype] | None:
+    """A walk-through part's input dtypes, read from its file; None when only running it can tell.
+
+    First the example inputs that torch.jit.trace stored (CPU parts, and Neuron parts traced under torch
+    2.x); else, for a CPU part, the dtype of its weights (the walk-through casts every input to it). A
+    Neuron part of torch 1.13 records its input types only inside the compiled model's metadata, which
+    torch_neuronx alone can read; the loader then tries the dtypes on the device.
+    """
+    try:
+        dtypes = archive.traced_input_dtypes(path)
+        if dtypes is None and target == "cpu":
+            weights = archive.weight_dtype(path)
+            dtypes = [torch.int64 if part == "text_encoder" else weights] * count if weights else None
+    except (archive.ArchiveError, pickle.UnpicklingError, EOFError, ValueError, TypeError) as exc:
+        raise BackendUnavailable(f"{path}: cannot be read ({exc.__class__.__name__}: {exc}); copy it again from the "
+                                 f"compile folder or recompile it.") from None
+    if dtypes is not None and len(dtypes) != count:
+        raise BackendUnavailable(f"{path}: was traced with {len(dtypes)} inputs, the walk-through's {part} takes "
+                                 f"{count}; it is not a part of AWS's SD2.1 walk-through. Compile with compile_scripts.")
+    if dtypes is not None and part != "text_encoder":
+        for dtype in dtypes:
+            dtype_name(dtype)  # only bf16 and fp32 parts run here
+    return dtypes
+
+
+def flat_dtype_note(art: ArtifactSet) -> str:
+    """'dtypes read from the files: unet bf16, ...' for the flat layout's note."""
+    known = ", ".join(f"{p} {art.part_dtype(p)}" for p in PARTS if p in art.flat_dtypes)
+    unknown = [p for p in PARTS if p not in art.flat_dtypes]
+    note = f"dtypes read from the files: {known}" if known else ""
+    if unknown:
+        note += ("; " if note else "") + f"{', '.join(unknown)} probed on the device at load"
+    return note
 
 
 def version_problems(recorded: dict[str, Any], installed: dict[str, str | None],
@@ -320,30 +389,41 @@ def version_problems(recorded: dict[str, Any], installed: dict[str, str | None],
 
     A Neuron part is a TorchScript module that calls torch-neuronx's ops on a NEFF from neuronx-cc:
     it loads only under the torch that torch-neuronx was built for, so a different torch line is an
-    error; another Neuron SDK release usually loads, but is not what was tested, so it is a warning.
+    error; another Neuron SDK release usually loads, but is not what was tested, so it is a warning
+    that names both releases.
     """
     errors: list[str] = []
     warnings: list[str] = []
     if target == "neuron":
         rec, inst = recorded.get("torch-neuronx"), installed.get("torch-neuronx")
-        if rec and inst and _torch_line(rec) != _torch_line(inst):
-            errors.append(f"compiled with torch-neuronx {rec} (torch {_torch_line(rec)}), but torch-neuronx {inst} "
-                          f"(torch {_torch_line(inst)}) is installed; compiled parts run only under the torch line "
-                          f"they were compiled with. Install torch-neuronx {rec} or recompile with --force.")
-        for name in SDK_PACKAGES:
-            rec, inst = recorded.get(name), installed.get(name)
-            if rec and inst and rec != inst and not errors:
-                warnings.append(f"compiled with {name} {rec}, {inst} is installed; if loading fails or images look "
-                                f"wrong, recompile with --force under this Neuron SDK.")
+        line = neuron_stack.torch_line
+        if rec and inst and line(rec) != line(inst):
+            errors.append(f"compiled with torch-neuronx {rec} (torch {line(rec)}), but torch-neuronx {inst} "
+                          f"(torch {line(inst)}) is installed; compiled parts run only under the torch line "
+                          f"they were compiled with. Install the stack the parts were compiled with, or recompile "
+                          f"with --force under the supported one ({neuron_stack.describe()}).")
+        compiled_sdk, installed_sdk = neuron_stack.sdk_release(recorded), neuron_stack.sdk_release(installed)
+        differs = [n for n in SDK_PACKAGES if recorded.get(n) and installed.get(n)
+                   and neuron_stack.public_version(recorded[n]) != neuron_stack.public_version(installed[n])]
+        if differs and not errors:
+            if compiled_sdk and installed_sdk and compiled_sdk != installed_sdk:
+                warnings.append(
+                    f"compiled under Neuron SDK {compiled_sdk} ({_packages(recorded)}), this machine has Neuron SDK "
+                    f"{installed_sdk} ({_packages(installed)}); parts usually load across releases, but only the "
+                    f"compiling one was tested: if loading fails or images look wrong, recompile with --force under "
+                    f"the supported SDK {neuron_stack.NEURON_SDK}.")
+            else:
+                warnings.extend(f"compiled with {n} {recorded[n]}, {installed[n]} is installed; if loading fails or "
+                                f"images look wrong, recompile with --force under this Neuron SDK." for n in differs)
     rec, inst = recorded.get("torch"), installed.get("torch")
     if target == "cpu" and rec and inst and rec != inst:
         warnings.append(f"traced with torch {rec}, torch {inst} is installed; recompile with --force if loading fails.")
     return errors, warnings
 
 
-def _torch_line(version: str) -> str:
-    """'2.9.0.2.15.32035' (torch-neuronx: torch version + Neuron release) -> '2.9'."""
-    return ".".join(version.split(".")[:2])
+def _packages(versions: dict[str, Any]) -> str:
+    return ", ".join(f"{n} {versions[n]}" for n in SDK_PACKAGES if versions.get(n))
+
 
 
 def neuron_core_ids(env: dict[str, str] | None = None) -> list[int]:
@@ -360,9 +440,9 @@ def neuron_core_ids(env: dict[str, str] | None = None) -> list[int]:
         visible = int(env["NEURON_RT_NUM_CORES"])
     elif env.get("NEURON_RT_VISIBLE_CORES"):
         count = 0
-        for item in env["NEURON_RT_VISIBLE_CORES"].split(","):
-            lo, _, hi = item.strip().partition("-")
-            count += (int(hi) - int(lo) + 1) if hi else 1
+        for item in env["NEURON_RT_VISIBLE_CORES"].split(","):  # int() refuses what the runtime would
+            first, _, last = item.strip().partition("-")
+            count += (int(last) if last else int(first)) - int(first) + 1
         visible = count
     return list(range(max(1, min(2, visible))))
 
@@ -445,13 +525,15 @@ class NeuronBackend:
 
     def _build_pipeline(self, art: ArtifactSet):
         """The diffusers pipeline with real modules, then the compiled parts swapped in."""
+        parts = {part: self._load_part(art, part) for part in PARTS}
+        if art.layout == "flat" and art.target == "neuron" and any(p not in art.flat_dtypes for p in PARTS):
+            self._probe_flat_dtypes(art, parts)
         dtype = DTYPE_NAMES[art.dtype]
         try:
             pipe = sdpipe.load_pipeline(str(self.root), dtype, "cpu", local_files_only=True)
         except Exception as exc:  # noqa: BLE001
             raise BackendUnavailable(f"--artifacts {self.root}: the diffusers files cannot be loaded "
                                      f"({exc.__class__.__name__}: {exc}); compile into a fresh --out folder.") from None
-        parts = {part: self._load_part(art, part) for part in PARTS}
         specs = {part: art.input_specs(part) for part in PARTS}
         cores = len(self.device_ids)
         if art.target == "neuron":
@@ -474,6 +556,33 @@ class NeuronBackend:
             setattr(pipe.vae, attr, CastDtype(StaticBatch(runners[part], spec.shape[0]), spec.dtype))
         gc.collect()  # the eager UNet and text encoder just let go can be gigabytes
         return pipe
+
+    def _probe_flat_dtypes(self, art: ArtifactSet, parts: dict[str, torch.nn.Module]) -> None:
+        """Find the input dtypes of walk-through Neuron parts that their files do not record (torch 1.13 archives).
+
+        The Neuron runtime checks every input's dtype against the compiled model's metadata and refuses
+        another (torch_neuronx's trace.py builds that metadata "to validate input tensor shapes, names, and
+        types"), so one call with zeros per candidate dtype tells which one the part was compiled for. It
+        costs one run of each part at load, which the warm-up pays anyway.
+        """
+        art.flat_dtypes.setdefault("text_encoder", [torch.int64])
+        for part in ("unet", *VAE_PARTS):
+            if part in art.flat_dtypes:
+                continue
+            for candidate in (torch.bfloat16, torch.float32):  # the walk-through's bf16 first, then AWS's fp32 VAE
+                specs = art.input_specs(part)
+                inputs = [torch.zeros(s.shape, dtype=s.dtype if s.dtype == torch.int64 else candidate) for s in specs]
+                try:
+                    parts[part](*inputs)
+                except Exception:  # noqa: BLE001 - the runtime's refusal of a dtype is the answer we look for
+                    continue
+                art.flat_dtypes[part] = [i.dtype for i in inputs]
+                break
+            else:
+                raise BackendUnavailable(f"{art.path(part)}: runs with neither bf16 nor fp32 inputs of the walk-through's "
+                                         f"shapes; recompile it with compile_scripts/compile.py.")
+        art.dtype = dtype_name(art.flat_dtypes["unet"][0])
+        log.info("walk-through Neuron parts probed: %s", flat_dtype_note(art))
 
     def _warm_up(self, precision: str) -> None:
         """One 1-step generation, so the first person does not wait for lazy loading (and broken parts fail now)."""

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 PARTS = ("text_encoder", "unet", "vae_decoder", "vae_post_quant_conv")
+VAE_PARTS = ("vae_decoder", "vae_post_quant_conv")
 DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # The timestep goes into the UNet as float32 whatever the model's dtype: bf16 holds integers above
 # 256 only to a multiple of 2..8 (999 -> 1000), while eager diffusers embeds the exact timestep.
@@ -54,14 +55,22 @@ class NeuronAttnProcessor:
     faster than materialised score matrices, and the CPU artifacts should be as fast as eager
     diffusers. The bmm kernel traces on a CPU too (compile.py --attention bmm), which is how it is
     tested here.
+
+    kernel="nki" runs self-attention through neuronx-cc's flash attention kernel, as AWS's current
+    SD2.1 sample does (aws-neuron-samples torch-neuronx/inference/hf_pretrained_sd2_512_inference.ipynb,
+    `KernelizedAttnProcessor2_0`): only where the kernel fits (no mask, head_dim <= 128 and no larger
+    than the token count); cross-attention, with its 77 text tokens, and the VAE's single 512-wide
+    head take the bmm path. The kernel exists only inside the Neuron compiler, so `flash` is loaded
+    from neuronx-cc (load_nki_flash_attention) unless given.
     """
 
-    KERNELS = ("bmm", "sdpa")
+    KERNELS = ("bmm", "sdpa", "nki")
 
-    def __init__(self, kernel: str = "bmm"):
+    def __init__(self, kernel: str = "bmm", flash: Any = None):
         if kernel not in self.KERNELS:
             raise ValueError(f"attention kernel {kernel!r}: use one of {', '.join(self.KERNELS)}")
         self.kernel = kernel
+        self.flash = (flash or load_nki_flash_attention()) if kernel == "nki" else None
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
@@ -82,7 +91,8 @@ class NeuronAttnProcessor:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
         query = attn.to_q(hidden_states)
-        if encoder_hidden_states is None:
+        self_attention = encoder_hidden_states is None
+        if self_attention:
             encoder_hidden_states = hidden_states
         elif attn.norm_cross:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
@@ -91,6 +101,8 @@ class NeuronAttnProcessor:
 
         if self.kernel == "sdpa":
             hidden_states = _sdpa(attn, query, key, value, attention_mask, batch_size)
+        elif self.kernel == "nki" and self_attention and attention_mask is None and nki_fits(query, attn.heads):
+            hidden_states = _nki_attention(self.flash, attn, query, key, value, batch_size)
         else:
             query = attn.head_to_batch_dim(query)
             key = attn.head_to_batch_dim(key)
@@ -141,11 +153,68 @@ def attention_probs(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor |
     return probs.to(dtype)
 
 
-def install_neuron_attention(module: nn.Module, kernel: str = "bmm") -> int:
+# --- NKI flash attention (Neuron only) ------------------------------------------------------------
+
+# AWS's SD2.1 sample calls attention_isa_kernel with this kernel_name: Q and K come in as
+# (batch*heads, head_dim, tokens), V as (batch*heads, tokens, head_dim), and the kernel writes the
+# (batch*heads, tokens, head_dim) output into a buffer it is handed.
+NKI_KERNEL_NAME = "AttentionMMSoftmaxMMWithoutSwap"
+NKI_MAX_HEAD_DIM = 128  # the sample's bound: a head must fit the 128 partitions of a NeuronCore's SBUF
+
+
+class NkiUnavailable(ImportError):
+    """The NKI attention kernel cannot be imported here (it ships inside neuronx-cc)."""
+
+
+def load_nki_flash_attention():
+    """neuronx-cc's flash attention kernel, made traceable by torch_neuronx, imported as AWS's SD2.1 sample does.
+
+    neuronx-cc keeps the kernel in `neuronxcc.nki._private_kernels.attention`; older compilers had it in
+    `neuronxcc.nki.kernels.attention` (the sample tries both, so do we). `nki_jit` comes from
+    `torch_neuronx.xla_impl.ops` (the top-level torch_neuronx.nki_jit was removed in Neuron 2.24).
+    """
+    try:
+        try:
+            from neuronxcc.nki._private_kernels.attention import attention_isa_kernel
+        except ImportError:
+            from neuronxcc.nki.kernels.attention import attention_isa_kernel
+        from torch_neuronx.xla_impl.ops import nki_jit
+    except ImportError as exc:
+        raise NkiUnavailable(
+            f"attention kernel 'nki' needs neuronx-cc's NKI flash attention and torch-neuronx, which cannot be "
+            f"imported here ({exc.__class__.__name__}: {exc}). It exists only for --target neuron, on a machine with "
+            f"the Neuron SDK (pip install -r requirements-neuron.txt); use --attention bmm or sdpa otherwise."
+        ) from None
+    return nki_jit()(attention_isa_kernel)
+
+
+def nki_fits(query: torch.Tensor, heads: int) -> bool:
+    """Whether the flash kernel takes this attention: AWS's sample runs it only where head_dim <= 128 and
+    head_dim <= the number of query tokens, and SDPA elsewhere (here: bmm)."""
+    head_dim = query.shape[-1] // heads
+    return head_dim <= NKI_MAX_HEAD_DIM and head_dim <= query.shape[1]
+
+
+def _nki_attention(flash, attn, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   batch_size: int) -> torch.Tensor:
+    """Self-attention through the NKI kernel, in the layouts of the sample's attention_wrapper_without_swap,
+    at attn.scale (the sample's 1/sqrt(head_dim), which equals it for SD2.1)."""
+    heads = attn.heads
+    head_dim = query.shape[-1] // heads
+    q_len, k_len = query.shape[1], key.shape[1]
+    q = query.view(batch_size, q_len, heads, head_dim).permute(0, 2, 3, 1).reshape(batch_size * heads, head_dim, q_len)
+    k = key.view(batch_size, k_len, heads, head_dim).permute(0, 2, 3, 1).reshape(batch_size * heads, head_dim, k_len)
+    v = value.view(batch_size, k_len, heads, head_dim).transpose(1, 2).reshape(batch_size * heads, k_len, head_dim)
+    out = torch.zeros((batch_size * heads, q_len, head_dim), dtype=query.dtype, device=query.device)
+    flash(q, k, v, attn.scale, out, kernel_name=NKI_KERNEL_NAME)
+    return out.view(batch_size, heads, q_len, head_dim).transpose(1, 2).reshape(batch_size, q_len, heads * head_dim)
+
+
+def install_neuron_attention(module: nn.Module, kernel: str = "bmm", flash: Any = None) -> int:
     """Give every diffusers Attention inside module a NeuronAttnProcessor; returns how many."""
     from diffusers.models.attention_processor import Attention
 
-    processor = NeuronAttnProcessor(kernel)
+    processor = NeuronAttnProcessor(kernel, flash)
     count = 0
     for sub in module.modules():
         if isinstance(sub, Attention):
@@ -239,7 +308,7 @@ class ShapeGuard(nn.Module):
                 raise StaticShapeError(
                     f"{self.name}: input {i} is {_describe(value.shape, value.dtype)} but the part was compiled "
                     f"for {_describe(spec.shape, spec.dtype)}; a compiled Neuron graph runs only at the shapes "
-                    f"it was traced with"
+                    f"and dtypes it was traced with"
                 )
 
     def forward(self, *inputs: torch.Tensor):
@@ -303,10 +372,13 @@ class StaticBatch(nn.Module):
 
 
 class CastDtype(nn.Module):
-    """Calls a part in its compiled dtype and hands the result back in the caller's dtype.
+    """Calls a VAE part in its compiled dtype and returns what the part computed, in that dtype.
 
-    So a pipeline of one precision can use a part compiled in another (an fp32 VAE behind a bf16
-    UNet, or the reverse) and a part never sees a dtype that its graph was not compiled for.
+    So a pipeline of one precision can use VAE parts compiled in another and a part never sees a
+    dtype its graph was not compiled for. An fp32 VAE behind a bf16 UNet (AWS's SD2.1 notebook and
+    compile.py's default) gets the bf16 latents cast up once: post_quant_conv hands fp32 to the fp32
+    decoder, whose fp32 image diffusers' postprocessing reads as any tensor, as the notebook's
+    NeuronTypeConversionWrapper does. Casting back to bf16 in between would round away what fp32 is for.
     """
 
     def __init__(self, module: nn.Module, dtype: torch.dtype):
@@ -315,11 +387,10 @@ class CastDtype(nn.Module):
         self.dtype = dtype
 
     def forward(self, sample: torch.Tensor, *args: Any) -> torch.Tensor:
-        """Cast in, run, cast out (extra arguments, such as the decoder's latent_embeds=None, are dropped)."""
+        """Cast in and run (extra arguments, such as the decoder's latent_embeds=None, must be None)."""
         if any(a is not None for a in args):
             raise ValueError("a compiled VAE part takes one tensor; conditional inputs were not compiled")
-        out = first_tensor(self.module(sample.to(self.dtype)))
-        return out.to(sample.dtype)
+        return first_tensor(self.module(sample.to(self.dtype)))
 
 
 class NeuronUNet(nn.Module):

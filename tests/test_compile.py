@@ -1,22 +1,32 @@
 """compile_scripts/compile.py: both ways of running it, the manifest, skipping what is up to date,
-the Neuron compiler's arguments, and the clear errors (no Neuron SDK here, another model's root)."""
+the Neuron compiler's arguments, the Neuron path without a device (through a stand-in for
+torch_neuronx, which cannot be installed here), and the clear errors (no Neuron SDK here, another
+model's root, NKI attention for the CPU)."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
+import types
+from pathlib import Path
 
 import pytest
+import torch
 
 import neuron_helpers
+from backend import neuron_stack
 from compile_scripts.compile import (
     MIN_UNET_MEMORY_GB,
     PARTS,
+    TARGET_COMPILER_ARGS,
     Compiler,
     compiler_args,
     main,
+    part_attention,
+    part_dtype,
 )
 from conftest import ROOT
 
@@ -60,6 +70,12 @@ def test_manifest_records_what_was_compiled(compiled_root):
                                   {"shape": [1, 77, 32], "dtype": torch_dtype}]
         assert unet["compiler_args"] == [] and unet["attention"] == "sdpa"  # the CPU target's default kernel
         assert manifest["parts"]["text_encoder"]["attention"] is None
+        # Every part records its dtype; the VAE parts are fp32 in both roots, as AWS's notebook compiles them.
+        assert {p: e["dtype"] for p, e in manifest["parts"].items()} == {
+            "text_encoder": dtype, "unet": dtype, "vae_decoder": "fp32", "vae_post_quant_conv": "fp32"}
+        assert manifest["parts"]["vae_decoder"]["inputs"][0]["dtype"] == "float32"
+        assert manifest["neuron_sdk"] is None  # no Neuron compiler built these
+        assert manifest["supported_stack"] == neuron_stack.record()
         assert all(p["seconds"] > 0 and (compiled_root / "compiled_models" / dtype / p["file"]).is_file()
                    for p in manifest["parts"].values())
     assert json.loads((compiled_root / "compiled_models" / "source.json").read_text())["model"] == "tiny"
@@ -110,7 +126,96 @@ def test_neuron_compiler_arguments():
                                                               "--enable-fast-loading-neuron-binaries"]
     assert "--auto-cast=matmult" in compiler_args("vae_post_quant_conv", "bf16", "neuron")
     assert "--auto-cast=matmult" not in compiler_args("text_encoder", "fp32", "neuron")
+    assert compiler_args("text_encoder", "bf16", "neuron")[0] == "--model-type=transformer"  # as optimum-neuron
     assert all(compiler_args(p, "bf16", "cpu") == [] for p in PARTS)
+    assert TARGET_COMPILER_ARGS == ["--target=inf2"]
+
+
+def test_part_dtypes_and_attention():
+    assert [part_dtype(p, "bf16") for p in PARTS] == ["bf16", "bf16", "fp32", "fp32"]
+    assert [part_dtype(p, "bf16", "same") for p in PARTS] == ["bf16"] * 4
+    assert [part_dtype(p, "fp32", "same") for p in PARTS] == ["fp32"] * 4
+    assert [part_attention(p, "nki") for p in PARTS] == [None, "nki", "bmm", None]  # the VAE's head is too wide
+    assert [part_attention(p, "sdpa") for p in PARTS] == [None, "sdpa", "sdpa", None]
+
+
+def test_vae_dtype_same_keeps_the_vae_in_the_asked_dtype(tmp_path):
+    out = tmp_path / "root"
+    assert main(["--model", "tiny", "--out", str(out), "--target", "cpu", "--parts", "vae_post_quant_conv",
+                 "--height", "64", "--width", "64", "--vae-dtype", "same"]) == 0
+    entry = json.loads((out / "compiled_models" / "bf16" / "manifest.json").read_text())["parts"]["vae_post_quant_conv"]
+    assert entry["dtype"] == "bf16" and entry["inputs"][0]["dtype"] == "bfloat16"
+
+
+def test_nki_attention_cannot_be_traced_for_the_cpu(tmp_path, capsys):
+    out = tmp_path / "root"
+    assert main(["--model", "tiny", "--out", str(out), "--target", "cpu", "--attention", "nki"]) == 1
+    err = capsys.readouterr().err
+    assert "--attention nki" in err and "neuronx-cc" in err and "--attention bmm" in err
+    assert not out.exists()
+
+
+class FakeTorchNeuronx(types.ModuleType):
+    """A stand-in for torch_neuronx (which only installs from AWS's index): trace() records how it was
+    called and returns a CPU trace, so the compile script's Neuron path runs end to end here."""
+
+    def __init__(self):
+        super().__init__("torch_neuronx")
+        self.calls: list[dict] = []
+
+    def trace(self, module, example_inputs, *, compiler_workdir=None, compiler_args=None, cpu_backend=False):
+        self.calls.append({"compiler_args": list(compiler_args), "cpu_backend": cpu_backend,
+                           "platform": os.environ.get("NEURON_PLATFORM_TARGET_OVERRIDE")})
+        return torch.jit.trace(module, example_inputs, check_trace=False)
+
+
+@pytest.fixture
+def fake_neuron_sdk(monkeypatch):
+    """FakeTorchNeuronx as `torch_neuronx`, neuronx-cc's NKI attention kernel as a CPU stand-in, and an
+    environment of its own (the compile sets NEURON_* variables)."""
+    import diffusers  # noqa: F401 - imported before the stand-ins: it probes for torch_neuronx once, at import
+
+    sdk = FakeTorchNeuronx()
+    ops = types.ModuleType("ops")
+    ops.nki_jit = lambda: (lambda kernel: kernel)
+    kernels = types.ModuleType("attention")
+
+    def attention_isa_kernel(q, k, v, scale, out, kernel_name):
+        out.copy_(torch.bmm((torch.bmm(q.transpose(1, 2), k) * scale).softmax(dim=-1), v))
+
+    kernels.attention_isa_kernel = attention_isa_kernel
+    modules = {"torch_neuronx": sdk, "torch_neuronx.xla_impl": types.ModuleType("xla_impl"),
+               "torch_neuronx.xla_impl.ops": ops, "neuronxcc": types.ModuleType("neuronxcc"),
+               "neuronxcc.nki": types.ModuleType("nki"), "neuronxcc.nki._private_kernels": types.ModuleType("pk"),
+               "neuronxcc.nki._private_kernels.attention": kernels}
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if not k.startswith("NEURON_")})
+    return sdk
+
+
+@pytest.mark.parametrize("device", [False, True], ids=["no-device", "inf2"])
+def test_target_neuron_compiles_for_inf2_with_or_without_a_device(fake_neuron_sdk, monkeypatch, tmp_path, capsys,
+                                                                   device):
+    import compile_scripts.compile as compile_module
+
+    monkeypatch.setattr(compile_module, "neuron_devices", lambda: [Path("/dev/neuron0")] if device else [])
+    out = tmp_path / "root"
+    assert main(["--model", "tiny", "--out", str(out), "--target", "neuron", "--attention", "nki",
+                 "--parts", "text_encoder", "unet", "vae_decoder", "--height", "64", "--width", "64"]) == 0
+    log = capsys.readouterr().out
+    assert ("cpu_backend=True" in log) is not device
+    calls = fake_neuron_sdk.calls
+    assert [c["cpu_backend"] for c in calls] == [not device] * 3
+    assert [c["platform"] for c in calls] == [None if device else "inf2"] * 3  # told before torch_neuronx is imported
+    assert all(c["compiler_args"][0] == "--target=inf2" for c in calls)
+    assert calls[0]["compiler_args"][1] == "--model-type=transformer"
+    assert "--auto-cast=matmult" in calls[1]["compiler_args"] and "--auto-cast=matmult" not in calls[2]["compiler_args"]
+    manifest = json.loads((out / "compiled_models" / "bf16" / "manifest.json").read_text())
+    assert manifest["target"] == "neuron"
+    parts = manifest["parts"]
+    assert parts["unet"]["attention"] == "nki" and parts["vae_decoder"]["attention"] == "bmm"
+    assert parts["vae_decoder"]["dtype"] == "fp32" and parts["unet"]["compiler_args"] == calls[1]["compiler_args"]
 
 
 def test_warns_before_the_unet_when_memory_is_short(monkeypatch, tmp_path):

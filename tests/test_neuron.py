@@ -11,6 +11,7 @@ import dataclasses
 import importlib.util
 import json
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -34,6 +35,7 @@ from backend.neuron import (
     version_problems,
 )
 from backend.neuron_modules import (
+    CastDtype,
     CpuDataParallel,
     InputSpec,
     NeuronAttnProcessor,
@@ -84,13 +86,21 @@ def eager_pipelines(compiled_root, neuron_backend):
     by that flag, and without native bf16 the two round differently). Same batches: the UNet runs on
     the chunks the compiled UNet gets (cores x batch per core, the last padded) and the VAE decodes one
     image at a time (vae.enable_slicing), as the decoder compiled for batch 1 does: oneDNN's bf16
-    convolutions round a batch of 2 differently from two batches of 1 on AVX-512 CPUs.
+    convolutions round a batch of 2 differently from two batches of 1 on AVX-512 CPUs. Same dtypes:
+    the bf16 root keeps its VAE decoder and post_quant_conv in fp32 (compile.py's --vae-dtype default),
+    fed through the same cast as the compiled ones (bf16 latents up to fp32, an fp32 image out), with
+    the root's fp32 weights (not bf16 weights cast back up).
     """
+    from diffusers import AutoencoderKL
+
     chunk = len(neuron_backend.device_ids) * neuron_backend.sets[0].batch_per_core
+    vae = AutoencoderKL.from_pretrained(compiled_root / "vae", dtype=torch.float32).eval().requires_grad_(False)
     pipes = {}
     for precision in ("fp32", "bf16"):
         pipe = sdpipe.load_pipeline(str(compiled_root), sdpipe.DTYPES[precision], "cpu", local_files_only=True)
         pipe.unet.forward = _in_chunks(pipe.unet.forward, chunk)
+        for attr in ("decoder", "post_quant_conv"):
+            setattr(pipe.vae, attr, CastDtype(copy.deepcopy(getattr(vae, attr)), torch.float32))
         pipe.vae.enable_slicing()
         pipes[precision] = pipe
     return pipes
@@ -212,6 +222,83 @@ def test_neuron_attention_traced_for_cpu_matches_eager(bmm_root):
         assert diff.max() <= FP32_TOL, diff.max()
     finally:
         backend.close()
+
+
+# --- the NKI flash attention kernel (a stand-in: the real one exists only inside neuronx-cc) -------
+
+
+def _fake_attention_isa_kernel(q, k, v, scale, out, kernel_name):
+    """A CPU stand-in for neuronx-cc's attention_isa_kernel, with the layouts AWS's SD2.1 sample hands it:
+    Q and K (batch*heads, head_dim, tokens), V (batch*heads, tokens, head_dim), output written in place."""
+    assert kernel_name == "AttentionMMSoftmaxMMWithoutSwap"
+    _fake_attention_isa_kernel.calls.append(tuple(q.shape))
+    scores = torch.bmm(q.transpose(1, 2), k) * scale
+    out.copy_(torch.bmm(scores.softmax(dim=-1), v))
+
+
+def _install_fake_nki(monkeypatch, private: bool = True) -> None:
+    """neuronx-cc's kernel module and torch_neuronx's nki_jit, as sys.modules entries (neither package exists here)."""
+    import types
+
+    import diffusers  # noqa: F401 - imported before the stand-ins: it probes for torch_neuronx once, at import
+
+    kernels = types.ModuleType("attention")
+    kernels.attention_isa_kernel = _fake_attention_isa_kernel
+    ops = types.ModuleType("ops")
+    ops.nki_jit = lambda: (lambda kernel: kernel)
+    names = ["neuronxcc", "neuronxcc.nki", "neuronxcc.nki._private_kernels", "neuronxcc.nki.kernels",
+             "torch_neuronx", "torch_neuronx.xla_impl"]
+    for name in names:
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name.rsplit(".", 1)[-1]))
+    home = "neuronxcc.nki._private_kernels.attention" if private else "neuronxcc.nki.kernels.attention"
+    monkeypatch.setitem(sys.modules, home, kernels)
+    monkeypatch.setitem(sys.modules, "torch_neuronx.xla_impl.ops", ops)
+    _fake_attention_isa_kernel.calls = []
+
+
+@pytest.mark.parametrize("private", [True, False], ids=["private-kernels", "kernels"])
+def test_nki_attention_runs_self_attention_through_the_kernel(tiny_unet, monkeypatch, private):
+    unet, inputs = tiny_unet
+    _install_fake_nki(monkeypatch, private)
+    with torch.no_grad():
+        reference = unet(*inputs).sample
+        patched = copy.deepcopy(unet)
+        install_neuron_attention(patched, "nki")
+        out = patched(*inputs).sample
+    self_attention = [m for name, m in patched.named_modules() if name.endswith("attn1")]
+    assert self_attention and len(_fake_attention_isa_kernel.calls) == len(self_attention)
+    # (batch * heads, head_dim, tokens): the tiny UNet's heads are 16 wide
+    assert all(shape[0] % 2 == 0 and shape[1] == 16 for shape in _fake_attention_isa_kernel.calls)
+    assert (out - reference).abs().max().item() < 1e-5  # the kernel's layouts and scale are right
+
+
+def test_nki_attention_keeps_bmm_where_the_kernel_does_not_fit(monkeypatch):
+    from diffusers.models.attention_processor import Attention
+
+    _install_fake_nki(monkeypatch)
+    g = torch.Generator().manual_seed(0)
+    text = torch.randn(1, 77, 32, generator=g)
+    cross = Attention(query_dim=32, cross_attention_dim=32, heads=2, dim_head=16).eval()
+    wide = Attention(query_dim=256, heads=1, dim_head=256).eval()  # a VAE-like head: wider than 128
+    cases = ((cross, (torch.randn(1, 64, 32, generator=g), text)), (wide, (torch.randn(1, 64, 256, generator=g),)))
+    for attn, args in cases:
+        with torch.no_grad():
+            attn.set_processor(NeuronAttnProcessor("bmm"))
+            expected = attn(*args)
+            attn.set_processor(NeuronAttnProcessor("nki"))
+            got = attn(*args)
+        assert torch.equal(got, expected)
+    assert _fake_attention_isa_kernel.calls == []
+
+
+def test_nki_attention_without_neuronx_cc_says_what_to_do():
+    from backend.neuron_modules import NkiUnavailable
+
+    if importlib.util.find_spec("neuronxcc") is not None:
+        pytest.skip("neuronx-cc is installed here")
+    with pytest.raises(NkiUnavailable) as err:
+        NeuronAttnProcessor("nki")
+    assert "neuronx-cc" in str(err.value) and "--attention bmm" in str(err.value)
 
 
 # --- generation matches eager -------------------------------------------------------------------
@@ -359,6 +446,64 @@ def test_walkthrough_layout_loads_and_generates(walkthrough_root):
         backend.close()
 
 
+@pytest.fixture(scope="module")
+def walkthrough_fp32_vae_root(tiny_dir, tmp_path_factory):
+    """The walk-through's flat layout as AWS's notebook compiles it: bf16 UNet and text encoder, fp32 VAE parts."""
+    return neuron_helpers.trace_walkthrough(tiny_dir, tmp_path_factory.mktemp("walkthrough-fp32-vae") / "root",
+                                            vae_dtype=torch.float32)
+
+
+def test_walkthrough_layout_with_fp32_vae_loads_and_generates(walkthrough_fp32_vae_root):
+    backend = create_backend(Settings(backend="neuron", artifacts=str(walkthrough_fp32_vae_root)))
+    try:
+        art = backend.sets[0]
+        assert art.layout == "flat" and art.dtype == "bf16"
+        assert {p: art.part_dtype(p) for p in ("unet", "vae_decoder", "vae_post_quant_conv")} == {
+            "unet": "bf16", "vae_decoder": "fp32", "vae_post_quant_conv": "fp32"}
+        assert any("vae_decoder fp32" in n for n in backend.capabilities().notes)
+        result = backend.generate(GenerationRequest(prompt="a lovely cat", steps=2, seed=5, num_images=2))
+        assert [img.size for img in result.images] == [(512, 512)] * 2
+        # The walk-through's own loading code, with the notebook's fp32 cast in front of the VAE parts.
+        reference = neuron_helpers.walkthrough_pipeline(walkthrough_fp32_vae_root)
+        reference.unet.forward = _in_chunks(reference.unet.forward, len(backend.device_ids))
+        reference.vae.enable_slicing()
+        expected, _ = sdpipe.run(reference, result.request, result.seeds,
+                                 scheduler=sdpipe.make_scheduler(result.request.scheduler, reference.scheduler.config))
+        assert np.abs(pixels(result.images) - pixels(expected)).max() <= 1
+
+        # The CPU stand-in refuses a dtype the part was not compiled for, as the Neuron runtime does.
+        guard = backend._pipelines["bf16"].vae.decoder.module.module  # CastDtype -> StaticBatch -> ShapeGuard
+        with pytest.raises(StaticShapeError) as err:
+            guard(torch.zeros(1, 4, 64, 64, dtype=torch.bfloat16))
+        message = str(err.value)
+        assert message.startswith("vae_decoder:") and "bfloat16" in message and "compiled for 1x4x64x64 float32" in message
+    finally:
+        backend.close()
+
+
+def test_walkthrough_neuron_parts_without_recorded_dtypes_are_probed(walkthrough_fp32_vae_root):
+    """Neuron parts of torch 1.13 record their input dtypes only in metadata torch_neuronx reads; the loader
+    then runs each part once per candidate dtype. The Neuron runtime refuses a wrong dtype as ShapeGuard does."""
+    art = find_artifacts(walkthrough_fp32_vae_root)[0]
+    truth = {part: art.input_specs(part) for part in ("text_encoder", "unet", "vae_decoder", "vae_post_quant_conv")}
+    parts = {part: ShapeGuard(torch.jit.load(str(art.path(part))), part, specs) for part, specs in truth.items()}
+    art.flat_dtypes.clear()
+    NeuronBackend._probe_flat_dtypes(None, art, parts)
+    assert {part: art.input_specs(part) for part in truth} == truth and art.dtype == "bf16"
+
+
+def test_archive_records_input_dtypes(walkthrough_fp32_vae_root, compiled_root):
+    from backend.archive import traced_input_dtypes, weight_dtype
+
+    flat = walkthrough_fp32_vae_root / "compiled_models"
+    assert traced_input_dtypes(flat / "unet.pt") == [torch.bfloat16] * 3  # torch.jit.trace kept its example inputs
+    assert traced_input_dtypes(flat / "vae_decoder.pt") == [torch.float32]
+    assert traced_input_dtypes(flat / "text_encoder.pt") == [torch.int64]
+    frozen = compiled_root / "compiled_models" / "bf16"
+    assert traced_input_dtypes(frozen / "unet.pt") is None  # torch.jit.freeze drops them; the weights remain
+    assert weight_dtype(frozen / "unet.pt") == torch.bfloat16 and weight_dtype(frozen / "vae_decoder.pt") == torch.float32
+
+
 def test_walkthrough_layout_compiled_for_neuron_needs_the_sdk(walkthrough_root, tmp_path):
     import zipfile
 
@@ -460,7 +605,13 @@ def test_versions_are_checked(compiled_root, tmp_path):
     assert errors and "torch 2.8" in errors[0] and "torch 2.9" in errors[0]
     errors, warnings = version_problems({"torch-neuronx": "2.9.0.2.14.1", "neuronx-cc": "2.24.5133.0"},
                                         {"torch-neuronx": "2.9.0.2.15.32035", "neuronx-cc": "2.26.6360.0"}, "neuron")
-    assert not errors and len(warnings) == 2 and "recompile with --force" in warnings[0]
+    # Another Neuron SDK release: one warning naming the release that compiled the parts and the installed one.
+    assert not errors and len(warnings) == 1 and "recompile with --force" in warnings[0]
+    assert "compiled under Neuron SDK 2.29.0" in warnings[0] and "this machine has Neuron SDK 2.31" in warnings[0]
+    # AWS's wheels carry a local label; the same build is the same release.
+    assert version_problems({"torch-neuronx": "2.9.0.2.15.32035", "neuronx-cc": "2.26.6360.0"},
+                            {"torch-neuronx": "2.9.0.2.15.32035+de43f57c", "neuronx-cc": "2.26.6360.0+6f180f47"},
+                            "neuron") == ([], [])
     root = neuron_helpers.copy_root(compiled_root, tmp_path / "root")
     _edit_manifest(root, "bf16", versions={"torch": "2.0.0"})
     sets = find_artifacts(root)

@@ -1,0 +1,263 @@
+"""Preflight for the neuron backend: can this machine serve a compiled root, and what to do if not.
+
+`check(root)` returns findings, each with a level (ok, warning, error), what was found, and what to
+do about it. `python -m compile_scripts.doctor --artifacts ROOT` prints them; an endpoint can call
+check() at start and refuse to serve on an error. The checks, in order:
+
+1. Python and the packages against the supported Neuron stack (backend/neuron_stack.py) and
+   against the versions each manifest recorded (Neuron parts only; CPU parts need neither).
+2. NeuronCores: a Neuron device (/dev/neuron*) and the cores NEURON_RT_VISIBLE_CORES leaves visible.
+3. Host memory, for compiling the UNet here.
+4. Each compiled part: present, a readable archive, its input shapes and dtypes.
+5. One smoke generation (1 step) per compiled precision, with its timings.
+
+This module imports nothing heavy at import time (compile.py imports its host helpers).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+import zipfile
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+from . import neuron_stack
+
+LEVELS = ("ok", "warning", "error")
+# AWS's SD2.1 notebooks ask for inf2.8xlarge or larger (128 GB) to compile, and the UNet compile is
+# killed on inf2.xlarge's 16 GB (aws-neuron-samples issue #10). 35 GB is this project's threshold for
+# a warning, between the two; AWS publishes no exact figure.
+MIN_UNET_MEMORY_GB = 35
+SMOKE_PROMPT = "a lovely cat"
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One result of a check: its level, what was found, and what to do (empty when nothing is to be done)."""
+
+    level: str
+    what: str
+    fix: str = ""
+
+    def __post_init__(self):
+        if self.level not in LEVELS:
+            raise ValueError(f"level {self.level!r}: use one of {', '.join(LEVELS)}")
+
+
+def neuron_devices() -> list[Path]:
+    """The Neuron devices the driver exposes (/dev/neuron0, ...); empty without a device or driver."""
+    return sorted(Path("/dev").glob("neuron*"))
+
+
+def host_memory_gb() -> float | None:
+    """This machine's memory in GB (psutil if present, else /proc/meminfo), None if unknown."""
+    try:
+        import psutil
+
+        return psutil.virtual_memory().total / 1e9
+    except ImportError:
+        pass
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024 / 1e9
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def failed(findings: list[Finding]) -> bool:
+    """True when any finding is an error."""
+    return any(f.level == "error" for f in findings)
+
+
+def check(root: Path | str, *, smoke: bool = True) -> list[Finding]:
+    """Every check against a compiled root, in order; the smoke generation runs only when nothing failed before it."""
+    from .api import BackendUnavailable
+    from .neuron import find_artifacts
+
+    root = Path(root).expanduser()
+    findings: list[Finding] = []
+    try:
+        sets = find_artifacts(root)
+    except BackendUnavailable as exc:
+        sets = []
+        findings.append(Finding("error", f"compiled root {root}: {exc}", "Fix the root as the message says, then run "
+                                "the doctor again."))
+    target = sets[0].target if sets else None
+    findings += check_python(target)
+    findings += check_packages(target)
+    if target == "neuron":
+        findings += check_neuron_cores()
+    findings += check_memory()
+    for art in sets:
+        findings += [Finding("warning", w) for w in art.warnings]  # each says what to do, if anything
+        findings += check_parts(root, art)
+    if smoke and sets and not failed(findings):
+        findings += smoke_generation(root)
+    return findings
+
+
+# --- versions ------------------------------------------------------------------------------------
+
+
+def check_python(target: str | None) -> list[Finding]:
+    """The Python version against the Neuron wheels' (3.11-3.13)."""
+    version = ".".join(platform.python_version_tuple()[:2])
+    supported = neuron_stack.PYTHONS
+    if version in supported:
+        return [Finding("ok", f"Python {platform.python_version()} (the Neuron wheels support {', '.join(supported)})")]
+    if target == "neuron":
+        return [Finding("error", f"Python {platform.python_version()}: torch-neuronx and neuronx-cc have wheels for "
+                        f"Python {', '.join(supported)} only",
+                        "Create the environment with python3.12 (the endpoint container's Python): python3.12 -m venv "
+                        ".venv-neuron && . .venv-neuron/bin/activate && pip install -r requirements-neuron.txt")]
+    return [Finding("warning", f"Python {platform.python_version()}: fine for CPU parts, but the Neuron wheels support "
+                    f"Python {', '.join(supported)} only", "Use Python 3.12 on inf2 (requirements-neuron.txt).")]
+
+
+def installed(name: str) -> str | None:
+    """The installed version of a distribution without its local label, None if absent."""
+    try:
+        return neuron_stack.public_version(metadata.version(name))
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def check_packages(target: str | None) -> list[Finding]:
+    """torch, torch-neuronx, neuronx-cc and numpy against the supported stack (Neuron parts only)."""
+    if target != "neuron":
+        return [Finding("ok", f"packages: CPU parts need only this project's requirements (torch {installed('torch')}); "
+                        f"Neuron parts need {neuron_stack.describe()}")]
+    findings = []
+    install = "pip install -r requirements-neuron.txt in a fresh virtual environment (docs/neuron.md)"
+    for name, pinned in neuron_stack.PACKAGES.items():
+        have = installed(name)
+        if have == pinned:
+            findings.append(Finding("ok", f"{name} {have} (Neuron SDK {neuron_stack.NEURON_SDK})"))
+        elif have is None:
+            findings.append(Finding("error", f"{name} is not installed; the supported stack has {name} {pinned}", install))
+        elif name in ("torch", "torch-neuronx") and neuron_stack.torch_line(have) != neuron_stack.torch_line(pinned):
+            findings.append(Finding("error", f"{name} {have} is of the torch {neuron_stack.torch_line(have)} line; the "
+                            f"supported stack has {name} {pinned} (torch {neuron_stack.torch_line(pinned)})", install))
+        else:
+            findings.append(Finding("warning", f"{name} {have}; the supported stack (Neuron SDK "
+                            f"{neuron_stack.NEURON_SDK}) has {name} {pinned}", install))
+    return findings
+
+
+# --- the machine ---------------------------------------------------------------------------------
+
+
+def check_neuron_cores(env: dict[str, str] | None = None) -> list[Finding]:
+    """A Neuron device, and the NeuronCores the UNet will run on."""
+    from .neuron import neuron_core_ids
+
+    devices = neuron_devices()
+    if not devices:
+        return [Finding("error", "no Neuron device (/dev/neuron*) on this machine, and the parts were compiled for Neuron",
+                        "Run on an inf2 instance with the Neuron driver (aws-neuronx-dkms, docs/neuron.md); in a "
+                        "container, pass the device: docker run --device=/dev/neuron0 ...")]
+    env = os.environ if env is None else env
+    try:
+        cores = neuron_core_ids(env)
+    except ValueError:
+        return [Finding("error", f"NEURON_RT_VISIBLE_CORES={env.get('NEURON_RT_VISIBLE_CORES')!r} or "
+                        f"NEURON_RT_NUM_CORES={env.get('NEURON_RT_NUM_CORES')!r} is not a core list",
+                        "Set NEURON_RT_VISIBLE_CORES to a range or list such as 0-1 or 0,1 (or unset it).")]
+    what = f"{len(devices)} Neuron device(s) ({', '.join(d.name for d in devices)}); the UNet runs on NeuronCores {cores}"
+    if len(cores) < 2:
+        return [Finding("warning", what + ": one core, so classifier-free guidance's two samples run one after the other",
+                        "Let the process see two cores (NEURON_RT_VISIBLE_CORES=0-1) to run them side by side.")]
+    return [Finding("ok", what)]
+
+
+def check_memory() -> list[Finding]:
+    """Host memory against what compiling the SD2.1 UNet needs (serving needs far less)."""
+    memory = host_memory_gb()
+    if memory is None:
+        return [Finding("warning", "host memory: unknown (no psutil, no /proc/meminfo)",
+                        f"Compiling the SD2.1 UNet needs about {MIN_UNET_MEMORY_GB} GB; serving needs far less.")]
+    if memory < MIN_UNET_MEMORY_GB:
+        return [Finding("warning", f"host memory {memory:.0f} GB: enough to serve, not to compile the SD2.1 UNet "
+                        f"(about {MIN_UNET_MEMORY_GB} GB)",
+                        "Compile on inf2.8xlarge (128 GB) or a CPU instance with 64 GB or more, then copy the root here.")]
+    return [Finding("ok", f"host memory {memory:.0f} GB (compiling the SD2.1 UNet needs about {MIN_UNET_MEMORY_GB} GB)")]
+
+
+# --- the parts -----------------------------------------------------------------------------------
+
+
+def check_parts(root: Path, art) -> list[Finding]:
+    """Each part of one compiled dtype: a readable archive whose recorded dtype matches its weights (CPU parts)."""
+    from . import archive
+    from .neuron import compile_hint, dtype_name
+
+    findings = []
+    for part in ("text_encoder", "unet", "vae_decoder", "vae_post_quant_conv"):
+        path = art.path(part)
+        fix = f"Recompile it: {compile_hint(root, art.model, art.dtype, part, force=True)}"
+        where = f"{art.dtype} {part} ({path})"
+        try:
+            with zipfile.ZipFile(path) as opened:
+                opened.namelist()
+        except (OSError, zipfile.BadZipFile) as exc:
+            findings.append(Finding("error", f"{where}: not a readable TorchScript archive ({exc.__class__.__name__})",
+                                    fix))
+            continue
+        specs = art.input_specs(part)
+        shapes = ", ".join(f"{'x'.join(str(d) for d in s.shape)} {str(s.dtype).removeprefix('torch.')}" for s in specs)
+        if art.target == "cpu" and art.layout == "manifest":  # the flat layout's dtypes were read from the files
+            try:
+                weights = archive.weight_dtype(path)
+            except Exception as exc:  # noqa: BLE001 - a damaged pickle: say which file
+                findings.append(Finding("error", f"{where}: its pickles cannot be read ({exc.__class__.__name__})", fix))
+                continue
+            recorded = art.part_dtype(part)
+            if weights is not None and dtype_name(weights) != recorded:
+                findings.append(Finding("error", f"{where}: holds {dtype_name(weights)} weights, but it is recorded "
+                                        f"as {recorded}", fix))
+                continue
+        known = art.layout == "manifest" or part in art.flat_dtypes
+        dtype_note = "" if known else "; its dtype is probed on the device at load"
+        size = path.stat().st_size / 1e6
+        findings.append(Finding("ok", f"{where.split(' (')[0]}: {art.part_dtype(part)}, inputs {shapes}, "
+                                f"{size:.1f} MB{dtype_note}"))
+    return findings
+
+
+def smoke_generation(root: Path) -> list[Finding]:
+    """Load the backend as the app does and generate one 1-step image per precision, with its timings."""
+    from .api import BackendError, GenerationRequest
+    from .neuron import NeuronBackend
+    from .settings import Settings
+
+    started = time.perf_counter()
+    try:
+        backend = NeuronBackend(Settings(backend="neuron", artifacts=str(root)))
+    except BackendError as exc:
+        return [Finding("error", f"loading the parts failed: {exc}", "Fix what the message names, then run the "
+                        "doctor again.")]
+    findings = [Finding("ok", f"loaded {', '.join(backend.capabilities().precisions)} in "
+                        f"{time.perf_counter() - started:.1f} s (with one warm-up generation each) on "
+                        f"{backend.capabilities().device}")]
+    try:
+        for precision in backend.capabilities().precisions:
+            request = GenerationRequest(prompt=SMOKE_PROMPT, steps=1, seed=0, precision=precision)
+            try:
+                result = backend.generate(request)
+            except BackendError as exc:
+                findings.append(Finding("error", f"smoke generation {precision} failed: {exc}",
+                                        "Recompile the parts of that precision with --force."))
+                continue
+            t = result.timings
+            width, height = result.images[0].size
+            findings.append(Finding("ok", f"smoke generation {precision}, {width}x{height}, 1 step: {t.total_ms:.0f} ms "
+                                    f"(text encoder {t.text_encoder_ms:.0f} ms, UNet {t.denoise_ms:.0f} ms, "
+                                    f"VAE decode {t.vae_ms:.0f} ms)"))
+    finally:
+        backend.close()
+    return findings
