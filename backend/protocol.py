@@ -17,13 +17,14 @@ Responses, chosen by `Accept`:
 - `application/json`: `{"images": [base64 PNG], "seeds": [...], "timings": {...}, "info": "...",
   "warnings": [...], "model": "...", "backend": "..."}`.
 Either way the server's own times ride in the `X-Amzn-SageMaker-Custom-Attributes` header as
-`key=value` pairs joined by `;` (the form DJL-Serving splits request attributes by), which
-SageMaker passes back to the caller as `CustomAttributes`.
+`key=value` pairs joined by `;`, which SageMaker passes back to the caller as `CustomAttributes`.
 
-Errors are JSON in the shape of DJL-Serving's `Output.error`, so the endpoint answers alike under
-DJL and under serving/server.py: `{"code": 400, "message": "InvalidRequest", "error": "steps: ..."}`
-where `message` names the kind (InvalidRequest 400, GenerationFailed 500, BackendUnavailable 503,
-Busy 429) and `error` is the text a person can read.
+Errors are JSON, alike under TorchServe (serving/inference.py) and serving/server.py:
+`{"code": 400, "message": "InvalidRequest", "error": "steps: ..."}` where `message` names the kind
+(InvalidRequest 400, GenerationFailed 500, BackendUnavailable 503, Busy 429) and `error` is the
+text a person can read. One answer comes from TorchServe itself, before the request reaches this
+code: its 503 `{"code": 503, "type": "ServiceUnavailableException", "message": ...}` when its job
+queue is full or no worker is running, which parse_error reads as Busy.
 """
 
 from __future__ import annotations
@@ -67,6 +68,11 @@ TOP_LEVEL = ("prompt", "negative_prompt", "parameters", "describe")
 # Error kind <-> HTTP status of the container's answer.
 BUSY = "Busy"
 STATUS_OF_KIND = {"InvalidRequest": 400, "Busy": 429, "GenerationFailed": 500, "BackendUnavailable": 503}
+
+
+# The exception TorchServe names in its 503 for a full job queue or a model with no worker
+# (pytorch/serve v0.11.0: ApiUtils.addRESTInferenceJob, NettyUtils.sendError).
+MODEL_SERVER_BUSY = "ServiceUnavailableException"
 
 
 class Busy(BackendUnavailable):
@@ -208,7 +214,7 @@ def kind_of(error: BaseException) -> str:
 
 
 def error_body(kind: str, text: str, status: int | None = None) -> bytes:
-    """A JSON error answer, in DJL's Output.error shape."""
+    """A JSON error answer: {"code", "message" (the kind), "error" (the text)}."""
     code = status or STATUS_OF_KIND[kind]
     return json.dumps({"code": code, "message": kind, "error": text}).encode("utf-8")
 
@@ -223,6 +229,10 @@ def parse_error(body: bytes | str | None) -> tuple[str | None, str]:
     if isinstance(data, dict) and isinstance(data.get("error"), str):
         kind = data.get("message")
         return (kind if kind in STATUS_OF_KIND else None), data["error"]
+    if isinstance(data, dict) and data.get("code") == 503 and data.get("type") == MODEL_SERVER_BUSY:
+        # TorchServe's words ("has no worker ... use scale workers API") would send a caller astray.
+        return BUSY, ("the model server's queue is full, or its worker is restarting; the request did not run. "
+                      "Try again shortly.")
     return None, text.strip()[:500]
 
 

@@ -12,9 +12,10 @@ same inputs changes nothing; with new inputs it updates the endpoint in place an
 models and configs it no longer uses. delete removes the endpoint, every NAME-m-/NAME-c- model and
 config, and the autoscaling target, so nothing is left billing or cluttering the account.
 
-The default image is `djl-inference:0.30.0-neuronx-sdk2.20.1` from AWS's Deep Learning Containers
-account 763104351884: DJL-Serving dropped Neuron support in late 2025, and that is its last
-neuronx image. Pass --image-uri for another image, or for a region whose DLC account differs.
+The default image is AWS's PyTorch Neuron inference container (compile_scripts/container.py names it
+and its sources), which runs model.tar.gz's code/inference.py under TorchServe. The model's
+environment gives TorchServe one worker, which owns both NeuronCores, and a bounded queue (--max-queue),
+so that overload is answered at once with a 503 instead of SageMaker's 60 s timeout.
 An ml.inf2.xlarge endpoint bills by the hour while it exists, serving or not: delete it when done.
 """
 
@@ -24,20 +25,22 @@ import argparse
 import hashlib
 import re
 import sys
+import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from compile_scripts.package import file_sha256
+from compile_scripts import container
+from compile_scripts.package import CODE_DIR, file_sha256
 
-DLC_ACCOUNT = "763104351884"
-DJL_NEURONX_TAG = "djl-inference:0.30.0-neuronx-sdk2.20.1"
 DEFAULT_INSTANCE = "ml.inf2.xlarge"
 VARIANT = "AllTraffic"
 DEFAULT_PREFIX = "stable-diffusion"
 DEFAULT_VOLUME_GB = 100  # the walk-through's: model.tar.gz, its unpacked copy and the Neuron cache
-DEFAULT_STARTUP_S = 1800  # DJL pip-installs requirements and loads compiled graphs before /ping is healthy
+# Download, the toolkit's pip install of code/requirements.txt and TorchServe's start, before /ping
+# answers; the model then loads in the worker for some minutes more (docs/sagemaker.md).
+DEFAULT_STARTUP_S = 1800
 DEFAULT_TARGET_INVOCATIONS = 20  # per instance per minute: ~2.2 s an image leaves room for bursts
 TAG_KEY = "sd-demo:deployment"
 # SageMaker names: at most 63 characters of letters, digits and inner hyphens; 13 go to "-m-<hash>".
@@ -49,10 +52,19 @@ class DeployError(Exception):
     """A failure with a message that says what to do."""
 
 
-def default_image(region: str) -> str:
-    """The DJL-Serving neuronx image for a region."""
-    suffix = "amazonaws.com.cn" if region.startswith("cn-") else "amazonaws.com"
-    return f"{DLC_ACCOUNT}.dkr.ecr.{region}.{suffix}/{DJL_NEURONX_TAG}"
+def check_archive(path: Path) -> None:
+    """Refuse an archive without code/inference.py (an older package.py's DJL layout cannot serve)."""
+    wanted = f"{CODE_DIR}/inference.py"
+    try:
+        with tarfile.open(path) as tar:
+            # Entries are sorted and a compiled root's folder name rarely sorts before "code": stop early.
+            if any(member.name == wanted for member in tar):
+                return
+    except (tarfile.TarError, OSError) as exc:
+        raise DeployError(f"--model-tar {path}: not a readable tar.gz ({exc}); build it with "
+                          f"python -m compile_scripts.package.") from None
+    raise DeployError(f"--model-tar {path}: no {wanted} inside, so the container has nothing to serve (an archive "
+                      f"from before the move off DJL-Serving?); build it again with python -m compile_scripts.package.")
 
 
 def short_hash(*parts: Any) -> str:
@@ -76,7 +88,22 @@ class Plan:
     target_invocations: int = DEFAULT_TARGET_INVOCATIONS
     volume_gb: int = DEFAULT_VOLUME_GB
     startup_timeout_s: int = DEFAULT_STARTUP_S
+    max_queue: int = container.DEFAULT_MAX_QUEUE
     wait: bool = True
+
+    def image(self, region: str) -> str:
+        """The container image: --image-uri, else AWS's PyTorch Neuron inference image for the region."""
+        try:
+            if self.image_uri:
+                container.check_image(self.image_uri)
+                return self.image_uri
+            return container.default_image(region)
+        except container.ImageError as exc:
+            raise DeployError(str(exc)) from None
+
+    def environment(self) -> dict[str, str]:
+        """The container's environment (container.environment)."""
+        return container.environment(self.max_queue, self.startup_timeout_s)
 
 
 class Deployer:
@@ -105,11 +132,14 @@ class Deployer:
         check_name(plan.name)
         if not 1 <= plan.min_instances <= plan.max_instances:
             raise DeployError("--min-instances must be at least 1 and at most --max-instances.")
+        if plan.max_queue < 1:
+            raise DeployError("--max-queue must be at least 1.")
+        image = plan.image(self.region)
         model_data = self.upload(plan)
-        image = plan.image_uri or default_image(self.region)
-        model = f"{plan.name}-m-{short_hash(image, model_data, plan.role)}"
+        environment = plan.environment()
+        model = f"{plan.name}-m-{short_hash(image, model_data, plan.role, sorted(environment.items()))}"
         config = f"{plan.name}-c-{short_hash(model, plan.instance_type, plan.min_instances, plan.volume_gb, plan.startup_timeout_s)}"
-        self._ensure_model(model, image, model_data, plan)
+        self._ensure_model(model, image, model_data, environment, plan)
         self._ensure_config(config, model, plan)
         endpoint = self._endpoint(plan.name)
         if endpoint and endpoint["EndpointStatus"] not in _SETTLED:
@@ -156,6 +186,7 @@ class Deployer:
         if not plan.model_tar.is_file():
             raise DeployError(f"--model-tar {plan.model_tar}: no such file; build it with "
                               f"python -m compile_scripts.package --out {plan.model_tar} ...")
+        check_archive(plan.model_tar)
         self._check_bucket(plan.bucket)
         digest = file_sha256(plan.model_tar)
         key = f"{plan.prefix.strip('/')}/{plan.name}/model-{digest[:16]}.tar.gz"
@@ -195,12 +226,14 @@ class Deployer:
                 return False
             raise
 
-    def _ensure_model(self, model: str, image: str, model_data: str, plan: Plan) -> None:
+    def _ensure_model(self, model: str, image: str, model_data: str, environment: dict[str, str],
+                      plan: Plan) -> None:
         if self._exists(self.sm.describe_model, ModelName=model):
             self.out(f"model {model} exists; reusing it")
             return
         self.sm.create_model(ModelName=model, ExecutionRoleArn=plan.role,
-                             PrimaryContainer={"Image": image, "ModelDataUrl": model_data},
+                             PrimaryContainer={"Image": image, "ModelDataUrl": model_data,
+                                               "Environment": environment},
                              Tags=[{"Key": TAG_KEY, "Value": plan.name}])
         self.out(f"created model {model} ({image})")
 
@@ -465,7 +498,7 @@ def explain(exc: Exception, region: str | None) -> str:
     if code in ("ValidationException", "ValidationError") and re.search(r"\brole\b|assume", message, re.I):
         return (f"{operation}: SageMaker cannot use the role ({message}). --role must be the ARN of an IAM role "
                 f"that exists, trusts sagemaker.amazonaws.com, and may read the model archive in S3 and pull "
-                f"from ECR; see docs/sagemaker.md, 'IAM role'.")
+                f"from ECR; see docs/sagemaker.md, step 0.")
     if code == "NoSuchBucket":
         return f"{operation}: the bucket does not exist ({message}); create it with `aws s3 mb`."
     if code in ("AccessDenied", "AccessDeniedException", "UnrecognizedClientException", "InvalidClientTokenId",
@@ -474,14 +507,16 @@ def explain(exc: Exception, region: str | None) -> str:
     return f"{operation} failed: {code}: {message}"
 
 
+_IMAGE_HELP = (f"Default image:\n  ACCOUNT.dkr.ecr.<region>.amazonaws.com/{container.REPOSITORY}:{container.TAG}\n"
+               f"AWS's PyTorch Neuron inference container (TorchServe + the SageMaker PyTorch inference toolkit),\n"
+               f"with the account AWS lists for the region.")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Subcommands deploy, status and delete."""
     parser = argparse.ArgumentParser(prog="python -m compile_scripts.deploy",
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     description=__doc__.split("\n\n")[0],
-                                     epilog=f"Default image:\n  {DLC_ACCOUNT}.dkr.ecr.<region>.amazonaws.com/"
-                                            f"{DJL_NEURONX_TAG}\nDJL-Serving's last neuronx image; it dropped "
-                                            f"Neuron support in late 2025.")
+                                     description=__doc__.split("\n\n")[0], epilog=_IMAGE_HELP)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--name", required=True, help="endpoint name (also prefixes its model and config names)")
     common.add_argument("--region", help="AWS region (default: AWS_REGION or the AWS config's)")
@@ -492,22 +527,24 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     d = sub.add_parser("deploy", parents=[common], help="upload and create or update the endpoint",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="Upload model.tar.gz and create (or update) the endpoint.\n\nDefault image:\n  "
-                                   f"{DLC_ACCOUNT}.dkr.ecr.<region>.amazonaws.com/{DJL_NEURONX_TAG}\nthe last "
-                                   "DJL-Serving image with Neuron support (DJL-Serving dropped it in late 2025).")
+                       description="Upload model.tar.gz and create (or update) the endpoint.", epilog=_IMAGE_HELP)
     d.add_argument("--role", required=True, help="ARN of the IAM role SageMaker runs the endpoint as")
     d.add_argument("--bucket", required=True, help="S3 bucket for model.tar.gz, in the same region")
     d.add_argument("--model-tar", required=True, type=Path, help="archive from compile_scripts/package.py")
     d.add_argument("--prefix", default=DEFAULT_PREFIX, help=f"S3 key prefix (default {DEFAULT_PREFIX})")
     d.add_argument("--instance-type", default=DEFAULT_INSTANCE, help=f"default {DEFAULT_INSTANCE}")
-    d.add_argument("--image-uri", help="container image (default: the DJL neuronx image for the region)")
+    d.add_argument("--image-uri", help="container image (default: AWS's PyTorch Neuron inference image for the region)")
     d.add_argument("--min-instances", type=int, default=1, help="instances at start and at least (default 1)")
     d.add_argument("--max-instances", type=int, help="more than --min-instances turns on autoscaling")
     d.add_argument("--target-invocations", type=int, default=DEFAULT_TARGET_INVOCATIONS,
                    help=f"autoscaling target per instance per minute (default {DEFAULT_TARGET_INVOCATIONS})")
     d.add_argument("--volume-size", type=int, default=DEFAULT_VOLUME_GB, help=f"GB (default {DEFAULT_VOLUME_GB})")
     d.add_argument("--startup-timeout", type=int, default=DEFAULT_STARTUP_S,
-                   help=f"seconds for download and start before the health check must pass (default {DEFAULT_STARTUP_S})")
+                   help=f"seconds for download and start before the health check must pass, and for the model "
+                        f"to load (default {DEFAULT_STARTUP_S})")
+    d.add_argument("--max-queue", type=int, default=container.DEFAULT_MAX_QUEUE,
+                   help=f"requests that may wait while one runs; more are answered 503 at once "
+                        f"(default {container.DEFAULT_MAX_QUEUE})")
     d.add_argument("--no-wait", action="store_true", help="return once the endpoint is being created")
     sub.add_parser("status", parents=[common], help="show the endpoint's state")
     x = sub.add_parser("delete", parents=[common], help="delete the endpoint, its configs, models and autoscaling")
@@ -521,6 +558,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     region = args.region
     try:
+        if args.command == "deploy" and args.image_uri:
+            container.check_image(args.image_uri)  # before any AWS call
         deployer = Deployer(args.region, args.endpoint_url, poll_s=args.poll, timeout_s=args.timeout)
         region = deployer.region
         if args.command == "deploy":
@@ -529,13 +568,13 @@ def main(argv: list[str] | None = None) -> int:
                         min_instances=args.min_instances,
                         max_instances=args.max_instances if args.max_instances is not None else args.min_instances,
                         target_invocations=args.target_invocations, volume_gb=args.volume_size,
-                        startup_timeout_s=args.startup_timeout, wait=not args.no_wait)
+                        startup_timeout_s=args.startup_timeout, max_queue=args.max_queue, wait=not args.no_wait)
             deployer.deploy(plan)
         elif args.command == "status":
             return 0 if deployer.status(args.name) is not None else 3
         else:
             deployer.delete(args.name, args.delete_model_data, wait=not args.no_wait)
-    except DeployError as exc:
+    except (DeployError, container.ImageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except Exception as exc:  # noqa: BLE001 - botocore errors become one readable line

@@ -1,15 +1,21 @@
-"""Build model.tar.gz, the archive a DJL-Serving endpoint loads.
+"""Build model.tar.gz for AWS's PyTorch Neuron inference container (SageMaker inference toolkit + TorchServe).
 
     python -m compile_scripts.package --out model.tar.gz --artifacts sd2_512_root
     python -m compile_scripts.package --out model.tar.gz --model-s3-uri s3://BUCKET/sd2_512_root/
     python -m compile_scripts.package --out model.tar.gz --backend local --model tiny   # no accelerator
 
-Inside, at the top (DJL's layout for its Python engine):
-  serving.properties   engine=Python, option.entryPoint=model.py, timeouts, workers, sd_* options
-  model.py             serving/model.py, DJL's entry point
-  requirements.txt     what DJL pip-installs before loading (never torch: the image has its build)
-  backend/, serving/   this project's code, which model.py imports
-  <root name>/         the compiled root, with --artifacts (its own folder name, which the app shows)
+SageMaker unpacks the archive into /opt/ml/model; the toolkit (sagemaker-pytorch-inference) looks
+in its code/ folder (sagemaker_inference/environment.py: code_dir). Inside:
+  code/inference.py       serving/inference.py: model_fn, input_fn, predict_fn, output_fn
+  code/requirements.txt   what the toolkit pip-installs before TorchServe starts: the packages the
+                          image lacks, never torch, torch-neuronx, neuronx-cc or numpy (the image's
+                          are built for its Neuron SDK)
+  code/endpoint.json      what this package chose: backend, compiled root, model, PNG level
+  code/backend/, code/serving/   this project's code, which inference.py imports
+  <root name>/            the compiled root, with --artifacts (its own folder name, which the app shows)
+
+How many workers TorchServe runs and how many requests it queues are the container's environment,
+which compile_scripts/deploy.py sets on the SageMaker model.
 
 The same inputs give the same bytes: entries sorted, mtime fixed (SOURCE_DATE_EPOCH, else 0),
 owner 0:0 without names, no absolute paths, symlinks stored as the files they point to, and a
@@ -23,59 +29,62 @@ import argparse
 import gzip
 import hashlib
 import io
+import json
 import os
 import re
 import sys
 import tarfile
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
-# Packages the endpoint needs beyond the DJL image; torch, torch-neuronx and numpy come with the
-# image, built for its Neuron SDK, and must not be replaced.
+# Packages the endpoint needs beyond AWS's image, pinned as in requirements.txt.
 ENDPOINT_PACKAGES = ("diffusers", "transformers", "accelerate", "safetensors", "tokenizers", "huggingface_hub")
+# The image carries these built for its Neuron SDK; a pip install of another build breaks the device code.
+IMAGE_PACKAGES = ("torch", "torch-neuronx", "neuronx-cc", "numpy")
+CODE_DIR = "code"
 CODE = ("backend", "serving")
-SERVING_FILES = ("__init__.py", "handler.py", "model.py")  # not server.py: DJL is the server there
-RESERVED = {*CODE, "serving.properties", "model.py", "requirements.txt"}
-DEFAULT_LOADING_TIMEOUT_S = 1800  # loading compiled Neuron graphs onto the device takes minutes
-DEFAULT_PREDICT_TIMEOUT_S = 60  # SageMaker's own limit on a real-time invocation
+# Not server.py (TorchServe is the server there), nor inference.py (it is code/inference.py itself).
+SERVING_FILES = ("__init__.py", "handler.py", "s3_download.py")
+RESERVED = {CODE_DIR}
 DEFAULT_PNG_LEVEL = 1  # answers cross the internet from an endpoint; see serving/handler.py
 
 
-def serving_properties(backend: str, artifacts: str | None, model_s3_uri: str | None, model: str | None,
-                       workers: int, loading_timeout: int, predict_timeout: int, png_level: int) -> str:
-    """The serving.properties text."""
-    lines = [
-        "# Built by compile_scripts/package.py.",
-        "engine=Python",
-        "option.entryPoint=model.py",
-        f"option.model_loading_timeout={loading_timeout}",
-        f"option.predict_timeout={predict_timeout}",
-        # One worker owns the device; requests queue in DJL and then in serving/handler.py.
-        f"minWorkers={workers}",
-        f"maxWorkers={workers}",
-        f"option.sd_backend={backend}",
-        f"option.sd_png_level={png_level}",
-    ]
-    if artifacts:
-        lines.append(f"option.sd_artifacts={artifacts}")
-    if model_s3_uri:
-        lines.append(f"option.model_id={model_s3_uri}")
-    if model:
-        lines.append(f"option.sd_model={model}")
-    return "\n".join(lines) + "\n"
+def endpoint_config(backend: str, artifacts: str | None, model_s3_uri: str | None, model: str | None,
+                    png_level: int) -> dict[str, Any]:
+    """code/endpoint.json: what serving/inference.py's model_fn loads."""
+    config: dict[str, Any] = {"backend": backend, "png_level": png_level}
+    for key, value in (("artifacts", artifacts), ("model_s3_uri", model_s3_uri), ("model", model)):
+        if value:
+            config[key] = value
+    return config
 
 
 def endpoint_requirements(source: Path = ROOT / "requirements.txt") -> str:
     """The pins of ENDPOINT_PACKAGES from the project's requirements.txt."""
     wanted = {_normalize(p) for p in ENDPOINT_PACKAGES}
-    kept = []
-    for line in source.read_text().splitlines():
-        name = re.split(r"[\s<>=!~\[;]", line.strip(), maxsplit=1)[0]
-        if name and not line.lstrip().startswith("#") and _normalize(name) in wanted:
-            kept.append(line.strip())
-    header = "# Installed by DJL-Serving before model.py loads; torch and torch-neuronx come with the image.\n"
+    kept = [line for name, line in _requirements(source.read_text()) if name in wanted]
+    header = ("# Installed by the SageMaker inference toolkit before TorchServe starts. torch, torch-neuronx,\n"
+              "# neuronx-cc and numpy come with the image, built for its Neuron SDK: never list them here.\n")
     return header + "\n".join(kept) + "\n"
+
+
+def check_requirements(text: str) -> None:
+    """Refuse requirements that would replace a package the image carries for its Neuron SDK."""
+    image = {_normalize(p) for p in IMAGE_PACKAGES}
+    listed = sorted({name for name, _ in _requirements(text) if name in image})
+    if listed:
+        raise ValueError(f"requirements list {', '.join(listed)}: AWS's image carries them built for its Neuron SDK, "
+                         f"and a pip install of another build breaks the Neuron code; remove them.")
+
+
+def _requirements(text: str) -> Iterator[tuple[str, str]]:
+    """(normalized name, line) of each requirement line."""
+    for line in text.splitlines():
+        stripped = line.strip()
+        if not stripped or stripped.startswith(("#", "-")):
+            continue
+        yield _normalize(re.split(r"[\s<>=!~\[;@]", stripped, maxsplit=1)[0]), stripped
 
 
 def artifacts_name(artifacts: Path) -> str:
@@ -83,15 +92,15 @@ def artifacts_name(artifacts: Path) -> str:
     return artifacts.resolve().name
 
 
-def members(artifacts: Path | None, properties: str, requirements: str) -> Iterator[tuple[str, Path | bytes]]:
+def members(artifacts: Path | None, config: dict[str, Any], requirements: str) -> Iterator[tuple[str, Path | bytes]]:
     """(archive name, file path or bytes) for every entry, unsorted."""
-    yield "serving.properties", properties.encode()
-    yield "requirements.txt", requirements.encode()
-    yield "model.py", ROOT / "serving" / "model.py"
+    yield f"{CODE_DIR}/inference.py", ROOT / "serving" / "inference.py"
+    yield f"{CODE_DIR}/requirements.txt", requirements.encode()
+    yield f"{CODE_DIR}/endpoint.json", (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
     for path in sorted((ROOT / "backend").glob("*.py")):
-        yield f"backend/{path.name}", path
+        yield f"{CODE_DIR}/backend/{path.name}", path
     for name in SERVING_FILES:
-        yield f"serving/{name}", ROOT / "serving" / name
+        yield f"{CODE_DIR}/serving/{name}", ROOT / "serving" / name
     if artifacts is not None:
         for path in _walk(artifacts):
             yield f"{artifacts_name(artifacts)}/{path.relative_to(artifacts).as_posix()}", path
@@ -159,17 +168,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, type=Path, help="archive to write, e.g. model.tar.gz")
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--artifacts", type=Path, help="compiled root to put inside the archive, under its own name")
-    where.add_argument("--model-s3-uri", help="s3:// folder holding the compiled root, which DJL downloads at "
-                                              "start (option.model_id); keeps the archive small")
+    where.add_argument("--model-s3-uri", help="s3:// folder holding the compiled root, which the endpoint downloads "
+                                              "at start (its role needs read access); keeps the archive small")
     parser.add_argument("--backend", choices=("neuron", "local"), default="neuron",
                         help="what the endpoint runs: neuron (inf2, default) or local (diffusers on the "
                              "instance's GPU or CPU)")
     parser.add_argument("--model", help="local backend: diffusers folder inside the archive, Hub id or 'tiny'")
-    parser.add_argument("--workers", type=int, default=1, help="DJL workers (default 1: one owns the device)")
-    parser.add_argument("--loading-timeout", type=int, default=DEFAULT_LOADING_TIMEOUT_S,
-                        help=f"seconds DJL allows for loading the model (default {DEFAULT_LOADING_TIMEOUT_S})")
-    parser.add_argument("--predict-timeout", type=int, default=DEFAULT_PREDICT_TIMEOUT_S,
-                        help=f"seconds DJL allows one request (default {DEFAULT_PREDICT_TIMEOUT_S}, SageMaker's limit)")
     parser.add_argument("--png-level", type=int, default=DEFAULT_PNG_LEVEL, choices=range(10), metavar="0-9",
                         help=f"zlib level of the PNGs the endpoint answers (default {DEFAULT_PNG_LEVEL}: ~30 ms more "
                              f"per 512x512 image than 0, ~40%% smaller for real images, which wins across the internet)")
@@ -190,12 +194,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.artifacts is not None and artifacts_name(args.artifacts) in RESERVED:
         parser.error(f"--artifacts {args.artifacts}: the folder's name {artifacts_name(args.artifacts)!r} is taken by "
                      f"the archive's own files; rename the folder")
-    properties = serving_properties(args.backend, artifacts_name(args.artifacts) if args.artifacts else None,
-                                    args.model_s3_uri, args.model,
-                                    args.workers, args.loading_timeout, args.predict_timeout, args.png_level)
     requirements = args.requirements.read_text() if args.requirements else endpoint_requirements()
+    try:
+        check_requirements(requirements)
+    except ValueError as exc:
+        parser.error(f"--requirements {args.requirements}: {exc}")
+    config = endpoint_config(args.backend, artifacts_name(args.artifacts) if args.artifacts else None,
+                             args.model_s3_uri, args.model, args.png_level)
     mtime = int(os.environ.get("SOURCE_DATE_EPOCH", "0"))
-    digest = build(args.out, members(args.artifacts, properties, requirements), mtime, args.compress_level)
+    digest = build(args.out, members(args.artifacts, config, requirements), mtime, args.compress_level)
     size = args.out.stat().st_size
     print(f"{args.out}  {size / 1e6:.1f} MB  sha256 {digest}")
     return 0

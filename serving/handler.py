@@ -1,8 +1,13 @@
 """The endpoint's core: request bytes and headers in, status, headers and bytes out.
 
-No transport here: serving/model.py (DJL-Serving) and serving/server.py (plain HTTP) both call
+No transport here: serving/inference.py (the SageMaker inference toolkit under TorchServe, what the
+deployed endpoint runs) and serving/server.py (plain HTTP, for local use and tests) both call
 `Handler.handle`, so the endpoint answers the same way under either. The wire format itself
 lives in backend/protocol.py, shared with the client (backend/sagemaker.py).
+
+Under TorchServe one worker hands this handler one request at a time, and requests wait in
+TorchServe's own bounded queue (compile_scripts/container.py); the queue here bounds the
+concurrent requests of serving/server.py.
 """
 
 from __future__ import annotations
@@ -52,8 +57,8 @@ class Response:
 
     @property
     def content_type(self) -> str:
-        """The Content-Type header."""
-        return self.headers.get("Content-Type", "")
+        """The Content-Type header, whatever the case of its name."""
+        return header(self.headers, "Content-Type") or ""
 
 
 class Handler:

@@ -1,18 +1,20 @@
-"""model.tar.gz (compile_scripts/package.py) and deploy / status / delete (compile_scripts/deploy.py)
-against moto's server, which stands in for AWS here."""
+"""model.tar.gz (compile_scripts/package.py), deploy / status / delete (compile_scripts/deploy.py) and
+the endpoint's download of a compiled root from S3 (serving/s3_download.py), against moto's server,
+which stands in for AWS here."""
 
 from __future__ import annotations
 
 import hashlib
+import io
+import json
 import subprocess
-import sys
 import tarfile
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from compile_scripts import deploy, package
+from compile_scripts import container, deploy, package
 from conftest import ROOT, free_port
 
 REGION = "us-east-2"
@@ -25,7 +27,7 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_archive_is_reproducible_and_holds_what_djl_needs(tmp_path):
+def test_archive_is_reproducible_and_holds_what_the_toolkit_needs(tmp_path):
     first, second = tmp_path / "a" / "model.tar.gz", tmp_path / "b" / "model.tar.gz"
     args = ["--backend", "local", "--model", "tiny"]
     assert package.main(["--out", str(first), *args]) == 0
@@ -34,22 +36,23 @@ def test_archive_is_reproducible_and_holds_what_djl_needs(tmp_path):
     with tarfile.open(first) as tar:
         names = tar.getnames()
         assert names == sorted(names)
-        assert {"serving.properties", "model.py", "requirements.txt", "backend/__init__.py", "backend/protocol.py",
-                "serving/handler.py", "serving/model.py"} <= set(names)
-        assert "serving/server.py" not in names
-        properties = tar.extractfile("serving.properties").read().decode()
-        requirements = tar.extractfile("requirements.txt").read().decode()
-        assert tar.extractfile("model.py").read() == (ROOT / "serving" / "model.py").read_bytes()
-    lines = dict(line.split("=", 1) for line in properties.splitlines() if "=" in line and not line.startswith("#"))
-    assert lines["engine"] == "Python" and lines["option.entryPoint"] == "model.py"
-    assert (lines["minWorkers"], lines["maxWorkers"]) == ("1", "1")
-    assert int(lines["option.model_loading_timeout"]) >= 600 and int(lines["option.predict_timeout"]) == 60
-    assert (lines["option.sd_backend"], lines["option.sd_model"], lines["option.sd_png_level"]) == ("local", "tiny", "1")
-    assert "diffusers==" in requirements
-    assert not any(line.startswith(("torch", "numpy", "gradio", "boto")) for line in requirements.splitlines())
+        assert {"code/inference.py", "code/requirements.txt", "code/endpoint.json", "code/backend/__init__.py",
+                "code/backend/protocol.py", "code/serving/handler.py", "code/serving/s3_download.py"} <= set(names)
+        assert all(name.startswith("code/") for name in names)  # the toolkit looks in /opt/ml/model/code
+        assert "code/serving/server.py" not in names
+        config = json.loads(tar.extractfile("code/endpoint.json").read())
+        requirements = tar.extractfile("code/requirements.txt").read().decode()
+        assert tar.extractfile("code/inference.py").read() == (ROOT / "serving" / "inference.py").read_bytes()
+    assert config == {"backend": "local", "model": "tiny", "png_level": 1}
+    pins = [line for line in requirements.splitlines() if line and not line.startswith("#")]
+    project = (ROOT / "requirements.txt").read_text().splitlines()
+    assert sorted(pins) == sorted(line for line in project if line.split("==")[0] in package.ENDPOINT_PACKAGES)
+    assert len(pins) == len(package.ENDPOINT_PACKAGES)
+    # The image's own builds for its Neuron SDK must never be replaced.
+    assert not [line for line in pins if line.split("==")[0].lower() in ("torch", "torch-neuronx", "neuronx-cc", "numpy")]
 
 
-def test_archive_with_a_compiled_root_unpacks_and_serves_through_model_py(tmp_path, tiny_dir):
+def test_archive_with_a_compiled_root_holds_plain_files_beside_the_code(tmp_path, tiny_dir):
     # A copy of the tiny folder with a symlinked file, as Hub caches are made of.
     root = tmp_path / "root"
     subprocess.run(["cp", "-r", str(tiny_dir), str(root)], check=True)
@@ -63,28 +66,8 @@ def test_archive_with_a_compiled_root_unpacks_and_serves_through_model_py(tmp_pa
         assert all(not m.name.startswith("/") and ".." not in m.name.split("/") for m in members)
         assert {(m.uid, m.gid, m.uname, m.gname, m.mtime) for m in members} == {(0, 0, "", "", 0)}
         assert "root/scheduler/scheduler_config.json" in tar.getnames()
-        assert "option.sd_artifacts=root\n" in tar.extractfile("serving.properties").read().decode()
-        unpacked = tmp_path / "unpacked"
-        tar.extractall(unpacked, filter="data")
-    # What DJL does: import model.py from the model directory, warm up with the model's
-    # properties, then hand it a request. djl_python is the stand-in (DJL exists only in its image).
-    script = f"""
-import json, sys
-sys.path[:0] = [{str(unpacked)!r}, {str(ROOT / "tests")!r}]
-import djl_standin
-sys.modules["djl_python"] = djl_standin
-import model, backend
-assert backend.__file__.startswith({str(unpacked)!r}), backend.__file__
-props = {{"model_dir": {str(unpacked)!r}, "sd_artifacts": "root", "sd_backend": "local", "sd_device": "cpu"}}
-assert model.handle(djl_standin.Input(props)) is None
-out = model.handle(djl_standin.Input({{"Content-Type": "application/json", "Accept": "application/json"}},
-    json.dumps({{"prompt": "cat", "parameters": {{"num_inference_steps": 1, "width": 64, "height": 64, "seed": 5}}}}).encode()))
-caps = model._handler.capabilities
-print(out.code, json.loads(out.body())["seeds"], caps.model, caps.is_tiny)
-"""
-    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.split("\n")[-2] == "200 [5] root True"
+        assert json.loads(tar.extractfile("code/endpoint.json").read())["artifacts"] == "root"
+    # tests/test_torchserve.py serves such an archive under the real toolkit and TorchServe.
 
 
 def test_package_refuses_what_cannot_work(tmp_path, capsys):
@@ -94,10 +77,15 @@ def test_package_refuses_what_cannot_work(tmp_path, capsys):
     with pytest.raises(SystemExit):
         package.main(["--out", str(tmp_path / "m.tar.gz"), "--artifacts", str(tmp_path)])
     assert "no model_index.json" in capsys.readouterr().err
+    own = tmp_path / "requirements.txt"
+    own.write_text("diffusers==0.42.1\ntorch==2.9.0\nnumpy<2\n")
+    with pytest.raises(SystemExit):
+        package.main(["--out", str(tmp_path / "m.tar.gz"), "--backend", "local", "--requirements", str(own)])
+    assert "list numpy, torch: AWS's image carries them" in capsys.readouterr().err
     assert package.main(["--out", str(tmp_path / "m.tar.gz"), "--model-s3-uri", "s3://b/sd2_512_root/"]) == 0
     with tarfile.open(tmp_path / "m.tar.gz") as tar:
-        properties = tar.extractfile("serving.properties").read().decode()
-    assert "option.model_id=s3://b/sd2_512_root/\n" in properties and "option.sd_backend=neuron\n" in properties
+        config = json.loads(tar.extractfile("code/endpoint.json").read())
+    assert config == {"backend": "neuron", "model_s3_uri": "s3://b/sd2_512_root/", "png_level": 1}
 
 
 # ---- deploy against moto -------------------------------------------------------------------------
@@ -143,11 +131,16 @@ def clients(aws):
             for name in ("sagemaker", "s3", "application-autoscaling")}
 
 
+def build_archive(path: Path, png_level: int = 1) -> Path:
+    """A real package.py archive (deploy checks for code/inference.py), small: the local backend on `tiny`."""
+    assert package.main(["--out", str(path), "--backend", "local", "--model", "tiny", "--png-level",
+                         str(png_level)]) == 0
+    return path
+
+
 @pytest.fixture
 def archive(tmp_path):
-    path = tmp_path / "model.tar.gz"
-    path.write_bytes(b"archive one")
-    return path
+    return build_archive(tmp_path / "model.tar.gz")
 
 
 def run(aws, *argv: str) -> int:
@@ -184,10 +177,13 @@ def test_deploy_status_delete_leaves_nothing_behind(aws, clients, archive, capsy
     model = sm.describe_model(ModelName=variant["ModelName"])
     assert model["ExecutionRoleArn"] == ROLE
     assert model["PrimaryContainer"]["Image"] == \
-        f"763104351884.dkr.ecr.{REGION}.amazonaws.com/djl-inference:0.30.0-neuronx-sdk2.20.1"
+        f"763104351884.dkr.ecr.{REGION}.amazonaws.com/pytorch-inference-neuronx:2.9.0-neuronx-py312-sdk2.31.1-ubuntu24.04"
+    # One TorchServe worker owns both NeuronCores; a bounded queue; a worker timeout that covers the model load.
+    assert model["PrimaryContainer"]["Environment"] == {
+        "SAGEMAKER_MODEL_SERVER_WORKERS": "1", "TS_JOB_QUEUE_SIZE": "8", "TS_DEFAULT_RESPONSE_TIMEOUT": "1800"}
     data = model["PrimaryContainer"]["ModelDataUrl"]
     bucket, key = data.removeprefix("s3://").split("/", 1)
-    assert clients["s3"].get_object(Bucket=bucket, Key=key)["Body"].read() == b"archive one"
+    assert clients["s3"].get_object(Bucket=bucket, Key=key)["Body"].read() == archive.read_bytes()
     scaling = clients["application-autoscaling"]
     target, = scaling.describe_scalable_targets(ServiceNamespace="sagemaker")["ScalableTargets"]
     assert (target["ResourceId"], target["MinCapacity"], target["MaxCapacity"]) == \
@@ -222,7 +218,7 @@ def test_a_new_archive_updates_the_endpoint_in_place_and_removes_the_old_model(a
     assert run(aws, *deploy_args("sd21", archive)) == 0
     sm = clients["sagemaker"]
     old_config = sm.describe_endpoint(EndpointName="sd21")["EndpointConfigName"]
-    archive.write_bytes(b"archive two")
+    build_archive(archive, png_level=0)
     assert run(aws, *deploy_args("sd21", archive)) == 0
     new_config = sm.describe_endpoint(EndpointName="sd21")["EndpointConfigName"]
     assert new_config != old_config and aws["updates"] == [("sd21", new_config)]
@@ -289,11 +285,85 @@ def test_missing_bucket_role_and_credentials_get_clear_messages(aws, clients, ar
 
 def test_no_wait_returns_while_creating_and_help_names_the_image(aws, clients, archive, capsys):
     clients["s3"].create_bucket(Bucket="models", CreateBucketConfiguration={"LocationConstraint": REGION})
-    assert run(aws, *deploy_args("sd21", archive, "--no-wait", "--max-instances", "2")) == 0
+    assert run(aws, *deploy_args("sd21", archive, "--no-wait", "--max-instances", "2", "--max-queue", "4")) == 0
     out = capsys.readouterr().out
     assert "not waiting" in out and "autoscaling is set once the endpoint is InService" in out
+    model = clients["sagemaker"].list_models()["Models"][0]["ModelName"]
+    environment = clients["sagemaker"].describe_model(ModelName=model)["PrimaryContainer"]["Environment"]
+    assert environment["TS_JOB_QUEUE_SIZE"] == "4"
     with pytest.raises(SystemExit):
         deploy.main(["deploy", "--help"])
-    assert "djl-inference:0.30.0-neuronx-sdk2.20.1" in capsys.readouterr().out
-    assert deploy.default_image("eu-west-1") == \
-        "763104351884.dkr.ecr.eu-west-1.amazonaws.com/djl-inference:0.30.0-neuronx-sdk2.20.1"
+    assert "pytorch-inference-neuronx:2.9.0-neuronx-py312-sdk2.31.1-ubuntu24.04" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("region, image", [
+    ("eu-west-1", "763104351884.dkr.ecr.eu-west-1.amazonaws.com/"),
+    ("af-south-1", "626614931356.dkr.ecr.af-south-1.amazonaws.com/"),
+    ("cn-north-1", "727897471807.dkr.ecr.cn-north-1.amazonaws.com.cn/"),
+])
+def test_the_image_comes_from_the_regions_dlc_account(region, image):
+    assert container.default_image(region) == image + "pytorch-inference-neuronx:2.9.0-neuronx-py312-sdk2.31.1-ubuntu24.04"
+
+
+def test_a_region_without_a_known_account_asks_for_image_uri(aws, clients, archive, capsys):
+    assert deploy.main([*deploy_args("sd21", archive), "--endpoint-url", aws["url"], "--region", "us-gov-west-1"]) == 1
+    err = capsys.readouterr().err
+    assert "no known Deep Learning Containers account for region 'us-gov-west-1'; pass --image-uri" in err
+    assert leftovers(clients, "sd21") == []
+
+
+def test_a_djl_image_is_refused_before_any_aws_call(aws_env, archive, capsys):
+    # Nothing listens at the endpoint URL: any AWS call would fail with a connection error instead.
+    argv = [*deploy_args("sd21", archive), "--region", REGION, "--endpoint-url", f"http://127.0.0.1:{free_port()}",
+            "--image-uri", "763104351884.dkr.ecr.us-east-2.amazonaws.com/djl-inference:0.30.0-neuronx-sdk2.20.1"]
+    assert deploy.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "a DJL-Serving image cannot serve this endpoint. DJL-Serving dropped Neuron" in err
+    assert "Python 3.10 and torch-neuronx for torch 2.1" in err and "Leave out --image-uri" in err
+
+
+def test_an_archive_without_the_toolkits_entry_point_is_refused(aws, clients, tmp_path, capsys):
+    clients["s3"].create_bucket(Bucket="models", CreateBucketConfiguration={"LocationConstraint": REGION})
+    old = tmp_path / "djl-model.tar.gz"  # what package.py built for DJL-Serving
+    with tarfile.open(old, "w:gz") as tar:
+        for name in ("model.py", "serving.properties"):
+            info = tarfile.TarInfo(name)
+            tar.addfile(info, io.BytesIO(b""))
+    assert run(aws, *deploy_args("sd21", old)) == 1
+    assert "no code/inference.py inside" in capsys.readouterr().err
+    assert clients["s3"].list_objects_v2(Bucket="models").get("KeyCount", 0) == 0
+
+
+# ---- the endpoint's download of a compiled root (package.py --model-s3-uri) ---------------------
+
+def test_the_endpoint_downloads_its_compiled_root_from_s3(aws, clients, tmp_path, monkeypatch):
+    from backend import BackendUnavailable
+    from serving.inference import settings_from_config
+    from serving.s3_download import download_prefix
+
+    s3 = clients["s3"]
+    s3.create_bucket(Bucket="models", CreateBucketConfiguration={"LocationConstraint": REGION})
+    files = {"model_index.json": b"{}", "compiled_models/fp32/unet.pt": b"u" * 1000, "unet/config.json": b"{}"}
+    s3.put_object(Bucket="models", Key="roots/sd2_512_root/", Body=b"")  # a console-made folder marker
+    for name, data in files.items():
+        s3.put_object(Bucket="models", Key=f"roots/sd2_512_root/{name}", Body=data)
+    s3.put_object(Bucket="models", Key="roots/sd2_512_root_old/unet.pt", Body=b"not this one")
+
+    # What model_fn does with endpoint.json's model_s3_uri; boto3 inside reads AWS_ENDPOINT_URL.
+    monkeypatch.setenv("AWS_ENDPOINT_URL", aws["url"])
+    settings = settings_from_config(tmp_path, {"model_s3_uri": "s3://models/roots/sd2_512_root/"})
+    root = tmp_path / "sd2_512_root"
+    assert (settings.backend, settings.artifacts) == ("neuron", str(root))
+    assert {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()} == files
+
+    (root / "unet" / "config.json").write_text("{}")  # same size: kept, not fetched again
+    calls = []
+    client = clients["s3"]
+    monkeypatch.setattr(client, "download_file", lambda *args: calls.append(args))
+    download_prefix("s3://models/roots/sd2_512_root", root, client=client)
+    assert calls == []
+
+    with pytest.raises(BackendUnavailable, match="holds no files; upload the compiled root there first"):
+        download_prefix("s3://models/roots/missing/", tmp_path / "missing", client=client)
+    with pytest.raises(BackendUnavailable, match="give the endpoint's role s3:ListBucket"):
+        download_prefix("s3://no-such-bucket/root/", tmp_path / "other", client=client)

@@ -149,3 +149,13 @@ def test_errors_that_are_not_ours_map_by_status():
     assert isinstance(protocol.error_for(None, 429, "slow down"), protocol.Busy)
     assert isinstance(protocol.error_for(None, 503, "down"), BackendUnavailable)
     assert isinstance(protocol.error_for(None, 502, "bad gateway"), GenerationFailed)
+
+
+def test_torchserves_own_503_is_busy_and_its_other_errors_are_not():
+    busy = json.dumps({"code": 503, "type": "ServiceUnavailableException",
+                       "message": 'Model "model" has no worker to serve inference request.'})
+    kind, text = protocol.parse_error(busy)
+    assert kind == protocol.BUSY and "queue is full" in text and "scale workers" not in text
+    assert isinstance(protocol.error_for(kind, 503, text), protocol.Busy)
+    missing = json.dumps({"code": 404, "type": "ModelNotFoundException", "message": "Model not found: other"})
+    assert protocol.parse_error(missing)[0] is None

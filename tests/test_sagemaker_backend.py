@@ -122,8 +122,21 @@ STANDIN_CAPS = Capabilities(backend="neuron", model="stand-in", device="inf2", p
 
 
 def model_error(status: int, kind: str, text: str) -> tuple[int, dict, dict]:
-    """AWS's 424 for a container's error answer."""
-    original = protocol.error_body(kind, text).decode()
+    """AWS's 424 for the endpoint code's error answer."""
+    return container_error(status, protocol.error_body(kind, text).decode())
+
+
+# TorchServe's own 503 when its job queue is full, as tests/test_torchserve.py gets it from the real
+# server (pytorch/serve v0.11.0: ApiUtils.getStreamingInferenceErrorResponseMessage, ErrorResponse).
+TORCHSERVE_BUSY = json.dumps({
+    "code": 503, "type": "ServiceUnavailableException",
+    "message": 'Model "model" has no worker to serve inference request. Please use scale workers API to add workers. '
+               "If this is a sequence inference, please check if it is closed, or expired; or exceeds "
+               "maxSequenceJobQueueSize"}, indent=2)
+
+
+def container_error(status: int, original: str) -> tuple[int, dict, dict]:
+    """AWS's 424 for any container's 4xx/5xx answer: its status and body ride in OriginalStatusCode/OriginalMessage."""
     side = "client" if status < 500 else "server"
     return 424, {"x-amzn-ErrorType": "ModelError:http://internal.amazon.com/coral/com.amazon.sagemaker/"}, {
         "ErrorCode": f"{side.upper()}_ERROR_FROM_MODEL", "OriginalStatusCode": status, "OriginalMessage": original,
@@ -144,7 +157,9 @@ FAULTS = {
     "internal": aws_error(500, "InternalFailure", "An internal error occurred."),
     "unavailable": aws_error(503, "ServiceUnavailable", "The service is unavailable."),
     "throttle": aws_error(429, "ThrottlingException", "Rate exceeded"),
+    "torchserve-busy": container_error(503, TORCHSERVE_BUSY),
 }
+RETRIED = {"throttle", "torchserve-busy"}  # answers that say the model did not run
 
 
 class StandIn:
@@ -227,6 +242,8 @@ def standin():
     (["internal"], GenerationFailed, "InternalFailure: An internal error occurred", 1),
     (["unavailable"], BackendUnavailable, "is unavailable \\(ServiceUnavailable", 1),
     (["throttle"] * 3, BackendUnavailable, "is throttling requests", 3),
+    (["torchserve-busy"] * 3, BackendUnavailable, "is busy: the model server's queue is full, or its worker is "
+                                                   "restarting; the request did not run", 3),
     (["slow"], GenerationFailed, "did not answer within 1 s; the request was not retried", 1),
     (["not-json"], GenerationFailed, "answered with something that is not this project's JSON", 1),
     (["not-png"], GenerationFailed, "not this project's JSON with PNG images", 1),
@@ -291,6 +308,7 @@ def test_app_shows_each_endpoint_failure_and_keeps_working(standin, tmp_path):
         "internal": "Generation failed: .*InternalFailure",
         "unavailable": "The backend is unavailable: .*ServiceUnavailable",
         "throttle": "The backend is unavailable: .*is throttling requests",
+        "torchserve-busy": "The backend is unavailable: .*is busy: the model server's queue is full",
         "slow": "did not answer within 1.5 s; the request was not retried",
         "not-json": "not this project's JSON",
         "not-png": "not this project's JSON with PNG images",
@@ -302,11 +320,11 @@ def test_app_shows_each_endpoint_failure_and_keeps_working(standin, tmp_path):
             return client.predict(prompt="cat", steps=1, seed=seed, api_name="/generate")
 
         for fault, message in expected.items():
-            standin.faults.extend([fault] * (3 if fault == "throttle" else 1))
+            standin.faults.extend([fault] * (3 if fault in RETRIED else 1))
             before = standin.invocations
             with pytest.raises(AppError, match=message):
                 generate(1)
-            assert standin.invocations - before == (3 if fault == "throttle" else 1), fault
+            assert standin.invocations - before == (3 if fault in RETRIED else 1), fault
             _, details = generate(2)
             assert details["seeds"] == [2], fault
         standin.stop()

@@ -1,4 +1,5 @@
-"""The endpoint: serving/handler.py directly, serving/model.py through a djl_python stand-in, and
+"""The endpoint: serving/handler.py directly, serving/inference.py's toolkit functions with TorchServe's
+own context objects (tests/test_torchserve.py runs them under the real toolkit and TorchServe), and
 serving/server.py as a real process called by the walk-through's own boto3 code."""
 
 from __future__ import annotations
@@ -8,7 +9,6 @@ import http.client
 import io
 import json
 import statistics
-import sys
 import threading
 import time
 
@@ -158,69 +158,72 @@ def test_accept_negotiation(accept, expected):
     assert choose_answer_type(accept) == expected
 
 
-# ---- serving/model.py under a djl_python stand-in -----------------------------------------------
+# ---- serving/inference.py, the toolkit's entry point, with TorchServe's own context objects ------
 
-@pytest.fixture
-def djl(monkeypatch):
-    """serving.model with `djl_python` provided by tests/djl_standin.py and no handler loaded yet."""
-    import djl_standin
-    import serving.model
+def toolkit_context(headers: dict):
+    """TorchServe's Context for one request, as its worker builds it (ts/service.py)."""
+    from ts.context import Context, RequestProcessor
 
-    monkeypatch.setitem(sys.modules, "djl_python", djl_standin)
-    monkeypatch.setattr(serving.model, "_handler", None)
-    return djl_standin, serving.model
-
-
-def test_djl_warm_up_loads_the_model_then_requests_are_answered(djl, tmp_path, tiny_backend, monkeypatch):
-    import serving.handler
-
-    standin, model = djl
-    made = []
-    # The shared tiny backend saves a load; tests/test_deploy.py runs the real load from model.tar.gz.
-    monkeypatch.setattr(serving.handler, "create_backend", lambda settings: made.append(settings) or tiny_backend)
-    props = {"model_dir": str(tmp_path), "sd_backend": "local", "sd_model": "tiny", "sd_device": "cpu"}
-    assert model.handle(standin.Input(props)) is None
-    assert [(s.backend, s.model, s.device) for s in made] == [("local", "tiny", "cpu")]
-    assert model._handler.backend is tiny_backend
-
-    # After warm-up DJL passes the request's headers as properties (and model_dir).
-    out = model.handle(standin.Input({"Content-Type": "application/json", "model_dir": str(tmp_path)},
-                                     body({"prompt": "cat", "parameters": SMALL})))
-    assert out.code == 200 and out.properties["content-type"] == "image/png"
-    assert "Seed: 42" in read_infotext(out.body())
-    assert "handler_ms=" in out.properties[protocol.CUSTOM_ATTRIBUTES]
-
-    out = model.handle(standin.Input({"content-type": "application/json", "accept": "application/json"},
-                                     body({"prompt": "cat", "parameters": SMALL})))
-    assert out.code == 200 and json.loads(out.body())["seeds"] == [42]
-
-    out = model.handle(standin.Input({"Content-Type": "application/json"}, body({"prompt": "cat", "steps": 3})))
-    assert (out.code, out.message, out.properties["content-type"]) == (400, "InvalidRequest", "application/json")
-    error = json.loads(out.body())
-    assert protocol.parse_error(out.body()) == ("InvalidRequest", error["error"])
-    assert error["error"].startswith("steps: not a known field")
+    context = Context("model", "/opt/ml/model", None, 1, None, "0.11.0")
+    # The worker adds the body's own entry beside the HTTP headers.
+    context.request_processor = [RequestProcessor({**headers, "body": {"content-type": headers.get("Content-Type")}})]
+    return context
 
 
-def test_djl_properties_choose_backend_and_compiled_root(tmp_path):
-    from serving.model import settings_from_properties
+def toolkit_call(handler, raw: bytes, headers: dict, toolkit_accept: str = "application/json"):
+    """input_fn -> predict_fn -> output_fn as the toolkit's Transformer calls them; returns (status, headers, body, type)."""
+    from serving import inference
 
-    root = tmp_path / "artifacts"
+    context = toolkit_context(headers)
+    # The toolkit decodes JSON bodies to str, and turns a missing Accept into application/json.
+    data = raw.decode("utf-8") if headers.get("Content-Type") == "application/json" else raw
+    invocation = inference.input_fn(data, headers.get("Content-Type"), context)
+    answer, content_type = inference.output_fn(inference.predict_fn(invocation, handler), toolkit_accept, context)
+    code, _ = context.get_response_status(0)
+    return code, context.get_response_headers(0), answer, content_type
+
+
+def test_toolkit_functions_answer_as_the_handler_does(handler):
+    pytest.importorskip("ts.context", reason="requirements-dev.txt installs torchserve")
+    payload = body({"prompt": "a lovely cat", "parameters": SMALL})
+    code, headers, answer, content_type = toolkit_call(handler, payload, JSON_HEADERS)
+    # No Accept from the caller: a PNG, whatever default the toolkit filled in.
+    assert (code, content_type) == (200, "image/png") and answer.startswith(b"\x89PNG")
+    assert "handler_ms=" in headers[protocol.CUSTOM_ATTRIBUTES]
+    code, _, answer, content_type = toolkit_call(handler, payload, {**JSON_HEADERS, "Accept": "application/json"})
+    assert (code, content_type, json.loads(answer)["seeds"]) == (200, "application/json", [42])
+
+    code, _, answer, content_type = toolkit_call(handler, body({"prompt": "cat", "steps": 3}), JSON_HEADERS)
+    assert (code, content_type) == (400, "application/json")
+    assert protocol.parse_error(answer) == ("InvalidRequest", json.loads(answer)["error"])
+    assert json.loads(answer)["error"].startswith("steps: not a known field")
+    code, _, answer, _ = toolkit_call(handler, b"prompt=cat", {"Content-Type": "text/plain"})
+    assert code == 415 and "Content-Type: 'text/plain'" in json.loads(answer)["error"]
+
+
+def test_toolkit_model_fn_reads_the_archive_config_then_the_environment(tmp_path, monkeypatch):
+    from serving.inference import read_config, settings_from_config
+
+    (tmp_path / "code").mkdir()
+    config_path = tmp_path / "code" / "endpoint.json"
+    root = tmp_path / "sd2_512_root"
     (root / "compiled_models").mkdir(parents=True)
-    settings = settings_from_properties({"model_dir": str(tmp_path), "sd_artifacts": "artifacts"}, env={})
+    config_path.write_text(json.dumps({"backend": "neuron", "artifacts": "sd2_512_root", "png_level": 1}))
+    settings = settings_from_config(tmp_path, read_config(config_path, env={}))
     assert (settings.backend, settings.artifacts) == ("neuron", str(root))
+    assert read_config(config_path, env={"SD_PNG_LEVEL": "0"})["png_level"] == "0"
 
-    downloaded = tmp_path / "downloaded"
-    (downloaded / "compiled_models").mkdir(parents=True)
-    settings = settings_from_properties({"model_dir": str(tmp_path), "model_id": str(downloaded)}, env={})
-    assert (settings.backend, settings.artifacts) == ("neuron", str(downloaded))
+    config_path.write_text(json.dumps({"backend": "local", "model": "tiny"}))
+    settings = settings_from_config(tmp_path, read_config(config_path, env={"SD_DEVICE": "cpu", "SD_MAX_IMAGES": "2"}))
+    assert (settings.backend, settings.model, settings.device, settings.max_images) == ("local", "tiny", "cpu", 2)
 
     (tmp_path / "model_index.json").write_text("{}")
-    settings = settings_from_properties({"model_dir": str(tmp_path)}, env={"SD_MAX_IMAGES": "2"})
-    assert (settings.backend, settings.model, settings.max_images) == ("local", str(tmp_path), 2)
-    assert settings_from_properties({"model_dir": str(tmp_path)}, env={"SD_BACKEND": "neuron"}).backend == "neuron"
+    settings = settings_from_config(tmp_path, read_config(tmp_path / "missing.json", env={}))
+    assert (settings.backend, settings.model) == ("local", str(tmp_path))
 
-    with pytest.raises(BackendUnavailable, match="was not downloaded"):
-        settings_from_properties({"model_dir": str(tmp_path), "model_id": "s3://bucket/root/"}, env={})
+    config_path.write_text(json.dumps({"backend": "local", "option.entryPoint": "model.py"}))
+    with pytest.raises(ValueError, match="unknown key.*option.entryPoint"):
+        read_config(config_path, env={})
 
 
 # ---- serving/server.py as a real process --------------------------------------------------------
