@@ -67,7 +67,25 @@ def model_fn(model_dir: str) -> Handler:
     settings = settings_from_config(model_dir_path, config)
     log.info("loading backend %s (model %s, artifacts %s) with the code in %s", settings.backend, settings.model,
              settings.artifacts, Path(backend.__file__).parent.parent)
+    if settings.backend == "neuron":
+        preflight_at_start(Path(settings.artifacts))
     return Handler.from_settings(settings, png_level=int(config.get("png_level", DEFAULT_PNG_LEVEL)))
+
+
+def preflight_at_start(root: Path) -> None:
+    """The doctor's checks (compile_scripts/doctor.py) in the endpoint's log, each problem with what to do;
+    BackendUnavailable on an error, so the endpoint fails at start with that message instead of at the
+    first request. No smoke generation here: the backend warms up each precision as it loads."""
+    from backend import preflight
+
+    findings = preflight.check(root, smoke=False)
+    levels = {"ok": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+    for finding in findings:
+        log.log(levels[finding.level], "preflight %s: %s%s", finding.level, finding.what,
+                f" -> {finding.fix}" if finding.fix else "")
+    if preflight.failed(findings):
+        errors = [f"{f.what} ({f.fix})" if f.fix else f.what for f in findings if f.level == "error"]
+        raise backend.BackendUnavailable("preflight failed: " + "; ".join(errors))
 
 
 def input_fn(input_data: bytes | str, content_type: str | None, context: Any = None) -> Invocation:

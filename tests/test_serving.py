@@ -226,6 +226,27 @@ def test_toolkit_model_fn_reads_the_archive_config_then_the_environment(tmp_path
         read_config(config_path, env={})
 
 
+def test_toolkit_model_fn_runs_the_preflight_on_a_compiled_root(tmp_path, tmp_path_factory, caplog):
+    """At endpoint start the doctor's checks go to the log, and a broken root fails model_fn with what to do."""
+    import logging
+
+    import neuron_helpers
+    from serving.inference import model_fn
+
+    root = neuron_helpers.copy_root(neuron_helpers.compiled_root(tmp_path_factory), tmp_path / "sd2_512_root")
+    (tmp_path / "code").mkdir()
+    (tmp_path / "code" / "endpoint.json").write_text(json.dumps({"backend": "neuron", "artifacts": root.name}))
+    with caplog.at_level(logging.INFO, logger="serving.inference"):
+        handler = model_fn(str(tmp_path))
+    assert handler.capabilities.backend == "neuron"
+    assert any("preflight ok" in r.getMessage() and "unet" in r.getMessage() for r in caplog.records)
+    handler.backend.close()
+
+    (root / "compiled_models" / "fp32" / "unet.pt").write_bytes(b"not a TorchScript archive")
+    with pytest.raises(BackendUnavailable, match="preflight failed: .*fp32.*unet"):
+        model_fn(str(tmp_path))
+
+
 # ---- serving/server.py as a real process --------------------------------------------------------
 
 @pytest.fixture(scope="module")
