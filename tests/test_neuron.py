@@ -421,6 +421,19 @@ def walkthrough_root(tiny_dir, tmp_path_factory):
     return neuron_helpers.trace_walkthrough(tiny_dir, tmp_path_factory.mktemp("walkthrough") / "sd2_512_root")
 
 
+def assert_walkthrough_code_agrees(backend, root, result) -> None:
+    """The backend's images are the walk-through's own loading code's (its wrappers, jit.load, no DataParallel),
+    run on the same batches: the UNet on the chunks DataParallel would hand the cores, the VAE one image at
+    a time as a decoder compiled for batch 1 must (see eager_pipelines for why both matter)."""
+    reference = neuron_helpers.walkthrough_pipeline(root)
+    reference.unet.forward = _in_chunks(reference.unet.forward, len(backend.device_ids))
+    reference.vae.enable_slicing()
+    expected, _ = sdpipe.run(reference, result.request, result.seeds,
+                             scheduler=sdpipe.make_scheduler(result.request.scheduler, reference.scheduler.config))
+    # PNG pixels: at most one level apart where a value sits on a rounding boundary.
+    assert np.abs(pixels(result.images) - pixels(expected)).max() <= 1
+
+
 def test_walkthrough_layout_loads_and_generates(walkthrough_root):
     backend = create_backend(Settings(backend="neuron", artifacts=str(walkthrough_root)))
     try:
@@ -430,15 +443,7 @@ def test_walkthrough_layout_loads_and_generates(walkthrough_root):
         request = GenerationRequest(prompt="a lovely cat", steps=2, seed=5, num_images=2)
         result = backend.generate(request)
         assert [img.size for img in result.images] == [(512, 512)] * 2
-        # The same images as the walk-through's own loading code (its wrappers, jit.load, no
-        # DataParallel: a CPU graph takes the UNet's batch of 4 at once). Its VAE decodes one image at
-        # a time, as a decoder compiled for batch 1 must (see eager_pipelines for why that matters).
-        reference = neuron_helpers.walkthrough_pipeline(walkthrough_root)
-        reference.unet.forward = _in_chunks(reference.unet.forward, len(backend.device_ids))
-        reference.vae.enable_slicing()
-        expected, _ = sdpipe.run(reference, result.request, result.seeds,
-                                 scheduler=sdpipe.make_scheduler(result.request.scheduler, reference.scheduler.config))
-        assert np.abs(pixels(result.images) - pixels(expected)).max() <= 1
+        assert_walkthrough_code_agrees(backend, walkthrough_root, result)
         with pytest.raises(InvalidRequest) as err:
             backend.generate(GenerationRequest(prompt="cat", precision="fp32", steps=1))
         assert "compiled: bf16" in str(err.value) and "--dtype fp32" in str(err.value)
@@ -463,13 +468,7 @@ def test_walkthrough_layout_with_fp32_vae_loads_and_generates(walkthrough_fp32_v
         assert any("vae_decoder fp32" in n for n in backend.capabilities().notes)
         result = backend.generate(GenerationRequest(prompt="a lovely cat", steps=2, seed=5, num_images=2))
         assert [img.size for img in result.images] == [(512, 512)] * 2
-        # The walk-through's own loading code, with the notebook's fp32 cast in front of the VAE parts.
-        reference = neuron_helpers.walkthrough_pipeline(walkthrough_fp32_vae_root)
-        reference.unet.forward = _in_chunks(reference.unet.forward, len(backend.device_ids))
-        reference.vae.enable_slicing()
-        expected, _ = sdpipe.run(reference, result.request, result.seeds,
-                                 scheduler=sdpipe.make_scheduler(result.request.scheduler, reference.scheduler.config))
-        assert np.abs(pixels(result.images) - pixels(expected)).max() <= 1
+        assert_walkthrough_code_agrees(backend, walkthrough_fp32_vae_root, result)  # with the notebook's fp32 cast
 
         # The CPU stand-in refuses a dtype the part was not compiled for, as the Neuron runtime does.
         guard = backend._pipelines["bf16"].vae.decoder.module.module  # CastDtype -> StaticBatch -> ShapeGuard
