@@ -31,8 +31,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from compile_scripts import container
-from compile_scripts.package import CODE_DIR, file_sha256
+if __package__ in (None, ""):  # `python compile_scripts/deploy.py`: make the repo root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from compile_scripts import container  # noqa: E402 - after the path fix above
+from compile_scripts.package import CODE_DIR, file_sha256  # noqa: E402
 
 DEFAULT_INSTANCE = "ml.inf2.xlarge"
 VARIANT = "AllTraffic"

@@ -367,3 +367,15 @@ def test_the_endpoint_downloads_its_compiled_root_from_s3(aws, clients, tmp_path
         download_prefix("s3://models/roots/missing/", tmp_path / "missing", client=client)
     with pytest.raises(BackendUnavailable, match="give the endpoint's role s3:ListBucket"):
         download_prefix("s3://no-such-bucket/root/", tmp_path / "other", client=client)
+
+
+@pytest.mark.parametrize("script", ["package", "deploy"])
+def test_scripts_run_as_files_too(script):
+    """`python compile_scripts/X.py` works as `python -m compile_scripts.X` does (the docs show the module form)."""
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, f"compile_scripts/{script}.py", "--help"], cwd=root, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-1500:]
+    assert "usage:" in done.stdout
