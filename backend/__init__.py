@@ -38,7 +38,9 @@ def neuron_available(settings: Settings) -> bool:
     root = Path(settings.artifacts or DEFAULT_ARTIFACTS)
     if not (root / "compiled_models").is_dir():
         return False
-    if not any(Path("/dev").glob("neuron*")):
+    from .preflight import neuron_devices  # light: no torch
+
+    if not neuron_devices():
         return False
     try:
         import torch_neuronx  # noqa: F401

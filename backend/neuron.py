@@ -632,7 +632,9 @@ def _import_torch_neuronx(root: Path):
     except Exception as exc:  # noqa: BLE001 - missing or broken: either way it cannot run here
         raise BackendUnavailable(f"--artifacts {root}: these parts were compiled for Neuron, and torch-neuronx cannot "
                                  f"be imported here ({exc.__class__.__name__}). {NEURON_SDK_HINT}") from None
-    if not any(Path("/dev").glob("neuron*")):
+    from .preflight import neuron_devices
+
+    if not neuron_devices():
         raise BackendUnavailable(f"--artifacts {root}: these parts were compiled for Neuron, and this machine has no "
                                  f"Neuron device (/dev/neuron*). Run on an inf2 instance, or compile CPU parts with "
                                  f"--target cpu to try the backend here.")
