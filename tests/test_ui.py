@@ -15,6 +15,7 @@ from backend.metadata import attach, parse_infotext, read_infotext, write_infote
 from backend.stats import LatencyStats
 from ui.cancel import CancelRegistry
 from ui.handlers import REQUEST_DEFAULTS, Handlers
+from ui.login_limit import LoginLimiter
 from ui.outputs import OutputStore
 from ui.panels import latency_markdown
 
@@ -173,3 +174,47 @@ def test_settings_have_no_literal_defaults_in_the_app():
     from conftest import ROOT
 
     assert GenerationRequest.scheduler not in (ROOT / "app.py").read_text()
+
+
+# --- failed logins per address ----------------------------------------------------------------------
+
+
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_login_limiter_refuses_an_address_after_its_failures_until_the_window_passes():
+    clock = Clock()
+    limiter = LoginLimiter(max_failures=3, window_s=60, clock=clock)
+    for _ in range(3):
+        assert limiter.try_login("a") is None  # each try counts until it succeeds
+        clock.now += 1
+    assert limiter.try_login("a") == 57  # the first failure leaves the window at 1060
+    assert limiter.try_login("b") is None  # another address is not affected
+    clock.now = 1060
+    assert limiter.try_login("a") is None  # one failure has left the window: one more try
+
+
+def test_login_limiter_forgets_an_address_that_logs_in():
+    clock = Clock()
+    limiter = LoginLimiter(max_failures=2, window_s=60, clock=clock)
+    assert limiter.try_login("a") is None
+    assert limiter.try_login("a") is None
+    limiter.succeeded("a")
+    assert limiter.try_login("a") is None and limiter.try_login("a") is None
+    assert limiter.try_login("a") is not None
+
+
+def test_login_limiter_remembers_a_bounded_number_of_addresses():
+    clock = Clock()
+    limiter = LoginLimiter(max_failures=1, window_s=60, clock=clock, max_addresses=2)
+    for address in ("a", "b", "c"):
+        assert limiter.try_login(address) is None
+    assert limiter.try_login("a") is None  # forgotten: the quietest went first
+    assert limiter.try_login("c") is not None
