@@ -67,15 +67,20 @@ class Controls:
                 self.width, self.height, self.num_images, self.stats]
 
 
-def prompt_controls() -> tuple[gr.Textbox, gr.Textbox, gr.Button, gr.Button]:
-    """Prompt, negative prompt, Generate and Stop."""
+def prompt_controls() -> tuple[gr.Textbox, gr.Textbox]:
+    """Prompt and negative prompt."""
     prompt = gr.Textbox(label="Prompt", placeholder="a lovely cat (press Enter to generate)",
                         lines=1, max_lines=4, autofocus=True)
     negative = gr.Textbox(label="Negative prompt", placeholder="what the image should not show", lines=1, max_lines=4)
+    return prompt, negative
+
+
+def action_buttons() -> tuple[gr.Button, gr.Button]:
+    """Generate and Stop."""
     with gr.Row():
         generate_btn = gr.Button("Generate", variant="primary")
         stop_btn = gr.Button("Stop", variant="stop")
-    return prompt, negative, generate_btn, stop_btn
+    return generate_btn, stop_btn
 
 
 def size_controls(caps: Capabilities) -> tuple[gr.Component, gr.Component]:
@@ -90,28 +95,37 @@ def size_controls(caps: Capabilities) -> tuple[gr.Component, gr.Component]:
     return width, height
 
 
+def headline_controls(caps: Capabilities) -> dict[str, gr.Component]:
+    """Steps, precision and the number of images: in sight, not folded (the walk-through's table is
+    steps x precision, the two things this demo exists to show)."""
+    d = REQUEST_DEFAULTS
+    with gr.Row(elem_id="headline-controls"):
+        steps = gr.Slider(caps.min_steps, caps.max_steps, value=d["steps"], step=1, label="Steps", min_width=200)
+        precision = gr.Dropdown(list(caps.precisions), value=caps.default_precision, label="Precision",
+                                min_width=120)
+        num_images = gr.Slider(1, caps.max_images, value=d["num_images"], step=1, label="Number of images",
+                               min_width=160)
+    return dict(steps=steps, precision=precision, num_images=num_images)
+
+
 def advanced_controls(caps: Capabilities) -> dict[str, gr.Component]:
-    """The Advanced accordion's controls, starting at GenerationRequest's defaults."""
+    """The Advanced accordion: guidance, scheduler, size and seed, starting at GenerationRequest's defaults."""
     d = REQUEST_DEFAULTS
     with gr.Accordion("Advanced", open=False):
-        with gr.Row():
-            steps = gr.Slider(caps.min_steps, caps.max_steps, value=d["steps"], step=1, label="Steps")
-            precision = gr.Dropdown(list(caps.precisions), value=caps.default_precision, label="Precision")
         with gr.Row():
             guidance = gr.Slider(0.0, caps.max_guidance, value=d["guidance_scale"], step=0.5, label="Guidance scale")
             scheduler = gr.Dropdown([(SCHEDULERS.get(k, k), k) for k in caps.schedulers], value=d["scheduler"],
                                     label="Scheduler")
-        with gr.Row():
-            width, height = size_controls(caps)
         # Two controls a row: three sliders side by side clip their "1024" range labels.
         with gr.Row():
-            num_images = gr.Slider(1, caps.max_images, value=d["num_images"], step=1, label="Number of images")
+            width, height = size_controls(caps)
+        with gr.Row():
             seed = gr.Number(value=d["seed"], precision=0, label="Seed (-1: random)", minimum=-1, maximum=2**32 - 1)
         with gr.Row():
             randomize_btn = gr.Button("\U0001f3b2 Random seed", size="sm")
             reuse_btn = gr.Button("\u267b\ufe0f Reuse seed of selected image", size="sm")
-    return dict(steps=steps, precision=precision, guidance=guidance, scheduler=scheduler, width=width,
-                height=height, num_images=num_images, seed=seed, randomize_btn=randomize_btn, reuse_btn=reuse_btn)
+    return dict(guidance=guidance, scheduler=scheduler, width=width, height=height, seed=seed,
+                randomize_btn=randomize_btn, reuse_btn=reuse_btn)
 
 
 def result_panels() -> tuple[gr.Gallery, gr.Markdown, gr.JSON]:
@@ -132,13 +146,16 @@ def layout(backend: Backend) -> Controls:
     selected_seed = gr.State(None)
     with gr.Row():
         with gr.Column(scale=5):
-            prompt, negative, generate_btn, stop_btn = prompt_controls()
+            prompt, negative = prompt_controls()
+            headline = headline_controls(backend.capabilities())
+            generate_btn, stop_btn = action_buttons()
             advanced = advanced_controls(backend.capabilities())
             gr.Examples(EXAMPLES, inputs=[prompt], label="Example prompts")
         with gr.Column(scale=6):
             gallery, latency, details = result_panels()
-    return Controls(prompt=prompt, negative=negative, generate_btn=generate_btn, stop_btn=stop_btn, **advanced,
-                    gallery=gallery, latency=latency, details=details, stats=stats, selected_seed=selected_seed)
+    return Controls(prompt=prompt, negative=negative, generate_btn=generate_btn, stop_btn=stop_btn, **headline,
+                    **advanced, gallery=gallery, latency=latency, details=details, stats=stats,
+                    selected_seed=selected_seed)
 
 
 def wire_generate(c: Controls, handlers: Handlers) -> None:
@@ -149,7 +166,13 @@ def wire_generate(c: Controls, handlers: Handlers) -> None:
     generation = gr.on(triggers=[c.generate_btn.click, c.prompt.submit], fn=handlers.generate,
                        inputs=c.request_inputs(), outputs=[c.gallery, c.details, c.stats], preprocess=False,
                        api_name="generate", concurrency_id="generate")
-    generation.success(latency_markdown, inputs=[c.details, c.stats], outputs=[c.latency], queue=False,
+    caps = handlers.backend.capabilities()
+
+    def latency_panel(details, stats):
+        """The latency panel after a generation, with the walk-through's figure for its settings."""
+        return latency_markdown(details, stats, caps)
+
+    generation.success(latency_panel, inputs=[c.details, c.stats], outputs=[c.latency], queue=False,
                        api_visibility="private")
     # cancels=: Gradio cancels the queued or running task (the handler's worker thread is abandoned),
     # and the handler's stop event ends the backend's work at its next step.

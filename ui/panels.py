@@ -5,7 +5,9 @@ from __future__ import annotations
 import html
 from typing import Any
 
-from backend import Backend
+from backend import Backend, Capabilities
+from backend import walkthrough
+from backend.sd21_random import SD21_RANDOM_ID
 from backend.stats import LatencyStats
 
 TITLE = "Stable Diffusion on AWS Inferentia2"
@@ -29,9 +31,12 @@ def banner_html(backend: Backend) -> str:
     return "\n".join(parts)
 
 
-def latency_markdown(details: dict[str, Any] | None, stats: LatencyStats | None) -> str:
-    """The latency panel: this request's stages, then the session's count, P50, P95, images/s."""
+def latency_markdown(details: dict[str, Any] | None, stats: LatencyStats | None,
+                     caps: Capabilities | None = None) -> str:
+    """The latency panel: this request's stages, the walk-through's figure for the same steps and
+    precision, then the session's count, P50, P95 and images/s."""
     lines = []
+    reference = None
     if details:
         t = details["timings"]
         steps = t.get("step_ms") or []
@@ -47,11 +52,37 @@ def latency_markdown(details: dict[str, Any] | None, stats: LatencyStats | None)
             lines.append(f"| network + queue | {t.get('network_ms', 0.0):.1f} |")
         if "app_ms" in details:
             lines.append(f"| app (PNG files) | {details['app_ms']:.1f} |")
+        reference = walkthrough.reference_for(details.get("precision"), details.get("steps"))
+        lines.append("")
+        lines.append(reference_line(details, reference, caps))
     summary = stats.summary() if stats else None
     if summary and summary.count:
+        against = f" (walk-through: {reference.qps:g} QPS)" if reference else ""
         lines.append("")
         lines.append(
             f"**This session:** {summary.count} request(s), P50 {summary.p50_ms:.0f} ms, "
-            f"P95 {summary.p95_ms:.0f} ms, {summary.images_per_s:.2f} images/s"
+            f"P95 {summary.p95_ms:.0f} ms, {summary.images_per_s:.2f} images/s{against}"
         )
     return "\n".join(lines) if lines else "Latency appears here after the first generation."
+
+
+def reference_line(details: dict[str, Any], reference: walkthrough.ReferenceRow | None,
+                   caps: Capabilities | None) -> str:
+    """The AWS walk-through's P95 for this request's steps and precision, labelled as its figure."""
+    where = f"{walkthrough.INSTANCE}, SD2.1 {walkthrough.SIZE[0]}x{walkthrough.SIZE[1]}"
+    if reference is None:
+        measured = sorted({r.steps for r in walkthrough.ROWS})
+        precisions = sorted({r.precision for r in walkthrough.ROWS})
+        return (f"*AWS walk-through ({where}):* no figure for {details.get('precision')} at {details.get('steps')} "
+                f"steps; it measured {', '.join(map(str, measured))} steps at {' and '.join(precisions)}.")
+    text = (f"*AWS walk-through, same steps and precision ({where}, {reference.precision}, {reference.steps} "
+            f"steps):* **P95 {reference.p95_s * 1000:.0f} ms**, {reference.qps:g} QPS, one image per request")
+    caveats = []
+    if caps is not None and caps.is_tiny and caps.model != SD21_RANDOM_ID:
+        caveats.append("this model is the tiny random-weights one, so the comparison means nothing")
+    size = f"{walkthrough.SIZE[0]}x{walkthrough.SIZE[1]}"
+    if details.get("size") and details["size"] != size:
+        caveats.append(f"this request is {details['size']}, the walk-through's {size}")
+    if len(details.get("seeds") or []) > 1:
+        caveats.append(f"this request made {len(details['seeds'])} images")
+    return text + (f" ({'; '.join(caveats)})." if caveats else ".")
