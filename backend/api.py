@@ -27,8 +27,6 @@ SCHEDULERS: dict[str, str] = {
 }
 DEFAULT_SCHEDULER = "dpm++2m"  # DPMSolverMultistepScheduler, as in the AWS walk-through
 
-PRECISIONS: dict[str, str] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-
 
 class BackendError(Exception):
     """Base of the errors a backend raises; the message is safe to show to a person."""
@@ -74,7 +72,6 @@ class Capabilities:
     max_steps: int = 100
     max_images: int = 4
     max_guidance: float = 30.0
-    max_prompt_tokens: int = 77
     max_prompt_chars: int = 2000
     is_tiny: bool = False
     notes: tuple[str, ...] = ()

@@ -111,7 +111,6 @@ class LocalBackend:
             device=self.device,
             precisions=self._precisions,
             max_images=settings.max_images,
-            max_prompt_tokens=self._pipelines[first].tokenizer.model_max_length,
             is_tiny=TINY_WARNING in self.notes or RANDOM_WARNING in self.notes,
             notes=tuple(self.notes),
         )

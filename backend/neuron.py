@@ -492,7 +492,6 @@ class NeuronBackend:
             self._schedulers[art.dtype] = sdpipe.SchedulerCache(pipe.scheduler.config)
             log.info("loaded %s parts (%s, %s) from %s in %.1f s", art.dtype, art.layout, art.target, art.directory,
                      time.perf_counter() - started)
-        tokenizer = next(iter(self._pipelines.values())).tokenizer
         cores = len(self.device_ids)
         device = (f"neuron ({cores} NeuronCore{'s' if cores > 1 else ''})" if self.target == "neuron"
                   else f"cpu (Neuron stand-in, {cores} simulated cores)")
@@ -504,7 +503,6 @@ class NeuronBackend:
             fixed_sizes=((self.width, self.height),),
             default_size=(self.width, self.height),
             max_images=settings.max_images,
-            max_prompt_tokens=tokenizer.model_max_length,
             is_tiny=random_weights is not None,  # the app's warning banner
             notes=tuple(self.notes),
         )
