@@ -117,7 +117,7 @@ class LocalBackend:
 
     def _load(self, model: str, precision: str):
         started = time.perf_counter()
-        local_only = model == DEFAULT_MODEL and not self.settings.model and _offline()
+        local_only = model == DEFAULT_MODEL and not self.settings.model and self.settings.offline
         pipe = sdpipe.load_pipeline(model, sdpipe.DTYPES[precision], self.device, local_files_only=local_only)
         if self.optimize != "none":
             sdpipe.optimize_pipeline(pipe, self.optimize)
@@ -168,9 +168,3 @@ class LocalBackend:
         self._pipelines.clear()
         if self.device == "cuda":
             torch.cuda.empty_cache()
-
-
-def _offline() -> bool:
-    import os
-
-    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")

@@ -426,15 +426,16 @@ def _packages(versions: dict[str, Any]) -> str:
 
 
 
-def neuron_core_ids(env: dict[str, str] | None = None) -> list[int]:
+def neuron_core_ids(requested: int | None = None, env: dict[str, str] | None = None) -> list[int]:
     """NeuronCores the UNet runs data-parallel on: one chip's two, as AWS's sample, or fewer if fewer are visible.
 
-    SD_NEURON_CORES overrides the count; NEURON_RT_VISIBLE_CORES ('0-1', '2,3') and
-    NEURON_RT_NUM_CORES limit what this process can see.
+    `requested` (--neuron-cores) overrides the count. NEURON_RT_VISIBLE_CORES ('0-1', '2,3') and
+    NEURON_RT_NUM_CORES are the Neuron runtime's own variables, not this project's settings: they limit
+    what this process can see, so they are read here, where the cores are counted.
     """
+    if requested:
+        return list(range(max(1, requested)))
     env = os.environ if env is None else env
-    if env.get("SD_NEURON_CORES"):
-        return list(range(max(1, int(env["SD_NEURON_CORES"]))))
     visible = 2
     if env.get("NEURON_RT_NUM_CORES"):
         visible = int(env["NEURON_RT_NUM_CORES"])
@@ -467,7 +468,7 @@ class NeuronBackend:
         self.model = Path(first.model).name if os.path.isabs(first.model) else first.model
         self.width, self.height = first.width, first.height
         self._neuronx = _import_torch_neuronx(self.root) if self.target == "neuron" else None
-        self.device_ids = neuron_core_ids()
+        self.device_ids = neuron_core_ids(settings.neuron_cores)
         self.notes: list[str] = []
         for art in self.sets:
             for warning in art.warnings:

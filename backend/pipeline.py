@@ -25,6 +25,7 @@ from .api import (
     Timings,
 )
 from .metadata import attach, write_infotext
+from .settings import OPTIMIZE_MODES
 from .sd21_random import SD21_RANDOM_ID
 from .tiny import TINY_MODEL_ID
 
@@ -166,9 +167,6 @@ def load_pipeline(model: str, dtype: torch.dtype, device: str = "cpu", local_fil
                 component.eval().requires_grad_(False)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
-
-
-OPTIMIZE_MODES = ("none", "sdpa", "trace", "compile", "cuda-graphs")
 
 
 def optimize_pipeline(pipe, mode: str):

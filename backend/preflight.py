@@ -74,8 +74,10 @@ def failed(findings: list[Finding]) -> bool:
     return any(f.level == "error" for f in findings)
 
 
-def check(root: Path | str, *, smoke: bool = True) -> list[Finding]:
-    """Every check against a compiled root, in order; the smoke generation runs only when nothing failed before it."""
+def check(root: Path | str, *, smoke: bool = True, neuron_cores: int | None = None) -> list[Finding]:
+    """Every check against a compiled root, in order; the smoke generation runs only when nothing failed before it.
+
+    neuron_cores: the backend's --neuron-cores (None: as many as the runtime shows, at most two)."""
     from .api import BackendUnavailable
     from .neuron import find_artifacts
 
@@ -91,13 +93,13 @@ def check(root: Path | str, *, smoke: bool = True) -> list[Finding]:
     findings += check_python(target)
     findings += check_packages(target)
     if target == "neuron":
-        findings += check_neuron_cores()
+        findings += check_neuron_cores(neuron_cores=neuron_cores)
     findings += check_memory()
     for art in sets:
         findings += [Finding("warning", w) for w in art.warnings]  # each says what to do, if anything
         findings += check_parts(root, art)
     if smoke and sets and not failed(findings):
-        findings += smoke_generation(root)
+        findings += smoke_generation(root, neuron_cores)
     return findings
 
 
@@ -152,8 +154,8 @@ def check_packages(target: str | None) -> list[Finding]:
 # --- the machine ---------------------------------------------------------------------------------
 
 
-def check_neuron_cores(env: dict[str, str] | None = None) -> list[Finding]:
-    """A Neuron device, and the NeuronCores the UNet will run on."""
+def check_neuron_cores(env: dict[str, str] | None = None, neuron_cores: int | None = None) -> list[Finding]:
+    """A Neuron device, and the NeuronCores the UNet will run on (env: the Neuron runtime's variables)."""
     from .neuron import neuron_core_ids
 
     devices = neuron_devices()
@@ -163,7 +165,7 @@ def check_neuron_cores(env: dict[str, str] | None = None) -> list[Finding]:
                         "container, pass the device: docker run --device=/dev/neuron0 ...")]
     env = os.environ if env is None else env
     try:
-        cores = neuron_core_ids(env)
+        cores = neuron_core_ids(neuron_cores, env)
     except ValueError:
         return [Finding("error", f"NEURON_RT_VISIBLE_CORES={env.get('NEURON_RT_VISIBLE_CORES')!r} or "
                         f"NEURON_RT_NUM_CORES={env.get('NEURON_RT_NUM_CORES')!r} is not a core list",
@@ -229,7 +231,7 @@ def check_parts(root: Path, art) -> list[Finding]:
     return findings
 
 
-def smoke_generation(root: Path) -> list[Finding]:
+def smoke_generation(root: Path, neuron_cores: int | None = None) -> list[Finding]:
     """Load the backend as the app does and generate one 1-step image per precision, with its timings."""
     from .api import BackendError, GenerationRequest
     from .neuron import NeuronBackend
@@ -237,7 +239,7 @@ def smoke_generation(root: Path) -> list[Finding]:
 
     started = time.perf_counter()
     try:
-        backend = NeuronBackend(Settings(backend="neuron", artifacts=str(root)))
+        backend = NeuronBackend(Settings(backend="neuron", artifacts=str(root), neuron_cores=neuron_cores))
     except BackendError as exc:
         return [Finding("error", f"loading the parts failed: {exc}", "Fix what the message names, then run the "
                         "doctor again.")]

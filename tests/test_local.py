@@ -169,9 +169,8 @@ def test_stop_interrupts_between_steps(tiny_backend):
     assert tiny_backend.generate(GenerationRequest("cat", seed=1, **FAST)).images
 
 
-def test_default_model_offline_falls_back_to_tiny_and_says_so(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    backend = create_backend(Settings(backend="local", device="cpu"))
+def test_default_model_offline_falls_back_to_tiny_and_says_so():
+    backend = create_backend(Settings(backend="local", device="cpu", offline=True))
     caps = backend.capabilities()
     assert caps.model == "tiny" and caps.is_tiny
     notes = " ".join(caps.notes)

@@ -618,11 +618,11 @@ def test_versions_are_checked(compiled_root, tmp_path):
 
 
 def test_neuron_core_ids():
-    assert neuron_core_ids({}) == [0, 1]
-    assert neuron_core_ids({"NEURON_RT_VISIBLE_CORES": "3"}) == [0]
-    assert neuron_core_ids({"NEURON_RT_VISIBLE_CORES": "0-3"}) == [0, 1]
-    assert neuron_core_ids({"NEURON_RT_NUM_CORES": "1"}) == [0]
-    assert neuron_core_ids({"SD_NEURON_CORES": "4"}) == [0, 1, 2, 3]
+    assert neuron_core_ids(env={}) == [0, 1]
+    assert neuron_core_ids(env={"NEURON_RT_VISIBLE_CORES": "3"}) == [0]
+    assert neuron_core_ids(env={"NEURON_RT_VISIBLE_CORES": "0-3"}) == [0, 1]
+    assert neuron_core_ids(env={"NEURON_RT_NUM_CORES": "1"}) == [0]
+    assert neuron_core_ids(4, env={"NEURON_RT_NUM_CORES": "1"}) == [0, 1, 2, 3]  # --neuron-cores / SD_NEURON_CORES
 
 
 def test_auto_does_not_pick_cpu_artifacts_without_a_device(compiled_root):
