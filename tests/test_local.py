@@ -52,7 +52,7 @@ def test_matches_a_bare_diffusers_call(tiny_backend):
 def test_each_scheduler_matches_diffusers_without_looking_up_its_first_step(tiny_backend, scheduler, monkeypatch):
     """Each scheduler computes what diffusers computes with it, and none looks up where the loop
     starts: `index_for_timestep` is `(timesteps == t).nonzero().item()`, a wait for the GPU."""
-    from backend.pipeline import scheduler_class_and_overrides
+    from backend.schedulers import scheduler_class_and_overrides
     from backend.tiny import build_pipeline
 
     cls, overrides = scheduler_class_and_overrides(scheduler)

@@ -104,13 +104,12 @@ def _as_neuron(root: Path, torch_neuronx: str) -> None:
 
 def test_parts_of_another_torch_neuronx_line(compiled_root, tmp_path, monkeypatch):
     """Installed: the supported stack (stubbed: torch-neuronx cannot be installed here); compiled: torch 2.8's."""
-    import backend.neuron
-    from backend import neuron_stack
+    from backend import artifacts, neuron_stack
 
     root = neuron_helpers.copy_root(compiled_root, tmp_path / "root")
     _as_neuron(root, "2.8.0.2.10.16998")
     stack = dict(neuron_stack.PACKAGES)
-    monkeypatch.setattr(backend.neuron, "installed_versions", lambda: {"torch": stack["torch"], **stack})
+    monkeypatch.setattr(artifacts, "installed_versions", lambda: {"torch": stack["torch"], **stack})
     monkeypatch.setattr(preflight, "installed", lambda name: stack.get(name))
     monkeypatch.setattr(preflight, "neuron_devices", lambda: [Path("/dev/neuron0")])
     errors = _errors(preflight.check(root))
@@ -126,7 +125,8 @@ def test_neuron_parts_on_a_machine_without_the_stack(compiled_root, tmp_path, mo
     monkeypatch.setattr(preflight, "installed", lambda name: {"torch": "2.13.0", "numpy": "2.4.6"}.get(name))
     findings = preflight.check(root)
     errors = _errors(findings)
-    assert any(e.startswith("torch 2.13.0 is of the torch 2.13 line") and "requirements-neuron.txt" in e for e in errors)
+    assert any(e.startswith("torch 2.13.0 is of the torch 2.13 line") and "requirements-neuron.txt" in e
+               for e in errors)
     assert any(e.startswith("torch-neuronx is not installed") for e in errors)
     assert any("no Neuron device" in e and "--device=/dev/neuron0" in e for e in errors)
     assert any(f.level == "warning" and f.what.startswith("numpy 2.4.6") for f in findings)
