@@ -10,7 +10,6 @@ import logging
 from pathlib import Path
 
 from .api import (
-    SCHEDULERS,
     Backend,
     BackendError,
     BackendUnavailable,
@@ -22,6 +21,7 @@ from .api import (
     InvalidRequest,
     Timings,
 )
+from .schedulers import SCHEDULERS
 from .settings import DEFAULT_ARTIFACTS, DEFAULT_MODEL, Settings
 
 log = logging.getLogger(__name__)

@@ -1,33 +1,24 @@
 """The contract every backend keeps: requests, results, capabilities and errors.
 
-This module imports nothing of the project and nothing heavy, so the UI, the endpoint and the
-scripts can all share it. A `GenerationRequest` is validated here, and only here, against the
-`Capabilities` of the backend that will run it.
+This module imports nothing heavy (of the project only the scheduler names, from schedulers.py), so
+the UI, the endpoint and the scripts can all share it. A `GenerationRequest` is validated here, and
+only here, against the `Capabilities` of the backend that will run it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import re
 import reprlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
+from .schedulers import DEFAULT_SCHEDULER, SCHEDULERS  # light: names only, diffusers is imported on use
+
 MAX_SEED = 2**32 - 1
 RANDOM_SEED = -1
-
-# key -> name shown to people and written in infotext (A1111's sampler names).
-SCHEDULERS: dict[str, str] = {
-    "dpm++2m": "DPM++ 2M",
-    "dpm++2m-karras": "DPM++ 2M Karras",
-    "euler": "Euler",
-    "euler-a": "Euler a",
-    "ddim": "DDIM",
-    "unipc": "UniPC",
-}
-DEFAULT_SCHEDULER = "dpm++2m"  # DPMSolverMultistepScheduler, as in the AWS walk-through
-
-PRECISIONS: dict[str, str] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 class BackendError(Exception):
@@ -54,6 +45,18 @@ class GenerationCancelled(BackendError):
     """The person stopped the generation before it finished."""
 
 
+def short_error(exc: BaseException) -> str:
+    """An exception as one line, without this machine's paths, for a user's eyes."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = re.sub(r"(?<![\w.-])(/[^\s'\"]+)+", "<path>", text)
+    return f"{type(exc).__name__}: {text}"[:300]
+
+
+def random_seed() -> int:
+    """A seed for seed=-1 (from the OS, not torch's global generator)."""
+    return int.from_bytes(os.urandom(4), "little")
+
+
 @dataclass(frozen=True)
 class Capabilities:
     """What a backend can do; drives validation and the UI's controls."""
@@ -74,7 +77,6 @@ class Capabilities:
     max_steps: int = 100
     max_images: int = 4
     max_guidance: float = 30.0
-    max_prompt_tokens: int = 77
     max_prompt_chars: int = 2000
     is_tiny: bool = False
     notes: tuple[str, ...] = ()

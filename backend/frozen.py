@@ -73,10 +73,6 @@ class ShapeCache:
         """Run these inputs eagerly from now on (their graph failed at run time)."""
         self.graphs[_signature(*inputs)] = _EAGER
 
-    def clear(self) -> None:
-        """Drop every graph."""
-        self.graphs.clear()
-
     def _trace(self, key: tuple, inputs: tuple[torch.Tensor, ...]):
         started = time.perf_counter()
         shapes = ", ".join("x".join(map(str, shape)) for shape, *_ in key)
@@ -88,8 +84,9 @@ class ShapeCache:
                     traced = torch.jit.trace(self.build().eval(), inputs, check_trace=False)
                     graph = torch.jit.freeze(traced)
         except Exception as exc:  # noqa: BLE001 - any failure: this shape runs eagerly, the request goes on
+            first_line = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
             log.warning("%s: could not trace it at %s (%s: %s); running it eagerly at that shape",
-                        self.name, shapes, type(exc).__name__, str(exc).strip().splitlines()[0][:200] if str(exc).strip() else "")
+                        self.name, shapes, type(exc).__name__, first_line)
             return _EAGER
         self.traces += 1
         log.info("%s: traced and froze a graph for %s in %.1f s", self.name, shapes, time.perf_counter() - started)

@@ -4,35 +4,23 @@ from __future__ import annotations
 
 import copy
 import logging
-import threading
 import time
 
 import torch
 
-from . import pipeline as sdpipe
-from .api import (
-    BackendUnavailable,
-    Capabilities,
-    GenerationRequest,
-    GenerationResult,
-    StepCallback,
-)
+from . import pipeline
+from .api import BackendUnavailable, Capabilities, GenerationRequest, short_error
 from .frozen import eager_module, freeze_pipeline
+from .inprocess import InProcessBackend
+from .models import model_display_name, random_weights_of
+from .schedulers import DEFAULT_SCHEDULER, make_scheduler
 from .settings import DEFAULT_MODEL, Settings
-from .sd21_random import SD21_RANDOM_ID
 from .tiny import TINY_MODEL_ID
 
 log = logging.getLogger(__name__)
 
-RANDOM_WARNING = (
-    "Running sd21-random: the SD2.1-base architecture with random weights, for measuring real-size "
-    "latency. Images are noise; it is not Stable Diffusion 2.1."
-)
-TINY_WARNING = (
-    "Running the built-in tiny model: random weights, SD2.1-shaped, so images are noise. "
-    "It is not Stable Diffusion 2.1. To load real weights, start with --model PATH_OR_HUB_ID "
-    f"(for example --model {DEFAULT_MODEL} with network access or a Hub cache)."
-)
+REAL_MODEL_ADVICE = (f"To load real weights, start with --model PATH_OR_HUB_ID (for example --model {DEFAULT_MODEL} "
+                     f"with network access or a Hub cache).")
 
 
 def resolve_device(device: str) -> str:
@@ -63,65 +51,57 @@ def auto_optimize(device: str) -> str:
     """What --optimize auto means on a device.
 
     CPU: trace (sdpa, plus the UNet and VAE decoder as frozen TorchScript graphs per shape: the
-    same pixels, 15% faster on the tiny model and ~5% on SD2.1-sized ones). Elsewhere: sdpa
-    (fused QKV + SDPA + channels_last). torch.compile is opt-in, as it costs minutes at start-up.
+    same pixels, faster; docs/benchmarks.md has the figures). Elsewhere: sdpa (fused QKV + SDPA +
+    channels_last). torch.compile is opt-in, as it costs minutes at start-up.
     """
     return "trace" if device == "cpu" else "sdpa"
 
 
-class LocalBackend:
+class LocalBackend(InProcessBackend):
     """diffusers StableDiffusionPipeline, one per precision, loaded lazily, run one at a time."""
 
     name = "local"
 
     def __init__(self, settings: Settings):
+        super().__init__()
         self.settings = settings
         self.device = resolve_device(settings.device)
         self.optimize = auto_optimize(self.device) if settings.optimize == "auto" else settings.optimize
         self._precisions = precisions_for(self.device)
-        self._lock = threading.Lock()  # one generation at a time on an in-process device
-        self._device = sdpipe.device_thread()
-        self._pipelines: dict[str, object] = {}
-        self.notes: list[str] = []
-        self.model = settings.model_or_default
-        self.model_source = self.model
+        self.model_source = settings.model_or_default
         first = self._precisions[0]
         try:
-            self._pipelines[first] = self._device.run(self._load, self.model, first)
+            self._pipelines[first] = self._device.run(self._load, self.model_source, first)
         except Exception as exc:  # noqa: BLE001 - any load failure of the *default* model falls back
             if settings.model:  # the user named a model: failing to load it is an error, not a fallback
-                raise BackendUnavailable(f"--model {settings.model}: could not be loaded ({sdpipe.short_error(exc)}).") from exc
-            log.warning("the default model %s could not be loaded (%s); using the tiny model", self.model, sdpipe.short_error(exc))
+                raise BackendUnavailable(f"--model {settings.model}: could not be loaded "
+                                         f"({short_error(exc)}).") from exc
+            log.warning("the default model %s could not be loaded (%s); using the tiny model", self.model_source,
+                        short_error(exc))
             self.notes.append(f"The default model {DEFAULT_MODEL} could not be loaded here "
                               f"(offline, or not in the Hub cache).")
-            self.model = self.model_source = TINY_MODEL_ID
-            self._pipelines[first] = self._device.run(self._load, self.model, first)
+            self.model_source = TINY_MODEL_ID
+            self._pipelines[first] = self._device.run(self._load, self.model_source, first)
         # Shown in the banner and written in infotext: a folder's name, never a path of this server.
-        self.model = sdpipe.model_display_name(self.model_source)
-        if self.model == TINY_MODEL_ID or sdpipe.is_tiny_folder(self.model_source):
-            log.warning(TINY_WARNING)
-            self.notes.append(TINY_WARNING)
-        elif self.model == SD21_RANDOM_ID:
-            log.warning(RANDOM_WARNING)
-            self.notes.append(RANDOM_WARNING)
-        self._schedulers = {p: sdpipe.SchedulerCache(pipe.scheduler.config) for p, pipe in self._pipelines.items()}
+        self.model = model_display_name(self.model_source)
+        self.note_random_weights(random_weights_of(self.model, self.model_source), "Running", REAL_MODEL_ADVICE)
+        self.use_schedulers_of(self._pipelines[first])
         self._caps = Capabilities(
             backend=self.name,
             model=self.model,
             device=self.device,
             precisions=self._precisions,
             max_images=settings.max_images,
-            max_prompt_tokens=self._pipelines[first].tokenizer.model_max_length,
-            is_tiny=TINY_WARNING in self.notes or RANDOM_WARNING in self.notes,
+            is_tiny=self.is_tiny,
             notes=tuple(self.notes),
         )
 
     def _load(self, model: str, precision: str):
         started = time.perf_counter()
-        local_only = model == DEFAULT_MODEL and not self.settings.model and _offline()
-        pipe = sdpipe.load_pipeline(model, sdpipe.DTYPES[precision], self.device, local_files_only=local_only)
+        local_only = model == DEFAULT_MODEL and not self.settings.model and self.settings.offline
+        pipe = pipeline.load_pipeline(model, pipeline.DTYPES[precision], self.device, local_files_only=local_only)
         if self.optimize != "none":
-            sdpipe.optimize_pipeline(pipe, self.optimize)
+            pipeline.optimize_pipeline(pipe, self.optimize)
             self._warm_up(pipe)
         log.info("loaded %s (%s) on %s in %.1f s", model, precision, self.device, time.perf_counter() - started)
         return pipe
@@ -130,18 +110,17 @@ class LocalBackend:
         """One small run so compilation and autotuning happen at load, not in a user's request."""
         started = time.perf_counter()
         request = GenerationRequest("warm-up", steps=2, width=512, height=512, seed=0, precision="fp32")
-        sdpipe.run(pipe, request, [0], scheduler=sdpipe.make_scheduler("dpm++2m", pipe.scheduler.config))
+        pipeline.run(pipe, request, [0], scheduler=make_scheduler(DEFAULT_SCHEDULER, pipe.scheduler.config))
         log.info("warmed up (%s) in %.1f s", self.optimize, time.perf_counter() - started)
 
-    def _pipeline(self, precision: str):
+    def pipeline_for(self, precision: str):
         """The pipeline for a precision; a new one reuses the loaded modules, cast, not a reload."""
         if precision not in self._pipelines and self.optimize in ("compile", "cuda-graphs"):
             # Compiled modules are not copied: the other precision is loaded and compiled itself.
             self._pipelines[precision] = self._load(self.model_source, precision)
-            self._schedulers[precision] = sdpipe.SchedulerCache(self._pipelines[precision].scheduler.config)
         if precision not in self._pipelines:
             base = next(iter(self._pipelines.values()))
-            dtype = sdpipe.DTYPES[precision]
+            dtype = pipeline.DTYPES[precision]
             # The eager modules (already fused and channels_last), not their traced stand-ins.
             parts = {name: copy.deepcopy(eager_module(getattr(base, name))).to(dtype=dtype)
                      for name in ("unet", "vae", "text_encoder")}
@@ -151,27 +130,10 @@ class LocalBackend:
             if self.optimize == "trace":
                 freeze_pipeline(pipe)
             self._pipelines[precision] = pipe
-            self._schedulers[precision] = sdpipe.SchedulerCache(pipe.scheduler.config)
         return self._pipelines[precision]
-
-    def capabilities(self) -> Capabilities:
-        """Precisions for this device, any size that is a multiple of 8, all schedulers."""
-        return self._caps
-
-    def generate(self, request: GenerationRequest, on_step: StepCallback | None = None) -> GenerationResult:
-        """Validate and run one request."""
-        return sdpipe.generate_locked(request.validated(self._caps), on_step, lock=self._lock, device=self._device,
-                                      pipeline_for=self._pipeline, schedulers=self._schedulers,
-                                      model=self.model, backend=self.name, where=self.device)
 
     def close(self) -> None:
         """Drop the pipelines."""
-        self._pipelines.clear()
+        super().close()
         if self.device == "cuda":
             torch.cuda.empty_cache()
-
-
-def _offline() -> bool:
-    import os
-
-    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")

@@ -22,6 +22,9 @@ from typing import Any
 
 from PIL import Image, PngImagePlugin
 
+from .api import GenerationRequest
+from .schedulers import SCHEDULERS
+
 KEY = "parameters"
 NEGATIVE = "Negative prompt:"
 # A1111's own pattern for "Key: value" pairs on the last line.
@@ -71,6 +74,29 @@ def parse_infotext(text: str) -> dict[str, Any]:
             line = line[1:] if line.startswith(" ") else line
         (negative_lines if in_negative else prompt_lines).append(line)
     return {"prompt": "\n".join(prompt_lines), "negative_prompt": "\n".join(negative_lines), "params": params}
+
+
+def infotext_for(request: GenerationRequest, seed: int, model: str, backend: str,
+                 latency_ms: float | None) -> str:
+    """The A1111-style infotext of one image."""
+    params = {
+        "Steps": request.steps,
+        "Sampler": SCHEDULERS.get(request.scheduler, request.scheduler),
+        "CFG scale": f"{request.guidance_scale:g}",
+        "Seed": seed,
+        "Size": f"{request.width}x{request.height}",
+        "Model": model,
+        "Precision": request.precision,
+        "Backend": backend,
+        "Latency": None if latency_ms is None else f"{latency_ms:.0f} ms",
+    }
+    return write_infotext(request.prompt, request.negative_prompt, params)
+
+
+def label_images(images: list[Any], request: GenerationRequest, seeds: list[int], model: str,
+                 backend: str, latency_ms: float | None) -> list[Any]:
+    """Attach each image's infotext."""
+    return [attach(img, infotext_for(request, s, model, backend, latency_ms)) for img, s in zip(images, seeds)]
 
 
 def attach(image: Image.Image, infotext: str) -> Image.Image:

@@ -19,9 +19,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-PARTS = ("text_encoder", "unet", "vae_decoder", "vae_post_quant_conv")
-VAE_PARTS = ("vae_decoder", "vae_post_quant_conv")
-DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+from .artifacts import PARTS, VAE_PARTS
+
 # The timestep goes into the UNet as float32 whatever the model's dtype: bf16 holds integers above
 # 256 only to a multiple of 2..8 (999 -> 1000), while eager diffusers embeds the exact timestep.
 TIMESTEP_DTYPE = torch.float32
@@ -277,7 +276,7 @@ def part_input_specs(part: str, dtype: torch.dtype, batch: int, latent_height: i
     if part == "unet":
         return [InputSpec(latent, dtype), InputSpec((batch,), timestep_dtype),
                 InputSpec((batch, tokens, text_hidden), dtype)]
-    if part in ("vae_decoder", "vae_post_quant_conv"):
+    if part in VAE_PARTS:
         return [InputSpec(latent, dtype)]
     raise KeyError(f"unknown part {part!r}; parts are {', '.join(PARTS)}")
 

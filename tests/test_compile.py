@@ -18,9 +18,9 @@ import torch
 
 import neuron_helpers
 from backend import neuron_stack
+from backend.artifacts import PARTS
 from compile_scripts.compile import (
     MIN_UNET_MEMORY_GB,
-    PARTS,
     TARGET_COMPILER_ARGS,
     Compiler,
     compiler_args,
@@ -61,7 +61,8 @@ def test_manifest_records_what_was_compiled(compiled_root):
         assert set(manifest["versions"]) == {"torch", "diffusers", "transformers", "torch-neuronx", "neuronx-cc"}
         assert manifest["versions"]["torch-neuronx"] is None and manifest["versions"]["diffusers"]
         assert manifest["architecture"]["unet_in_channels"] == 4
-        assert manifest["architecture"]["unet_cross_attention_dim"] == manifest["architecture"]["text_hidden_size"] == 32
+        architecture = manifest["architecture"]
+        assert architecture["unet_cross_attention_dim"] == architecture["text_hidden_size"] == 32
         assert set(manifest["parts"]) == set(PARTS)
         unet = manifest["parts"]["unet"]
         torch_dtype = "bfloat16" if dtype == "bf16" else "float32"

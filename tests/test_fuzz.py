@@ -15,8 +15,9 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from backend import protocol
-from backend.api import MAX_SEED, SCHEDULERS, Capabilities, GenerationRequest, InvalidRequest
+from backend.api import MAX_SEED, Capabilities, GenerationRequest, InvalidRequest
 from backend.metadata import NEGATIVE, attach, parse_infotext, png_bytes, read_infotext, write_infotext
+from backend.schedulers import SCHEDULERS
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 FIELDS = tuple(f.name for f in dataclasses.fields(GenerationRequest))

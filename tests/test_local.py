@@ -52,7 +52,7 @@ def test_matches_a_bare_diffusers_call(tiny_backend):
 def test_each_scheduler_matches_diffusers_without_looking_up_its_first_step(tiny_backend, scheduler, monkeypatch):
     """Each scheduler computes what diffusers computes with it, and none looks up where the loop
     starts: `index_for_timestep` is `(timesteps == t).nonzero().item()`, a wait for the GPU."""
-    from backend.pipeline import scheduler_class_and_overrides
+    from backend.schedulers import scheduler_class_and_overrides
     from backend.tiny import build_pipeline
 
     cls, overrides = scheduler_class_and_overrides(scheduler)
@@ -64,10 +64,16 @@ def test_each_scheduler_matches_diffusers_without_looking_up_its_first_step(tiny
     def no_lookup(*args, **kwargs):
         raise AssertionError("the scheduler looked up its step index from the timestep")
 
-    if hasattr(cls, "index_for_timestep"):
+    # Every scheduler but DDIM keeps a step index that it would look up; DDIM steps by timestep
+    # arithmetic alone, so it has nothing to look up (and no begin index to set).
+    looks_up = hasattr(cls, "index_for_timestep")
+    assert looks_up == (scheduler != "ddim")
+    if looks_up:
         monkeypatch.setattr(cls, "index_for_timestep", no_lookup)
     ours = tiny_backend.generate(GenerationRequest("a lovely cat", seed=5, scheduler=scheduler, **FAST))
     assert np.abs(pixels(ours.images[0]) - pixels(bare)).max() <= 1
+    if looks_up:  # told where the loop started, by the set_timesteps that the pipeline called
+        assert tiny_backend._schedulers.get(scheduler).begin_index == 0
 
 
 def test_stage_timings_add_up(tiny_backend):
@@ -79,32 +85,29 @@ def test_stage_timings_add_up(tiny_backend):
 
 def test_stage_clock_on_a_gpu_reads_its_events_once_at_the_end():
     """The CUDA clock records events and waits only when read (a stand-in for torch.cuda.Event,
-    which needs a GPU: it keeps the time it was recorded and says when it is waited on)."""
-    import time
-
+    which needs a GPU: each event gets the next time of a fake GPU clock and says when it is waited on)."""
     from backend.pipeline import StageClock
 
     log = []
+    gpu_times_ms = iter([100.0, 120.0, 130.5])
 
     class Event:
         def record(self):
-            self.at = time.perf_counter()
+            self.at = next(gpu_times_ms)
             log.append("record")
 
         def synchronize(self):
             log.append("wait")
 
         def elapsed_time(self, later):
-            return (later.at - self.at) * 1000.0
+            return later.at - self.at
 
     clock = StageClock(Event)
-    for pause in (0.0, 0.02, 0.01):
-        time.sleep(pause)
+    for _ in range(3):
         clock.mark()
     assert log == ["record"] * 3  # marking never waits
-    first, second = clock.intervals_ms()
-    assert log[-1] == "wait" and log.count("wait") == 1
-    assert 15 < first < 200 and 5 < second < 200
+    assert clock.intervals_ms() == [20.0, 10.5]
+    assert log == ["record"] * 3 + ["wait"]  # one wait, for the last event, when read
     assert StageClock.for_device(torch.device("cpu"))._event is None  # wall time on a CPU
 
 
@@ -130,8 +133,32 @@ def test_schedulers_differ(tiny_backend):
 
 
 def test_no_cfg_and_negative_prompt(tiny_backend):
-    r = tiny_backend.generate(GenerationRequest("cat", negative_prompt="dog", guidance_scale=1.0, seed=2, **FAST))
-    assert r.images and r.request.guidance_scale == 1.0
+    """Guidance 1.0 turns classifier-free guidance off: the negative prompt is not encoded and has no
+    effect, and the UNet runs one sample per image, not CFG's two. Above 1.0 the negative prompt counts."""
+    pipe = tiny_backend.pipeline_for("fp32")
+    text_batches, unet_batches = [], []
+    hooks = [
+        pipe.text_encoder.register_forward_pre_hook(lambda _m, args: text_batches.append(args[0].shape[0])),
+        pipe.unet.register_forward_pre_hook(lambda _m, args: unet_batches.append(args[0].shape[0])),
+    ]
+    try:
+        plain = tiny_backend.generate(GenerationRequest("cat", guidance_scale=1.0, seed=2, **FAST))
+        assert (text_batches, unet_batches) == ([1], [1, 1, 1])  # the prompt only; 3 steps of one sample
+        text_batches.clear(), unet_batches.clear()
+        negative = tiny_backend.generate(GenerationRequest("cat", negative_prompt="dog", guidance_scale=1.0, seed=2,
+                                                           **FAST))
+        assert (text_batches, unet_batches) == ([1], [1, 1, 1])
+        text_batches.clear(), unet_batches.clear()
+        guided = tiny_backend.generate(GenerationRequest("cat", negative_prompt="dog", guidance_scale=7.5, seed=2,
+                                                         **FAST))
+        assert (text_batches, unet_batches) == ([1, 1], [2, 2, 2])  # prompt and negative; CFG's pair per step
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert np.array_equal(pixels(plain.images[0]), pixels(negative.images[0]))
+    guided_other = tiny_backend.generate(GenerationRequest("cat", negative_prompt="bird", guidance_scale=7.5, seed=2,
+                                                           **FAST))
+    assert not np.array_equal(pixels(guided.images[0]), pixels(guided_other.images[0]))
 
 
 def test_long_prompt_is_truncated_with_a_warning(tiny_backend):
@@ -169,9 +196,8 @@ def test_stop_interrupts_between_steps(tiny_backend):
     assert tiny_backend.generate(GenerationRequest("cat", seed=1, **FAST)).images
 
 
-def test_default_model_offline_falls_back_to_tiny_and_says_so(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    backend = create_backend(Settings(backend="local", device="cpu"))
+def test_default_model_offline_falls_back_to_tiny_and_says_so():
+    backend = create_backend(Settings(backend="local", device="cpu", offline=True))
     caps = backend.capabilities()
     assert caps.model == "tiny" and caps.is_tiny
     notes = " ".join(caps.notes)

@@ -25,15 +25,10 @@ from backend import (
     Settings,
     create_backend,
 )
-from backend import pipeline as sdpipe
-from backend.api import SCHEDULERS
-from backend.neuron import (
-    NeuronBackend,
-    find_artifacts,
-    is_neuron_archive,
-    neuron_core_ids,
-    version_problems,
-)
+from backend import pipeline
+from backend.artifacts import find_artifacts, is_neuron_archive, version_problems
+from backend.neuron import NeuronBackend, neuron_core_ids
+from backend.schedulers import SCHEDULERS, make_scheduler
 from backend.neuron_modules import (
     CastDtype,
     CpuDataParallel,
@@ -97,7 +92,7 @@ def eager_pipelines(compiled_root, neuron_backend):
     vae = AutoencoderKL.from_pretrained(compiled_root / "vae", dtype=torch.float32).eval().requires_grad_(False)
     pipes = {}
     for precision in ("fp32", "bf16"):
-        pipe = sdpipe.load_pipeline(str(compiled_root), sdpipe.DTYPES[precision], "cpu", local_files_only=True)
+        pipe = pipeline.load_pipeline(str(compiled_root), pipeline.DTYPES[precision], "cpu", local_files_only=True)
         pipe.unet.forward = _in_chunks(pipe.unet.forward, chunk)
         for attr in ("decoder", "post_quant_conv"):
             setattr(pipe.vae, attr, CastDtype(copy.deepcopy(getattr(vae, attr)), torch.float32))
@@ -123,7 +118,7 @@ def _in_chunks(forward, chunk: int):
 
 def float_images(pipe, request: GenerationRequest, seeds: list[int]) -> np.ndarray:
     """What backend.pipeline.run computes, as [0, 1] floats before the PNG rounding."""
-    pipe.scheduler = sdpipe.make_scheduler(request.scheduler, pipe.scheduler.config)
+    pipe.scheduler = make_scheduler(request.scheduler, pipe.scheduler.config)
     with torch.inference_mode():
         return pipe(prompt=request.prompt, negative_prompt=request.negative_prompt or None,
                     num_inference_steps=request.steps, guidance_scale=request.guidance_scale,
@@ -217,7 +212,7 @@ def test_neuron_attention_traced_for_cpu_matches_eager(bmm_root):
         request = GenerationRequest(prompt="a lovely cat", steps=STEPS, seed=9, num_images=2,
                                     precision="fp32").validated(backend.capabilities())
         seeds = request.image_seeds(request.seed)
-        eager = sdpipe.load_pipeline(str(bmm_root), torch.float32, "cpu", local_files_only=True)
+        eager = pipeline.load_pipeline(str(bmm_root), torch.float32, "cpu", local_files_only=True)
         diff = np.abs(float_images(backend._pipelines["fp32"], request, seeds) - float_images(eager, request, seeds))
         assert diff.max() <= FP32_TOL, diff.max()
     finally:
@@ -387,8 +382,8 @@ def test_generate_bf16_odd_batch_is_padded(neuron_backend, eager_pipelines):
     result = neuron_backend.generate(request)
     assert len(result.images) == 3
     eager = eager_pipelines["bf16"]
-    eager_images, _ = sdpipe.run(eager, result.request, result.seeds,
-                                 scheduler=sdpipe.make_scheduler(result.request.scheduler, eager.scheduler.config))
+    eager_images, _ = pipeline.run(eager, result.request, result.seeds,
+                                 scheduler=make_scheduler(result.request.scheduler, eager.scheduler.config))
     # PNG pixels: at most one level apart where a value sits on a rounding boundary.
     assert np.abs(pixels(result.images) - pixels(eager_images)).max() <= 1
 
@@ -428,8 +423,8 @@ def assert_walkthrough_code_agrees(backend, root, result) -> None:
     reference = neuron_helpers.walkthrough_pipeline(root)
     reference.unet.forward = _in_chunks(reference.unet.forward, len(backend.device_ids))
     reference.vae.enable_slicing()
-    expected, _ = sdpipe.run(reference, result.request, result.seeds,
-                             scheduler=sdpipe.make_scheduler(result.request.scheduler, reference.scheduler.config))
+    expected, _ = pipeline.run(reference, result.request, result.seeds,
+                             scheduler=make_scheduler(result.request.scheduler, reference.scheduler.config))
     # PNG pixels: at most one level apart where a value sits on a rounding boundary.
     assert np.abs(pixels(result.images) - pixels(expected)).max() <= 1
 
@@ -475,7 +470,8 @@ def test_walkthrough_layout_with_fp32_vae_loads_and_generates(walkthrough_fp32_v
         with pytest.raises(StaticShapeError) as err:
             guard(torch.zeros(1, 4, 64, 64, dtype=torch.bfloat16))
         message = str(err.value)
-        assert message.startswith("vae_decoder:") and "bfloat16" in message and "compiled for 1x4x64x64 float32" in message
+        assert message.startswith("vae_decoder:") and "bfloat16" in message
+        assert "compiled for 1x4x64x64 float32" in message
     finally:
         backend.close()
 
@@ -500,7 +496,8 @@ def test_archive_records_input_dtypes(walkthrough_fp32_vae_root, compiled_root):
     assert traced_input_dtypes(flat / "text_encoder.pt") == [torch.int64]
     frozen = compiled_root / "compiled_models" / "bf16"
     assert traced_input_dtypes(frozen / "unet.pt") is None  # torch.jit.freeze drops them; the weights remain
-    assert weight_dtype(frozen / "unet.pt") == torch.bfloat16 and weight_dtype(frozen / "vae_decoder.pt") == torch.float32
+    assert weight_dtype(frozen / "unet.pt") == torch.bfloat16
+    assert weight_dtype(frozen / "vae_decoder.pt") == torch.float32
 
 
 def test_walkthrough_layout_compiled_for_neuron_needs_the_sdk(walkthrough_root, tmp_path):
@@ -618,11 +615,11 @@ def test_versions_are_checked(compiled_root, tmp_path):
 
 
 def test_neuron_core_ids():
-    assert neuron_core_ids({}) == [0, 1]
-    assert neuron_core_ids({"NEURON_RT_VISIBLE_CORES": "3"}) == [0]
-    assert neuron_core_ids({"NEURON_RT_VISIBLE_CORES": "0-3"}) == [0, 1]
-    assert neuron_core_ids({"NEURON_RT_NUM_CORES": "1"}) == [0]
-    assert neuron_core_ids({"SD_NEURON_CORES": "4"}) == [0, 1, 2, 3]
+    assert neuron_core_ids(env={}) == [0, 1]
+    assert neuron_core_ids(env={"NEURON_RT_VISIBLE_CORES": "3"}) == [0]
+    assert neuron_core_ids(env={"NEURON_RT_VISIBLE_CORES": "0-3"}) == [0, 1]
+    assert neuron_core_ids(env={"NEURON_RT_NUM_CORES": "1"}) == [0]
+    assert neuron_core_ids(4, env={"NEURON_RT_NUM_CORES": "1"}) == [0, 1, 2, 3]  # --neuron-cores / SD_NEURON_CORES
 
 
 def test_auto_does_not_pick_cpu_artifacts_without_a_device(compiled_root):
@@ -660,7 +657,7 @@ def test_guard_catches_shape_bugs_in_the_loaded_pipeline(neuron_backend):
     # A request past validation at another size reaches the compiled parts, which refuse it as inf2 would.
     request = GenerationRequest(prompt="cat", steps=1, seed=1, precision="fp32", width=SIZE * 2, height=SIZE * 2)
     with pytest.raises(StaticShapeError, match="compiled for"):
-        sdpipe.run(pipe, request, [1])
+        pipeline.run(pipe, request, [1])
     parallel = pipe.unet.unetwrap.module  # CpuDataParallel under the chunking
     latent = SIZE // 8
     with pytest.raises(StaticShapeError, match="needs a batch of 2 x 1"):

@@ -48,9 +48,9 @@ def endpoint(tiny_backend):
     server.server_close()
 
 
-def sagemaker_backend(url: str, name: str = "sd-test", **extra):
+def sagemaker_backend(url: str, name: str = "sd-test", **settings):
     return create_backend(Settings(backend="sagemaker", endpoint_name=name, region=REGION, endpoint_url=url,
-                                   extra=extra))
+                                   **settings))
 
 
 # ---- against the real endpoint code -------------------------------------------------------------
@@ -101,7 +101,7 @@ def test_client_never_lets_botocore_retry_and_waits_past_sagemakers_60_s(endpoin
 ])
 def test_an_endpoint_that_cannot_be_used_is_unavailable_at_start(endpoint, settings, expected):
     values = dict(backend="sagemaker", endpoint_name="sd-test", region=REGION, endpoint_url=endpoint.url,
-                  extra={"retry_backoff": 0.01})
+                  retry_backoff=0.01)
     values.update(settings)
     values["endpoint_url"] = values["endpoint_url"].format(free=free_port())
     with pytest.raises(BackendUnavailable, match=expected):
@@ -150,10 +150,12 @@ def aws_error(status: int, code: str, message: str) -> tuple[int, dict, dict]:
 
 
 FAULTS = {
-    "validation": aws_error(400, "ValidationError", "1 validation error detected: Value at 'body' failed to satisfy "
-                                                    "constraint: Member must have length less than or equal to 6291456"),
+    "validation": aws_error(400, "ValidationError",
+                            "1 validation error detected: Value at 'body' failed to satisfy "
+                            "constraint: Member must have length less than or equal to 6291456"),
     "model-400": model_error(400, "InvalidRequest", "steps: 1000 is out of range; use a whole number from 1 to 100."),
-    "model-500": model_error(500, "GenerationFailed", "generation failed on neuron: RuntimeError: NRT execution failed"),
+    "model-500": model_error(500, "GenerationFailed",
+                             "generation failed on neuron: RuntimeError: NRT execution failed"),
     "internal": aws_error(500, "InternalFailure", "An internal error occurred."),
     "unavailable": aws_error(503, "ServiceUnavailable", "The service is unavailable."),
     "throttle": aws_error(429, "ThrottlingException", "Rate exceeded"),
@@ -200,7 +202,8 @@ class StandIn:
         if fault == "not-json":
             return 200, {"Content-Type": "text/html"}, b"<html><body>502 Bad Gateway</body></html>"
         seed = payload.get("parameters", {}).get("seed", 1)
-        image = attach(Image.new("RGB", (64, 64), (200, 120, 40)), f"{payload['prompt']}\nSteps: 1, Seed: {seed}, Size: 64x64")
+        image = attach(Image.new("RGB", (64, 64), (200, 120, 40)),
+                       f"{payload['prompt']}\nSteps: 1, Seed: {seed}, Size: 64x64")
         png = b"GIF89a not a png" if fault == "not-png" else png_bytes(image)
         answer = {"images": [base64.b64encode(png).decode()], "seeds": [seed], "info": image.info["parameters"],
                   "timings": {"total_ms": 5.0, "step_ms": [4.0]}, "server": {"handler_ms": 6.0}, "warnings": []}

@@ -183,7 +183,7 @@ def test_more_requests_than_the_queue_holds_are_refused_at_once(container):
 
 def test_the_apps_sagemaker_backend_generates_and_reports_a_full_queue_as_busy(front_end, container, aws_env):
     backend = create_backend(Settings(backend="sagemaker", endpoint_name=NAME, region=REGION,
-                                      endpoint_url=front_end, extra={"retry_backoff": 0.01}))
+                                      endpoint_url=front_end, retry_backoff=0.01))
     caps = backend.capabilities()
     assert (caps.model, caps.fixed_sizes, backend.remote.backend) == ("tiny", ((SIZE, SIZE),), "neuron")
     result = backend.generate(GenerationRequest("a lovely cat", steps=2, seed=5))
@@ -203,7 +203,8 @@ def test_the_apps_sagemaker_backend_generates_and_reports_a_full_queue_as_busy(f
             if sum(not f.done() for f in fillers) < QUEUE + 1:
                 fillers.append(pool.submit(container.invoke, slow, JSON_HEADERS))
             time.sleep(0.02)
-        with pytest.raises(BackendUnavailable, match=f"endpoint {NAME} at .* is busy: the model server's queue is full"):
+        busy = f"endpoint {NAME} at .* is busy: the model server's queue is full"
+        with pytest.raises(BackendUnavailable, match=busy):
             backend.generate(GenerationRequest("cat", steps=1))
         statuses = [f.result().status for f in fillers]
     assert set(statuses) <= {200, 503} and statuses.count(200) >= QUEUE + 1, statuses

@@ -1,0 +1,44 @@
+"""The process's one torch thread: every in-process backend loads, warms up and generates on it."""
+
+from __future__ import annotations
+
+import contextvars
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+
+class DeviceThread:
+    """One long-lived thread on which an in-process backend does all its torch work.
+
+    PyTorch's CPU kernels use an OpenMP thread team per calling thread. When a second thread
+    (Gradio's workers, the endpoint's per-request threads) runs torch after the first, the two
+    teams contend for the cores and every generation slows down, on every thread (measured in
+    docs/benchmarks.md). Loading, warm-up and every generation therefore go through this one
+    thread (`device_thread()`, one per process), whichever thread asks.
+    """
+
+    def __init__(self, name: str):
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix=name)
+        self._ident = self._pool.submit(threading.get_ident).result()
+
+    def run(self, fn, *args, **kwargs):
+        """Call fn on the device thread and return its result (or raise its exception)."""
+        if threading.get_ident() == self._ident:
+            return fn(*args, **kwargs)
+        # The caller's context variables go along (as asyncio.to_thread does): Gradio finds the
+        # request's progress bar through them when on_step reports a step from this thread.
+        context = contextvars.copy_context()
+        return self._pool.submit(context.run, fn, *args, **kwargs).result()
+
+
+_DEVICE_THREAD: DeviceThread | None = None
+_DEVICE_THREAD_LOCK = threading.Lock()
+
+
+def device_thread() -> DeviceThread:
+    """The process's one torch thread, shared by every in-process backend (and the benchmarks)."""
+    global _DEVICE_THREAD
+    with _DEVICE_THREAD_LOCK:
+        if _DEVICE_THREAD is None:
+            _DEVICE_THREAD = DeviceThread("torch")
+        return _DEVICE_THREAD
