@@ -13,7 +13,6 @@ from dataclasses import dataclass
 INSTANCE = "inf2.xlarge"
 MODEL = "Stable Diffusion 2.1"
 SIZE = (512, 512)
-SCHEDULER = "dpm++2m"
 # USD per hour behind the cost column: each row's cost is this / 3600 / QPS x 10,000.
 PRICE_PER_HOUR = 1.966
 

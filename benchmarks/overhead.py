@@ -41,6 +41,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from backend.schedulers import DEFAULT_SCHEDULER
 from benchmarks.procs import free_port, run_process
 
 PROMPT = "a lovely cat"
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     def http_runner(url, http):
         def run(seed):
             t0 = time.perf_counter()
-            data = [PROMPT, "", steps, "fp32", CFG, seed, "dpm++2m", size, size, 1]
+            data = [PROMPT, "", steps, "fp32", CFG, seed, DEFAULT_SCHEDULER, size, size, 1]
             event_id = http.post("/gradio_api/call/generate", json={"data": data}).raise_for_status().json()["event_id"]
             event, answer = None, None
             with http.stream("GET", f"/gradio_api/call/generate/{event_id}") as stream:
