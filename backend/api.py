@@ -79,6 +79,9 @@ class Capabilities:
     max_guidance: float = 30.0
     max_prompt_chars: int = 2000
     is_tiny: bool = False
+    # Pictures of the latents while denoising (generate's on_preview): in-process backends only; a
+    # remote endpoint answers once per request.
+    previews: bool = False
     notes: tuple[str, ...] = ()
 
     @property
@@ -347,6 +350,8 @@ class GenerationResult:
 
 
 StepCallback = Callable[[int, int], None]
+# on_preview(step, total, images): small PIL pictures of the latents after `step` (backend/preview.py).
+PreviewCallback = Callable[[int, int, list[Any]], None]
 
 
 class Backend(Protocol):
@@ -357,8 +362,10 @@ class Backend(Protocol):
     def capabilities(self) -> Capabilities:
         """What this backend can run."""
 
-    def generate(self, request: GenerationRequest, on_step: StepCallback | None = None) -> GenerationResult:
-        """Run one request; on_step(step, total) is called after each denoising step."""
+    def generate(self, request: GenerationRequest, on_step: StepCallback | None = None,
+                 on_preview: PreviewCallback | None = None) -> GenerationResult:
+        """Run one request; on_step(step, total) is called after each denoising step, and, where
+        capabilities().previews, on_preview(step, total, images) after some of them."""
 
     def close(self) -> None:
         """Free what the backend holds."""

@@ -21,14 +21,17 @@ from .api import (
     GenerationFailed,
     GenerationRequest,
     GenerationResult,
+    PreviewCallback,
     StepCallback,
     random_seed,
     short_error,
 )
 from .metadata import label_images
 from .models import random_weights_note
+from .preview import PreviewPacer
 from .prompts import truncation_warnings
 from .schedulers import SchedulerCache
+from .settings import Settings
 from .torch_thread import device_thread
 
 log = logging.getLogger(__name__)
@@ -39,7 +42,8 @@ class InProcessBackend:
 
     name: str
 
-    def __init__(self):
+    def __init__(self, settings: Settings):
+        self.settings = settings
         self._lock = threading.Lock()  # one generation at a time on an in-process device
         self._device = device_thread()  # all torch work on one thread
         self._pipelines: dict[str, Any] = {}  # precision -> pipeline
@@ -48,6 +52,9 @@ class InProcessBackend:
         self.model = ""  # the name shown and written in infotext
         self.notes: list[str] = []  # shown in the app's banner
         self.is_tiny = False  # random weights: the app shows its warning banner
+        # --preview-every: 0 = none, N = after every N steps, None = auto (PreviewPacer).
+        self.previews = settings.preview_every != 0
+        self.preview_every = settings.preview_every or None
 
     # What a subclass supplies ------------------------------------------------------------------
 
@@ -82,7 +89,8 @@ class InProcessBackend:
         """What this backend runs."""
         return self._caps
 
-    def generate(self, request: GenerationRequest, on_step: StepCallback | None = None) -> GenerationResult:
+    def generate(self, request: GenerationRequest, on_step: StepCallback | None = None,
+                 on_preview: PreviewCallback | None = None) -> GenerationResult:
         """Validate and run one request on the pipeline of its precision, one request at a time."""
         self.check_request(request)
         request = request.validated(self._caps)
@@ -94,7 +102,10 @@ class InProcessBackend:
             warnings = truncation_warnings(pipe.tokenizer, request)
             scheduler = self._schedulers.get(request.scheduler)
             try:
-                images, timings = self._device.run(pipeline.run, pipe, request, seeds, on_step, scheduler=scheduler)
+                images, timings = self._device.run(
+                    pipeline.run, pipe, request, seeds, on_step, scheduler=scheduler,
+                    on_preview=on_preview if self._caps.previews else None,
+                    pacer=PreviewPacer(self.preview_every))
             except BackendError:
                 raise
             except Exception as exc:  # noqa: BLE001 - anything else is this generation failing

@@ -63,8 +63,7 @@ class LocalBackend(InProcessBackend):
     name = "local"
 
     def __init__(self, settings: Settings):
-        super().__init__()
-        self.settings = settings
+        super().__init__(settings)
         self.device = resolve_device(settings.device)
         self.optimize = auto_optimize(self.device) if settings.optimize == "auto" else settings.optimize
         self._precisions = precisions_for(self.device)
@@ -93,6 +92,7 @@ class LocalBackend(InProcessBackend):
             precisions=self._precisions,
             max_images=settings.max_images,
             is_tiny=self.is_tiny,
+            previews=self.previews,
             notes=tuple(self.notes),
         )
 

@@ -83,8 +83,7 @@ class NeuronBackend(InProcessBackend):
     name = "neuron"
 
     def __init__(self, settings: Settings):
-        super().__init__()
-        self.settings = settings
+        super().__init__(settings)
         self.root = Path(settings.artifacts or DEFAULT_ARTIFACTS).expanduser()
         self.sets = find_artifacts(self.root, settings.model)
         first = self.sets[0]
@@ -119,6 +118,7 @@ class NeuronBackend(InProcessBackend):
             default_size=(self.width, self.height),
             max_images=settings.max_images,
             is_tiny=self.is_tiny,  # the app's warning banner
+            previews=self.previews,
             notes=tuple(self.notes),
         )
         for dtype in self._pipelines:

@@ -10,7 +10,8 @@ from typing import Any
 
 import torch
 
-from .api import GenerationRequest, StepCallback, Timings
+from .api import GenerationRequest, PreviewCallback, StepCallback, Timings
+from .preview import PreviewPacer, noise_scale, preview_images
 from .sd21_random import SD21_RANDOM_ID
 from .settings import OPTIMIZE_MODES
 from .tiny import TINY_MODEL_ID
@@ -131,7 +132,8 @@ class StageClock:
 
 
 def run(pipe, request: GenerationRequest, seeds: list[int], on_step: StepCallback | None = None,
-        scheduler=None) -> tuple[list[Any], Timings]:
+        scheduler=None, on_preview: PreviewCallback | None = None,
+        pacer: PreviewPacer | None = None) -> tuple[list[Any], Timings]:
     """Run a validated request on a pipeline: encode, denoise, decode, each timed.
 
     The stages are called one by one (rather than one `pipe(...)` call) so that text encoding,
@@ -139,6 +141,8 @@ def run(pipe, request: GenerationRequest, seeds: list[int], on_step: StepCallbac
     so images equal those of `pipe(prompt, ..., generator=[torch.Generator().manual_seed(s)...])`.
     Nothing in the denoising loop waits for the device: on_step is called when a step has been
     queued (on a CPU, when it has run), and the timings are read after the images are on the host.
+    on_preview gets pictures of the latents after the steps `pacer` picks (a preview copies them to
+    the host, which on a GPU waits for that step); its time counts in the next step's.
     """
     if scheduler is not None:
         pipe.scheduler = scheduler
@@ -153,11 +157,18 @@ def run(pipe, request: GenerationRequest, seeds: list[int], on_step: StepCallbac
             request.prompt, device, n, cfg, negative_prompt=request.negative_prompt or None
         )
         clock.mark()
+        pacer = pacer or PreviewPacer()
+        denoise_start = time.perf_counter()
 
         def step_end(_pipe, i: int, _t, kwargs: dict) -> dict:
             clock.mark()
             if on_step is not None:
                 on_step(i + 1, request.steps)
+            if on_preview is not None and pacer.due(i + 1, request.steps,
+                                                    (time.perf_counter() - denoise_start) * 1000.0):
+                started = time.perf_counter()
+                on_preview(i + 1, request.steps, preview_images(kwargs["latents"], noise_scale(_pipe.scheduler)))
+                pacer.record((time.perf_counter() - started) * 1000.0)
             return kwargs
 
         # CPU generators, one per image: the same seed gives the same image on any device.

@@ -52,3 +52,49 @@ def preview_images(latents: Any, noise_scale: float = 1.0) -> list[Any]:
     from PIL import Image
 
     return [Image.fromarray(array, "RGB") for array in latents_to_rgb(latents, noise_scale)]
+
+
+def noise_scale(scheduler: Any) -> float:
+    """What the scheduler's current latents are scaled by: sqrt(sigma^2 + 1) for the schedulers that
+    work in sigma space (Euler, Euler a: init_noise_sigma > 1, latents start at ~14.6), else 1."""
+    if float(getattr(scheduler, "init_noise_sigma", 1.0)) <= 1.0:
+        return 1.0
+    index = getattr(scheduler, "step_index", None)
+    sigmas = getattr(scheduler, "sigmas", None)
+    if index is None or sigmas is None or index >= len(sigmas):
+        return 1.0
+    return float((float(sigmas[index]) ** 2 + 1.0) ** 0.5)
+
+
+class PreviewPacer:
+    """After which denoising steps a preview is made.
+
+    every=N: after steps N, 2N, ... (never after the last, whose image the decoder makes anyway).
+    every=None (auto): whenever the previews so far plus one more (at the last one's cost) stay within
+    `budget` of the denoising time so far, so they cost at most ~5% on whatever backend runs them; the
+    first is made after step 1 and measured. The cost counted is this process's: projecting, making
+    the picture and handing it to the callback (the app sends it to the browser on another thread).
+    """
+
+    def __init__(self, every: int | None = None, budget: float = 0.05):
+        if every is not None and every < 1:
+            raise ValueError(f"preview every {every} steps: use 1 or more, or None for auto")
+        self.every = every
+        self.budget = budget
+        self.spent_ms = 0.0
+        self.last_ms = 0.0
+        self.count = 0
+
+    def due(self, step: int, total: int, elapsed_ms: float) -> bool:
+        """Whether to make a preview after `step` of `total`, `elapsed_ms` into the denoising."""
+        if step >= total:
+            return False
+        if self.every is not None:
+            return step % self.every == 0
+        return self.count == 0 or self.spent_ms + self.last_ms <= self.budget * elapsed_ms
+
+    def record(self, cost_ms: float) -> None:
+        """Count a preview that was made and what it cost."""
+        self.count += 1
+        self.last_ms = cost_ms
+        self.spent_ms += cost_ms

@@ -30,6 +30,7 @@ from .api import (
     GenerationRequest,
     GenerationResult,
     InvalidRequest,
+    PreviewCallback,
     StepCallback,
     Timings,
 )
@@ -80,8 +81,9 @@ class SageMakerBackend:
             raise BackendUnavailable(f"{self._where} did not describe itself ({type(exc).__name__}); "
                                      f"is it running this project's serving code?") from None
         self.remote = remote
+        # previews=False: the endpoint answers once per request, so nothing shows while it denoises.
         self._caps = dataclasses.replace(
-            remote, backend=self.name,
+            remote, backend=self.name, previews=False,
             device=f"{remote.device} ({remote.backend} backend) via endpoint {self.endpoint_name}")
         log.info("endpoint %s: %s on %s, precisions %s", self.endpoint_name, remote.model, remote.device,
                  ", ".join(remote.precisions))
@@ -109,8 +111,10 @@ class SageMakerBackend:
         """The endpoint's own capabilities, under this backend's name."""
         return self._caps
 
-    def generate(self, request: GenerationRequest, on_step: StepCallback | None = None) -> GenerationResult:
-        """Validate here, send, and decode the endpoint's JSON answer into PIL images."""
+    def generate(self, request: GenerationRequest, on_step: StepCallback | None = None,
+                 on_preview: PreviewCallback | None = None) -> GenerationResult:
+        """Validate here, send, and decode the endpoint's JSON answer into PIL images (no previews: one
+        answer per request)."""
         request = request.validated(self._caps)
         protocol.check_response_size(request, as_json=True)
         if on_step is not None:

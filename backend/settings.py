@@ -49,6 +49,7 @@ class Settings:
     neuron_cores: int | None = None  # neuron backend: None = the chip's two, or fewer if the runtime shows fewer
     read_timeout: float = READ_TIMEOUT_S  # sagemaker backend: seconds to wait for an answer
     retry_backoff: float = RETRY_BACKOFF_S  # sagemaker backend: first wait before resending what did not run
+    preview_every: int | None = None  # in-process backends: latent previews; None = auto, 0 = none
 
     @property
     def model_or_default(self) -> str:
@@ -94,6 +95,19 @@ def _bool(text: str | None) -> bool:
     return (text or "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def _preview_every(text: str) -> int | None:
+    """--preview-every: 'auto' -> None, else a whole number of steps >= 0."""
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: use auto, 0 (no previews) or a number of steps") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value}: use auto, 0 (no previews) or a number of steps")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] | None = None,
                   server_flags: bool = True) -> argparse.ArgumentParser:
     """Add the backend flags (and, with server_flags, the web server's) with SD_* defaults."""
@@ -133,6 +147,10 @@ def add_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] | None
     g.add_argument("--neuron-cores", type=int, default=int(_env(env, "neuron-cores") or 0) or None,
                    help="neuron backend: NeuronCores the UNet runs data-parallel on (default 2, one chip's, or "
                         "fewer if NEURON_RT_VISIBLE_CORES / NEURON_RT_NUM_CORES show fewer)")
+    g.add_argument("--preview-every", type=_preview_every, metavar="auto|N",
+                   default=_env(env, "preview-every") or "auto",  # a string default goes through type=
+                   help="in-process backends: a picture of the latents while denoising, after every N steps; "
+                        "auto (default) = as often as 5%% of the denoising time allows; 0 = none (load tests)")
     g.add_argument("--read-timeout", type=float, default=float(_env(env, "read-timeout") or READ_TIMEOUT_S),
                    help=f"sagemaker backend: seconds to wait for an answer (default {READ_TIMEOUT_S:g}; keep it "
                         f">= 70 against real endpoints). A timed-out invocation is never retried: it may have run")

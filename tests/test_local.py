@@ -215,3 +215,25 @@ def test_tiny_folder_is_flagged_and_named_without_its_path(tiny_dir):
     assert caps.is_tiny and caps.model == tiny_dir.name
     r = backend.generate(GenerationRequest("cat", seed=1, **FAST))
     assert str(tiny_dir.parent) not in r.infotexts[0]
+
+
+def test_previews_come_at_the_asked_steps_and_change_no_pixel(tiny_backend, monkeypatch):
+    request = GenerationRequest("a lovely cat", seed=4, num_images=2, steps=6, width=128, height=128)
+    plain = tiny_backend.generate(request)
+    seen = []
+    monkeypatch.setattr(tiny_backend, "preview_every", 2)
+    with_previews = tiny_backend.generate(request, on_preview=lambda step, total, images: seen.append(
+        (step, total, [im.size for im in images])))
+    assert tiny_backend.capabilities().previews
+    assert seen == [(2, 6, [(16, 16)] * 2), (4, 6, [(16, 16)] * 2)]  # latent size: 128 / 8; none after the last
+    assert all(np.array_equal(pixels(a), pixels(b)) for a, b in zip(plain.images, with_previews.images))
+
+
+def test_a_backend_started_without_previews_makes_none(tiny_dir):
+    backend = create_backend(Settings(backend="local", model=str(tiny_dir), device="cpu", optimize="none",
+                                      preview_every=0))
+    try:
+        assert backend.capabilities().previews is False
+        backend.generate(GenerationRequest("cat", seed=1, **FAST), on_preview=lambda *a: pytest.fail("a preview"))
+    finally:
+        backend.close()

@@ -1,10 +1,10 @@
-"""The latent preview's projection: shapes, the coefficients' colours, the noise scale."""
+"""The latent preview: the projection (shapes, the coefficients' colours, the noise scale) and its pacing."""
 
 import numpy as np
 import pytest
 import torch
 
-from backend.preview import LATENT_RGB_FACTORS, latents_to_rgb, preview_images
+from backend.preview import LATENT_RGB_FACTORS, PreviewPacer, latents_to_rgb, preview_images
 
 
 def test_zero_latents_are_mid_grey_and_each_channel_adds_its_row():
@@ -37,3 +37,38 @@ def test_bf16_latents_and_pil_images():
 def test_other_shapes_are_refused(shape):
     with pytest.raises(ValueError, match=r"expected \(batch, 4, h, w\)"):
         latents_to_rgb(torch.zeros(shape))
+
+
+# --- when previews are made ------------------------------------------------------------------------
+
+
+def test_every_n_steps_and_never_after_the_last():
+    pacer = PreviewPacer(every=3)
+    assert [s for s in range(1, 11) if pacer.due(s, 10, elapsed_ms=1000.0)] == [3, 6, 9]
+    assert [s for s in range(1, 7) if PreviewPacer(every=3).due(s, 6, 0.0)] == [3]
+    with pytest.raises(ValueError):
+        PreviewPacer(every=0)
+
+
+def test_auto_keeps_previews_within_five_percent_of_the_denoising_time():
+    """Steps of 40 ms and previews of 5 ms: previews every third step or so, never over budget."""
+    pacer = PreviewPacer()
+    made = []
+    for step in range(1, 51):
+        elapsed = step * 40.0 + pacer.spent_ms
+        if pacer.due(step, 50, elapsed):
+            pacer.record(5.0)
+            made.append(step)
+    assert made[0] == 1  # the first is made at once, to learn what one costs
+    assert pacer.spent_ms <= 0.05 * (50 * 40.0 + pacer.spent_ms) + 5.0  # at most one preview over, the first
+    assert 10 <= len(made) <= 20 and 50 not in made
+
+
+def test_auto_previews_every_step_when_they_are_cheap_and_rarely_when_dear():
+    cheap, dear = PreviewPacer(), PreviewPacer()
+    for step in range(1, 21):
+        if cheap.due(step, 20, step * 100.0):
+            cheap.record(0.5)
+        if dear.due(step, 20, step * 100.0):
+            dear.record(50.0)
+    assert cheap.count == 19 and dear.count == 1
