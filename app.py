@@ -21,9 +21,9 @@ import gradio as gr
 
 from backend import SCHEDULERS, Backend, BackendUnavailable, Capabilities, Settings, create_backend
 from ui.blocks import DemoBlocks
-from ui.handlers import REQUEST_DEFAULTS, Handlers, reuse_first_seed, reuse_seed
+from ui.handlers import GALLERY_LABEL, REQUEST_DEFAULTS, Handlers, reuse_first_seed, reuse_seed
 from ui.outputs import OutputStore
-from ui.panels import TITLE, banner_html, latency_markdown
+from ui.panels import TITLE, banner_html, latency_markdown, no_preview_note
 
 log = logging.getLogger("app")
 
@@ -53,6 +53,7 @@ class Controls:
     height: gr.Component
     num_images: gr.Slider
     seed: gr.Number
+    preview: gr.Checkbox
     randomize_btn: gr.Button
     reuse_btn: gr.Button
     gallery: gr.Gallery
@@ -64,7 +65,7 @@ class Controls:
     def request_inputs(self) -> list[gr.Component]:
         """The generate handler's inputs, in its parameters' (and the API's) order."""
         return [self.prompt, self.negative, self.steps, self.precision, self.guidance, self.seed, self.scheduler,
-                self.width, self.height, self.num_images, self.stats]
+                self.width, self.height, self.num_images, self.preview, self.stats]
 
 
 def prompt_controls() -> tuple[gr.Textbox, gr.Textbox]:
@@ -121,17 +122,21 @@ def advanced_controls(caps: Capabilities) -> dict[str, gr.Component]:
             width, height = size_controls(caps)
         with gr.Row():
             seed = gr.Number(value=d["seed"], precision=0, label="Seed (-1: random)", minimum=-1, maximum=2**32 - 1)
+            # Shown only where the backend makes previews; the API's `preview` keyword either way.
+            preview = gr.Checkbox(value=True, label="Live preview while denoising", visible=caps.previews)
         with gr.Row():
             randomize_btn = gr.Button("\U0001f3b2 Random seed", size="sm")
             reuse_btn = gr.Button("\u267b\ufe0f Reuse seed of selected image", size="sm")
-    return dict(guidance=guidance, scheduler=scheduler, width=width, height=height, seed=seed,
+    return dict(guidance=guidance, scheduler=scheduler, width=width, height=height, seed=seed, preview=preview,
                 randomize_btn=randomize_btn, reuse_btn=reuse_btn)
 
 
-def result_panels() -> tuple[gr.Gallery, gr.Markdown, gr.JSON]:
-    """The gallery, the latency panel and the details JSON."""
-    gallery = gr.Gallery(label="Images", format="png", columns=2, height="auto", object_fit="contain",
+def result_panels(caps: Capabilities) -> tuple[gr.Gallery, gr.Markdown, gr.JSON]:
+    """The gallery (previews while denoising, then the images), the latency panel and the details JSON."""
+    gallery = gr.Gallery(label=GALLERY_LABEL, format="png", columns=2, height="auto", object_fit="contain",
                          interactive=False)
+    if not caps.previews:
+        gr.Markdown(no_preview_note(caps), elem_id="no-preview")
     latency = gr.Markdown(latency_markdown(None, None), elem_id="latency")
     # Folded: the latency panel says what most people want; step_ms alone is `steps` lines.
     with gr.Accordion("Details (JSON)", open=False):
@@ -152,7 +157,7 @@ def layout(backend: Backend) -> Controls:
             advanced = advanced_controls(backend.capabilities())
             gr.Examples(EXAMPLES, inputs=[prompt], label="Example prompts")
         with gr.Column(scale=6):
-            gallery, latency, details = result_panels()
+            gallery, latency, details = result_panels(backend.capabilities())
     return Controls(prompt=prompt, negative=negative, generate_btn=generate_btn, stop_btn=stop_btn, **headline,
                     **advanced, gallery=gallery, latency=latency, details=details, stats=stats,
                     selected_seed=selected_seed)
@@ -162,10 +167,11 @@ def wire_generate(c: Controls, handlers: Handlers) -> None:
     """Generate and Enter run one event (the API's /generate); the latency panel follows; Stop cancels it."""
     # One gr.on for both triggers: one endpoint, named by api_name (gradio/events.py, `on`).
     # preprocess=False: raw values reach the handler, which validates them in one place (backend.api)
-    # and answers a bad type with a message naming the field.
+    # and answers a bad type with a message naming the field. show_progress_on: the progress bar goes
+    # over the latency panel, so that it does not cover the previews forming in the gallery.
     generation = gr.on(triggers=[c.generate_btn.click, c.prompt.submit], fn=handlers.generate,
                        inputs=c.request_inputs(), outputs=[c.gallery, c.details, c.stats], preprocess=False,
-                       api_name="generate", concurrency_id="generate")
+                       api_name="generate", concurrency_id="generate", show_progress_on=[c.latency])
     caps = handlers.backend.capabilities()
 
     def latency_panel(details, stats):

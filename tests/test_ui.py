@@ -6,18 +6,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import threading
 
 import gradio as gr
 from PIL import Image
 
-from backend import GenerationRequest, InvalidRequest
+from backend import Capabilities, GenerationRequest, GenerationResult, InvalidRequest, Timings
 from backend.metadata import attach, parse_infotext, read_infotext, write_infotext
 from backend.stats import LatencyStats
 from ui.cancel import CancelRegistry
-from ui.handlers import REQUEST_DEFAULTS, Handlers
+from ui.handlers import GALLERY_LABEL, REQUEST_DEFAULTS, Handlers
 from ui.login_limit import LoginLimiter
 from ui.outputs import OutputStore
-from ui.panels import latency_markdown
+from ui.panels import latency_markdown, no_preview_note
 
 # --- OutputStore ------------------------------------------------------------------------------------
 
@@ -111,6 +112,37 @@ def test_latency_panel_adds_the_session_line():
     assert latency_markdown(None, stats).lstrip().startswith("**This session:** 3 request(s)")
 
 
+def test_latency_panel_sets_the_walkthrough_figure_beside_the_same_steps_and_precision():
+    details = {**DETAILS, "seeds": [1], "precision": "bf16", "steps": 20, "size": "512x512"}
+    stats = LatencyStats()
+    stats.add(900.0, 1)
+    text = latency_markdown(details, stats)
+    assert ("*AWS walk-through, same steps and precision (inf2.xlarge, SD2.1 512x512, bf16, 20 steps):* "
+            "**P95 908 ms**, 1.116 QPS, one image per request.") in text.splitlines()
+    assert text.splitlines()[-1].endswith("images/s (walk-through: 1.116 QPS)")
+
+
+def test_reference_line_says_what_differs_and_when_it_means_nothing():
+    tiny = Capabilities(backend="local", model="tiny", device="cpu", precisions=("fp32",), is_tiny=True)
+    details = {**DETAILS, "precision": "fp32", "steps": 30, "size": "256x256"}
+    line = latency_markdown(details, None, tiny).splitlines()[-1]
+    assert "fp32, 30 steps):* **P95 1517 ms**, 0.676 QPS" in line
+    assert "tiny random-weights one, so the comparison means nothing" in line
+    assert "this request is 256x256" in line and "made 2 images" in line
+    random = Capabilities(backend="local", model="sd21-random", device="cpu", precisions=("fp32",), is_tiny=True)
+    assert "means nothing" not in latency_markdown(details, None, random)  # the real architecture: it compares
+    other = latency_markdown({**DETAILS, "precision": "fp32", "steps": 25}, None).splitlines()[-1]
+    assert other == ("*AWS walk-through (inf2.xlarge, SD2.1 512x512):* no figure for fp32 at 25 steps; it measured "
+                     "20, 30, 50 steps at bf16 and fp32.")
+
+
+def test_no_preview_note_names_the_reason():
+    remote = Capabilities(backend="sagemaker", model="m", device="d", precisions=("bf16",))
+    assert "answers once per request" in no_preview_note(remote)
+    off = Capabilities(backend="local", model="m", device="cpu", precisions=("fp32",))
+    assert "--preview-every 0" in no_preview_note(off)
+
+
 # --- the generate handler: messages and log lines ---------------------------------------------------
 
 
@@ -128,15 +160,23 @@ class Broken:
     def __init__(self, error: Exception):
         self.error = error
 
-    def generate(self, request, on_step=None):
+    def capabilities(self):
+        return Capabilities(backend=self.name, model="none", device="cpu", precisions=("fp32",))
+
+    def generate(self, request, on_step=None, on_preview=None):
         raise self.error
 
 
 def run_generate(backend, tmp_path, **kwargs):
-    """Call the handler as Gradio would, without a server; the gr.Error it raises, or None."""
+    """Call the handler as Gradio would, without a server, to its end; the gr.Error it raises, or None."""
     handlers = Handlers(backend, OutputStore(tmp_path))
+
+    async def consume():
+        async for _ in handlers.generate(**kwargs):
+            pass
+
     try:
-        asyncio.run(handlers.generate(**kwargs))
+        asyncio.run(consume())
     except gr.Error as exc:
         return exc
     return None
@@ -218,3 +258,57 @@ def test_login_limiter_remembers_a_bounded_number_of_addresses():
         assert limiter.try_login(address) is None
     assert limiter.try_login("a") is None  # forgotten: the quietest went first
     assert limiter.try_login("c") is not None
+
+
+class Previewing:
+    """A backend that makes one preview, waits until the handler has yielded it, then finishes."""
+
+    name = "previewing"
+
+    def __init__(self, previews: bool = True):
+        self.previews = previews
+        self.shown = threading.Event()
+        self.asked_for_previews = None
+
+    def capabilities(self):
+        return Capabilities(backend=self.name, model="m", device="cpu", precisions=("fp32",), previews=self.previews)
+
+    def generate(self, request, on_step=None, on_preview=None):
+        self.asked_for_previews = on_preview is not None
+        if on_preview is not None:
+            on_preview(2, 4, [Image.new("RGB", (8, 8), "red")])
+            assert self.shown.wait(10), "the handler never yielded the preview"
+        image = attach(Image.new("RGB", (64, 64), "blue"), "a picture\nSteps: 4")
+        return GenerationResult(images=[image], seeds=[7], timings=Timings(total_ms=5.0), request=request,
+                                backend=self.name, model="m")
+
+
+def collect(handlers, backend, **kwargs):
+    """Every value the handler yields, as Gradio would receive them."""
+    async def run():
+        out = []
+        async for value in handlers.generate(**kwargs):
+            out.append(value)
+            backend.shown.set()
+        return out
+
+    return asyncio.run(run())
+
+
+def test_the_handler_yields_previews_then_the_images(tmp_path):
+    backend = Previewing()
+    handlers = Handlers(backend, OutputStore(tmp_path))
+    first, last = collect(handlers, backend, prompt="cat", steps=4)
+    gallery, details, stats = first
+    assert gallery["label"] == "Preview: step 2 of 4" and gallery["value"][0].size == (8, 8)
+    assert details is gr.skip() or details == gr.skip()
+    gallery, details, stats = last
+    assert gallery["label"] == GALLERY_LABEL and gallery["value"][0].endswith("7.png")
+    assert details["seeds"] == [7] and stats.summary().count == 1
+
+
+def test_no_previews_asked_when_the_client_or_the_backend_says_no(tmp_path):
+    for backend, kwargs in ((Previewing(), {"preview": False}), (Previewing(previews=False), {})):
+        handlers = Handlers(backend, OutputStore(tmp_path))
+        values = collect(handlers, backend, prompt="cat", steps=4, **kwargs)
+        assert len(values) == 1 and backend.asked_for_previews is False

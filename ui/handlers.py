@@ -3,6 +3,7 @@ error -> one message for the person and one line in the server log."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import functools
 import html
@@ -76,6 +77,42 @@ def user_error(exc: BaseException, request_id: str) -> gr.Error:
                  "Error")
 
 
+GALLERY_LABEL = "Images"
+
+
+class LatestPreview:
+    """Hands previews from the torch thread to the handler; one the handler has not shown yet is
+    replaced by a newer one (a slow browser sees fewer previews, never an old one late)."""
+
+    def __init__(self):
+        self._loop = asyncio.get_running_loop()
+        self._latest: tuple[int, int, list[Any]] | None = None
+        self._ready = asyncio.Event()
+        self.shown = 0
+
+    def put(self, step: int, total: int, images: list[Any]) -> None:
+        """Called on the torch thread after a preview step."""
+        self._loop.call_soon_threadsafe(self._set, (step, total, images))
+
+    def _set(self, item: tuple[int, int, list[Any]]) -> None:
+        self._latest = item
+        self._ready.set()
+
+    async def next_or(self, generation: asyncio.Future) -> tuple[int, int, list[Any]] | None:
+        """The newest preview not shown yet, or None once the generation has finished."""
+        waiter = asyncio.ensure_future(self._ready.wait())
+        try:
+            await asyncio.wait({waiter, generation}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+        if generation.done():
+            return None
+        self._ready.clear()
+        item, self._latest = self._latest, None
+        self.shown += 1
+        return item
+
+
 class Handlers:
     """generate and stop for one app: the backend, the output files and the Stop events they share."""
 
@@ -86,12 +123,14 @@ class Handlers:
         self._fallback_session = itertools.count()
 
     # The parameter names and defaults are the API's (/generate, called by keyword); None for precision,
-    # width and height is GenerationRequest's own "the backend's default".
+    # width and height is GenerationRequest's own "the backend's default". preview=False: no pictures
+    # while denoising (API clients and load tests that want only the result).
     async def generate(self, prompt, negative_prompt=None, steps=D["steps"], precision=D["precision"],
                        guidance_scale=D["guidance_scale"], seed=D["seed"], scheduler=D["scheduler"],
-                       width=D["width"], height=D["height"], num_images=D["num_images"], stats=None,
-                       request: gr.Request = None, progress=gr.Progress()):
-        """Generate images for a prompt; returns the PNG gallery and a JSON details object."""
+                       width=D["width"], height=D["height"], num_images=D["num_images"], preview=True,
+                       stats=None, request: gr.Request = None, progress=gr.Progress()):
+        """Generate images for a prompt: yields the gallery with pictures of the latents while denoising
+        (where the backend makes them), then the PNG gallery and a JSON details object."""
         request_id = new_request_id()
         session = getattr(request, "session_hash", None) or f"anon-{next(self._fallback_session)}"
         event = self.cancels.start(session)
@@ -101,6 +140,7 @@ class Handlers:
                 raise GenerationCancelled("stopped")
             progress((step, total), desc="Denoising", unit="steps")
 
+        previews = LatestPreview()
         started = time.perf_counter()
         try:
             req = GenerationRequest(
@@ -108,12 +148,22 @@ class Handlers:
                 seed=seed if seed not in (None, "") else D["seed"], scheduler=scheduler, precision=precision,
                 width=width, height=height, num_images=num_images,
             )
+            want_previews = preview is not False and self.backend.capabilities().previews
             # In a worker thread that Gradio abandons when it cancels this task (Stop, an API client's
             # job.cancel()): the event below then stops the backend at its next step, where a plain
             # sync function would hold the device until a generation nobody waits for was done.
-            result = await anyio.to_thread.run_sync(
-                functools.partial(self.backend.generate, req, on_step=on_step), abandon_on_cancel=True)
-        except anyio.get_cancelled_exc_class():
+            generation = asyncio.ensure_future(anyio.to_thread.run_sync(
+                functools.partial(self.backend.generate, req, on_step=on_step,
+                                  on_preview=previews.put if want_previews else None),
+                abandon_on_cancel=True))
+            try:
+                while (shown := await previews.next_or(generation)) is not None:
+                    step, total, images = shown
+                    yield gr.update(value=images, label=f"Preview: step {step} of {total}"), gr.skip(), gr.skip()
+                result = generation.result()
+            finally:
+                generation.cancel()  # a no-op once it is done; else (cancelled here) let the thread go
+        except (asyncio.CancelledError, anyio.get_cancelled_exc_class()):
             event.set()
             log.info("request %s cancelled by its client", request_id)
             raise
@@ -130,9 +180,9 @@ class Handlers:
             gr.Warning(as_text(warning))
         stats = stats if isinstance(stats, LatencyStats) else LatencyStats()
         stats.add(result.timings.total_ms, len(files))
-        log.info("request %s: generated %d image(s) in %.0f ms (backend %.0f ms)", request_id, len(files),
-                 (time.perf_counter() - started) * 1000.0, result.timings.total_ms)
-        return files, details, stats
+        log.info("request %s: generated %d image(s) in %.0f ms (backend %.0f ms, %d preview(s) shown)", request_id,
+                 len(files), (time.perf_counter() - started) * 1000.0, result.timings.total_ms, previews.shown)
+        yield gr.update(value=files, label=GALLERY_LABEL), details, stats
 
     def stop(self, request: gr.Request = None):
         """Stop this session's running generation."""

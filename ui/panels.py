@@ -86,3 +86,11 @@ def reference_line(details: dict[str, Any], reference: walkthrough.ReferenceRow 
     if len(details.get("seeds") or []) > 1:
         caveats.append(f"this request made {len(details['seeds'])} images")
     return text + (f" ({'; '.join(caveats)})." if caveats else ".")
+
+
+def no_preview_note(caps: Capabilities) -> str:
+    """Why the gallery stays empty while this backend denoises."""
+    if caps.backend == "sagemaker":
+        return ("*No live preview on this backend: the SageMaker endpoint answers once per request, so the "
+                "images appear when it has finished.*")
+    return "*Live preview is off (--preview-every 0): the images appear when they are finished.*"
