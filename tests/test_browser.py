@@ -60,7 +60,7 @@ def open_app(pg, url: str) -> None:
 def open_advanced(pg) -> None:
     """Unfold the Advanced accordion."""
     pg.get_by_text("Advanced", exact=True).click()
-    pg.get_by_label("number input for Steps").wait_for()
+    pg.get_by_label("number input for Width").wait_for()
 
 
 def set_slider(pg, label: str, value: int) -> None:
@@ -171,7 +171,7 @@ def test_type_a_prompt_press_enter_see_the_image_and_latency(page, tiny_app, tmp
 
 
 def test_advanced_controls_and_reuse_seed_reproduce_an_image(page, tiny_app, tmp_path):
-    """Steps, precision, size, count and seed from Advanced; then reuse the seed of image 2."""
+    """Steps, precision and count in sight, size and seed from Advanced; then reuse the seed of image 2."""
     open_app(page, tiny_app.url)
     open_advanced(page)
     small_settings(page, steps=3, size=128)
@@ -280,4 +280,51 @@ def test_tiny_model_banner(page, tiny_app):
     # The warning stands out: its amber background, not the page's.
     assert warning.evaluate("e => getComputedStyle(e).backgroundColor") == "rgb(254, 243, 199)"
     assert page.title() == "Stable Diffusion on AWS Inferentia2"
+    assert page.errors == []
+
+
+@pytest.mark.parametrize("viewport", [{"width": 1280, "height": 900}, {"width": 390, "height": 844}],
+                         ids=["desktop", "phone"])
+def test_steps_precision_and_generate_are_in_sight_without_opening_anything(browser, tiny_app, viewport, tmp_path):
+    context = browser.new_context(viewport=viewport)
+    pg = context.new_page()
+    try:
+        open_app(pg, tiny_app.url)
+        for control in (pg.get_by_label("range slider for Steps"), pg.get_by_label("Precision", exact=True),
+                        pg.get_by_label("range slider for Number of images"),
+                        pg.get_by_role("button", name="Generate")):
+            assert control.is_visible(), control
+        # Guidance, scheduler, size and seed stay folded in Advanced.
+        assert not pg.get_by_label("range slider for Guidance scale").is_visible()
+        assert not pg.get_by_label("Seed (-1: random)").is_visible()
+    finally:
+        screenshot(pg, tmp_path, f"headline-{viewport['width']}")
+        context.close()
+
+
+def test_an_image_forms_while_it_denoises_and_the_walkthrough_figure_is_beside_it(page, tiny_app, tmp_path):
+    """30 steps at 512x512: previews of the latents in the gallery before the image, then the walk-through's
+    P95 for fp32 at 30 steps in the latency panel."""
+    open_app(page, tiny_app.url)
+    set_slider(page, "Steps", 30)
+    page.get_by_label("Prompt", exact=True).fill("a lovely cat")
+    before = session_count(page)
+    page.get_by_role("button", name="Generate").click()
+    # A preview: the gallery's label says which step, and its picture is at latent size (512 / 8).
+    label = page.get_by_text(re.compile(r"Preview: step \d+ of 30"))
+    label.wait_for(timeout=120_000)
+    page.wait_for_function("() => { const i = document.querySelector('button.thumbnail-item.thumbnail-lg img');"
+                           " return i && i.complete && i.naturalWidth === 64; }", timeout=60_000)
+    shot = screenshot(page, tmp_path, "preview")
+    assert session_count(page) == before, "the preview came after the image"
+    if os.environ.get("SD_UPDATE_SCREENSHOT") == "1":
+        shutil.copy(shot, ROOT / "docs" / "screenshot-preview.png")
+
+    panel = wait_for_result(page, before)
+    assert page.get_by_text("Images", exact=True).first.is_visible()
+    size = page.eval_on_selector("button.thumbnail-item.thumbnail-lg img", "e => [e.naturalWidth, e.naturalHeight]")
+    assert size == [512, 512]
+    assert ("AWS walk-through, same steps and precision (inf2.xlarge, SD2.1 512x512, fp32, 30 steps): "
+            "P95 1517 ms, 0.676 QPS") in panel, panel
+    assert "comparison means nothing" in panel  # the tiny model
     assert page.errors == []

@@ -23,7 +23,8 @@ CSS = """
 #banner {border-radius: 8px; padding: 10px 14px; background: var(--block-background-fill);}
 #tiny-warning {border: 2px solid #d97706; background: #fef3c7; color: #78350f; border-radius: 8px;
                padding: 10px 14px; font-weight: 600;}
-#latency {font-variant-numeric: tabular-nums;}
+/* min-height: the progress bar shows over the latency panel (app.wire_generate), with its text. */
+#latency {font-variant-numeric: tabular-nums; min-height: 90px;}
 """
 _LAUNCH = inspect.signature(gr.Blocks.launch)
 
