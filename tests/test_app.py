@@ -7,15 +7,15 @@ from gradio_client import Client
 from gradio_client.exceptions import AppError
 
 from backend.metadata import parse_infotext, read_infotext
-from conftest import run_app
+from helpers import run_app
 
 FAST = dict(steps=3, width=128, height=128)
 
 
 @pytest.fixture(scope="module")
 def app_url(tiny_dir, tmp_path_factory):
-    with run_app(["--model", str(tiny_dir), "--max-queue", "2"], tmp_path_factory.mktemp("app")) as url:
-        yield url
+    with run_app(["--model", str(tiny_dir), "--max-queue", "2"], tmp_path_factory.mktemp("app")) as app:
+        yield app.url
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +119,8 @@ def test_default_launch_offline_says_it_runs_the_tiny_model(tmp_path):
     import json
     import urllib.request
 
-    with run_app([], tmp_path, env={"HF_HUB_OFFLINE": "1"}) as url:
+    with run_app([], tmp_path, env={"HF_HUB_OFFLINE": "1"}) as app:
+        url = app.url
         config = json.loads(urllib.request.urlopen(url + "config", timeout=10).read())
         banner = " ".join(str(c.get("props", {}).get("value", "")) for c in config["components"])
         assert "tiny-warning" in banner and "not Stable Diffusion 2.1" in banner and "--model" in banner
@@ -133,7 +134,7 @@ def test_demo_is_importable_for_spaces(tmp_path):
     import subprocess
     import sys
 
-    from conftest import ROOT
+    from helpers import ROOT
 
     code = "import app, gradio; d = app.demo; assert isinstance(d, gradio.Blocks); print('ok', d.title)"
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,

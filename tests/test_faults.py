@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, free_port, launch_app, run_process
+from helpers import ROOT, free_port, run_app, run_process
 
 pytest.importorskip("boto3")
 NAME = "sd-faults"
@@ -84,7 +84,7 @@ def app_args(url: str) -> list[str]:
 @pytest.fixture(scope="module")
 def direct_app(endpoint, tmp_path_factory):
     """The app calling the endpoint directly, with a 4 s read timeout."""
-    with launch_app(app_args(endpoint.url), tmp_path_factory.mktemp("direct-app"),
+    with run_app(app_args(endpoint.url), tmp_path_factory.mktemp("direct-app"),
                     env={**AWS_ENV, "SD_READ_TIMEOUT": "4"}) as app:
         yield app
 
@@ -285,7 +285,7 @@ def proxy(endpoint):
 @pytest.fixture(scope="module")
 def proxied_app(proxy, tmp_path_factory):
     """The app calling the endpoint through the proxy, with a 10 s read timeout."""
-    with launch_app(app_args(proxy.url), tmp_path_factory.mktemp("proxied-app"),
+    with run_app(app_args(proxy.url), tmp_path_factory.mktemp("proxied-app"),
                     env={**AWS_ENV, "SD_READ_TIMEOUT": "10"}) as app:
         yield app
 
@@ -319,7 +319,7 @@ def test_a_held_request_does_not_hold_the_others(proxy, proxied_app, tmp_path):
 def test_credentials_in_the_endpoint_url_are_never_shown(endpoint, proxy, tmp_path):
     """--endpoint-url http://user:secret@host: no message a user sees carries the secret."""
     url = proxy.url.replace("http://", "http://operator:hunter2-s3cret@")
-    with launch_app(app_args(url), tmp_path, env={**AWS_ENV, "SD_READ_TIMEOUT": "10"}) as app:
+    with run_app(app_args(url), tmp_path, env={**AWS_ENV, "SD_READ_TIMEOUT": "10"}) as app:
         client = client_of(app, tmp_path)
         for fault in ("drop", "html-502"):
             proxy.faults.append(fault)

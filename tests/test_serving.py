@@ -17,7 +17,7 @@ from PIL import Image
 
 from backend import BackendUnavailable, GenerationFailed, protocol
 from backend.metadata import parse_infotext, read_infotext
-from conftest import free_port, run_process
+from helpers import free_port, run_process
 from serving.handler import Handler, choose_answer_type
 
 JSON_HEADERS = {"Content-Type": "application/json"}
