@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import re
+import sys
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
@@ -55,6 +56,14 @@ class EndpointServer(ThreadingHTTPServer):
         self.handler = handler
         self.endpoint_name = endpoint_name
         self.region = region
+
+    def handle_error(self, request, client_address) -> None:
+        """A client that left before its answer is one log line; anything else keeps its traceback."""
+        error = sys.exc_info()[1]
+        if isinstance(error, ConnectionError):
+            log.info("%s:%s left before its answer was sent (%s)", *client_address[:2], type(error).__name__)
+        else:
+            log.exception("unexpected error on the connection from %s:%s", *client_address[:2])
 
     @property
     def url(self) -> str:
