@@ -8,6 +8,10 @@ lives in backend/protocol.py, shared with the client (backend/sagemaker.py).
 Under TorchServe one worker hands this handler one request at a time, and requests wait in
 TorchServe's own bounded queue (compile_scripts/container.py); the queue here bounds the
 concurrent requests of serving/server.py.
+
+Each request is parsed (`parse`: everything a bad request can be refused for, before it queues),
+run (`Handler._run`: its turn, then the backend) and encoded (`encode`); an error at any step becomes
+an answer in `error_answer`, its kind and HTTP status from backend/protocol.py's one table, ERRORS.
 """
 
 from __future__ import annotations
@@ -94,7 +98,8 @@ class Handler:
         return cls(create_backend(settings), **kwargs)
 
     def handle(self, body: bytes | bytearray | None, headers: Mapping[str, str]) -> Response:
-        """Answer one invocation; never raises. Each answer is logged as one line under a short request id."""
+        """Answer one invocation; never raises. A generation (its start and its answer) and an error are logged
+        under a short request id; a describe is not logged."""
         started = time.perf_counter()
         request_id = uuid.uuid4().hex[:8]
         try:

@@ -379,6 +379,23 @@ def test_accepted_connections_have_nagle_off(handler, monkeypatch):
     assert len(nodelay) == 2 and all(nodelay), nodelay
 
 
+def test_a_client_that_left_is_one_log_line_and_other_connection_errors_keep_their_traceback(handler, caplog):
+    server = endpoint_server.EndpointServer(("127.0.0.1", 0), handler)
+    try:
+        with caplog.at_level(logging.INFO, logger="serving.server"):
+            for error in (BrokenPipeError(32, "Broken pipe"), ValueError("bug")):
+                try:
+                    raise error
+                except Exception:  # noqa: BLE001 - as socketserver calls handle_error
+                    server.handle_error(None, ("127.0.0.1", 5555))
+    finally:
+        server.server_close()
+    left, bug = [r for r in caplog.records if r.name == "serving.server"]
+    assert left.getMessage() == "127.0.0.1:5555 left before its answer was sent (BrokenPipeError)"
+    assert left.levelno == logging.INFO and left.exc_info is None
+    assert bug.levelno == logging.ERROR and bug.exc_info[0] is ValueError
+
+
 def test_container_route_answers_raw_statuses_and_keeps_connections_alive(server):
     conn = http.client.HTTPConnection(server.removeprefix("http://"), timeout=30)
     conn.request("GET", "/ping")
