@@ -130,7 +130,8 @@ def installed(name: str) -> str | None:
 def check_packages(target: str | None) -> list[Finding]:
     """torch, torch-neuronx, neuronx-cc and numpy against the supported stack (Neuron parts only)."""
     if target != "neuron":
-        return [Finding("ok", f"packages: CPU parts need only this project's requirements (torch {installed('torch')}); "
+        return [Finding("ok", f"packages: CPU parts need only this project's requirements "
+                                f"(torch {installed('torch')}); "
                         f"Neuron parts need {neuron_stack.describe()}")]
     findings = []
     install = "pip install -r requirements-neuron.txt in a fresh virtual environment (docs/neuron.md)"
@@ -139,7 +140,8 @@ def check_packages(target: str | None) -> list[Finding]:
         if have == pinned:
             findings.append(Finding("ok", f"{name} {have} (Neuron SDK {neuron_stack.NEURON_SDK})"))
         elif have is None:
-            findings.append(Finding("error", f"{name} is not installed; the supported stack has {name} {pinned}", install))
+            findings.append(Finding("error", f"{name} is not installed; the supported stack has {name} {pinned}",
+                                    install))
         elif name in ("torch", "torch-neuronx") and neuron_stack.torch_line(have) != neuron_stack.torch_line(pinned):
             findings.append(Finding("error", f"{name} {have} is of the torch {neuron_stack.torch_line(have)} line; the "
                             f"supported stack has {name} {pinned} (torch {neuron_stack.torch_line(pinned)})", install))
@@ -158,7 +160,8 @@ def check_neuron_cores(env: dict[str, str] | None = None) -> list[Finding]:
 
     devices = neuron_devices()
     if not devices:
-        return [Finding("error", "no Neuron device (/dev/neuron*) on this machine, and the parts were compiled for Neuron",
+        return [Finding("error", "no Neuron device (/dev/neuron*) on this machine, and the parts were compiled "
+                                 "for Neuron",
                         "Run on an inf2 instance with the Neuron driver (aws-neuronx-dkms, docs/neuron.md); in a "
                         "container, pass the device: docker run --device=/dev/neuron0 ...")]
     env = os.environ if env is None else env
@@ -168,9 +171,11 @@ def check_neuron_cores(env: dict[str, str] | None = None) -> list[Finding]:
         return [Finding("error", f"NEURON_RT_VISIBLE_CORES={env.get('NEURON_RT_VISIBLE_CORES')!r} or "
                         f"NEURON_RT_NUM_CORES={env.get('NEURON_RT_NUM_CORES')!r} is not a core list",
                         "Set NEURON_RT_VISIBLE_CORES to a range or list such as 0-1 or 0,1 (or unset it).")]
-    what = f"{len(devices)} Neuron device(s) ({', '.join(d.name for d in devices)}); the UNet runs on NeuronCores {cores}"
+    names = ", ".join(d.name for d in devices)
+    what = f"{len(devices)} Neuron device(s) ({names}); the UNet runs on NeuronCores {cores}"
     if len(cores) < 2:
-        return [Finding("warning", what + ": one core, so classifier-free guidance's two samples run one after the other",
+        return [Finding("warning", what + ": one core, so classifier-free guidance's two samples run one after "
+                                   "the other",
                         "Let the process see two cores (NEURON_RT_VISIBLE_CORES=0-1) to run them side by side.")]
     return [Finding("ok", what)]
 
@@ -184,8 +189,10 @@ def check_memory() -> list[Finding]:
     if memory < MIN_UNET_MEMORY_GB:
         return [Finding("warning", f"host memory {memory:.0f} GB: enough to serve, not to compile the SD2.1 UNet "
                         f"(about {MIN_UNET_MEMORY_GB} GB)",
-                        "Compile on inf2.8xlarge (128 GB) or a CPU instance with 64 GB or more, then copy the root here.")]
-    return [Finding("ok", f"host memory {memory:.0f} GB (compiling the SD2.1 UNet needs about {MIN_UNET_MEMORY_GB} GB)")]
+                        "Compile on inf2.8xlarge (128 GB) or a CPU instance with 64 GB or more, then copy the "
+                        "root here.")]
+    return [Finding("ok", f"host memory {memory:.0f} GB (compiling the SD2.1 UNet needs about "
+                          f"{MIN_UNET_MEMORY_GB} GB)")]
 
 
 # --- the parts -----------------------------------------------------------------------------------
@@ -214,7 +221,8 @@ def check_parts(root: Path, art) -> list[Finding]:
             try:
                 weights = archive.weight_dtype(path)
             except Exception as exc:  # noqa: BLE001 - a damaged pickle: say which file
-                findings.append(Finding("error", f"{where}: its pickles cannot be read ({exc.__class__.__name__})", fix))
+                findings.append(Finding("error", f"{where}: its pickles cannot be read ({exc.__class__.__name__})",
+                                        fix))
                 continue
             recorded = art.part_dtype(part)
             if weights is not None and dtype_name(weights) != recorded:
@@ -255,7 +263,8 @@ def smoke_generation(root: Path) -> list[Finding]:
                 continue
             t = result.timings
             width, height = result.images[0].size
-            findings.append(Finding("ok", f"smoke generation {precision}, {width}x{height}, 1 step: {t.total_ms:.0f} ms "
+            findings.append(Finding("ok", f"smoke generation {precision}, {width}x{height}, 1 step: "
+                                    f"{t.total_ms:.0f} ms "
                                     f"(text encoder {t.text_encoder_ms:.0f} ms, UNet {t.denoise_ms:.0f} ms, "
                                     f"VAE decode {t.vae_ms:.0f} ms)"))
     finally:

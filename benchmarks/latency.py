@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             with tqdm(total=total, desc=f"{caps.backend}/{optimize}", unit="req", file=sys.stderr) as bar:
                 for precision in precisions:
                     for steps in steps_list:
-                        def generate(i: int, steps=steps, precision=precision) -> None:
+                        def generate(i: int, steps=steps, precision=precision, backend=backend) -> None:
                             backend.generate(GenerationRequest(
                                 args.prompt, steps=steps, precision=precision, guidance_scale=args.guidance_scale,
                                 seed=1000 + i, width=args.width, height=args.height, num_images=args.num_images))

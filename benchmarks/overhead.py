@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=STEPS, help=f"denoising steps (default {STEPS})")
     parser.add_argument("--size", type=int, default=SIZE, help=f"width and height (default {SIZE})")
     parser.add_argument("--pause", type=float, default=0.2,
-                        help="seconds between two calls, so one path's trailing work is not timed in the next (default 0.2)")
+                        help="seconds between two calls, so one path's trailing work is not timed in the next "
+                             "(default 0.2)")
     parser.add_argument("--json", help="also write the raw figures here")
     parser.add_argument("--markdown", help="also write the Markdown table here")
     args = parser.parse_args(argv)

@@ -141,7 +141,8 @@ class Deployer:
         model_data = self.upload(plan)
         environment = plan.environment()
         model = f"{plan.name}-m-{short_hash(image, model_data, plan.role, sorted(environment.items()))}"
-        config = f"{plan.name}-c-{short_hash(model, plan.instance_type, plan.min_instances, plan.volume_gb, plan.startup_timeout_s)}"
+        config_hash = short_hash(model, plan.instance_type, plan.min_instances, plan.volume_gb, plan.startup_timeout_s)
+        config = f"{plan.name}-c-{config_hash}"
         self._ensure_model(model, image, model_data, environment, plan)
         self._ensure_config(config, model, plan)
         endpoint = self._endpoint(plan.name)

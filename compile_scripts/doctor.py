@@ -46,9 +46,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"          -> {finding.fix}")
     errors = sum(f.level == "error" for f in findings)
     warnings = sum(f.level == "warning" for f in findings)
-    print(f"{errors} error(s), {warnings} warning(s): "
-          + ("this root cannot be served here as it is." if errors else f"serve it with: python app.py --backend neuron "
-             f"--artifacts {args.artifacts}"))
+    advice = ("this root cannot be served here as it is." if errors
+              else f"serve it with: python app.py --backend neuron --artifacts {args.artifacts}")
+    print(f"{errors} error(s), {warnings} warning(s): {advice}")
     return 1 if failed(findings) else 0
 
 

@@ -175,8 +175,8 @@ def main(argv: list[str] | None = None) -> int:
                              "instance's GPU or CPU)")
     parser.add_argument("--model", help="local backend: diffusers folder inside the archive, Hub id or 'tiny'")
     parser.add_argument("--png-level", type=int, default=DEFAULT_PNG_LEVEL, choices=range(10), metavar="0-9",
-                        help=f"zlib level of the PNGs the endpoint answers (default {DEFAULT_PNG_LEVEL}: ~30 ms more "
-                             f"per 512x512 image than 0, ~40%% smaller for real images, which wins across the internet)")
+                        help=f"zlib level of the PNGs the endpoint answers (default {DEFAULT_PNG_LEVEL}: slower to "
+                             f"encode than 0 but smaller, which wins across the internet; docs/benchmarks.md)")
     parser.add_argument("--requirements", type=Path,
                         help="requirements.txt for the endpoint instead of the pins taken from this project's")
     parser.add_argument("--compress-level", type=int, default=6, choices=range(10), metavar="0-9",

@@ -54,7 +54,8 @@ def test_bad_input_names_the_field(changes, field, words):
 
 
 def test_defaults_and_normalization():
-    r = GenerationRequest("cat", steps="30", seed="7", scheduler="Euler a", width=None, guidance_scale="5").validated(CAPS)
+    r = GenerationRequest("cat", steps="30", seed="7", scheduler="Euler a", width=None,
+                          guidance_scale="5").validated(CAPS)
     assert (r.steps, r.seed, r.scheduler, r.precision, r.width, r.height, r.guidance_scale) == (
         30, 7, "euler-a", "fp32", 512, 512, 5.0)
     assert GenerationRequest("cat", steps=20.0).validated(CAPS).steps == 20

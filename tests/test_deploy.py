@@ -49,7 +49,8 @@ def test_archive_is_reproducible_and_holds_what_the_toolkit_needs(tmp_path):
     assert sorted(pins) == sorted(line for line in project if line.split("==")[0] in package.ENDPOINT_PACKAGES)
     assert len(pins) == len(package.ENDPOINT_PACKAGES)
     # The image's own builds for its Neuron SDK must never be replaced.
-    assert not [line for line in pins if line.split("==")[0].lower() in ("torch", "torch-neuronx", "neuronx-cc", "numpy")]
+    stack = ("torch", "torch-neuronx", "neuronx-cc", "numpy")
+    assert not [line for line in pins if line.split("==")[0].lower() in stack]
 
 
 def test_archive_with_a_compiled_root_holds_plain_files_beside_the_code(tmp_path, tiny_dir):
@@ -302,7 +303,8 @@ def test_no_wait_returns_while_creating_and_help_names_the_image(aws, clients, a
     ("cn-north-1", "727897471807.dkr.ecr.cn-north-1.amazonaws.com.cn/"),
 ])
 def test_the_image_comes_from_the_regions_dlc_account(region, image):
-    assert container.default_image(region) == image + "pytorch-inference-neuronx:2.9.0-neuronx-py312-sdk2.31.1-ubuntu24.04"
+    tag = "pytorch-inference-neuronx:2.9.0-neuronx-py312-sdk2.31.1-ubuntu24.04"
+    assert container.default_image(region) == image + tag
 
 
 def test_a_region_without_a_known_account_asks_for_image_uri(aws, clients, archive, capsys):

@@ -126,7 +126,8 @@ def test_neuron_parts_on_a_machine_without_the_stack(compiled_root, tmp_path, mo
     monkeypatch.setattr(preflight, "installed", lambda name: {"torch": "2.13.0", "numpy": "2.4.6"}.get(name))
     findings = preflight.check(root)
     errors = _errors(findings)
-    assert any(e.startswith("torch 2.13.0 is of the torch 2.13 line") and "requirements-neuron.txt" in e for e in errors)
+    assert any(e.startswith("torch 2.13.0 is of the torch 2.13 line") and "requirements-neuron.txt" in e
+               for e in errors)
     assert any(e.startswith("torch-neuronx is not installed") for e in errors)
     assert any("no Neuron device" in e and "--device=/dev/neuron0" in e for e in errors)
     assert any(f.level == "warning" and f.what.startswith("numpy 2.4.6") for f in findings)

@@ -65,7 +65,8 @@ def test_unknown_keys_are_refused_by_name(payload, names):
     ({"prompt": "cat", "parameters": "fast"}, "parameters: must be a JSON object, not the string 'fast'"),
     ({"prompt": "cat", "parameters": {"num_inference_steps": "20"}},
      "parameters.num_inference_steps: must be a number, not the string '20'"),
-    ({"prompt": "cat", "parameters": {"guidance_scale": True}}, "parameters.guidance_scale: must be a number, not a boolean"),
+    ({"prompt": "cat", "parameters": {"guidance_scale": True}},
+     "parameters.guidance_scale: must be a number, not a boolean"),
     ({"prompt": "cat", "parameters": {"scheduler": 1}}, "parameters.scheduler: must be a string, not the number 1"),
 ])
 def test_fields_of_the_wrong_type_are_refused(payload, expected):

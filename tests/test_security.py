@@ -135,6 +135,66 @@ def test_browser_shows_the_login_form_first(auth_app, browser, tmp_path):
         context.close()
 
 
+def login(http: httpx.Client, password: str, address: str) -> httpx.Response:
+    """POST /login as a client at `address`: uvicorn takes X-Forwarded-For from 127.0.0.1 (a trusted proxy)."""
+    return http.post("/login", data={"username": USER, "password": password}, headers={"X-Forwarded-For": address})
+
+
+def test_failed_logins_are_limited_per_address(auth_app):
+    """The app as started: after 5 failed logins one address is refused (429) without a password check."""
+    with httpx.Client(base_url=auth_app.url, timeout=60) as http:
+        for _ in range(5):
+            assert login(http, "guess", "203.0.113.7").status_code == 400
+        refused = login(http, PASSWORD, "203.0.113.7")  # the right password no longer helps
+        assert refused.status_code == 429 and int(refused.headers["Retry-After"]) > 0
+        assert "Too many failed logins; try again in" in refused.json()["detail"]
+        assert login(http, PASSWORD, "203.0.113.8").status_code == 200  # another address logs in
+    assert "login from 203.0.113.7 refused: 5 failed logins within 300 s" in auth_app.log()
+
+
+@pytest.fixture
+def limited_app():
+    """A DemoBlocks behind auth, launched in this process with a clock the test moves."""
+    import gradio as gr
+
+    from ui.blocks import DemoBlocks
+    from ui.login_limit import LoginLimiter
+
+    class Clock:
+        now = 1000.0
+
+        def __call__(self):
+            return self.now
+
+    clock = Clock()
+    with DemoBlocks(auth=(USER, PASSWORD), login_limiter=LoginLimiter(clock=clock), analytics_enabled=False) as demo:
+        gr.Markdown("behind the login")
+    port = free_port()
+    demo.launch(server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        yield f"http://127.0.0.1:{port}/", clock
+    finally:
+        demo.close()
+
+
+def test_login_limit_window_passes_and_a_success_clears_it(limited_app):
+    url, clock = limited_app
+    a, b = "198.51.100.1", "198.51.100.2"
+    with httpx.Client(base_url=url, timeout=60) as http:
+        for _ in range(4):
+            assert login(http, "guess", a).status_code == 400
+        assert login(http, PASSWORD, a).status_code == 200  # a success forgets the four
+        for _ in range(5):
+            assert login(http, "guess", a).status_code == 400
+        clock.now += 299
+        refused = login(http, "guess", a)
+        assert refused.status_code == 429 and refused.headers["Retry-After"] == "1"
+        assert refused.json() == {"detail": "Too many failed logins; try again in 1 s."}
+        assert login(http, PASSWORD, b).status_code == 200 and login(http, "guess", b).status_code == 400
+        clock.now += 1  # the window has passed
+        assert login(http, PASSWORD, a).status_code == 200
+
+
 # --- HTML in prompts ------------------------------------------------------------------------------
 
 PAYLOAD = ('<img src=x onerror="window.__xss=1"><script>window.__xss=2</script>'

@@ -1,0 +1,54 @@
+"""Live preview: the latents of a running generation as a small picture, without the VAE.
+
+Stable Diffusion's 4 latent channels are close to a linear function of the colour they decode to,
+so one 4-by-3 matrix turns a latent pixel into an RGB one. That costs a few microseconds per image
+on any device (the VAE decoder costs as much as several UNet steps), which is why SD UIs use it for
+their step-by-step previews. The picture is at latent resolution (1/8 of the image's side); the
+browser scales it up.
+
+The coefficients are ComfyUI's `latent_rgb_factors` of its SD15 latent format (comfy/latent_formats.py),
+which ComfyUI also uses for SD2.x models (comfy/supported_models.py, class SD20: latent_format =
+latent_formats.SD15): SD2.x kept SD1's KL-f8 autoencoder and its latent space (scaling factor 0.18215).
+They apply to latents in the UNet's space (scaled by that factor), which is what a diffusers pipeline
+holds between steps; the result maps [-1, 1] to [0, 255] as the decoder's output does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+LATENT_CHANNELS = 4
+# Rows: latent channels 0-3; columns: R, G, B.
+LATENT_RGB_FACTORS = (
+    (0.3512, 0.2297, 0.3227),
+    (0.3250, 0.4974, 0.2350),
+    (-0.2829, 0.1762, 0.2721),
+    (-0.2120, -0.2616, -0.7177),
+)
+
+
+def latents_to_rgb(latents: Any, noise_scale: float = 1.0) -> Any:
+    """(batch, 4, h, w) latents -> (batch, h, w, 3) uint8 pixels, as a numpy array.
+
+    noise_scale: what the scheduler multiplied its latents by (its current sqrt(sigma^2 + 1) for
+    Euler-style schedulers, whose latents start at ~14.6 times the unit scale; 1 for the others):
+    dividing by it brings them back to the range the coefficients are for.
+    """
+    import torch
+
+    if latents.ndim != 4 or latents.shape[1] != LATENT_CHANNELS:
+        raise ValueError(f"latent preview: expected (batch, {LATENT_CHANNELS}, h, w) latents, got "
+                         f"{tuple(latents.shape)}")
+    factors = torch.tensor(LATENT_RGB_FACTORS, dtype=torch.float32)
+    with torch.inference_mode():
+        x = latents.detach().to("cpu", torch.float32) / noise_scale
+        rgb = torch.einsum("bchw,cr->bhwr", x, factors)
+        pixels = ((rgb + 1.0) * 127.5).clamp(0, 255).round().to(torch.uint8)
+    return pixels.numpy()
+
+
+def preview_images(latents: Any, noise_scale: float = 1.0) -> list[Any]:
+    """One small PIL image per latent in the batch."""
+    from PIL import Image
+
+    return [Image.fromarray(array, "RGB") for array in latents_to_rgb(latents, noise_scale)]

@@ -1,0 +1,220 @@
+"""The app's parts in this process, no server and no model: output files, Stop events, the latency
+panel, what a request's errors write to the log. Milliseconds each."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+
+import gradio as gr
+from PIL import Image
+
+from backend import GenerationRequest, InvalidRequest
+from backend.metadata import attach, parse_infotext, read_infotext, write_infotext
+from backend.stats import LatencyStats
+from ui.cancel import CancelRegistry
+from ui.handlers import REQUEST_DEFAULTS, Handlers
+from ui.login_limit import LoginLimiter
+from ui.outputs import OutputStore
+from ui.panels import latency_markdown
+
+# --- OutputStore ------------------------------------------------------------------------------------
+
+
+def an_image(seed: int) -> Image.Image:
+    image = Image.new("RGB", (8, 8), (seed % 256, 0, 0))
+    return attach(image, write_infotext(f"prompt {seed}", "", {"Steps": 3, "Seed": seed, "Size": "8x8"}))
+
+
+def test_output_store_keeps_the_newest_files_only(tmp_path):
+    store = OutputStore(tmp_path, max_files=3)
+    paths = [store.save(an_image(seed), seed) for seed in range(5)]
+    on_disk = sorted(str(p) for p in store.root.rglob("*.png"))
+    assert on_disk == sorted(paths[2:])  # the two oldest went, with their folders
+    assert len(list(store.root.iterdir())) == 3
+
+
+def test_output_store_pngs_keep_their_infotext(tmp_path):
+    store = OutputStore(tmp_path, png_level=6)
+    path = store.save(an_image(42), 42)
+    assert path.endswith("/42.png") and path.startswith(str(tmp_path.resolve()))
+    info = parse_infotext(read_infotext(path))
+    assert info["prompt"] == "prompt 42" and info["params"]["Seed"] == "42"
+    with Image.open(path) as img:
+        assert img.format == "PNG" and img.size == (8, 8) and img.getpixel((0, 0)) == (42, 0, 0)
+
+
+def test_output_store_close_removes_everything(tmp_path):
+    store = OutputStore(tmp_path)
+    for seed in range(3):
+        store.save(an_image(seed), seed)
+    store.close()
+    assert not store.root.exists() and tmp_path.exists()
+
+
+# --- CancelRegistry ---------------------------------------------------------------------------------
+
+
+def test_stop_sets_the_running_generations_event():
+    cancels = CancelRegistry()
+    event = cancels.start("s1")
+    other = cancels.start("s2")
+    assert cancels.stop("s1") is True
+    assert event.is_set() and not other.is_set()
+    cancels.finish("s1", event)
+    assert cancels.stop("s1") is False  # nothing runs for s1 any more
+
+
+def test_finish_of_an_older_generation_keeps_the_newer_event():
+    cancels = CancelRegistry()
+    old = cancels.start("s")
+    new = cancels.start("s")  # the same session started again before the old one finished
+    cancels.finish("s", old)
+    assert cancels.stop("s") is True
+    assert new.is_set() and not old.is_set()
+
+
+# --- latency panel ----------------------------------------------------------------------------------
+
+DETAILS = {"seeds": [1, 2], "app_ms": 3.25, "timings": {
+    "total_ms": 1234.4, "text_encoder_ms": 10.04, "denoise_ms": 1200.0, "step_ms": [400.0, 400.0, 400.0],
+    "vae_ms": 24.36}}
+
+
+def test_latency_panel_before_the_first_generation():
+    assert latency_markdown(None, None) == "Latency appears here after the first generation."
+    assert latency_markdown({}, LatencyStats()) == "Latency appears here after the first generation."
+
+
+def test_latency_panel_lists_the_stages_of_a_local_request():
+    text = latency_markdown(DETAILS, None)
+    assert text.startswith("**This request: 1234 ms** for 2 image(s)")
+    for row in ("| text encoder | 10.0 |", "| denoising (3 steps, 400.0 ms/step) | 1200.0 |", "| VAE decode | 24.4 |",
+                "| app (PNG files) | 3.2 |"):
+        assert row in text.splitlines(), text
+    assert "endpoint" not in text and "network" not in text and "This session" not in text
+
+
+def test_latency_panel_of_a_remote_request_splits_server_and_network():
+    details = {**DETAILS, "timings": {**DETAILS["timings"], "server_ms": 1000.0, "network_ms": 234.4}}
+    lines = latency_markdown(details, None).splitlines()
+    assert "| endpoint (server time) | 1000.0 |" in lines and "| network + queue | 234.4 |" in lines
+
+
+def test_latency_panel_adds_the_session_line():
+    stats = LatencyStats()
+    for ms in (1000.0, 2000.0, 3000.0):
+        stats.add(ms, 2)
+    text = latency_markdown(DETAILS, stats)
+    assert text.splitlines()[-1].startswith("**This session:** 3 request(s), P50 2000 ms, P95 2900 ms, ")
+    assert latency_markdown(None, stats).lstrip().startswith("**This session:** 3 request(s)")
+
+
+# --- the generate handler: messages and log lines ---------------------------------------------------
+
+
+def test_controls_and_api_defaults_are_the_requests_own():
+    assert REQUEST_DEFAULTS == {"negative_prompt": "", "steps": 20, "guidance_scale": 7.5, "seed": -1,
+                                "scheduler": GenerationRequest.scheduler, "precision": None, "width": None,
+                                "height": None, "num_images": 1}
+
+
+class Broken:
+    """A stand-in for a backend with a bug (nothing real breaks on demand): generate raises what it is given."""
+
+    name = "broken"
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+    def generate(self, request, on_step=None):
+        raise self.error
+
+
+def run_generate(backend, tmp_path, **kwargs):
+    """Call the handler as Gradio would, without a server; the gr.Error it raises, or None."""
+    handlers = Handlers(backend, OutputStore(tmp_path))
+    try:
+        asyncio.run(handlers.generate(**kwargs))
+    except gr.Error as exc:
+        return exc
+    return None
+
+
+def app_records(caplog):
+    return [r for r in caplog.records if r.name == "app"]
+
+
+def test_bad_input_is_one_log_line_naming_the_field(tmp_path, caplog):
+    """(test_app checks the same in a real app's log, with the real backend's InvalidRequest.)"""
+    caplog.set_level(logging.INFO, logger="app")
+    error = run_generate(Broken(InvalidRequest("steps: 0 is out of range; 1-100 are allowed.", "steps")), tmp_path,
+                         prompt="cat", steps=0)
+    assert error is not None and error.title == "Check the request" and error.message.startswith("steps: 0 is out")
+    assert error.print_exception is False  # Gradio prints no traceback of its own for it
+    [record] = app_records(caplog)
+    assert record.levelno == logging.INFO and record.exc_info is None
+    assert re.fullmatch(r"request [0-9a-f]{8} refused: invalid steps: 'steps: 0 is out of range.*'",
+                        record.getMessage()), record.getMessage()
+
+
+def test_unexpected_error_keeps_its_traceback_under_the_id_the_user_sees(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="app")
+    error = run_generate(Broken(KeyError("a bug")), tmp_path, prompt="cat")
+    found = re.search(r"it is in the server log as request ([0-9a-f]{8})\. Try again\.", error.message)
+    assert found and error.title == "Error" and "a bug" not in error.message, error.message
+    [record] = app_records(caplog)
+    assert record.levelno == logging.ERROR and record.getMessage() == f"request {found[1]}: unexpected error"
+    assert "Traceback" in caplog.text and "KeyError: 'a bug'" in caplog.text
+
+
+def test_settings_have_no_literal_defaults_in_the_app():
+    """The controls start at GenerationRequest's values: the scheduler's name is written nowhere in app.py."""
+    from helpers import ROOT
+
+    assert GenerationRequest.scheduler not in (ROOT / "app.py").read_text()
+
+
+# --- failed logins per address ----------------------------------------------------------------------
+
+
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_login_limiter_refuses_an_address_after_its_failures_until_the_window_passes():
+    clock = Clock()
+    limiter = LoginLimiter(max_failures=3, window_s=60, clock=clock)
+    for _ in range(3):
+        assert limiter.try_login("a") is None  # each try counts until it succeeds
+        clock.now += 1
+    assert limiter.try_login("a") == 57  # the first failure leaves the window at 1060
+    assert limiter.try_login("b") is None  # another address is not affected
+    clock.now = 1060
+    assert limiter.try_login("a") is None  # one failure has left the window: one more try
+
+
+def test_login_limiter_forgets_an_address_that_logs_in():
+    clock = Clock()
+    limiter = LoginLimiter(max_failures=2, window_s=60, clock=clock)
+    assert limiter.try_login("a") is None
+    assert limiter.try_login("a") is None
+    limiter.succeeded("a")
+    assert limiter.try_login("a") is None and limiter.try_login("a") is None
+    assert limiter.try_login("a") is not None
+
+
+def test_login_limiter_remembers_a_bounded_number_of_addresses():
+    clock = Clock()
+    limiter = LoginLimiter(max_failures=1, window_s=60, clock=clock, max_addresses=2)
+    for address in ("a", "b", "c"):
+        assert limiter.try_login(address) is None
+    assert limiter.try_login("a") is None  # forgotten: the quietest went first
+    assert limiter.try_login("c") is not None

@@ -1,0 +1,156 @@
+"""The app's event handlers: a request from the UI or the API -> the backend -> PNG files, and each
+error -> one message for the person and one line in the server log."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import html
+import itertools
+import logging
+import time
+import uuid
+from typing import Any
+
+import anyio
+import gradio as gr
+
+from backend import (
+    Backend,
+    BackendUnavailable,
+    GenerationCancelled,
+    GenerationFailed,
+    GenerationRequest,
+    InvalidRequest,
+)
+from backend.stats import LatencyStats
+from ui.cancel import CancelRegistry
+from ui.outputs import OutputStore
+
+log = logging.getLogger("app")
+
+# The request's own defaults (steps, guidance_scale, seed, scheduler, num_images, ...): the API's
+# parameter defaults and the controls' initial values, so the UI and the contract cannot drift apart.
+REQUEST_DEFAULTS: dict[str, Any] = {
+    f.name: f.default for f in dataclasses.fields(GenerationRequest) if f.default is not dataclasses.MISSING
+}
+D = REQUEST_DEFAULTS
+
+
+def as_text(message: str) -> str:
+    """A message for gr.Error / gr.Warning, whose toasts render (sanitized) HTML: what it repeats of a
+    prompt or of a remote endpoint's answer must show as the text it is, not become markup."""
+    return html.escape(message, quote=False)
+
+
+def new_request_id() -> str:
+    """A short id that ties a message a person sees to its line in the server log."""
+    return uuid.uuid4().hex[:8]
+
+
+def user_error(exc: BaseException, request_id: str) -> gr.Error:
+    """The message a person sees for an error, after logging it for the operator.
+
+    print_exception=False: Gradio would otherwise print a traceback for every gr.Error, a person's typo
+    included (gradio/queueing.py: `if not isinstance(e, Error) or e.print_exception`); the log line
+    written here is the one an operator reads.
+    """
+    def error(message: str, title: str) -> gr.Error:
+        return gr.Error(message, title=title, print_exception=False)
+
+    if isinstance(exc, InvalidRequest):
+        log.info("request %s refused: invalid %s: %r", request_id, exc.field or "request", str(exc))
+        return error(as_text(str(exc)), "Check the request")
+    if isinstance(exc, GenerationCancelled):
+        log.info("request %s stopped by the user", request_id)
+        return error("Stopped before the images were finished.", "Stopped")
+    if isinstance(exc, BackendUnavailable):
+        log.warning("request %s: backend unavailable: %r", request_id, str(exc))
+        return error(as_text(f"The backend is unavailable: {exc}"), "Backend unavailable")
+    if isinstance(exc, GenerationFailed):
+        log.error("request %s: generation failed: %r", request_id, str(exc))
+        return error(as_text(f"Generation failed: {exc}"), "Generation failed")
+    # Nothing unexpected reaches a person as a traceback: the log keeps it, the message names it.
+    log.error("request %s: unexpected error", request_id, exc_info=exc)
+    return error(f"Something unexpected went wrong; it is in the server log as request {request_id}. Try again.",
+                 "Error")
+
+
+class Handlers:
+    """generate and stop for one app: the backend, the output files and the Stop events they share."""
+
+    def __init__(self, backend: Backend, store: OutputStore, cancels: CancelRegistry | None = None):
+        self.backend = backend
+        self.store = store
+        self.cancels = cancels or CancelRegistry()
+        self._fallback_session = itertools.count()
+
+    # The parameter names and defaults are the API's (/generate, called by keyword); None for precision,
+    # width and height is GenerationRequest's own "the backend's default".
+    async def generate(self, prompt, negative_prompt=None, steps=D["steps"], precision=D["precision"],
+                       guidance_scale=D["guidance_scale"], seed=D["seed"], scheduler=D["scheduler"],
+                       width=D["width"], height=D["height"], num_images=D["num_images"], stats=None,
+                       request: gr.Request = None, progress=gr.Progress()):
+        """Generate images for a prompt; returns the PNG gallery and a JSON details object."""
+        request_id = new_request_id()
+        session = getattr(request, "session_hash", None) or f"anon-{next(self._fallback_session)}"
+        event = self.cancels.start(session)
+
+        def on_step(step: int, total: int) -> None:
+            if event.is_set():
+                raise GenerationCancelled("stopped")
+            progress((step, total), desc="Denoising", unit="steps")
+
+        started = time.perf_counter()
+        try:
+            req = GenerationRequest(
+                prompt=prompt, negative_prompt=negative_prompt or "", steps=steps, guidance_scale=guidance_scale,
+                seed=seed if seed not in (None, "") else D["seed"], scheduler=scheduler, precision=precision,
+                width=width, height=height, num_images=num_images,
+            )
+            # In a worker thread that Gradio abandons when it cancels this task (Stop, an API client's
+            # job.cancel()): the event below then stops the backend at its next step, where a plain
+            # sync function would hold the device until a generation nobody waits for was done.
+            result = await anyio.to_thread.run_sync(
+                functools.partial(self.backend.generate, req, on_step=on_step), abandon_on_cancel=True)
+        except anyio.get_cancelled_exc_class():
+            event.set()
+            log.info("request %s cancelled by its client", request_id)
+            raise
+        except Exception as exc:  # noqa: BLE001 - each kind becomes its own message (user_error)
+            raise user_error(exc, request_id) from None
+        finally:
+            self.cancels.finish(session, event)
+        t_files = time.perf_counter()
+        files = await anyio.to_thread.run_sync(
+            lambda: [self.store.save(img, s) for img, s in zip(result.images, result.seeds)])
+        details = result.details()
+        details["app_ms"] = round((time.perf_counter() - t_files) * 1000.0, 1)
+        for warning in result.warnings:
+            gr.Warning(as_text(warning))
+        stats = stats if isinstance(stats, LatencyStats) else LatencyStats()
+        stats.add(result.timings.total_ms, len(files))
+        log.info("request %s: generated %d image(s) in %.0f ms (backend %.0f ms)", request_id, len(files),
+                 (time.perf_counter() - started) * 1000.0, result.timings.total_ms)
+        return files, details, stats
+
+    def stop(self, request: gr.Request = None):
+        """Stop this session's running generation."""
+        if request is not None and request.session_hash:
+            self.cancels.stop(request.session_hash)
+
+
+def reuse_seed(details, evt: gr.SelectData):
+    """The seed of the selected gallery image."""
+    if details and evt is not None and evt.index is not None:
+        seeds = details.get("seeds") or []
+        index = evt.index if isinstance(evt.index, int) else evt.index[0]
+        if 0 <= index < len(seeds):
+            return seeds[index]
+    return gr.skip()
+
+
+def reuse_first_seed(details):
+    """The seed of the first image when none is selected."""
+    seeds = (details or {}).get("seeds") or []
+    return seeds[0] if seeds else gr.skip()
