@@ -21,8 +21,9 @@ Either way the server's own times ride in the `X-Amzn-SageMaker-Custom-Attribute
 
 Errors are JSON, alike under TorchServe (serving/inference.py) and serving/server.py:
 `{"code": 400, "message": "InvalidRequest", "error": "steps: ..."}` where `message` names the kind
-(InvalidRequest 400, GenerationFailed 500, BackendUnavailable 503, Busy 429) and `error` is the
-text a person can read. One answer comes from TorchServe itself, before the request reaches this
+and `error` is the text a person can read; ERRORS below is the one table of kinds and statuses
+(InvalidRequest 400, or 404/406/411/413/415 for what HTTP names more precisely; Busy 429;
+GenerationFailed 500; BackendUnavailable 503). One answer comes from TorchServe itself, before the request reaches this
 code: its 503 `{"code": 503, "type": "ServiceUnavailableException", "message": ...}` when its job
 queue is full or no worker is running, which parse_error reads as Busy.
 """
@@ -65,9 +66,7 @@ _NUMBERS = {"num_inference_steps", "guidance_scale", "seed", "num_images_per_pro
 _TEXTS = {"scheduler", "precision"}
 TOP_LEVEL = ("prompt", "negative_prompt", "parameters", "describe")
 
-# Error kind <-> HTTP status of the container's answer.
 BUSY = "Busy"
-STATUS_OF_KIND = {"InvalidRequest": 400, "Busy": 429, "GenerationFailed": 500, "BackendUnavailable": 503}
 
 
 # The exception TorchServe names in its 503 for a full job queue or a model with no worker
@@ -79,10 +78,49 @@ class Busy(BackendUnavailable):
     """Too many requests are waiting already; safe to retry later (the model did not run)."""
 
 
+# Bad requests the endpoint answers with a more precise HTTP status than 400; still InvalidRequest on the wire.
+class NotFound(InvalidRequest):
+    """No such route on the endpoint."""
+
+
+class NotAcceptable(InvalidRequest):
+    """The Accept header allows no answer type the endpoint offers."""
+
+
+class LengthRequired(InvalidRequest):
+    """The request has no Content-Length."""
+
+
+class TooLarge(InvalidRequest):
+    """The request body is over MAX_REQUEST_BYTES."""
+
+
+class UnsupportedMediaType(InvalidRequest):
+    """The Content-Type is not JSON (or left unset)."""
+
+
+# The one table of the endpoint's error answers: error class -> (kind, HTTP status). The kind is the
+# answer's "message" and the client's error class; an error takes the first row it is an instance of.
+ERRORS: tuple[tuple[type[BaseException], str, int], ...] = (
+    (Busy, BUSY, 429),
+    (NotFound, "InvalidRequest", 404),
+    (NotAcceptable, "InvalidRequest", 406),
+    (LengthRequired, "InvalidRequest", 411),
+    (TooLarge, "InvalidRequest", 413),
+    (UnsupportedMediaType, "InvalidRequest", 415),
+    (InvalidRequest, "InvalidRequest", 400),
+    (BackendUnavailable, "BackendUnavailable", 503),
+    (GenerationFailed, "GenerationFailed", 500),
+    (BaseException, "GenerationFailed", 500),  # anything unexpected (GenerationCancelled included)
+)
+# Each kind's own status: the row of the class that names it.
+STATUS_OF_KIND = {kind: status for error, kind, status in ERRORS if error.__name__ == kind}
+
+
 def check_request_size(size: int) -> None:
     """Refuse a request body over MAX_REQUEST_BYTES."""
     if size > MAX_REQUEST_BYTES:
-        raise InvalidRequest(f"body: {size} bytes; at most {MAX_REQUEST_BYTES} are allowed.", "body")
+        raise TooLarge(f"body: {size} bytes; at most {MAX_REQUEST_BYTES} are allowed.", "body")
 
 
 def parse_json(body: bytes | bytearray | str) -> dict[str, Any]:
@@ -203,14 +241,17 @@ def parse_attributes(header: str | None) -> dict[str, str]:
 
 
 def kind_of(error: BaseException) -> str:
-    """The wire name of an error's kind."""
-    if isinstance(error, Busy):
-        return BUSY
-    if isinstance(error, InvalidRequest):
-        return "InvalidRequest"
-    if isinstance(error, BackendUnavailable):
-        return "BackendUnavailable"
-    return "GenerationFailed"
+    """The wire name of an error's kind (ERRORS)."""
+    return _row_of(error)[1]
+
+
+def status_of(error: BaseException) -> int:
+    """The HTTP status the endpoint answers an error with (ERRORS)."""
+    return _row_of(error)[2]
+
+
+def _row_of(error: BaseException) -> tuple[type[BaseException], str, int]:
+    return next(row for row in ERRORS if isinstance(error, row[0]))
 
 
 def error_body(kind: str, text: str, status: int | None = None) -> bytes:

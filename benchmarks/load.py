@@ -175,14 +175,6 @@ def markdown(summary: dict[str, Any], users: int, requests: int, where: str) -> 
     ])
 
 
-@contextlib.contextmanager
-def _app(app_args: list[str], temp_dir: Path):
-    """python app.py APP_ARGS on a free port, with its own Gradio cache; yields its URL."""
-    env = {"GRADIO_TEMP_DIR": str(temp_dir), "GRADIO_ANALYTICS_ENABLED": "False"}
-    with run_app(app_args, env=env, timeout=600) as url:
-        yield url
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the load and print the Markdown table; exit 1 if any request was lost or mixed up."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.load", description=__doc__.splitlines()[0])
@@ -201,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     work = Workload(steps=args.steps, size=args.size, num_images=args.images)
     auth = tuple(args.auth.split(":", 1)) if args.auth else None
     with tempfile.TemporaryDirectory(prefix="sd-load-") as tmp, contextlib.ExitStack() as stack:
-        url = args.url or stack.enter_context(_app(shlex.split(args.app_args), Path(tmp) / "gradio"))
+        app_env = {"GRADIO_ANALYTICS_ENABLED": "False"}
+        url = args.url or stack.enter_context(run_app(shlex.split(args.app_args), Path(tmp), app_env, timeout=600)).url
         if args.warmup:
             run_user(url, 999, args.warmup, work, Path(tmp) / "warmup", auth)
         outcomes, wall_s = run_load(url, args.users, args.requests, work, Path(tmp) / "downloads", auth)

@@ -1,11 +1,13 @@
 """Start the project's servers as real processes and wait for them: used by the benchmarks and the tests.
 
-    with run_process(["app.py", "--port", str(port)], f"http://127.0.0.1:{port}/", env=...) as proc: ...
+    with run_app(["--model", "tiny"], work_dir) as app: ...      # app.url, app.proc, app.log()
+    with run_process(["-m", "serving.server", "--port", str(port)], f"http://127.0.0.1:{port}/ping") as proc: ...
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import socket
 import subprocess
@@ -14,6 +16,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -65,10 +68,31 @@ def run_process(args: list[str], url: str, env: dict | None = None, timeout: flo
             log.close()
 
 
+@dataclasses.dataclass
+class AppProcess:
+    """A running `python app.py`: its URL, process, log file and its own GRADIO_TEMP_DIR."""
+
+    url: str
+    proc: subprocess.Popen
+    log_path: Path
+    temp_dir: Path
+
+    def log(self) -> str:
+        """Everything the app has printed so far."""
+        return self.log_path.read_text(errors="replace")
+
+
 @contextlib.contextmanager
-def run_app(app_args: list[str], env: dict | None = None, timeout: float = 180.0, log_path: Path | None = None):
-    """`python app.py APP_ARGS` on a free port; yields its base URL."""
+def run_app(app_args: list[str], work_dir: Path, env: dict | None = None,
+            timeout: float = 180.0) -> Iterator[AppProcess]:
+    """`python app.py APP_ARGS` on a free port, its output in work_dir/app-PORT.log and its Gradio cache in
+    work_dir/gradio-PORT (its own, so what it leaves behind can be checked); stopped after."""
     port = free_port()
+    temp_dir = Path(work_dir) / f"gradio-{port}"
+    temp_dir.mkdir(parents=True)
+    log_path = Path(work_dir) / f"app-{port}.log"
     url = f"http://127.0.0.1:{port}/"
-    with run_process(["app.py", "--port", str(port), *app_args], url, env=env, timeout=timeout, log_path=log_path):
-        yield url
+    full_env = {"GRADIO_TEMP_DIR": str(temp_dir), **(env or {})}
+    with run_process(["app.py", "--port", str(port), *app_args], url, env=full_env, timeout=timeout,
+                     log_path=log_path) as proc:
+        yield AppProcess(url, proc, log_path, temp_dir)

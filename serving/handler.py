@@ -8,6 +8,10 @@ lives in backend/protocol.py, shared with the client (backend/sagemaker.py).
 Under TorchServe one worker hands this handler one request at a time, and requests wait in
 TorchServe's own bounded queue (compile_scripts/container.py); the queue here bounds the
 concurrent requests of serving/server.py.
+
+Each request is parsed (`parse`: everything a bad request can be refused for, before it queues),
+run (`Handler._run`: its turn, then the backend) and encoded (`encode`); an error at any step becomes
+an answer in `error_answer`, its kind and HTTP status from backend/protocol.py's one table, ERRORS.
 """
 
 from __future__ import annotations
@@ -17,11 +21,23 @@ import json
 import logging
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Iterator, Mapping
 
-from backend import Backend, BackendError, BackendUnavailable, InvalidRequest, Settings, create_backend
-from backend import protocol
+from backend import (
+    Backend,
+    BackendError,
+    BackendUnavailable,
+    Capabilities,
+    GenerationFailed,
+    GenerationRequest,
+    GenerationResult,
+    InvalidRequest,
+    Settings,
+    create_backend,
+    protocol,
+)
 from backend.metadata import png_bytes
 
 log = logging.getLogger(__name__)
@@ -30,21 +46,13 @@ log = logging.getLogger(__name__)
 # time out there anyway, so it is refused while a retry can still help.
 DEFAULT_QUEUE_TIMEOUT_S = 50.0
 DEFAULT_MAX_WAITING = 8
-# zlib level of the PNGs answered. 0 (stored) takes ~1 ms at 512x512 where level 1 takes ~30 ms: right
-# on loopback or a LAN. A deployed endpoint answers across the internet, where level 1's smaller
-# files (~40% smaller for real images) win; its archive sets that (package.py --png-level).
+# zlib level of the PNGs answered. 0 (stored) is far faster to write than level 1 and only larger:
+# right on loopback or a LAN. A deployed endpoint answers across the internet, where level 1's smaller
+# files win; its archive sets that (package.py --png-level). docs/benchmarks.md has the figures.
 DEFAULT_PNG_LEVEL = 0
 _JSON_LIKE = ("application/json", "text/json")
 # What SageMaker and HTTP clients send when the caller set no content type.
 _UNSPECIFIED = ("", "application/octet-stream", "application/x-www-form-urlencoded")
-
-
-class Refused(InvalidRequest):
-    """A bad request with a more precise HTTP status than 400 (413, 415, 406)."""
-
-    def __init__(self, status: int, message: str, field: str | None = None):
-        super().__init__(message, field)
-        self.status = status
 
 
 @dataclass
@@ -59,6 +67,14 @@ class Response:
     def content_type(self) -> str:
         """The Content-Type header, whatever the case of its name."""
         return header(self.headers, "Content-Type") or ""
+
+
+@dataclass
+class Invocation:
+    """A parsed request: what to generate (None for a describe) and the answer type asked for."""
+
+    request: GenerationRequest | None
+    answer_type: str
 
 
 class Handler:
@@ -82,64 +98,28 @@ class Handler:
         return cls(create_backend(settings), **kwargs)
 
     def handle(self, body: bytes | bytearray | None, headers: Mapping[str, str]) -> Response:
-        """Answer one invocation; never raises."""
+        """Answer one invocation; never raises. A generation (its start and its answer) and an error are logged
+        under a short request id; a describe is not logged."""
         started = time.perf_counter()
+        request_id = uuid.uuid4().hex[:8]
         try:
-            return self._handle(bytes(body or b""), headers, started)
-        except BackendError as exc:
-            kind = protocol.kind_of(exc)
-            status = exc.status if isinstance(exc, Refused) else protocol.STATUS_OF_KIND[kind]
-            log.info("%d %s: %s", status, kind, exc)
-            return error_response(kind, str(exc), status)
-        except Exception as exc:  # noqa: BLE001 - the client gets a kind and a message, the log the traceback
-            log.exception("unexpected error while handling an invocation")
-            return error_response("GenerationFailed",
-                          f"the endpoint failed unexpectedly ({type(exc).__name__}); its log has the details.")
+            invocation = parse(bytes(body or b""), headers, self.capabilities)
+            if invocation.request is None:
+                return Response(200, {"Content-Type": protocol.JSON}, self._describe)
+            result, queue_ms = self._run(invocation.request, request_id)
+            answer = encode(result, invocation.answer_type, self.png_level, started, queue_ms)
+        except Exception as exc:  # noqa: BLE001 - every error becomes an answer; see error_answer
+            return error_answer(exc, request_id)
+        log.info("request %s: %d %s in %.0f ms (%.0f ms queued)", request_id, answer.status, answer.content_type,
+                 (time.perf_counter() - started) * 1000.0, queue_ms)
+        return answer
 
-    def _handle(self, body: bytes, headers: Mapping[str, str], started: float) -> Response:
-        try:
-            protocol.check_request_size(len(body))
-        except InvalidRequest as exc:
-            raise Refused(413, str(exc), "body") from None
-        _check_content_type(header(headers, "Content-Type"))
-        answer_type = choose_answer_type(header(headers, "Accept"))
-        payload = protocol.parse_json(body)
-        if protocol.is_describe(payload):
-            return Response(200, {"Content-Type": protocol.JSON}, self._describe)
-        # Checked before queueing, so a bad request is answered at once even when the endpoint is busy.
-        request = protocol.request_from_json(payload).validated(self.capabilities)
-        protocol.check_response_size(request, answer_type == protocol.JSON)
+    def _run(self, request: GenerationRequest, request_id: str) -> tuple[GenerationResult, float]:
+        """Wait for a turn, then generate; returns the result and the wait in ms."""
         with self._turn() as queue_ms:
-            result = self.backend.generate(request)
-        encode_start = time.perf_counter()
-        if answer_type == protocol.PNG:
-            pngs = [png_bytes(result.images[0], self.png_level)]
-        else:
-            pngs = [png_bytes(image, self.png_level) for image in result.images]
-        t = result.timings
-        server = {
-            "handler_ms": (time.perf_counter() - started) * 1000.0 - queue_ms,
-            "queue_ms": queue_ms,
-            "encode_ms": (time.perf_counter() - encode_start) * 1000.0,
-        }
-        attributes = protocol.format_attributes({
-            **server, "total_ms": t.total_ms, "text_encoder_ms": t.text_encoder_ms, "denoise_ms": t.denoise_ms,
-            "vae_ms": t.vae_ms, "steps": len(t.step_ms), "seeds": ",".join(map(str, result.seeds)),
-        })
-        if answer_type == protocol.PNG:
-            return Response(200, {"Content-Type": protocol.PNG, protocol.CUSTOM_ATTRIBUTES: attributes}, pngs[0])
-        answer = {
-            "images": protocol.encode_png_list(pngs),
-            "seeds": result.seeds,
-            "timings": t.to_dict(),
-            "server": {k: round(v, 1) for k, v in server.items()},
-            "info": result.infotexts[0] if result.images else "",
-            "warnings": result.warnings,
-            "model": result.model,
-            "backend": result.backend,
-        }
-        return Response(200, {"Content-Type": protocol.JSON, protocol.CUSTOM_ATTRIBUTES: attributes},
-                        json.dumps(answer).encode("utf-8"))
+            log.info("request %s: generating %d image(s), %d steps at %dx%d", request_id, request.num_images,
+                     request.steps, request.width, request.height)
+            return self.backend.generate(request), queue_ms
 
     @contextlib.contextmanager
     def _turn(self) -> Iterator[float]:
@@ -166,6 +146,68 @@ class Handler:
     def close(self) -> None:
         """Free the backend."""
         self.backend.close()
+
+
+def parse(body: bytes, headers: Mapping[str, str], capabilities: Capabilities) -> Invocation:
+    """Check and read a request, before it queues: a bad one is answered at once, even when the endpoint is busy."""
+    protocol.check_request_size(len(body))
+    _check_content_type(header(headers, "Content-Type"))
+    answer_type = choose_answer_type(header(headers, "Accept"))
+    payload = protocol.parse_json(body)
+    if protocol.is_describe(payload):
+        return Invocation(None, answer_type)
+    request = protocol.request_from_json(payload).validated(capabilities)
+    protocol.check_response_size(request, answer_type == protocol.JSON)
+    return Invocation(request, answer_type)
+
+
+def encode(result: GenerationResult, answer_type: str, png_level: int, started: float, queue_ms: float) -> Response:
+    """The answer for a generation: the first PNG or the JSON of all, and the server's times in a header."""
+    encode_start = time.perf_counter()
+    images = result.images[:1] if answer_type == protocol.PNG else result.images
+    pngs = [png_bytes(image, png_level) for image in images]
+    t = result.timings
+    server = {
+        "handler_ms": (time.perf_counter() - started) * 1000.0 - queue_ms,
+        "queue_ms": queue_ms,
+        "encode_ms": (time.perf_counter() - encode_start) * 1000.0,
+    }
+    attributes = protocol.format_attributes({
+        **server, "total_ms": t.total_ms, "text_encoder_ms": t.text_encoder_ms, "denoise_ms": t.denoise_ms,
+        "vae_ms": t.vae_ms, "steps": len(t.step_ms), "seeds": ",".join(map(str, result.seeds)),
+    })
+    headers = {"Content-Type": answer_type, protocol.CUSTOM_ATTRIBUTES: attributes}
+    if answer_type == protocol.PNG:
+        return Response(200, headers, pngs[0])
+    answer = {
+        "images": protocol.encode_png_list(pngs),
+        "seeds": result.seeds,
+        "timings": t.to_dict(),
+        "server": {k: round(v, 1) for k, v in server.items()},
+        "info": result.infotexts[0] if result.images else "",
+        "warnings": result.warnings,
+        "model": result.model,
+        "backend": result.backend,
+    }
+    return Response(200, headers, json.dumps(answer).encode("utf-8"))
+
+
+def error_answer(error: Exception, request_id: str) -> Response:
+    """The answer for an error, and its one log line: a bad request names its field, an unexpected error
+    keeps its traceback in the log and gives the client the request id to find it by."""
+    kind, status = protocol.kind_of(error), protocol.status_of(error)
+    if isinstance(error, InvalidRequest):
+        log.info("request %s: %d %s (field %s): %s", request_id, status, kind, error.field or "-", error)
+    elif isinstance(error, BackendError):
+        # A backend that failed has logged its own traceback (backend.pipeline.run); down or busy has none.
+        level = logging.ERROR if isinstance(error, GenerationFailed) else logging.WARNING
+        log.log(level, "request %s: %d %s: %s", request_id, status, kind, error)
+    else:
+        log.error("request %s: %d unexpected %s", request_id, status, type(error).__name__, exc_info=error)
+        return error_response(GenerationFailed(
+            f"the endpoint failed unexpectedly ({type(error).__name__}); its log has the details under request "
+            f"{request_id}."))
+    return error_response(error)
 
 
 def header(headers: Mapping[str, str], name: str) -> str | None:
@@ -198,19 +240,20 @@ def choose_answer_type(accept: str | None) -> str:
             return protocol.JSON
         if media in (protocol.PNG, "image/*", "*/*"):
             return protocol.PNG
-    raise Refused(406, f"Accept: {accept!r} is not offered; ask for image/png (the first image) or "
-                       f"application/json (all images, seeds and timings).", "accept")
+    raise protocol.NotAcceptable(f"Accept: {accept!r} is not offered; ask for image/png (the first image) or "
+                                 f"application/json (all images, seeds and timings).", "accept")
 
 
 def _check_content_type(content_type: str | None) -> None:
     media = (content_type or "").split(";")[0].strip().lower()
     if media in _JSON_LIKE or media in _UNSPECIFIED:
         return
-    raise Refused(415, f"Content-Type: {content_type!r} is not accepted; send a JSON body as application/json.",
-                  "content_type")
+    raise protocol.UnsupportedMediaType(
+        f"Content-Type: {content_type!r} is not accepted; send a JSON body as application/json.", "content_type")
 
 
-def error_response(kind: str, text: str, status: int | None = None) -> Response:
-    """A JSON error answer of the wire format's shape."""
-    status = status or protocol.STATUS_OF_KIND[kind]
-    return Response(status, {"Content-Type": protocol.JSON}, protocol.error_body(kind, text, status))
+def error_response(error: BaseException) -> Response:
+    """A JSON error answer of the wire format's shape, its kind and status from protocol.ERRORS."""
+    status = protocol.status_of(error)
+    return Response(status, {"Content-Type": protocol.JSON}, protocol.error_body(protocol.kind_of(error), str(error),
+                                                                                 status))

@@ -1,9 +1,9 @@
-"""Shared fixtures: the tiny model on disk, free ports, and real app / server processes."""
+"""Shared fixtures (the tiny model, a real app, Chromium, throwaway AWS settings) and the session set-up.
+
+Helpers that tests import live in tests/helpers.py."""
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import os
 import shutil
 import subprocess
@@ -13,12 +13,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from benchmarks import procs  # noqa: E402
-from benchmarks.procs import free_port, run_process  # noqa: E402 - the tests import them from here too
+from helpers import CHROMIUM, CHROMIUM_ARGS, ROOT, AppProcess, run_app
 
 # Every test run gets its own Gradio cache, removed at the end (set before gradio is imported).
 _GRADIO_TMP = tempfile.mkdtemp(prefix="sd-tests-gradio-")
@@ -30,11 +25,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_GRADIO_TMP, ignore_errors=True)
-
-
-def run_app(extra_args: list[str], tmp_path: Path, env: dict | None = None):
-    """Launch `python app.py ...` on a free port, its output in tmp_path; yields its base URL."""
-    return procs.run_app(extra_args, env=env, log_path=tmp_path / f"app-{free_port()}.log")
 
 
 @pytest.fixture(scope="session")
@@ -56,44 +46,11 @@ def tiny_backend():
     backend.close()
 
 
-@dataclasses.dataclass
-class AppProcess:
-    """A running `python app.py`: its URL, process, log file and its own GRADIO_TEMP_DIR."""
-
-    url: str
-    proc: subprocess.Popen
-    log_path: Path
-    temp_dir: Path
-
-    def log(self) -> str:
-        """Everything the app has printed so far."""
-        return self.log_path.read_text(errors="replace")
-
-
-@contextlib.contextmanager
-def launch_app(extra_args: list[str], tmp_path: Path, env: dict | None = None):
-    """Like run_app, but yields an AppProcess whose cache folder is its own (for leak checks)."""
-    port = free_port()
-    temp_dir = tmp_path / f"gradio-{port}"
-    temp_dir.mkdir()
-    log_path = tmp_path / f"app-{port}.log"
-    url = f"http://127.0.0.1:{port}/"
-    full_env = {"GRADIO_TEMP_DIR": str(temp_dir), **(env or {})}
-    with run_process(["app.py", "--port", str(port), *extra_args], url, env=full_env, log_path=log_path) as proc:
-        yield AppProcess(url, proc, log_path, temp_dir)
-
-
 @pytest.fixture(scope="session")
 def tiny_app(tmp_path_factory) -> AppProcess:
     """One `python app.py --model tiny` shared by the browser, load and security tests."""
-    with launch_app(["--model", "tiny"], tmp_path_factory.mktemp("tiny-app")) as app:
+    with run_app(["--model", "tiny"], tmp_path_factory.mktemp("tiny-app")) as app:
         yield app
-
-
-CHROMIUM = os.environ.get("SD_CHROMIUM", "/usr/bin/chromium")  # Debian's; Playwright never downloads one
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--no-first-run"]
 
 
 @pytest.fixture(scope="session")

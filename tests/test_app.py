@@ -8,7 +8,7 @@ from gradio_client.exceptions import AppError
 from gradio_client.utils import Status
 
 from backend.metadata import parse_infotext, read_infotext
-from conftest import run_app
+from helpers import run_app
 
 FAST = dict(steps=3, width=128, height=128)
 
@@ -21,8 +21,8 @@ def app_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def app_url(tiny_dir, app_dir):
-    with run_app(["--model", str(tiny_dir), "--max-queue", "2"], app_dir) as url:
-        yield url
+    with run_app(["--model", str(tiny_dir), "--max-queue", "2"], app_dir) as app:
+        yield app.url
 
 
 def wait_for(condition, what: str, timeout_s: float = 120.0):
@@ -172,7 +172,8 @@ def test_default_launch_offline_says_it_runs_the_tiny_model(tmp_path):
     import json
     import urllib.request
 
-    with run_app([], tmp_path, env={"HF_HUB_OFFLINE": "1"}) as url:
+    with run_app([], tmp_path, env={"HF_HUB_OFFLINE": "1"}) as app:
+        url = app.url
         config = json.loads(urllib.request.urlopen(url + "config", timeout=10).read())
         banner = " ".join(str(c.get("props", {}).get("value", "")) for c in config["components"])
         assert "tiny-warning" in banner and "not Stable Diffusion 2.1" in banner and "--model" in banner
@@ -186,7 +187,7 @@ def test_demo_is_importable_for_spaces(tmp_path):
     import subprocess
     import sys
 
-    from conftest import ROOT
+    from helpers import ROOT
 
     code = "import app, gradio; d = app.demo; assert isinstance(d, gradio.Blocks); print('ok', d.title)"
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
@@ -201,7 +202,7 @@ def test_a_host_that_launches_demo_itself_gets_login_upload_limit_and_css(tmp_pa
 
     import httpx
 
-    from conftest import free_port, run_process
+    from helpers import free_port, run_process
 
     port = free_port()
     url = f"http://127.0.0.1:{port}/"

@@ -9,7 +9,7 @@ import pytest
 
 from backend.stats import LatencyStats, cost_per_10k_images, percentile, qps
 from benchmarks import latency
-from conftest import ROOT
+from helpers import ROOT
 
 # The walk-through's table: (precision, steps, P95 s, QPS, $ per 10k images) on inf2.xlarge.
 WALKTHROUGH = [

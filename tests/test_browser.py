@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from backend.metadata import parse_infotext, read_infotext
-from conftest import CHROMIUM
+from helpers import CHROMIUM
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -28,7 +28,7 @@ from compile_scripts.compile import (
     part_attention,
     part_dtype,
 )
-from conftest import ROOT
+from helpers import ROOT
 
 
 @pytest.fixture(scope="session")

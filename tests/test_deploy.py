@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from compile_scripts import container, deploy, package
-from conftest import ROOT, free_port
+from helpers import ROOT, free_port
 
 REGION = "us-east-2"
 ROLE = "arn:aws:iam::123456789012:role/SageMakerRole"

@@ -18,7 +18,7 @@ import pytest
 
 from benchmarks.load import Workload, check, markdown, request_of, run_load, run_user, summarize
 
-from conftest import launch_app
+from helpers import run_app
 
 LOAD = Workload(steps=2, size=64, num_images=1)
 SOAK = Workload(steps=1, size=256, num_images=2)  # the VAE decode dominates; one step is enough
@@ -174,7 +174,7 @@ def test_soak_memory_and_temp_files_stay_bounded(tiny_app, tmp_path):
 
 def test_stopped_app_removes_its_files(tmp_path):
     """SIGTERM (docker stop, systemd, Spaces) unwinds like Ctrl+C: the app's PNG folder goes with it."""
-    with launch_app(["--model", "tiny"], tmp_path) as app:
+    with run_app(["--model", "tiny"], tmp_path) as app:
         run_user(app.url, 0, 2, LOAD, tmp_path / "dl")
         ours, _ = _files(app.temp_dir)
         assert len(ours) == 2

@@ -668,11 +668,11 @@ def test_guard_catches_shape_bugs_in_the_loaded_pipeline(neuron_backend):
 
 
 def test_app_generates_through_gradio_client(compiled_root, tmp_path):
-    from conftest import run_app
+    from helpers import run_app
     from gradio_client import Client
 
-    with run_app(["--backend", "neuron", "--artifacts", str(compiled_root)], tmp_path) as url:
-        client = Client(url, verbose=False)
+    with run_app(["--backend", "neuron", "--artifacts", str(compiled_root)], tmp_path) as app:
+        client = Client(app.url, verbose=False)
         result = client.predict(prompt="a lovely cat", steps=2, seed=42, precision="fp32", num_images=2,
                                 api_name="/generate")
     gallery, details = result[0], result[1]

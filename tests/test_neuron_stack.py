@@ -8,7 +8,7 @@ import re
 import pytest
 
 from backend import neuron_stack
-from conftest import ROOT
+from helpers import ROOT
 
 PIN = re.compile(r"^([A-Za-z0-9_.\-]+)==(\S+)$")
 

@@ -18,7 +18,7 @@ import pytest
 import neuron_helpers
 from backend import preflight
 from compile_scripts.doctor import main
-from conftest import ROOT
+from helpers import ROOT
 
 
 @pytest.fixture(scope="session")

@@ -24,7 +24,7 @@ from backend import (
     protocol,
 )
 from backend.metadata import attach, parse_infotext, png_bytes, read_infotext
-from conftest import free_port, run_app
+from helpers import free_port, run_app
 from serving.handler import Handler
 from serving.server import EndpointServer
 
@@ -283,8 +283,8 @@ def test_app_generates_through_the_endpoint(endpoint, tmp_path):
     from gradio_client.exceptions import AppError
 
     args = ["--backend", "sagemaker", "--endpoint-name", "sd-test", "--endpoint-url", endpoint.url, "--region", REGION]
-    with run_app(args, tmp_path) as url:
-        client = Client(url, verbose=False, download_files=str(tmp_path / "downloads"))
+    with run_app(args, tmp_path) as app:
+        client = Client(app.url, verbose=False, download_files=str(tmp_path / "downloads"))
         files, details = client.predict(prompt="a lovely cat", steps=2, width=64, height=64, seed=11,
                                         precision="fp32", api_name="/generate")
         assert details["backend"] == "sagemaker" and details["seeds"] == [11]
@@ -316,8 +316,8 @@ def test_app_shows_each_endpoint_failure_and_keeps_working(standin, tmp_path):
         "not-json": "not this project's JSON",
         "not-png": "not this project's JSON with PNG images",
     }
-    with run_app(args, tmp_path, env=env) as url:
-        client = Client(url, verbose=False, download_files=str(tmp_path / "downloads"))
+    with run_app(args, tmp_path, env=env) as app:
+        client = Client(app.url, verbose=False, download_files=str(tmp_path / "downloads"))
 
         def generate(seed):
             return client.predict(prompt="cat", steps=1, seed=seed, api_name="/generate")

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from backend import protocol
-from conftest import ROOT, free_port, launch_app, run_process
+from helpers import ROOT, free_port, run_app, run_process
 
 USER, PASSWORD = "alice", "s3cret-pa55word"
 FAST = dict(negative_prompt="", steps=2, precision=None, guidance_scale=7.5, seed=3, scheduler="dpm++2m",
@@ -29,7 +29,7 @@ NEVER_SHOWN = (PASSWORD, "Traceback", 'File "', "site-packages", str(ROOT), "/tm
 @pytest.fixture(scope="module")
 def auth_app(tmp_path_factory):
     """python app.py --model tiny --auth alice:s3cret-pa55word"""
-    with launch_app(["--model", "tiny", "--auth", f"{USER}:{PASSWORD}"], tmp_path_factory.mktemp("auth-app")) as app:
+    with run_app(["--model", "tiny", "--auth", f"{USER}:{PASSWORD}"], tmp_path_factory.mktemp("auth-app")) as app:
         yield app
 
 

@@ -8,7 +8,9 @@ import base64
 import http.client
 import io
 import json
-import statistics
+import logging
+import re
+import socket
 import threading
 import time
 
@@ -17,7 +19,8 @@ from PIL import Image
 
 from backend import BackendUnavailable, GenerationFailed, protocol
 from backend.metadata import parse_infotext, read_infotext
-from conftest import free_port, run_process
+from helpers import free_port, run_process
+from serving import server as endpoint_server
 from serving.handler import Handler, choose_answer_type
 
 JSON_HEADERS = {"Content-Type": "application/json"}
@@ -74,7 +77,8 @@ def test_describe_returns_the_capabilities(handler, tiny_backend):
     (b'{"prompt": "cat"', JSON_HEADERS, 400, "body: not valid JSON"),
     (body({"prompt": "cat", "parameters": {"num_inference_steps": "many"}}), JSON_HEADERS, 400,
      "parameters.num_inference_steps: must be a number"),
-    (body({"prompt": "cat", "parameters": {"num_inference_steps": 500}}), JSON_HEADERS, 400, "steps: 500 is out of range"),
+    (body({"prompt": "cat", "parameters": {"num_inference_steps": 500}}), JSON_HEADERS, 400,
+     "steps: 500 is out of range"),
     (body({"prompt": "cat", "parameters": {"width": 1 << 20}}), JSON_HEADERS, 400, "width: 1048576 is out of range"),
     (body({"prompt": "c" * 2001}), JSON_HEADERS, 400, "prompt: 2001 characters; at most 2000"),
     (body({"prompt": "cat", "parameters": {"num_images_per_prompt": 5}}), JSON_HEADERS, 400, "num_images: 5 is out"),
@@ -118,6 +122,45 @@ def test_backend_errors_keep_their_kind(handler, monkeypatch, raised, status, ki
     error = json.loads(answer.body)
     assert (answer.status, error["message"]) == (status, kind)
     assert error["error"].startswith(text) and "secret" not in error["error"]
+
+
+def handler_records(caplog) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "serving.handler"]
+
+
+def test_a_bad_request_is_one_log_line_naming_the_field(handler, caplog):
+    with caplog.at_level(logging.INFO, logger="serving.handler"):
+        answer = handler.handle(body({"prompt": "cat", "parameters": {"num_inference_steps": 500}}), JSON_HEADERS)
+    assert answer.status == 400
+    [record] = handler_records(caplog)
+    assert record.levelno == logging.INFO and record.exc_info is None
+    assert re.fullmatch(r"request [0-9a-f]{8}: 400 InvalidRequest \(field steps\): steps: 500 is out of range; .*",
+                        record.getMessage()), record.getMessage()
+
+
+def test_an_unexpected_error_logs_its_traceback_under_the_id_the_client_is_given(handler, monkeypatch, caplog):
+    def fail(request, on_step=None):
+        raise KeyError("/home/secret/path")
+
+    monkeypatch.setattr(handler.backend, "generate", fail)
+    with caplog.at_level(logging.INFO, logger="serving.handler"):
+        answer = handler.handle(body({"prompt": "cat", "parameters": SMALL}), JSON_HEADERS)
+    error = json.loads(answer.body)["error"]
+    request_id = re.fullmatch(r"the endpoint failed unexpectedly \(KeyError\); its log has the details under "
+                              r"request ([0-9a-f]{8})\.", error).group(1)
+    failures = [r for r in handler_records(caplog) if r.levelno == logging.ERROR]
+    assert len(failures) == 1 and failures[0].getMessage() == f"request {request_id}: 500 unexpected KeyError"
+    assert failures[0].exc_info[0] is KeyError  # the traceback goes to the log, and only there
+    assert "secret" not in error
+
+
+def test_each_generation_logs_its_start_and_its_answer_under_one_id(handler, caplog):
+    with caplog.at_level(logging.INFO, logger="serving.handler"):
+        assert handler.handle(body({"prompt": "cat", "parameters": SMALL}), JSON_HEADERS).status == 200
+    started, answered = [r.getMessage() for r in handler_records(caplog)]
+    request_id = started.split(":")[0]
+    assert started == f"{request_id}: generating 1 image(s), 2 steps at 64x64"
+    assert answered.startswith(f"{request_id}: 200 image/png in ")
 
 
 def test_requests_queue_one_at_a_time_and_too_many_get_a_429(tiny_backend):
@@ -171,7 +214,9 @@ def toolkit_context(headers: dict):
 
 
 def toolkit_call(handler, raw: bytes, headers: dict, toolkit_accept: str = "application/json"):
-    """input_fn -> predict_fn -> output_fn as the toolkit's Transformer calls them; returns (status, headers, body, type)."""
+    """input_fn -> predict_fn -> output_fn as the toolkit's Transformer calls them.
+
+    Returns (status, headers, body, content type)."""
     from serving import inference
 
     context = toolkit_context(headers)
@@ -309,6 +354,48 @@ def test_boto3_json_answer_and_errors_look_as_they_do_on_aws(runtime):
     assert "Endpoint no-such-endpoint of account" in err.value.response["Error"]["Message"]
 
 
+def test_accepted_connections_have_nagle_off(handler, monkeypatch):
+    """Nagle + the client's delayed ACK would hold back each small answer on a kept-alive connection:
+    every socket the server accepts has TCP_NODELAY set (read on the server's side of it)."""
+    nodelay = []
+    setup = endpoint_server._RequestHandler.setup
+
+    def setup_and_look(self):
+        setup(self)
+        nodelay.append(self.connection.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+    monkeypatch.setattr(endpoint_server._RequestHandler, "setup", setup_and_look)
+    server = endpoint_server.EndpointServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        for _ in range(2):
+            conn = http.client.HTTPConnection(*server.server_address[:2], timeout=30)
+            conn.request("POST", "/invocations", body=body({"describe": True}), headers=JSON_HEADERS)
+            assert conn.getresponse().status == 200
+            conn.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert len(nodelay) == 2 and all(nodelay), nodelay
+
+
+def test_a_client_that_left_is_one_log_line_and_other_connection_errors_keep_their_traceback(handler, caplog):
+    server = endpoint_server.EndpointServer(("127.0.0.1", 0), handler)
+    try:
+        with caplog.at_level(logging.INFO, logger="serving.server"):
+            for error in (BrokenPipeError(32, "Broken pipe"), ValueError("bug")):
+                try:
+                    raise error
+                except Exception:  # noqa: BLE001 - as socketserver calls handle_error
+                    server.handle_error(None, ("127.0.0.1", 5555))
+    finally:
+        server.server_close()
+    left, bug = [r for r in caplog.records if r.name == "serving.server"]
+    assert left.getMessage() == "127.0.0.1:5555 left before its answer was sent (BrokenPipeError)"
+    assert left.levelno == logging.INFO and left.exc_info is None
+    assert bug.levelno == logging.ERROR and bug.exc_info[0] is ValueError
+
+
 def test_container_route_answers_raw_statuses_and_keeps_connections_alive(server):
     conn = http.client.HTTPConnection(server.removeprefix("http://"), timeout=30)
     conn.request("GET", "/ping")
@@ -324,16 +411,12 @@ def test_container_route_answers_raw_statuses_and_keeps_connections_alive(server
     missing = conn.getresponse()
     assert missing.status == 404 and b"/ping" in missing.read()
 
-    # Nagle + delayed ACK would add ~40 ms to each small answer on a kept-alive connection.
-    times = []
-    for _ in range(15):
-        started = time.perf_counter()
+    for _ in range(3):
         conn.request("POST", "/invocations", body=body({"describe": True}), headers=JSON_HEADERS)
         answer = conn.getresponse()
         assert answer.status == 200 and json.loads(answer.read())["model"] == "tiny"
-        times.append((time.perf_counter() - started) * 1000.0)
+        assert answer.getheader("Connection") != "close"
     assert conn.sock is sock, "the connection was not kept alive"
-    assert statistics.median(times) < 30, times
     conn.close()
 
 

@@ -163,20 +163,20 @@ def test_more_requests_than_the_queue_holds_are_refused_at_once(container):
     count, steps = 8, 20
 
     def call(seed):
-        started = time.perf_counter()
-        answer = container.invoke(body({"prompt": "cat", "parameters": {"num_inference_steps": steps, "seed": seed}}),
-                                  JSON_HEADERS)
-        return answer, time.perf_counter() - started
+        return container.invoke(body({"prompt": "cat", "parameters": {"num_inference_steps": steps, "seed": seed}}),
+                                JSON_HEADERS)
 
     with concurrent.futures.ThreadPoolExecutor(count) as pool:
         results = list(pool.map(call, range(count)))
-    done = [answer for answer, _ in results if answer.status == 200]
-    busy = [(answer, seconds) for answer, seconds in results if answer.status == 503]
-    assert len(done) + len(busy) == count, [a.status for a, _ in results]
+    done = [answer for answer in results if answer.status == 200]
+    busy = [answer for answer in results if answer.status == 503]
+    assert len(done) + len(busy) == count, [a.status for a in results]
     assert 1 <= len(done) and busy, "eight requests at once should overflow a queue of two"
     assert all(answer.body.startswith(PNG_MAGIC) for answer in done)
-    for answer, seconds in busy:
-        assert seconds < 3.0, f"a refused request took {seconds:.1f} s"
+    for answer in busy:
+        # At once: TorchServe's own answer for a full job queue, given as the request arrives, before it
+        # is queued (ApiUtils.addRESTInferenceJob); not the handler's, nor a wait for a turn.
+        assert json.loads(answer.body)["type"] == protocol.MODEL_SERVER_BUSY, answer.body
         kind, text = protocol.parse_error(answer.body)
         assert kind == protocol.BUSY and "queue is full" in text
 

@@ -211,7 +211,7 @@ def test_unexpected_error_keeps_its_traceback_under_the_id_the_user_sees(tmp_pat
 
 def test_settings_have_no_literal_defaults_in_the_app():
     """The controls start at GenerationRequest's values: the scheduler's name is written nowhere in app.py."""
-    from conftest import ROOT
+    from helpers import ROOT
 
     assert GenerationRequest.scheduler not in (ROOT / "app.py").read_text()
 
