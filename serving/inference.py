@@ -49,7 +49,7 @@ from serving.handler import DEFAULT_PNG_LEVEL, Handler, Response  # noqa: E402
 log = logging.getLogger("serving.inference")
 
 CONFIG_FILE = "endpoint.json"  # in code/, beside this file
-CONFIG_KEYS = ("backend", "artifacts", "model_s3_uri", "model", "device", "max_images", "png_level")
+CONFIG_KEYS = ("backend", "artifacts", "model_s3_uri", "model", "device", "max_images", "png_level", "neuron_cores")
 
 
 @dataclass
@@ -68,17 +68,17 @@ def model_fn(model_dir: str) -> Handler:
     log.info("loading backend %s (model %s, artifacts %s) with the code in %s", settings.backend, settings.model,
              settings.artifacts, Path(backend.__file__).parent.parent)
     if settings.backend == "neuron":
-        preflight_at_start(Path(settings.artifacts))
+        preflight_at_start(Path(settings.artifacts), settings.neuron_cores)
     return Handler.from_settings(settings, png_level=int(config.get("png_level", DEFAULT_PNG_LEVEL)))
 
 
-def preflight_at_start(root: Path) -> None:
+def preflight_at_start(root: Path, neuron_cores: int | None = None) -> None:
     """The doctor's checks (compile_scripts/doctor.py) in the endpoint's log, each problem with what to do;
     BackendUnavailable on an error, so the endpoint fails at start with that message instead of at the
     first request. No smoke generation here: the backend warms up each precision as it loads."""
     from backend import preflight
 
-    findings = preflight.check(root, smoke=False)
+    findings = preflight.check(root, smoke=False, neuron_cores=neuron_cores)
     levels = {"ok": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
     for finding in findings:
         log.log(levels[finding.level], "preflight %s: %s%s", finding.level, finding.what,
@@ -152,4 +152,5 @@ def settings_from_config(model_dir: Path, config: Mapping[str, Any]) -> backend.
         artifacts=str(root) if backend_name == "neuron" else None,
         device=str(config.get("device") or "auto"),
         max_images=int(config.get("max_images") or 4),
+        neuron_cores=int(config["neuron_cores"]) if config.get("neuron_cores") else None,
     )

@@ -256,6 +256,8 @@ def test_toolkit_model_fn_reads_the_archive_config_then_the_environment(tmp_path
     config_path.write_text(json.dumps({"backend": "neuron", "artifacts": "sd2_512_root", "png_level": 1}))
     settings = settings_from_config(tmp_path, read_config(config_path, env={}))
     assert (settings.backend, settings.artifacts) == ("neuron", str(root))
+    assert settings.neuron_cores is None
+    assert settings_from_config(tmp_path, read_config(config_path, env={"SD_NEURON_CORES": "1"})).neuron_cores == 1
     assert read_config(config_path, env={"SD_PNG_LEVEL": "0"})["png_level"] == "0"
 
     config_path.write_text(json.dumps({"backend": "local", "model": "tiny"}))
