@@ -59,11 +59,12 @@ class Workload:
     num_images: int = 1
     scheduler: str = DEFAULT_SCHEDULER
     guidance_scale: float = 7.5
+    preview: bool = False  # a load test measures the result, not the pictures streamed while denoising
 
     def describe(self) -> str:
         """One line for the report."""
         return (f"{self.size}x{self.size}, {self.steps} steps, {self.num_images} image(s)/request, "
-                f"{self.scheduler}, CFG {self.guidance_scale:g}")
+                f"{self.scheduler}, CFG {self.guidance_scale:g}, live preview {'on' if self.preview else 'off'}")
 
 
 def request_of(user: int, index: int) -> tuple[str, int]:
@@ -89,7 +90,7 @@ def run_user(url: str, user: int, requests: int, work: Workload, download_dir: P
         try:
             gallery, details = client.predict(
                 prompt, "", work.steps, precision, work.guidance_scale, seed, work.scheduler,
-                work.size, work.size, work.num_images, api_name="/generate",
+                work.size, work.size, work.num_images, work.preview, api_name="/generate",
             )
         except Exception as exc:  # noqa: BLE001 - every failure is recorded, and judged by check()
             outcomes.append(Outcome(user, index, prompt, seed, time.perf_counter() - started, [], None,
@@ -186,11 +187,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--images", type=int, default=1, help="images per request")
+    parser.add_argument("--preview", action="store_true", help="ask for the live preview too (default: off)")
     parser.add_argument("--warmup", type=int, default=2, help="requests sent first and not counted")
     parser.add_argument("--markdown", help="also write the table here")
     args = parser.parse_args(argv)
 
-    work = Workload(steps=args.steps, size=args.size, num_images=args.images)
+    work = Workload(steps=args.steps, size=args.size, num_images=args.images, preview=args.preview)
     auth = tuple(args.auth.split(":", 1)) if args.auth else None
     with tempfile.TemporaryDirectory(prefix="sd-load-") as tmp, contextlib.ExitStack() as stack:
         app_env = {"GRADIO_ANALYTICS_ENABLED": "False"}

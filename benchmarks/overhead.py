@@ -8,11 +8,13 @@ DPM++ 2M) it times:
   (a) bare      StableDiffusionPipeline.from_pretrained(folder)(prompt, ...) -> PIL image
   (b) backend   LocalBackend.generate with the app's defaults (stage timings, infotext)
   (c) app       python app.py --model folder, called through gradio_client (PNG written,
-                served and downloaded)
+                served and downloaded), with the live preview on (the API's default: the app
+                streams pictures of the latents while denoising)
+  (cn) app       the same with preview=False (no pictures while denoising)
   (c0) app       the same through a default gradio_client.Client (a new TLS context per call)
   (c1) app       the same app through Gradio's own HTTP API, as curl users call it: POST
                 /gradio_api/call/generate, read its event stream, download the PNG (one
-                keep-alive httpx client): what the app adds without gradio_client's polling
+                keep-alive httpx client, preview off): what the app adds without gradio_client's polling
   (d) sagemaker python app.py --backend sagemaker -> serving/server.py, through gradio_client
 
 and reports each path's median, its ratio to (a), what it adds to (b), and where the time goes.
@@ -106,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.overhead", description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=10, help="measured rounds (default 10)")
     parser.add_argument("--warmup", type=int, default=2, help="unmeasured rounds first (default 2)")
-    parser.add_argument("--paths", default="a,b,c,c1,d", help="which of a,b,c,c0,c1,d to run (default a,b,c,c1,d)")
+    parser.add_argument("--paths", default="a,b,c,cn,c1,d",
+                        help="which of a,b,c,cn,c0,c1,d to run (default a,b,c,cn,c1,d)")
     parser.add_argument("--steps", type=int, default=STEPS, help=f"denoising steps (default {STEPS})")
     parser.add_argument("--size", type=int, default=SIZE, help=f"width and height (default {SIZE})")
     parser.add_argument("--pause", type=float, default=0.2,
@@ -136,14 +139,14 @@ def main(argv: list[str] | None = None) -> int:
     # (c0) shows the default.
     shared_tls = ssl.create_default_context()
 
-    def gradio_client_runner(url, reuse_tls=True):
+    def gradio_client_runner(url, reuse_tls=True, preview=True):
         client = Client(url, verbose=False, download_files=str(tmp / "downloads"),
                         ssl_verify=shared_tls if reuse_tls else True)
 
         def run(seed):
             t0 = time.perf_counter()
             files, details = client.predict(prompt=PROMPT, steps=steps, guidance_scale=CFG, seed=seed,
-                                            width=size, height=size, api_name="/generate")
+                                            width=size, height=size, preview=preview, api_name="/generate")
             elapsed = (time.perf_counter() - t0) * 1000.0
             t = details["timings"]
             out = {"backend_ms": t["total_ms"], "png_ms": details.get("app_ms", 0.0)}
@@ -155,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     def http_runner(url, http):
         def run(seed):
             t0 = time.perf_counter()
-            data = [PROMPT, "", steps, "fp32", CFG, seed, DEFAULT_SCHEDULER, size, size, 1]
+            data = [PROMPT, "", steps, "fp32", CFG, seed, DEFAULT_SCHEDULER, size, size, 1, False]
             event_id = http.post("/gradio_api/call/generate", json={"data": data}).raise_for_status().json()["event_id"]
             event, answer = None, None
             with http.stream("GET", f"/gradio_api/call/generate/{event_id}") as stream:
@@ -192,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
             if p == "c1":
                 yield http_runner(url, stack.enter_context(httpx.Client(base_url=url, timeout=300)))
             else:
-                yield gradio_client_runner(url, reuse_tls=(p != "c0"))
+                yield gradio_client_runner(url, reuse_tls=(p != "c0"), preview=(p != "cn"))
 
     samples: dict[str, list[float]] = {p: [] for p in paths}
     parts: dict[str, list[dict]] = {p: [] for p in paths}
@@ -224,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
                 group_of[app] = own
 
     names = {"a": "(a) bare diffusers pipeline", "b": "(b) backend.generate",
-             "c": "(c) app via gradio_client", "c0": "(c0) app via gradio_client, default Client()",
+             "c": "(c) app via gradio_client, live preview", "cn": "(cn) app via gradio_client, preview=False",
+             "c0": "(c0) app via gradio_client, default Client()",
              "c1": "(c1) app via Gradio's HTTP API (httpx)", "d": "(d) app -> SageMaker backend -> serving/server.py"}
     def median_of(values):
         return statistics.median(values) if values else None
