@@ -21,7 +21,7 @@ import gradio as gr
 
 from backend import SCHEDULERS, Backend, BackendUnavailable, Capabilities, Settings, create_backend
 from ui.blocks import DemoBlocks
-from ui.handlers import GALLERY_LABEL, REQUEST_DEFAULTS, Handlers, reuse_first_seed, reuse_seed
+from ui.handlers import REQUEST_DEFAULTS, Handlers, reuse_first_seed, reuse_seed
 from ui.outputs import OutputStore
 from ui.panels import TITLE, banner_html, latency_markdown, no_preview_note
 
@@ -133,7 +133,7 @@ def advanced_controls(caps: Capabilities) -> dict[str, gr.Component]:
 
 def result_panels(caps: Capabilities) -> tuple[gr.Gallery, gr.Markdown, gr.JSON]:
     """The gallery (previews while denoising, then the images), the latency panel and the details JSON."""
-    gallery = gr.Gallery(label=GALLERY_LABEL, format="png", columns=2, height="auto", object_fit="contain",
+    gallery = gr.Gallery(label="Images", format="png", columns=2, height="auto", object_fit="contain",
                          interactive=False)
     if not caps.previews:
         gr.Markdown(no_preview_note(caps), elem_id="no-preview")

@@ -3,6 +3,7 @@
 import time
 
 import pytest
+from PIL import Image
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 from gradio_client.utils import Status
@@ -55,8 +56,25 @@ def test_api_is_callable_by_keyword_with_defaults(client):
     params = client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/generate"]["parameters"]
     names = [p["parameter_name"] for p in params]
     assert names == ["prompt", "negative_prompt", "steps", "precision", "guidance_scale", "seed", "scheduler",
-                     "width", "height", "num_images"]
-    assert [p["parameter_has_default"] for p in params] == [False] + [True] * 9
+                     "width", "height", "num_images", "preview"]
+    assert [p["parameter_has_default"] for p in params] == [False] + [True] * 10
+
+
+def test_the_api_streams_previews_unless_asked_not_to(client):
+    """job.outputs() holds every update: pictures of the latents (latent size) before the PNG gallery."""
+    job = client.submit(prompt="a lovely cat", seed=3, api_name="/generate", **{**FAST, "steps": 8})
+    final_gallery, details = job.result(timeout=120)
+    *previews, last = job.outputs()
+    assert previews, "no preview came before the result"
+    assert last[1] == details and len(final_gallery) == 1
+    [item] = previews[0][0]
+    assert item["caption"].startswith("Preview: step ") and item["caption"].endswith(" of 8")
+    with Image.open(item["image"]) as picture:
+        assert picture.size == (16, 16)  # 128 / 8
+    assert final_gallery[0]["caption"] is None
+    quiet = client.submit(prompt="a lovely cat", seed=3, preview=False, api_name="/generate", **FAST)
+    quiet.result(timeout=120)
+    assert len(quiet.outputs()) == 1
 
 
 def test_generation_returns_pngs_with_infotext_and_details(client, tiny_dir):

@@ -310,7 +310,7 @@ def test_an_image_forms_while_it_denoises_and_the_walkthrough_figure_is_beside_i
     page.get_by_label("Prompt", exact=True).fill("a lovely cat")
     before = session_count(page)
     page.get_by_role("button", name="Generate").click()
-    # A preview: the gallery's label says which step, and its picture is at latent size (512 / 8).
+    # A preview: its caption says which step, and its picture is at latent size (512 / 8).
     label = page.get_by_text(re.compile(r"Preview: step \d+ of 30"))
     label.wait_for(timeout=120_000)
     page.wait_for_function("() => { const i = document.querySelector('button.thumbnail-item.thumbnail-lg img');"

@@ -77,9 +77,6 @@ def user_error(exc: BaseException, request_id: str) -> gr.Error:
                  "Error")
 
 
-GALLERY_LABEL = "Images"
-
-
 class LatestPreview:
     """Hands previews from the torch thread to the handler; one the handler has not shown yet is
     replaced by a newer one (a slow browser sees fewer previews, never an old one late)."""
@@ -159,7 +156,10 @@ class Handlers:
             try:
                 while (shown := await previews.next_or(generation)) is not None:
                     step, total, images = shown
-                    yield gr.update(value=images, label=f"Preview: step {step} of {total}"), gr.skip(), gr.skip()
+                    # Captioned, not relabelled: the last value is the API's result, the same plain gallery as
+                    # without previews (a gr.update would reach gradio_client as an update dict).
+                    caption = f"Preview: step {step} of {total}"
+                    yield [(image, caption) for image in images], gr.skip(), gr.skip()
                 result = generation.result()
             finally:
                 generation.cancel()  # a no-op once it is done; else (cancelled here) let the thread go
@@ -182,7 +182,7 @@ class Handlers:
         stats.add(result.timings.total_ms, len(files))
         log.info("request %s: generated %d image(s) in %.0f ms (backend %.0f ms, %d preview(s) shown)", request_id,
                  len(files), (time.perf_counter() - started) * 1000.0, result.timings.total_ms, previews.shown)
-        yield gr.update(value=files, label=GALLERY_LABEL), details, stats
+        yield files, details, stats
 
     def stop(self, request: gr.Request = None):
         """Stop this session's running generation."""
