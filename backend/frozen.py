@@ -6,12 +6,9 @@ inlines the weights and lets oneDNN fuse each convolution with the add or activa
 and pre-pack its weights; later calls at that shape run the frozen graph. The arithmetic is
 eager's: on the tiny model the images are bit-identical to eager diffusers in fp32.
 
-Measured on 2 CPU cores, 512x512, 20 steps, CFG (interleaved A/B, docs/benchmarks.md):
-
-- tiny model: 823 -> 698 ms a request (-15%): its small ops are dominated by per-op costs
-  that the frozen graph fuses away;
-- SD2.1-base shapes (`--model sd21-random`): about 5% a UNet step (10.0 -> 9.5 s), for about
-  1 GiB more memory per traced shape; tracing a shape takes about one step's time.
+The gain is largest where small ops are dominated by per-op costs that the frozen graph fuses away
+(the tiny model), a few percent a UNet step at SD2.1-base shapes, for more memory per traced shape;
+the figures are in docs/benchmarks.md ("Figures behind choices in the code").
 
 Every graph is only used at the exact shape, dtype and strides it was traced with (TorchScript
 would run other shapes, but diffusers' UNet takes shape-dependent branches while tracing, such

@@ -115,10 +115,10 @@ def pnginfo(infotext: str) -> PngImagePlugin.PngInfo:
 def png_bytes(image: Image.Image, compress_level: int = 0) -> bytes:
     """Encode as PNG carrying the image's infotext in its `parameters` chunk.
 
-    Level 0 (the default) writes 8-bit RGB/RGBA scanlines unfiltered and stored: ~2 ms for a
-    512x512 image, where Pillow takes 13 ms at level 0 (it still runs its adaptive row filters)
-    and ~30 ms at level 1. The file is larger (~770 KB at 512x512 instead of ~450-650 KB), which
-    costs nothing on loopback or a LAN; pass 1-9 to trade time for size on slow links.
+    Level 0 (the default) writes 8-bit RGB/RGBA scanlines unfiltered and stored, several times
+    faster than Pillow at level 0 (which still runs its adaptive row filters). The file is larger,
+    which costs nothing on loopback or a LAN; pass 1-9 to trade time for size on slow links.
+    Figures: docs/benchmarks.md.
     """
     infotext = image.info.get(KEY, "")
     if compress_level == 0 and image.mode in ("RGB", "RGBA"):

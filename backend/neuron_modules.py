@@ -324,7 +324,7 @@ class CpuDataParallel(nn.Module):
     The cores of a real DataParallel run their slices at the same time; on a CPU, whose traced graph
     takes any batch, the nearest equivalent is one call on the checked batch. Two calls in a row
     pay each small op's thread fork/join twice and were no faster than eager diffusers; one call is
-    about 15% faster per step (tiny model, 512x512, 2 CPU threads), with the same bf16 results.
+    faster per step (docs/benchmarks.md), with the same bf16 results.
     """
 
     def __init__(self, guard: ShapeGuard, device_ids: Sequence[int], batch_per_core: int):

@@ -171,8 +171,8 @@ def add_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] | None
                        help="requests that may wait; more get a 'queue full' message (default 16)")
         s.add_argument("--png-level", type=int, choices=range(10), metavar="0-9",
                        default=int(_env(env, "png-level") or 0),
-                       help="zlib level of served PNGs: 0 (default) is ~2 ms per 512x512 image and "
-                            "~770 KB; 6 is ~30 ms and ~35-45%% smaller, better for slow links")
+                       help="zlib level of served PNGs: 0 (default) is the fastest and largest; 6 is "
+                            "slower and smaller, better for slow links (figures: docs/benchmarks.md)")
         s.add_argument("--concurrency", type=int, default=int(_env(env, "concurrency") or 0) or None,
                        help="generations run at once (default: 1 for in-process backends, 4 for sagemaker)")
     return parser

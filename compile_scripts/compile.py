@@ -65,7 +65,7 @@ BASE_COMPILER_ARGS = {
 # bf16 timings assume it does.
 BF16_COMPILER_ARGS = ["--auto-cast=matmult", "--auto-cast-type=bf16"]
 # The attention kernel of NeuronAttnProcessor (backend/neuron_modules.py): explicit matmuls for the
-# Neuron compiler; PyTorch's fused kernel on a CPU, where it is 1.5-2x faster than explicit scores;
+# Neuron compiler; PyTorch's fused kernel on a CPU, where it beats explicit scores (docs/benchmarks.md);
 # nki: neuronx-cc's flash attention kernel for the UNet's self-attention, as AWS's current SD2.1
 # sample does (Neuron only: the kernel ships inside the compiler).
 ATTENTION_KERNELS = ("bmm", "sdpa", "nki")
