@@ -43,8 +43,9 @@ def steps_done(job) -> int:
 def is_queued(job) -> bool:
     """The server has the job: it waits in the queue with a rank, or runs."""
     status = job.status()
+    # ITERATING: a generator handler (the previews) that has yielded at least once.
     return (status.code == Status.IN_QUEUE and status.rank is not None) or status.code in (
-        Status.PROCESSING, Status.PROGRESS)
+        Status.PROCESSING, Status.PROGRESS, Status.ITERATING)
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ panel, what a request's errors write to the log. Milliseconds each."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import re
 import threading
@@ -167,6 +168,13 @@ class Broken:
         raise self.error
 
 
+def in_own_loop(coroutine):
+    """asyncio.run on a thread of its own: in the full suite, Playwright's sync API keeps an event loop
+    running on the main thread, where asyncio.run refuses to start another."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coroutine).result()
+
+
 def run_generate(backend, tmp_path, **kwargs):
     """Call the handler as Gradio would, without a server, to its end; the gr.Error it raises, or None."""
     handlers = Handlers(backend, OutputStore(tmp_path))
@@ -176,7 +184,7 @@ def run_generate(backend, tmp_path, **kwargs):
             pass
 
     try:
-        asyncio.run(consume())
+        in_own_loop(consume())
     except gr.Error as exc:
         return exc
     return None
@@ -292,7 +300,7 @@ def collect(handlers, backend, **kwargs):
             backend.shown.set()
         return out
 
-    return asyncio.run(run())
+    return in_own_loop(run())
 
 
 def test_the_handler_yields_previews_then_the_images(tmp_path):

@@ -79,9 +79,15 @@ def user_error(exc: BaseException, request_id: str) -> gr.Error:
 
 class LatestPreview:
     """Hands previews from the torch thread to the handler; one the handler has not shown yet is
-    replaced by a newer one (a slow browser sees fewer previews, never an old one late)."""
+    replaced by a newer one (a slow browser sees fewer previews, never an old one late).
 
-    def __init__(self):
+    At most one every `min_interval_s`: a fast backend makes one per step (tens a second on inf2), more
+    than a browser can draw, and each one sent briefly hides Gradio's progress bar.
+    """
+
+    def __init__(self, min_interval_s: float = 0.25):
+        self.min_interval_s = min_interval_s
+        self._last_shown = -float("inf")
         self._loop = asyncio.get_running_loop()
         self._latest: tuple[int, int, list[Any]] | None = None
         self._ready = asyncio.Event()
@@ -97,6 +103,9 @@ class LatestPreview:
 
     async def next_or(self, generation: asyncio.Future) -> tuple[int, int, list[Any]] | None:
         """The newest preview not shown yet, or None once the generation has finished."""
+        wait_s = self._last_shown + self.min_interval_s - self._loop.time()
+        if wait_s > 0:
+            await asyncio.wait({generation}, timeout=wait_s)
         waiter = asyncio.ensure_future(self._ready.wait())
         try:
             await asyncio.wait({waiter, generation}, return_when=asyncio.FIRST_COMPLETED)
@@ -107,6 +116,7 @@ class LatestPreview:
         self._ready.clear()
         item, self._latest = self._latest, None
         self.shown += 1
+        self._last_shown = self._loop.time()
         return item
 
 
