@@ -81,14 +81,26 @@ class LatestPreview:
     """Hands previews from the torch thread to the handler; one the handler has not shown yet is
     replaced by a newer one (a slow browser sees fewer previews, never an old one late).
 
-    At most one every `min_interval_s`: a fast backend makes one per step (tens a second on inf2), more
-    than a browser can draw, and each one sent briefly hides Gradio's progress bar.
+    Paced by what showing one costs: between a yield and the handler's next turn, Gradio writes the
+    picture to its cache and sends it, and then the browser fetches it, on the cores the generation
+    runs on. Each preview is counted at that measured time, or at least `min_cost_s` (what the
+    overhead benchmark found a preview costs a generation end to end on 2 cores, docs/benchmarks.md:
+    the contention with the torch threads is more than the time the handler sees). The next preview
+    waits until the previews so far plus one more are within `budget` of the time since the start, and
+    at least `min_interval_s` after the last (each one sent briefly hides Gradio's progress bar).
+    A fast backend makes a preview every step, more than a browser can draw; this sends what fits.
     """
 
-    def __init__(self, min_interval_s: float = 0.25):
+    def __init__(self, budget: float = 0.05, min_cost_s: float = 0.05, min_interval_s: float = 0.5):
+        self.budget = budget
+        self.min_cost_s = min_cost_s
         self.min_interval_s = min_interval_s
-        self._last_shown = -float("inf")
         self._loop = asyncio.get_running_loop()
+        self._started = self._loop.time()
+        self._last_shown = -float("inf")
+        self._yielded_at: float | None = None
+        self.spent_s = 0.0  # Gradio's time on the previews sent so far
+        self._last_cost_s = 0.0
         self._latest: tuple[int, int, list[Any]] | None = None
         self._ready = asyncio.Event()
         self.shown = 0
@@ -101,9 +113,20 @@ class LatestPreview:
         self._latest = item
         self._ready.set()
 
+    def _wait_s(self) -> float:
+        """How long to wait before the next preview may go."""
+        now = self._loop.time()
+        by_interval = self._last_shown + self.min_interval_s - now
+        by_budget = (self.spent_s + max(self._last_cost_s, self.min_cost_s)) / self.budget - (now - self._started)
+        return max(by_interval, by_budget, 0.0)
+
     async def next_or(self, generation: asyncio.Future) -> tuple[int, int, list[Any]] | None:
         """The newest preview not shown yet, or None once the generation has finished."""
-        wait_s = self._last_shown + self.min_interval_s - self._loop.time()
+        if self._yielded_at is not None:  # back from a yield: Gradio has handled the last preview
+            self._last_cost_s = max(self._loop.time() - self._yielded_at, self.min_cost_s)
+            self.spent_s += self._last_cost_s
+            self._yielded_at = None
+        wait_s = self._wait_s()
         if wait_s > 0:
             await asyncio.wait({generation}, timeout=wait_s)
         waiter = asyncio.ensure_future(self._ready.wait())
@@ -116,7 +139,7 @@ class LatestPreview:
         self._ready.clear()
         item, self._latest = self._latest, None
         self.shown += 1
-        self._last_shown = self._loop.time()
+        self._last_shown = self._yielded_at = self._loop.time()
         return item
 
 
