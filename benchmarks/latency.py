@@ -38,7 +38,6 @@ PRICES_PER_HOUR = {
     "g5.xlarge": 1.006,
     "g6.xlarge": 0.8048,
 }
-WALKTHROUGH_PRICE = 1.966  # $/h behind the walk-through's own cost column (1.116 QPS -> $4.89 per 10k)
 
 
 @dataclass

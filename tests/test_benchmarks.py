@@ -11,19 +11,7 @@ from backend.stats import LatencyStats, cost_per_10k_images, percentile, qps
 from benchmarks import latency
 from helpers import ROOT
 
-# The walk-through's table: (precision, steps, P95 s, QPS, $ per 10k images) on inf2.xlarge.
-WALKTHROUGH = [
-    ("fp32", 20, 1.042, 0.970, 5.63),
-    ("fp32", 30, 1.517, 0.676, 8.07),
-    ("fp32", 50, 2.365, 0.424, 12.88),
-    ("bf16", 20, 0.908, 1.116, 4.89),
-    ("bf16", 50, 2.062, 0.497, 10.99),
-]
-
-
-@pytest.mark.parametrize("precision, steps, p95, rate, cost", WALKTHROUGH)
-def test_cost_matches_the_walkthrough_rows(precision, steps, p95, rate, cost):
-    assert cost_per_10k_images(latency.WALKTHROUGH_PRICE, rate) == pytest.approx(cost, abs=0.01)
+# Each row of the walk-through's table against its cost column: tests/test_walkthrough.py.
 
 
 def test_walkthrough_headline_row():
