@@ -100,7 +100,7 @@ class LatestPreview:
         self._last_shown = -float("inf")
         self._yielded_at: float | None = None
         self.spent_s = 0.0  # Gradio's time on the previews sent so far
-        self._last_cost_s = 0.0
+        self._last_cost_s = min_cost_s  # what the next preview is expected to cost
         self._latest: tuple[int, int, list[Any]] | None = None
         self._ready = asyncio.Event()
         self.shown = 0
@@ -117,7 +117,7 @@ class LatestPreview:
         """How long to wait before the next preview may go."""
         now = self._loop.time()
         by_interval = self._last_shown + self.min_interval_s - now
-        by_budget = (self.spent_s + max(self._last_cost_s, self.min_cost_s)) / self.budget - (now - self._started)
+        by_budget = (self.spent_s + self._last_cost_s) / self.budget - (now - self._started)
         return max(by_interval, by_budget, 0.0)
 
     async def next_or(self, generation: asyncio.Future) -> tuple[int, int, list[Any]] | None:
