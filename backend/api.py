@@ -12,6 +12,7 @@ import math
 import os
 import re
 import reprlib
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
@@ -55,6 +56,11 @@ def short_error(exc: BaseException) -> str:
 def random_seed() -> int:
     """A seed for seed=-1 (from the OS, not torch's global generator)."""
     return int.from_bytes(os.urandom(4), "little")
+
+
+def new_request_id() -> str:
+    """A short id that ties a message a person or a client sees to its line in the server log."""
+    return uuid.uuid4().hex[:8]
 
 
 @dataclass(frozen=True)

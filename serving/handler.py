@@ -21,7 +21,6 @@ import json
 import logging
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Iterator, Mapping
 
@@ -38,6 +37,7 @@ from backend import (
     create_backend,
     protocol,
 )
+from backend.api import new_request_id
 from backend.metadata import png_bytes
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ class Handler:
         """Answer one invocation; never raises. A generation (its start and its answer) and an error are logged
         under a short request id; a describe is not logged."""
         started = time.perf_counter()
-        request_id = uuid.uuid4().hex[:8]
+        request_id = new_request_id()
         try:
             invocation = parse(bytes(body or b""), headers, self.capabilities)
             if invocation.request is None:

@@ -10,7 +10,6 @@ import html
 import itertools
 import logging
 import time
-import uuid
 from typing import Any
 
 import anyio
@@ -24,6 +23,7 @@ from backend import (
     GenerationRequest,
     InvalidRequest,
 )
+from backend.api import new_request_id
 from backend.stats import LatencyStats
 from ui.cancel import CancelRegistry
 from ui.outputs import OutputStore
@@ -42,11 +42,6 @@ def as_text(message: str) -> str:
     """A message for gr.Error / gr.Warning, whose toasts render (sanitized) HTML: what it repeats of a
     prompt or of a remote endpoint's answer must show as the text it is, not become markup."""
     return html.escape(message, quote=False)
-
-
-def new_request_id() -> str:
-    """A short id that ties a message a person sees to its line in the server log."""
-    return uuid.uuid4().hex[:8]
 
 
 def user_error(exc: BaseException, request_id: str) -> gr.Error:
