@@ -20,6 +20,12 @@ from .schedulers import DEFAULT_SCHEDULER, SCHEDULERS  # light: names only, diff
 
 MAX_SEED = 2**32 - 1
 RANDOM_SEED = -1
+# What a generation starts from: nothing (text to image), an input image (image to image), or an input
+# image and a mask of the part to repaint (inpaint). Capabilities.modes says which a backend offers.
+MODES = ("txt2img", "img2img", "inpaint")
+MODE_LABELS = {"txt2img": "Text to image", "img2img": "Image to image", "inpaint": "Inpaint"}
+DEFAULT_STRENGTH = 0.75  # AUTOMATIC1111's default denoising strength
+MAX_MASK_BLUR = 64
 
 
 class BackendError(Exception):
@@ -88,6 +94,9 @@ class Capabilities:
     # Pictures of the latents while denoising (generate's on_preview): in-process backends only; a
     # remote endpoint answers once per request.
     previews: bool = False
+    # The modes it runs (MODES); every backend runs txt2img. A compiled Neuron root without the VAE
+    # encoder part offers txt2img only.
+    modes: tuple[str, ...] = ("txt2img",)
     notes: tuple[str, ...] = ()
 
     @property
@@ -100,7 +109,7 @@ class Capabilities:
         data = dataclasses.asdict(self)
         data["fixed_sizes"] = [list(s) for s in self.fixed_sizes]
         data["default_size"] = list(self.default_size)
-        for key in ("precisions", "schedulers", "notes"):
+        for key in ("precisions", "schedulers", "modes", "notes"):
             data[key] = list(data[key])
         return data
 
@@ -109,7 +118,7 @@ class Capabilities:
         """Inverse of to_dict; unknown keys are ignored so older clients keep working."""
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in data.items() if k in names}
-        for key in ("precisions", "schedulers", "notes"):
+        for key in ("precisions", "schedulers", "modes", "notes"):
             if key in kwargs:
                 kwargs[key] = tuple(kwargs[key])
         if "fixed_sizes" in kwargs:
@@ -133,9 +142,24 @@ class GenerationRequest:
     width: int | None = None  # None: the backend's default size
     height: int | None = None
     num_images: int = 1
+    mode: str = "txt2img"
+    # img2img and inpaint: the input image and (inpaint) the mask, white where to repaint. Given as
+    # PNG/JPEG bytes, base64 text or PIL images; validated() returns them fitted to width x height
+    # (RGB and L) by resize_mode (backend/input_images.py).
+    image: Any = None
+    mask: Any = None
+    strength: float = DEFAULT_STRENGTH  # how much of the input to repaint: 1.0 keeps nothing of it
+    mask_blur: int = 4  # pixels of Gaussian blur on the mask's edge, as AUTOMATIC1111's "Mask blur"
+    resize_mode: str = "crop"
 
     def validated(self, caps: Capabilities) -> "GenerationRequest":
         """Return a normalized copy, or raise InvalidRequest naming the field and what is allowed."""
+        if self.mode not in MODES:
+            raise InvalidRequest(f"mode: {_show(self.mode)} is not known; choose one of {', '.join(MODES)}.", "mode")
+        if self.mode not in caps.modes:
+            raise InvalidRequest(
+                f"mode: {MODE_LABELS[self.mode]} ({self.mode}) is not available on this backend; it offers "
+                f"{', '.join(f'{MODE_LABELS[m]} ({m})' for m in caps.modes)}.", "mode")
         if not isinstance(self.prompt, str) or not self.prompt.strip():
             raise InvalidRequest("prompt: must not be empty; type what the image should show.", "prompt")
         _check_text("prompt", self.prompt)
@@ -167,8 +191,10 @@ class GenerationRequest:
         width = caps.default_size[0] if self.width in (None, "") else self.width
         height = caps.default_size[1] if self.height in (None, "") else self.height
         width, height = _size(width, height, caps)
+        inputs = self._validated_inputs(steps, width, height)
         return dataclasses.replace(
             self,
+            **inputs,
             prompt=self.prompt,
             negative_prompt=negative,
             steps=steps,
@@ -181,13 +207,53 @@ class GenerationRequest:
             num_images=num_images,
         )
 
+    def _validated_inputs(self, steps: int, width: int, height: int) -> dict[str, Any]:
+        """The mode's own fields, checked and with the pictures fitted to width x height."""
+        from . import input_images
+
+        wants_image, wants_mask = self.mode in ("img2img", "inpaint"), self.mode == "inpaint"
+        for name, value, wanted in (("image", self.image, wants_image), ("mask", self.mask, wants_mask)):
+            if wanted and value is None:
+                raise InvalidRequest(f"{name}: {MODE_LABELS[self.mode]} needs an input {name}; upload one.", name)
+            if not wanted and value is not None:
+                raise InvalidRequest(f"{name}: {MODE_LABELS[self.mode]} ({self.mode}) takes no input {name}; "
+                                     f"leave it out or choose a mode that uses it.", name)
+        if not wants_image:
+            return {"image": None, "mask": None}
+        strength = _number("strength", self.strength, 0.0, 1.0)
+        if int(steps * strength) < 1:  # diffusers runs int(steps * strength) steps (get_timesteps)
+            raise InvalidRequest(f"strength: {strength:g} with {steps} steps runs no denoising step; raise "
+                                 f"strength or steps so that steps x strength is at least 1.", "strength")
+        if self.resize_mode not in input_images.RESIZE_MODES:
+            raise InvalidRequest(f"resize_mode: {_show(self.resize_mode)} is not known; choose one of "
+                                 f"{', '.join(input_images.RESIZE_MODES)}.", "resize_mode")
+        source = input_images.load_picture("image", self.image)
+        image = input_images.fit_image(source, width, height, self.resize_mode)
+        mask, mask_blur = None, _integer("mask_blur", self.mask_blur, 0, MAX_MASK_BLUR)
+        if wants_mask:
+            mask = input_images.fit_mask(input_images.load_picture("mask", self.mask), source.size, width, height,
+                                         self.resize_mode)
+        return {"image": image, "mask": mask, "strength": strength, "mask_blur": mask_blur}
+
+    @property
+    def denoising_steps(self) -> int:
+        """The denoising steps that actually run: all of them from text, int(steps x strength) from an image."""
+        if self.mode == "txt2img":
+            return int(self.steps)
+        return min(int(int(self.steps) * float(self.strength)), int(self.steps))
+
     def image_seeds(self, base_seed: int) -> list[int]:
         """Image i uses seed + i (wrapping at 2**32), so any image can be reproduced alone."""
         return [(base_seed + i) % (MAX_SEED + 1) for i in range(self.num_images)]
 
     def to_dict(self) -> dict[str, Any]:
-        """A plain dict of the fields."""
-        return dataclasses.asdict(self)
+        """A plain dict of the fields; the pictures as their size ("512x512") or None."""
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for name in ("image", "mask"):
+            picture = data[name]
+            data[name] = None if picture is None else (
+                f"{picture.width}x{picture.height}" if hasattr(picture, "width") else f"{len(picture)} bytes")
+        return data
 
 
 def normalize_scheduler(value: Any, caps: Capabilities) -> str:
@@ -288,6 +354,7 @@ class Timings:
     denoise_ms: float = 0.0
     step_ms: list[float] = field(default_factory=list)
     vae_ms: float = 0.0
+    vae_encode_ms: float = 0.0  # img2img and inpaint: the input image (and masked image) to latents
     # Remote backends: the server's own total; network + queue = total_ms - server_ms.
     server_ms: float | None = None
 
@@ -304,6 +371,7 @@ class Timings:
             "denoise_ms": round(self.denoise_ms, 1),
             "step_ms": [round(s, 1) for s in self.step_ms],
             "vae_ms": round(self.vae_ms, 1),
+            "vae_encode_ms": round(self.vae_encode_ms, 1),
         }
         if self.server_ms is not None:
             data["server_ms"] = round(self.server_ms, 1)
@@ -319,6 +387,7 @@ class Timings:
             denoise_ms=float(data.get("denoise_ms", 0.0)),
             step_ms=[float(s) for s in data.get("step_ms", [])],
             vae_ms=float(data.get("vae_ms", 0.0)),
+            vae_encode_ms=float(data.get("vae_encode_ms", 0.0)),
             server_ms=None if data.get("server_ms") is None else float(data["server_ms"]),
         )
 
@@ -342,9 +411,10 @@ class GenerationResult:
 
     def details(self) -> dict[str, Any]:
         """The JSON details the UI and the API return beside the images."""
-        return {
+        details = {
             "backend": self.backend,
             "model": self.model,
+            "mode": self.request.mode,
             "precision": self.request.precision,
             "scheduler": self.request.scheduler,
             "steps": self.request.steps,
@@ -353,6 +423,10 @@ class GenerationResult:
             "timings": self.timings.to_dict(),
             "warnings": list(self.warnings),
         }
+        if self.request.mode != "txt2img":
+            details["strength"] = self.request.strength
+            details["denoising_steps"] = self.request.denoising_steps
+        return details
 
 
 StepCallback = Callable[[int, int], None]
