@@ -442,3 +442,35 @@ def test_png_info_round_trips_this_apps_png_and_says_when_there_is_none(tmp_path
     assert read_png_info(None) == ("", {"note": NO_PNG})
     (tmp_path / "text.png").write_text("not a picture")
     assert "cannot be read as an image" in read_png_info({"path": str(tmp_path / "text.png")})[1]["note"]
+
+
+def test_send_to_fills_the_controls_switches_tab_and_skips_what_it_cannot():
+    import app
+
+    caps = Capabilities(backend="local", model="tiny", device="cpu", precisions=("fp32",))
+    names = ["prompt", "negative_prompt", "steps", "scheduler", "guidance_scale", "seed", "width", "height",
+             "strength"]
+    values = app.send_settings(caps, names, False, True, "img2img", A1111_TEXT.replace("DPM++ 2M", "Heun"),
+                               {"path": "/uploads/a1111.png"})
+    image, *controls, note, tabs = values
+    assert image == "/uploads/a1111.png" and tabs.selected == "img2img"
+    assert controls[:3] == ["masterpiece, a castle on a hill, (golden hour:1.2)", "blurry, lowres", 28]
+    assert controls[3] == gr.skip() and note == "Sampler: Heun Karras is not offered here; left as it was."
+    assert controls[4:] == [6.5, 1234567890, 512, 768, 0.55]
+    *_, note, tabs = app.send_settings(caps, names[:-1], False, False, "txt2img", "", None)
+    assert "no settings to send" in note and tabs == gr.skip()
+
+
+def test_compiled_sizes_are_one_size_menu():
+    import app
+
+    caps = Capabilities(backend="neuron", model="m", device="d", precisions=("bf16",),
+                        fixed_sizes=((512, 512), (768, 512)), default_size=(768, 512))
+    with gr.Blocks():
+        sizes = app.size_controls(caps)
+    assert isinstance(sizes["size"], gr.Dropdown) and sizes["size"].value == "768x512"
+    assert [choice[1] for choice in sizes["size"].choices] == ["512x512", "768x512"]
+    assert sizes["width"].visible is False and sizes["height"].visible is False  # the API's width/height stay
+    with gr.Blocks():
+        sliders = app.size_controls(Capabilities(backend="local", model="m", device="cpu", precisions=("fp32",)))
+    assert set(sliders) == {"width", "height"} and isinstance(sliders["width"], gr.Slider)
