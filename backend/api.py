@@ -94,8 +94,8 @@ class Capabilities:
     # Pictures of the latents while denoising (generate's on_preview): in-process backends only; a
     # remote endpoint answers once per request.
     previews: bool = False
-    # The modes it runs (MODES); every backend runs txt2img. A compiled Neuron root without the VAE
-    # encoder part offers txt2img only.
+    # The modes it runs (MODES). A compiled Neuron root without the VAE encoder part offers txt2img only;
+    # a dedicated inpainting checkpoint (9-channel UNet) runs inpaint only (pipeline.modes_of).
     modes: tuple[str, ...] = ("txt2img",)
     notes: tuple[str, ...] = ()
 
