@@ -467,7 +467,7 @@ def upload(root: Path, uri: str, client=None, echo: Callable[[str], None] = prin
     needs = f"s3:PutObject on arn:aws:s3:::{bucket}/{prefix}* (s3:GetObject and s3:ListBucket to skip what is there)"
     sent = skipped = 0
     try:
-        existing = _listed_objects(client, bucket, prefix)
+        existing = listed_objects(client, bucket, prefix)
         for rel, entry in index["files"].items():
             key = prefix + rel
             same_size = existing.get(key) == entry["size"]
@@ -490,7 +490,7 @@ def upload(root: Path, uri: str, client=None, echo: Callable[[str], None] = prin
     return index
 
 
-def _listed_objects(client, bucket: str, prefix: str) -> dict[str, int]:
+def listed_objects(client, bucket: str, prefix: str) -> dict[str, int]:
     """{key: size} of the objects under a prefix."""
     found: dict[str, int] = {}
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
