@@ -286,6 +286,16 @@ def test_a_root_from_another_neuron_sdk_is_refused_before_any_big_file(published
     assert root_store.stack_problem(index, installed={"neuronx-cc": "2.24.5133.0+abc"}) is None
 
 
+def test_doctor_checks_a_published_root_and_names_a_missing_one(published, tmp_path, monkeypatch, capsys):
+    from compile_scripts import doctor
+
+    monkeypatch.setenv("SD_CACHE_DIR", str(tmp_path))
+    assert doctor.main(["--artifacts", published[1], "--no-smoke"]) == 0
+    assert "0 error(s)" in capsys.readouterr().out
+    assert doctor.main(["--artifacts", f"s3://{BUCKET}/nothing/", "--no-smoke"]) == 1
+    assert f"[ERROR  ] s3://{BUCKET}/nothing/: no compiled root there" in capsys.readouterr().out
+
+
 def test_a_local_path_is_used_as_it_is_and_bad_uris_are_named(tmp_path):
     assert root_store.resolve("~/some/root") == Path("~/some/root").expanduser()
     assert root_store.resolve("team/root") == Path("team/root")  # a bare owner/name is a folder, never the Hub
