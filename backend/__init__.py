@@ -34,10 +34,12 @@ __all__ = [
 
 
 def neuron_available(settings: Settings) -> bool:
-    """True when torch-neuronx imports, a Neuron device exists and compiled artifacts are present."""
+    """True when torch-neuronx imports, a Neuron device exists and compiled artifacts are present (or published)."""
+    from .root_store import is_remote
+
     root = Path(settings.artifacts or DEFAULT_ARTIFACTS)
-    if not (root / "compiled_models").is_dir():
-        return False
+    if not is_remote(settings.artifacts) and not (root / "compiled_models").is_dir():
+        return False  # a remote root is downloaded by the backend, once chosen
     from .preflight import neuron_devices  # light: no torch
 
     if not neuron_devices():

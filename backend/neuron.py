@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from . import pipeline
+from . import pipeline, root_store
 from .api import BackendUnavailable, Capabilities, GenerationRequest, InvalidRequest
 from .artifacts import (
     NEURON_DTYPES,
@@ -84,7 +84,7 @@ class NeuronBackend(InProcessBackend):
 
     def __init__(self, settings: Settings):
         super().__init__(settings)
-        self.root = Path(settings.artifacts or DEFAULT_ARTIFACTS).expanduser()
+        self.root = root_store.resolve(settings.artifacts or DEFAULT_ARTIFACTS, settings.cache_dir)
         self.sets = find_artifacts(self.root, settings.model)
         first = self.sets[0]
         self.target = first.target

@@ -32,7 +32,8 @@ class Settings:
     backend: str = "auto"
     model: str | None = None  # None: DEFAULT_MODEL, falling back to the tiny model when it cannot load
     device: str = "auto"
-    artifacts: str | None = None
+    artifacts: str | None = None  # a folder, s3://BUCKET/PREFIX/ or hf://OWNER/NAME[@REVISION] (root_store.py)
+    cache_dir: str | None = None  # where s3:// roots are downloaded; None: root_store.DEFAULT_CACHE_DIR
     endpoint_name: str | None = None
     region: str | None = None
     endpoint_url: str | None = None
@@ -123,7 +124,11 @@ def add_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] | None
     g.add_argument("--device", choices=DEVICES, default=_env(env, "device") or "auto",
                    help="local backend: cuda, mps or cpu (auto picks the first available)")
     g.add_argument("--artifacts", default=_env(env, "artifacts"),
-                   help=f"neuron backend: compiled root (default ./{DEFAULT_ARTIFACTS})")
+                   help=f"neuron backend: compiled root: a folder (default ./{DEFAULT_ARTIFACTS}), s3://BUCKET/PREFIX/ "
+                        f"or hf://OWNER/NAME[@REVISION], downloaded once and verified against its file index")
+    g.add_argument("--cache-dir", default=_env(env, "cache-dir"),
+                   help="neuron backend: where s3:// roots are downloaded (default ~/.cache/sd-inf2; hf:// roots "
+                        "stay in the Hub's cache, HF_HUB_CACHE)")
     g.add_argument("--endpoint-name", default=_env(env, "endpoint-name"),
                    help="sagemaker backend: the SageMaker endpoint's name")
     g.add_argument("--region", default=_env(env, "region"),

@@ -36,6 +36,7 @@ if __package__ in (None, ""):  # `python compile_scripts/compile.py`: make the r
 
 from backend.artifacts import NEURON_DTYPES, PARTS, VAE_PARTS  # noqa: E402 - light, no torch
 from backend.preflight import MIN_UNET_MEMORY_GB, host_memory_gb, neuron_devices  # noqa: E402 - light, no torch
+from backend.root_store import publish, upload_uri  # noqa: E402 - light, no torch or boto3
 
 # fp32: AWS's SD2.1 notebook (aws-neuron-samples torch-neuronx/inference/hf_pretrained_sd2_512_inference.ipynb)
 # compiles the UNet and text encoder in bf16 but the VAE decoder and post_quant_conv in fp32, which
@@ -459,6 +460,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "attention on a CPU")
     parser.add_argument("--force", action="store_true", help="recompile parts that are up to date")
     parser.add_argument("--workdir", type=Path, help="keep the Neuron compiler's work files (logs, NEFFs) here")
+    parser.add_argument("--upload", metavar="s3://BUCKET/PREFIX/", type=upload_uri,
+                        help="then publish the root there with its file index (backend/root_store.py), for "
+                             "--artifacts s3://... and deploy.py --model-data")
     return parser
 
 
@@ -479,6 +483,7 @@ def main(argv: list[str] | None = None) -> int:
                             echo=lambda text: print(text, flush=True), attention=args.attention,
                             vae_dtype=args.vae_dtype)
         compiler.compile(list(dict.fromkeys(args.dtype)), [p for p in PARTS if p in args.parts])
+        publish(args.out, args.upload)  # the file index; with --upload, the S3 copy too
     except (CompileError, BackendError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -2,6 +2,8 @@
 
     python -m compile_scripts.deploy deploy --name sd21 --role arn:aws:iam::123456789012:role/SageMakerRole \\
         --bucket my-bucket --model-tar model.tar.gz --region us-east-2
+    python -m compile_scripts.deploy deploy --name sd21 --role arn:aws:iam::123456789012:role/SageMakerRole \\
+        --model-data s3://my-bucket/roots/sd2_512_root/ --region us-east-2      # a root from compile.py --upload
     python -m compile_scripts.deploy status --name sd21 --region us-east-2
     python -m compile_scripts.deploy delete --name sd21 --region us-east-2 [--delete-model-data]
 
@@ -11,6 +13,16 @@ creates the endpoint NAME, or points an existing one at the new config. Running 
 same inputs changes nothing; with new inputs it updates the endpoint in place and then removes the
 models and configs it no longer uses. delete removes the endpoint, every NAME-m-/NAME-c- model and
 config, and the autoscaling target, so nothing is left billing or cluttering the account.
+
+With --model-data, no archive is built or uploaded: the model points at a root published with
+`compile.py --upload s3://...` as uncompressed model data (ModelDataSource, S3DataType S3Prefix,
+CompressionType None), and deploy puts the endpoint's code package (package.py's code/ folder) beside
+the root, under PREFIX/code/. SageMaker copies every object under the prefix into /opt/ml/model, the
+prefix trimmed from each key (API reference, S3ModelDataSource; "Deploying uncompressed models",
+https://docs.aws.amazon.com/sagemaker/latest/dg/large-model-inference-uncompressed.html), so the
+toolkit finds code/inference.py there and the root is /opt/ml/model itself. Objects under the prefix
+that are neither the root's (its file index lists them) nor code/ are refused, since they would be
+copied too. Every model made from a prefix runs the code last put there, at its next instance start.
 
 The default image is AWS's PyTorch Neuron inference container (compile_scripts/container.py names it
 and its sources), which runs model.tar.gz's code/inference.py under TorchServe. The model's
@@ -34,7 +46,7 @@ from typing import Any, Callable
 if __package__ in (None, ""):  # `python compile_scripts/deploy.py`: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from compile_scripts import container  # noqa: E402 - after the path fix above
+from compile_scripts import container, package  # noqa: E402 - after the path fix above
 from compile_scripts.package import CODE_DIR, file_sha256  # noqa: E402
 
 DEFAULT_INSTANCE = "ml.inf2.xlarge"
@@ -81,8 +93,8 @@ class Plan:
 
     name: str
     role: str
-    bucket: str
-    model_tar: Path
+    bucket: str | None  # for --model-tar
+    model_tar: Path | None  # model.tar.gz to upload, or None with model_data
     prefix: str = DEFAULT_PREFIX
     instance_type: str = DEFAULT_INSTANCE
     image_uri: str | None = None
@@ -93,6 +105,7 @@ class Plan:
     startup_timeout_s: int = DEFAULT_STARTUP_S
     max_queue: int = container.DEFAULT_MAX_QUEUE
     wait: bool = True
+    model_data: str | None = None  # s3://BUCKET/PREFIX/ of a published root: uncompressed model data
 
     def image(self, region: str) -> str:
         """The container image: --image-uri, else AWS's PyTorch Neuron inference image for the region."""
@@ -138,9 +151,13 @@ class Deployer:
         if plan.max_queue < 1:
             raise DeployError("--max-queue must be at least 1.")
         image = plan.image(self.region)
-        model_data = self.upload(plan)
+        if plan.model_data:
+            model_data, code_digest = self.upload_code(plan)
+            identity = f"{model_data}#code-{code_digest[:16]}"  # new code makes a new model, as a new archive does
+        else:
+            model_data = identity = self.upload(plan)
         environment = plan.environment()
-        model = f"{plan.name}-m-{short_hash(image, model_data, plan.role, sorted(environment.items()))}"
+        model = f"{plan.name}-m-{short_hash(image, identity, plan.role, sorted(environment.items()))}"
         config_hash = short_hash(model, plan.instance_type, plan.min_instances, plan.volume_gb, plan.startup_timeout_s)
         config = f"{plan.name}-c-{config_hash}"
         self._ensure_model(model, image, model_data, environment, plan)
@@ -203,6 +220,46 @@ class Deployer:
             self.s3.upload_file(str(plan.model_tar), plan.bucket, key)
         return uri
 
+    def upload_code(self, plan: Plan) -> tuple[str, str]:
+        """Check the published root under --model-data and put the endpoint's code package beside it (PREFIX/code/);
+        returns (the prefix's URI, the package's sha256)."""
+        from backend import BackendUnavailable, root_store
+
+        try:
+            bucket, prefix = root_store.split_s3_uri(plan.model_data)
+        except BackendUnavailable as exc:
+            raise DeployError(f"--model-data {exc}") from None
+        uri = f"s3://{bucket}/{prefix}"
+        if not prefix:
+            raise DeployError(f"--model-data {plan.model_data}: name the root's prefix in the bucket "
+                              f"(s3://BUCKET/PREFIX/): SageMaker copies everything under it.")
+        try:
+            index = root_store.read_s3_index(uri, self.s3)
+            root_store.check_stack(index, uri)
+        except BackendUnavailable as exc:
+            raise DeployError(f"--model-data {exc}") from None
+        existing = root_store.listed_objects(self.s3, bucket, prefix)
+        code_prefix = f"{prefix}{CODE_DIR}/"
+        stray = sorted(key for key in existing if key[len(prefix):] not in index["files"]
+                       and key != prefix + root_store.INDEX_PATH and not key.startswith(code_prefix))
+        if stray:
+            raise DeployError(f"--model-data {uri}: SageMaker copies every object under the prefix into /opt/ml/model, "
+                              f"and {len(stray)} are no part of the root ({', '.join(stray[:3])}"
+                              f"{', ...' if len(stray) > 3 else ''}); remove them (aws s3 rm) or publish the root "
+                              f"under a prefix of its own.")
+        config = package.endpoint_config("neuron", None, None, None, package.DEFAULT_PNG_LEVEL)
+        entries = sorted(package.members(None, config, package.endpoint_requirements()), key=lambda e: e[0])
+        blobs = [(name, data if isinstance(data, bytes) else data.read_bytes()) for name, data in entries]
+        digest = hashlib.sha256(b"".join(name.encode() + b"\0" + hashlib.sha256(data).digest()
+                                         for name, data in blobs)).hexdigest()
+        self.out(f"putting the endpoint's code package ({len(blobs)} files) under s3://{bucket}/{code_prefix}")
+        for name, data in blobs:
+            self.s3.put_object(Bucket=bucket, Key=prefix + name, Body=data)
+        wanted = {prefix + name for name, _ in blobs}
+        for key in sorted(k for k in existing if k.startswith(code_prefix) and k not in wanted):
+            self.s3.delete_object(Bucket=bucket, Key=key)  # an older package's file, e.g. a module since removed
+        return uri, digest
+
     def _check_bucket(self, bucket: str) -> None:
         from botocore.exceptions import ClientError
 
@@ -235,11 +292,16 @@ class Deployer:
         if self._exists(self.sm.describe_model, ModelName=model):
             self.out(f"model {model} exists; reusing it")
             return
-        self.sm.create_model(ModelName=model, ExecutionRoleArn=plan.role,
-                             PrimaryContainer={"Image": image, "ModelDataUrl": model_data,
-                                               "Environment": environment},
+        primary: dict[str, Any] = {"Image": image, "Environment": environment}
+        if plan.model_data:
+            # The field names and values are botocore's (sagemaker service-2.json, S3ModelDataSource).
+            primary["ModelDataSource"] = {"S3DataSource": {"S3Uri": model_data, "S3DataType": "S3Prefix",
+                                                           "CompressionType": "None"}}
+        else:
+            primary["ModelDataUrl"] = model_data
+        self.sm.create_model(ModelName=model, ExecutionRoleArn=plan.role, PrimaryContainer=primary,
                              Tags=[{"Key": TAG_KEY, "Value": plan.name}])
-        self.out(f"created model {model} ({image})")
+        self.out(f"created model {model} ({image}, {'uncompressed ' if plan.model_data else ''}{model_data})")
 
     def _ensure_config(self, config: str, model: str, plan: Plan) -> None:
         if self._exists(self.sm.describe_endpoint_config, EndpointConfigName=config):
@@ -405,6 +467,10 @@ class Deployer:
             if described is None:
                 continue
             archives.append(described.get("PrimaryContainer", {}).get("ModelDataUrl", ""))
+            source = described.get("PrimaryContainer", {}).get("ModelDataSource", {}).get("S3DataSource", {})
+            if delete_model_data and source.get("S3Uri"):
+                self.out(f"kept {source['S3Uri']}: a published root, which other deploys may use "
+                         f"(aws s3 rm --recursive removes it)")
             self.sm.delete_model(ModelName=model)
             gone(f"model {model}")
         if delete_model_data:
@@ -533,9 +599,14 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Upload model.tar.gz and create (or update) the endpoint.", epilog=_IMAGE_HELP)
     d.add_argument("--role", required=True, help="ARN of the IAM role SageMaker runs the endpoint as")
-    d.add_argument("--bucket", required=True, help="S3 bucket for model.tar.gz, in the same region")
-    d.add_argument("--model-tar", required=True, type=Path, help="archive from compile_scripts/package.py")
-    d.add_argument("--prefix", default=DEFAULT_PREFIX, help=f"S3 key prefix (default {DEFAULT_PREFIX})")
+    data = d.add_mutually_exclusive_group(required=True)
+    data.add_argument("--model-tar", type=Path, help="archive from compile_scripts/package.py, uploaded to --bucket")
+    data.add_argument("--model-data", metavar="s3://BUCKET/PREFIX/",
+                      help="a root published with compile.py --upload, served as uncompressed model data (no archive; "
+                           "the code package goes beside it, under PREFIX/code/)")
+    d.add_argument("--bucket", help="S3 bucket for model.tar.gz, in the same region (with --model-tar)")
+    d.add_argument("--prefix", default=DEFAULT_PREFIX,
+                   help=f"S3 key prefix for model.tar.gz (default {DEFAULT_PREFIX})")
     d.add_argument("--instance-type", default=DEFAULT_INSTANCE, help=f"default {DEFAULT_INSTANCE}")
     d.add_argument("--image-uri", help="container image (default: AWS's PyTorch Neuron inference image for the region)")
     d.add_argument("--min-instances", type=int, default=1, help="instances at start and at least (default 1)")
@@ -559,7 +630,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one subcommand; exit status 0 on success, 1 on an AWS or usage error, 3 for status of nothing."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "deploy" and args.model_tar is not None and not args.bucket:
+        parser.error("--model-tar needs --bucket: the S3 bucket the archive is uploaded to")
+    if args.command == "deploy" and args.model_data and args.bucket:
+        parser.error("--bucket is for --model-tar; --model-data names its bucket itself")
     region = args.region
     try:
         if args.command == "deploy" and args.image_uri:
@@ -568,7 +644,8 @@ def main(argv: list[str] | None = None) -> int:
         region = deployer.region
         if args.command == "deploy":
             plan = Plan(name=args.name, role=args.role, bucket=args.bucket, model_tar=args.model_tar,
-                        prefix=args.prefix, instance_type=args.instance_type, image_uri=args.image_uri,
+                        model_data=args.model_data, prefix=args.prefix, instance_type=args.instance_type,
+                        image_uri=args.image_uri,
                         min_instances=args.min_instances,
                         max_instances=args.max_instances if args.max_instances is not None else args.min_instances,
                         target_invocations=args.target_invocations, volume_gb=args.volume_size,

@@ -17,7 +17,9 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python compile_scripts/doctor.py`: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from backend.api import BackendUnavailable  # noqa: E402
 from backend.preflight import check, failed  # noqa: E402
+from backend.root_store import resolve  # noqa: E402
 from backend.settings import DEFAULT_ARTIFACTS, Settings  # noqa: E402
 
 MARKS = {"ok": "ok     ", "warning": "warning", "error": "ERROR  "}
@@ -30,8 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Check that this machine can serve a compiled root: Python and Neuron package versions, "
                     "NeuronCores, host memory, each compiled part, then one 1-step generation per precision.",
     )
-    parser.add_argument("--artifacts", type=Path, default=Path(DEFAULT_ARTIFACTS),
-                        help=f"the compiled root (default {DEFAULT_ARTIFACTS})")
+    parser.add_argument("--artifacts", default=DEFAULT_ARTIFACTS,
+                        help=f"the compiled root: a folder (default {DEFAULT_ARTIFACTS}), s3://BUCKET/PREFIX/ or "
+                             f"hf://OWNER/NAME[@REVISION], downloaded into --cache-dir / SD_CACHE_DIR first")
     parser.add_argument("--no-smoke", action="store_true", help="skip the smoke generation (loading the parts)")
     return parser
 
@@ -41,7 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # The backend's own settings from SD_* variables (SD_NEURON_CORES), as the app would start with them.
     settings = Settings.from_args([], server_flags=False)
-    findings = check(args.artifacts, smoke=not args.no_smoke, neuron_cores=settings.neuron_cores)
+    try:
+        root = resolve(args.artifacts, settings.cache_dir)
+    except BackendUnavailable as exc:
+        print(f"[{MARKS['error']}] {exc}")
+        return 1
+    findings = check(root, smoke=not args.no_smoke, neuron_cores=settings.neuron_cores)
     for finding in findings:
         print(f"[{MARKS[finding.level]}] {finding.what}")
         if finding.fix and finding.level != "ok":

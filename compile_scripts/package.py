@@ -20,7 +20,9 @@ which compile_scripts/deploy.py sets on the SageMaker model.
 The same inputs give the same bytes: entries sorted, mtime fixed (SOURCE_DATE_EPOCH, else 0),
 owner 0:0 without names, no absolute paths, symlinks stored as the files they point to, and a
 gzip header without name or time. A compiled root is several GB of weights that barely
-compress; uploading it once with `aws s3 sync` and passing --model-s3-uri keeps the archive small.
+compress; publishing it once with `compile.py --upload s3://...` and passing --model-s3-uri keeps the
+archive small (the endpoint downloads it at start, verified: backend/root_store.py), and deploy.py
+--model-data serves it as uncompressed model data with no archive at all.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ IMAGE_PACKAGES = ("torch", "torch-neuronx", "neuronx-cc", "numpy")
 CODE_DIR = "code"
 CODE = ("backend", "serving")
 # Not server.py (TorchServe is the server there), nor inference.py (it is code/inference.py itself).
-SERVING_FILES = ("__init__.py", "handler.py", "s3_download.py")
+SERVING_FILES = ("__init__.py", "handler.py")
 RESERVED = {CODE_DIR}
 DEFAULT_PNG_LEVEL = 1  # answers cross the internet from an endpoint; see serving/handler.py
 
@@ -168,8 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, type=Path, help="archive to write, e.g. model.tar.gz")
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--artifacts", type=Path, help="compiled root to put inside the archive, under its own name")
-    where.add_argument("--model-s3-uri", help="s3:// folder holding the compiled root, which the endpoint downloads "
-                                              "at start (its role needs read access); keeps the archive small")
+    where.add_argument("--model-s3-uri", help="s3:// folder holding a compiled root published with compile.py "
+                                              "--upload, which the endpoint downloads and verifies at start (its "
+                                              "role needs read access); keeps the archive small")
     parser.add_argument("--backend", choices=("neuron", "local"), default="neuron",
                         help="what the endpoint runs: neuron (inf2, default) or local (diffusers on the "
                              "instance's GPU or CPU)")

@@ -20,8 +20,10 @@ format's error shape nor fit to show a caller.
 
 endpoint.json keys, each overridden by its SD_* variable (SD_BACKEND, SD_MODEL, ...):
   backend       neuron | local (default: neuron when the compiled root has compiled_models/)
-  artifacts     the compiled root's folder, beside code/ in model.tar.gz
-  model_s3_uri  an s3:// folder holding the compiled root instead, downloaded here at start
+  artifacts     the compiled root's folder, beside code/ in model.tar.gz (or an s3:// / hf:// root)
+  model_s3_uri  an s3:// folder holding the compiled root instead, downloaded here at start and verified
+                against its file index (backend/root_store.py); none of the two: the root is the model
+                folder itself (an uncompressed deploy, compile_scripts/deploy.py --model-data)
   model         local backend: a diffusers folder beside code/, a Hub id, or `tiny`
   png_level     zlib level of the PNGs answered
 """
@@ -44,6 +46,7 @@ if not __package__:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import backend  # noqa: E402 - after the path fix above
+from backend.root_store import fetch, is_remote  # noqa: E402
 from serving.handler import DEFAULT_PNG_LEVEL, Handler, Response  # noqa: E402
 
 log = logging.getLogger("serving.inference")
@@ -131,11 +134,12 @@ def read_config(path: Path, env: Mapping[str, str]) -> dict[str, Any]:
 
 def settings_from_config(model_dir: Path, config: Mapping[str, Any]) -> backend.Settings:
     """Settings for the backend: the compiled root beside code/, downloaded from S3, or the model dir."""
-    if config.get("model_s3_uri"):
-        from serving.s3_download import download_prefix
-
-        uri = str(config["model_s3_uri"])
-        root = download_prefix(uri, model_dir / Path(uri.rstrip("/")).name)
+    remote = config.get("model_s3_uri") or (config.get("artifacts") if is_remote(config.get("artifacts")) else None)
+    if remote:
+        # Beside code/, named after the root, verified against its index (backend/root_store.py); an hf:// root
+        # stays in the Hub's cache.
+        uri = str(remote)
+        root = fetch(uri, model_dir / Path(uri.rstrip("/")).name.partition("@")[0])
     elif config.get("artifacts"):
         root = model_dir / str(config["artifacts"])
     else:

@@ -30,6 +30,7 @@ import dataclasses
 import http.client
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -95,11 +96,15 @@ class Container:
 @contextlib.contextmanager
 def run_container(model_tar: Path, workdir: Path, environment: Mapping[str, str],
                   timeout: float = 240.0) -> Iterator[Container]:
-    """Unpack model_tar as SageMaker does, start the toolkit, wait until the model answers; stop it all after."""
+    """Unpack model_tar as SageMaker does (or copy a folder holding an S3 prefix's files, as SageMaker copies
+    uncompressed model data), start the toolkit, wait until the model answers; stop it all after."""
     model_dir = workdir / "ml" / "model"
-    model_dir.mkdir(parents=True)
-    with tarfile.open(model_tar) as tar:
-        tar.extractall(model_dir, filter="data")
+    if model_tar.is_dir():
+        shutil.copytree(model_tar, model_dir)
+    else:
+        model_dir.mkdir(parents=True)
+        with tarfile.open(model_tar) as tar:
+            tar.extractall(model_dir, filter="data")
     (workdir / "tmp").mkdir()
     (workdir / "logs").mkdir()
     port = free_port()

@@ -1,6 +1,6 @@
-"""model.tar.gz (compile_scripts/package.py), deploy / status / delete (compile_scripts/deploy.py) and
-the endpoint's download of a compiled root from S3 (serving/s3_download.py), against moto's server,
-which stands in for AWS here."""
+"""model.tar.gz (compile_scripts/package.py), deploy / status / delete (compile_scripts/deploy.py), the
+uncompressed deploy of a published root (--model-data), and the endpoint's download of a compiled root
+from S3 (backend/root_store.py), against moto's server, which stands in for AWS here."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def test_archive_is_reproducible_and_holds_what_the_toolkit_needs(tmp_path):
         names = tar.getnames()
         assert names == sorted(names)
         assert {"code/inference.py", "code/requirements.txt", "code/endpoint.json", "code/backend/__init__.py",
-                "code/backend/protocol.py", "code/serving/handler.py", "code/serving/s3_download.py"} <= set(names)
+                "code/backend/protocol.py", "code/serving/handler.py", "code/backend/root_store.py"} <= set(names)
         assert all(name.startswith("code/") for name in names)  # the toolkit looks in /opt/ml/model/code
         assert "code/serving/server.py" not in names
         config = json.loads(tar.extractfile("code/endpoint.json").read())
@@ -338,37 +338,114 @@ def test_an_archive_without_the_toolkits_entry_point_is_refused(aws, clients, tm
 
 # ---- the endpoint's download of a compiled root (package.py --model-s3-uri) ---------------------
 
-def test_the_endpoint_downloads_its_compiled_root_from_s3(aws, clients, tmp_path, monkeypatch):
-    from backend import BackendUnavailable
+def small_root(path: Path) -> Path:
+    """A root's shape with small files (what a download and a deploy look at, not what the model loads),
+    with its file index written as compile.py writes it."""
+    from backend import root_store
+
+    files = {"model_index.json": b"{}", "compiled_models/source.json": b'{"model": "tiny"}',
+             "compiled_models/fp32/unet.pt": b"u" * 1000, "unet/config.json": b"{}"}
+    for name, data in files.items():
+        (path / name).parent.mkdir(parents=True, exist_ok=True)
+        (path / name).write_bytes(data)
+    root_store.write_index(path)
+    return path
+
+
+def test_the_endpoint_downloads_its_compiled_root_from_s3_verified(aws, clients, tmp_path, monkeypatch):
+    from backend import BackendUnavailable, root_store
     from serving.inference import settings_from_config
-    from serving.s3_download import download_prefix
 
     s3 = clients["s3"]
     s3.create_bucket(Bucket="models", CreateBucketConfiguration={"LocationConstraint": REGION})
-    files = {"model_index.json": b"{}", "compiled_models/fp32/unet.pt": b"u" * 1000, "unet/config.json": b"{}"}
-    s3.put_object(Bucket="models", Key="roots/sd2_512_root/", Body=b"")  # a console-made folder marker
-    for name, data in files.items():
-        s3.put_object(Bucket="models", Key=f"roots/sd2_512_root/{name}", Body=data)
+    source = small_root(tmp_path / "source")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", aws["url"])  # boto3 inside root_store reads it
+    root_store.upload(source, "s3://models/roots/sd2_512_root/", echo=lambda line: None)
     s3.put_object(Bucket="models", Key="roots/sd2_512_root_old/unet.pt", Body=b"not this one")
 
-    # What model_fn does with endpoint.json's model_s3_uri; boto3 inside reads AWS_ENDPOINT_URL.
+    # What model_fn does with endpoint.json's model_s3_uri (or an s3:// artifacts value).
+    for key, name in (("model_s3_uri", "endpoint"), ("artifacts", "other")):
+        model_dir = tmp_path / name
+        settings = settings_from_config(model_dir, {key: "s3://models/roots/sd2_512_root/"})
+        root = model_dir / "sd2_512_root"
+        assert (settings.backend, settings.artifacts) == ("neuron", str(root))
+        got = {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+        assert got == {**{p.relative_to(source).as_posix(): p.read_bytes() for p in source.rglob("*") if p.is_file()},
+                       root_store.MARKER: got[root_store.MARKER]}
+
+    with pytest.raises(BackendUnavailable, match="no compiled root there \\(nothing under that prefix\\)"):
+        settings_from_config(tmp_path / "missing", {"model_s3_uri": "s3://models/roots/missing/"})
+    with pytest.raises(BackendUnavailable, match="no bucket 'no-such-bucket'"):
+        settings_from_config(tmp_path / "missing", {"model_s3_uri": "s3://no-such-bucket/root/"})
+    assert not (tmp_path / "missing").exists()
+
+
+# ---- deploy --model-data: a published root as uncompressed model data ---------------------------
+
+def test_deploy_points_the_model_at_an_uploaded_root_as_uncompressed_data(aws, clients, tmp_path, monkeypatch,
+                                                                          capsys):
+    from backend import root_store
+
+    s3, sm = clients["s3"], clients["sagemaker"]
+    s3.create_bucket(Bucket="models", CreateBucketConfiguration={"LocationConstraint": REGION})
     monkeypatch.setenv("AWS_ENDPOINT_URL", aws["url"])
-    settings = settings_from_config(tmp_path, {"model_s3_uri": "s3://models/roots/sd2_512_root/"})
-    root = tmp_path / "sd2_512_root"
-    assert (settings.backend, settings.artifacts) == ("neuron", str(root))
-    assert {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()} == files
+    source = small_root(tmp_path / "root")
+    root_store.upload(source, "s3://models/roots/r1/", echo=lambda line: None)
+    s3.put_object(Bucket="models", Key="roots/r1/code/backend/gone.py", Body=b"# from an older package")
 
-    (root / "unet" / "config.json").write_text("{}")  # same size: kept, not fetched again
-    calls = []
-    client = clients["s3"]
-    monkeypatch.setattr(client, "download_file", lambda *args: calls.append(args))
-    download_prefix("s3://models/roots/sd2_512_root", root, client=client)
-    assert calls == []
+    assert run(aws, "deploy", "--name", "sd21", "--role", ROLE, "--model-data", "s3://models/roots/r1") == 0
+    out = capsys.readouterr().out
+    assert "endpoint sd21 is InService" in out
+    model, = sm.list_models()["Models"]
+    container_ = sm.describe_model(ModelName=model["ModelName"])["PrimaryContainer"]
+    assert container_["ModelDataSource"] == {"S3DataSource": {
+        "S3Uri": "s3://models/roots/r1/", "S3DataType": "S3Prefix", "CompressionType": "None"}}
+    assert "ModelDataUrl" not in container_ and container_["Image"] == container.default_image(REGION)
+    # Under the prefix: the root, its index, and the code package, laid out as SageMaker copies it to /opt/ml/model.
+    listed = s3.list_objects_v2(Bucket="models", Prefix="roots/r1/")["Contents"]
+    keys = {item["Key"][len("roots/r1/"):] for item in listed}
+    code = {key for key in keys if key.startswith("code/")}
+    assert keys - code == {p.relative_to(source).as_posix() for p in source.rglob("*") if p.is_file()}
+    assert {"code/inference.py", "code/requirements.txt", "code/endpoint.json", "code/backend/root_store.py",
+            "code/serving/handler.py"} <= code and "code/backend/gone.py" not in code
+    endpoint_json = json.loads(s3.get_object(Bucket="models", Key="roots/r1/code/endpoint.json")["Body"].read())
+    assert endpoint_json == {"backend": "neuron", "png_level": package.DEFAULT_PNG_LEVEL}  # the root is /opt/ml/model
+    assert s3.list_objects_v2(Bucket="models", Prefix="stable-diffusion/").get("KeyCount", 0) == 0  # no archive
 
-    with pytest.raises(BackendUnavailable, match="holds no files; upload the compiled root there first"):
-        download_prefix("s3://models/roots/missing/", tmp_path / "missing", client=client)
-    with pytest.raises(BackendUnavailable, match="give the endpoint's role s3:ListBucket"):
-        download_prefix("s3://no-such-bucket/root/", tmp_path / "other", client=client)
+    # The same inputs again change nothing; delete leaves the published root where it is.
+    assert run(aws, "deploy", "--name", "sd21", "--role", ROLE, "--model-data", "s3://models/roots/r1/") == 0
+    assert "already runs" in capsys.readouterr().out
+    assert run(aws, "delete", "--name", "sd21", "--delete-model-data") == 0
+    assert "kept s3://models/roots/r1/: a published root" in capsys.readouterr().out
+    assert leftovers(clients, "sd21") == [] and s3.head_object(Bucket="models", Key="roots/r1/model_index.json")
+
+
+def test_deploy_model_data_refuses_what_sagemaker_would_copy_or_cannot_serve(aws, clients, tmp_path, monkeypatch,
+                                                                             archive, capsys):
+    from backend import root_store
+
+    s3 = clients["s3"]
+    s3.create_bucket(Bucket="models", CreateBucketConfiguration={"LocationConstraint": REGION})
+    monkeypatch.setenv("AWS_ENDPOINT_URL", aws["url"])
+    root_store.upload(small_root(tmp_path / "root"), "s3://models/roots/r1/", echo=lambda line: None)
+
+    def deploy_model_data(uri: str) -> str:
+        assert run(aws, "deploy", "--name", "sd21", "--role", ROLE, "--model-data", uri) == 1
+        return capsys.readouterr().err
+
+    s3.put_object(Bucket="models", Key="roots/r1/notes.txt", Body=b"left here")
+    assert "1 are no part of the root (roots/r1/notes.txt); remove them" in deploy_model_data("s3://models/roots/r1/")
+    assert "holds files but no compiled_models/files.json" in deploy_model_data("s3://models/roots/")
+    assert "no compiled root there" in deploy_model_data("s3://models/nothing/")
+    assert "name the root's prefix in the bucket" in deploy_model_data("s3://models")
+    assert clients["sagemaker"].list_models()["Models"] == []
+
+    for argv, message in (([], "one of the arguments --model-tar --model-data is required"),
+                          (["--model-tar", str(archive)], "--model-tar needs --bucket"),
+                          (["--model-data", "s3://models/roots/r1/", "--bucket", "models"], "--bucket is for")):
+        with pytest.raises(SystemExit):
+            deploy.main(["deploy", "--name", "sd21", "--role", ROLE, *argv])
+        assert message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("script", ["package", "deploy"])
