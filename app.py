@@ -12,6 +12,7 @@ This file is the layout: flags/env -> Settings -> create_backend -> the controls
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 from dataclasses import dataclass
@@ -20,10 +21,13 @@ from typing import Any
 import gradio as gr
 
 from backend import SCHEDULERS, Backend, BackendUnavailable, Capabilities, Settings, create_backend
+from backend.api import MAX_MASK_BLUR, MODE_LABELS, MODES
+from ui import panels
 from ui.blocks import DemoBlocks
 from ui.handlers import REQUEST_DEFAULTS, Handlers, reuse_first_seed, reuse_seed
 from ui.outputs import OutputStore
-from ui.panels import TITLE, banner_html, latency_markdown, no_preview_note
+from ui.panels import TITLE, banner_html, latency_markdown, mode_unavailable_note, no_preview_note
+from ui.pnginfo import infotext_fields, read_png_info, values_for_controls
 
 log = logging.getLogger("app")
 
@@ -39,8 +43,9 @@ DEFAULT_CONCURRENCY = {"local": 1, "neuron": 1, "sagemaker": 4}
 
 @dataclass
 class Controls:
-    """The components the events read and write."""
+    """The components of one generating tab that its events read and write."""
 
+    mode: str
     prompt: gr.Textbox
     negative: gr.Textbox
     generate_btn: gr.Button
@@ -61,17 +66,33 @@ class Controls:
     details: gr.JSON
     stats: gr.State
     selected_seed: gr.State
+    size: gr.Dropdown | None = None  # compiled sizes: the "WxH" menu that sets width and height
+    image: gr.Component | None = None  # img2img: gr.Image; inpaint: gr.ImageEditor
+    mask: gr.Image | None = None  # inpaint: an uploaded mask, instead of the painted one
+    strength: gr.Slider | None = None
+    strength_note: gr.Markdown | None = None
+    mask_blur: gr.Slider | None = None
+    resize_mode: gr.Radio | None = None
+
+    def common_inputs(self) -> list[gr.Component]:
+        """The inputs every mode shares, after the prompt and the mode's own (the API's order)."""
+        return [self.negative, self.steps, self.precision, self.guidance, self.seed, self.scheduler, self.width,
+                self.height, self.num_images, self.preview, self.stats]
 
     def request_inputs(self) -> list[gr.Component]:
-        """The generate handler's inputs, in its parameters' (and the API's) order."""
-        return [self.prompt, self.negative, self.steps, self.precision, self.guidance, self.seed, self.scheduler,
-                self.width, self.height, self.num_images, self.preview, self.stats]
+        """The handler's inputs, in its parameters' (and the API's) order."""
+        if self.mode == "img2img":
+            return [self.prompt, self.image, self.strength, self.resize_mode, *self.common_inputs()]
+        if self.mode == "inpaint":
+            return [self.prompt, self.image, self.mask, self.strength, self.mask_blur, self.resize_mode,
+                    *self.common_inputs()]
+        return [self.prompt, *self.common_inputs()]
 
 
-def prompt_controls() -> tuple[gr.Textbox, gr.Textbox]:
+def prompt_controls(mode: str) -> tuple[gr.Textbox, gr.Textbox]:
     """Prompt and negative prompt."""
     prompt = gr.Textbox(label="Prompt", placeholder="a lovely cat (press Enter to generate)",
-                        lines=1, max_lines=4, autofocus=True)
+                        lines=1, max_lines=4, autofocus=mode == "txt2img")
     negative = gr.Textbox(label="Negative prompt", placeholder="what the image should not show", lines=1, max_lines=4)
     return prompt, negative
 
@@ -84,23 +105,33 @@ def action_buttons() -> tuple[gr.Button, gr.Button]:
     return generate_btn, stop_btn
 
 
-def size_controls(caps: Capabilities) -> tuple[gr.Component, gr.Component]:
-    """Width and height: dropdowns of the compiled sizes, or sliders over the allowed range."""
+def size_label(width: int, height: int) -> str:
+    """A size as the size menu shows it."""
+    return f"{width}x{height}"
+
+
+def size_controls(caps: Capabilities) -> dict[str, gr.Component]:
+    """Width and height: sliders over the allowed range, or, for compiled sizes, one "WxH" menu of those
+    sizes (width and height then stay hidden numbers, which the menu sets, and the API takes as before)."""
     default_w, default_h = caps.default_size
     if caps.fixed_sizes:
-        width = gr.Dropdown(sorted({w for w, _ in caps.fixed_sizes}), value=default_w, label="Width")
-        height = gr.Dropdown(sorted({h for _, h in caps.fixed_sizes}), value=default_h, label="Height")
-    else:
-        width = gr.Slider(caps.min_size, caps.max_size, value=default_w, step=caps.size_multiple, label="Width")
-        height = gr.Slider(caps.min_size, caps.max_size, value=default_h, step=caps.size_multiple, label="Height")
-    return width, height
+        size = gr.Dropdown([size_label(w, h) for w, h in caps.fixed_sizes], value=size_label(default_w, default_h),
+                           label="Size", info="the sizes this backend was compiled for")
+        width = gr.Number(default_w, precision=0, label="Width", visible=False)
+        height = gr.Number(default_h, precision=0, label="Height", visible=False)
+        size.change(lambda value: tuple(int(v) for v in value.split("x")), inputs=size, outputs=[width, height],
+                    queue=False, api_visibility="private")
+        return dict(size=size, width=width, height=height)
+    width = gr.Slider(caps.min_size, caps.max_size, value=default_w, step=caps.size_multiple, label="Width")
+    height = gr.Slider(caps.min_size, caps.max_size, value=default_h, step=caps.size_multiple, label="Height")
+    return dict(width=width, height=height)
 
 
-def headline_controls(caps: Capabilities) -> dict[str, gr.Component]:
+def headline_controls(caps: Capabilities, mode: str) -> dict[str, gr.Component]:
     """Steps, precision and the number of images: in sight, not folded (the walk-through's table is
     steps x precision, the two things this demo exists to show)."""
     d = REQUEST_DEFAULTS
-    with gr.Row(elem_id="headline-controls"):
+    with gr.Row(elem_id=element_id("headline-controls", mode)):
         steps = gr.Slider(caps.min_steps, caps.max_steps, value=d["steps"], step=1, label="Steps", min_width=200)
         precision = gr.Dropdown(list(caps.precisions), value=caps.default_precision, label="Precision",
                                 min_width=120)
@@ -119,7 +150,7 @@ def advanced_controls(caps: Capabilities) -> dict[str, gr.Component]:
                                     label="Scheduler")
         # Two controls a row: three sliders side by side clip their "1024" range labels.
         with gr.Row():
-            width, height = size_controls(caps)
+            sizes = size_controls(caps)
         with gr.Row():
             seed = gr.Number(value=d["seed"], precision=0, label="Seed (-1: random)", minimum=-1, maximum=2**32 - 1)
             # Shown only where the backend makes previews; the API's `preview` keyword either way.
@@ -127,51 +158,164 @@ def advanced_controls(caps: Capabilities) -> dict[str, gr.Component]:
         with gr.Row():
             randomize_btn = gr.Button("\U0001f3b2 Random seed", size="sm")
             reuse_btn = gr.Button("\u267b\ufe0f Reuse seed of selected image", size="sm")
-    return dict(guidance=guidance, scheduler=scheduler, width=width, height=height, seed=seed, preview=preview,
+    return dict(guidance=guidance, scheduler=scheduler, **sizes, seed=seed, preview=preview,
                 randomize_btn=randomize_btn, reuse_btn=reuse_btn)
 
 
-def result_panels(caps: Capabilities) -> tuple[gr.Gallery, gr.Markdown, gr.JSON]:
+def image_inputs(mode: str) -> dict[str, gr.Component]:
+    """The picture a mode starts from, Strength (with the steps it runs) and how the picture is fitted."""
+    d = REQUEST_DEFAULTS
+    inputs: dict[str, gr.Component] = {}
+    if mode == "img2img":
+        inputs["image"] = gr.Image(label="Input image", type="filepath", sources=["upload", "clipboard"],
+                                   height=360, elem_id="img2img-image")
+    else:
+        # The picture is the background; the painted strokes (any colour) are the part to repaint.
+        inputs["image"] = gr.ImageEditor(label="Input image: paint over the part to repaint", type="filepath",
+                                         sources=["upload", "clipboard"], format="png", height=420,
+                                         transforms=(), layers=False, elem_id="inpaint-editor",
+                                         brush=gr.Brush(default_size=24, colors=["#ffffff", "#ff3366", "#000000"],
+                                                        default_color="#ffffff", color_mode="fixed"))
+        with gr.Accordion("Upload a mask instead of painting", open=False):
+            inputs["mask"] = gr.Image(label="Mask (white: repaint, black: keep; used instead of the strokes)",
+                                      type="filepath", sources=["upload", "clipboard"], image_mode="L", height=240,
+                                      elem_id="inpaint-mask")
+    with gr.Row():
+        inputs["strength"] = gr.Slider(0.0, 1.0, value=d["strength"], step=0.01, label="Strength",
+                                       info="how much of the picture to repaint: 0 keeps it, 1 ignores it",
+                                       scale=3, elem_id=element_id("strength", mode))
+        inputs["strength_note"] = gr.Markdown(panels.steps_run_note(d["steps"], d["strength"]),
+                                              elem_id=element_id("steps-run", mode))
+    with gr.Row():
+        inputs["resize_mode"] = gr.Radio(
+            [("Crop to fill", "crop"), ("Pad (stretch the edges)", "pad"), ("Stretch", "stretch")],
+            value=d["resize_mode"], label="Fit the picture to the size by")
+        if mode == "inpaint":
+            inputs["mask_blur"] = gr.Slider(0, MAX_MASK_BLUR, value=d["mask_blur"], step=1, label="Mask blur",
+                                            info="pixels of soft edge between kept and repainted")
+    return inputs
+
+
+def element_id(name: str, mode: str) -> str:
+    """The elem_id of a tab's element: the text-to-image tab keeps the plain names the page always had."""
+    return name if mode == "txt2img" else f"{name}-{mode}"
+
+
+def result_panels(caps: Capabilities, mode: str) -> tuple[gr.Gallery, gr.Markdown, gr.JSON]:
     """The gallery (previews while denoising, then the images), the latency panel and the details JSON."""
     gallery = gr.Gallery(label="Images", format="png", columns=2, height="auto", object_fit="contain",
-                         interactive=False)
+                         interactive=False, elem_id=element_id("gallery", mode))
     if not caps.previews:
-        gr.Markdown(no_preview_note(caps), elem_id="no-preview")
-    latency = gr.Markdown(latency_markdown(None, None), elem_id="latency")
+        gr.Markdown(no_preview_note(caps), elem_id=element_id("no-preview", mode))
+    latency = gr.Markdown(latency_markdown(None, None), elem_id=element_id("latency", mode),
+                          elem_classes=["latency-panel"])
     # Folded: the latency panel says what most people want; step_ms alone is `steps` lines.
     with gr.Accordion("Details (JSON)", open=False):
         details = gr.JSON(label="Details", open=False)
     return gallery, latency, details
 
 
-def layout(backend: Backend) -> Controls:
-    """The page: banner, then the controls on the left and the results on the right."""
-    gr.HTML(banner_html(backend))
-    stats = gr.State(None)
-    selected_seed = gr.State(None)
-    with gr.Row():
+def generating_tab(caps: Capabilities, mode: str, stats: gr.State) -> Controls:
+    """One mode's tab: controls on the left, results on the right. A mode the backend does not offer gets a
+    note saying why instead (its controls stay unrendered, so its API endpoint still answers, with that reason)."""
+    available = mode in caps.modes
+    if not available:
+        gr.Markdown(mode_unavailable_note(caps, mode), elem_id=f"unavailable-{mode}")
+    with gr.Row(visible=available):
         with gr.Column(scale=5):
-            prompt, negative = prompt_controls()
-            headline = headline_controls(backend.capabilities())
+            prompt, negative = prompt_controls(mode)
+            inputs = image_inputs(mode) if mode != "txt2img" else {}
+            headline = headline_controls(caps, mode)
             generate_btn, stop_btn = action_buttons()
-            advanced = advanced_controls(backend.capabilities())
+            advanced = advanced_controls(caps)
             gr.Examples(EXAMPLES, inputs=[prompt], label="Example prompts")
         with gr.Column(scale=6):
-            gallery, latency, details = result_panels(backend.capabilities())
-    return Controls(prompt=prompt, negative=negative, generate_btn=generate_btn, stop_btn=stop_btn, **headline,
-                    **advanced, gallery=gallery, latency=latency, details=details, stats=stats,
-                    selected_seed=selected_seed)
+            gallery, latency, details = result_panels(caps, mode)
+    return Controls(mode=mode, prompt=prompt, negative=negative, generate_btn=generate_btn, stop_btn=stop_btn,
+                    **headline, **advanced, **inputs, gallery=gallery, latency=latency, details=details, stats=stats,
+                    selected_seed=gr.State(None))
+
+
+@dataclass
+class PngInfo:
+    """The PNG Info tab's components."""
+
+    image: gr.Image
+    infotext: gr.Textbox
+    fields: gr.JSON
+    send_txt2img: gr.Button
+    send_img2img: gr.Button
+    note: gr.Markdown
+
+
+def png_info_tab(caps: Capabilities) -> PngInfo:
+    """Drop a PNG: its infotext as text and as fields, and buttons that send it to a generating tab."""
+    with gr.Row():
+        with gr.Column():
+            # type="filepath" and preprocess=False (wire_png_info): the file as uploaded, text chunks and all.
+            image = gr.Image(label="PNG made by this app or AUTOMATIC1111", type="filepath", sources=["upload"],
+                             height=420, elem_id="pnginfo-image")
+        with gr.Column():
+            infotext = gr.Textbox(label="Infotext (parameters)", lines=6, max_lines=20, elem_id="pnginfo-text",
+                                  info="or paste one here")
+            with gr.Row():
+                send_txt2img = gr.Button("Send to text to image", visible="txt2img" in caps.modes)
+                send_img2img = gr.Button("Send to image to image", visible="img2img" in caps.modes)
+            note = gr.Markdown(elem_id="pnginfo-note")
+            fields = gr.JSON(label="Fields", elem_id="pnginfo-fields")
+    return PngInfo(image=image, infotext=infotext, fields=fields, send_txt2img=send_txt2img,
+                   send_img2img=send_img2img, note=note)
+
+
+@dataclass
+class Page:
+    """Every tab of the page."""
+
+    tabs: gr.Tabs
+    modes: dict[str, Controls]
+    png_info: PngInfo
+
+
+def layout(backend: Backend) -> Page:
+    """The page: banner, then a tab per mode (controls on the left, results on the right) and PNG Info."""
+    caps = backend.capabilities()
+    gr.HTML(banner_html(backend))
+    stats = gr.State(None)  # the session's latency figures, across the tabs
+    modes: dict[str, Controls] = {}
+    first = next((m for m in MODES if m in caps.modes), "txt2img")
+    with gr.Tabs(selected=first) as tabs:
+        for mode in MODES:
+            with gr.Tab(MODE_LABELS[mode], id=mode, elem_id=f"tab-{mode}"):
+                modes[mode] = generating_tab(caps, mode, stats)
+        with gr.Tab("PNG Info", id="pnginfo", elem_id="tab-pnginfo"):
+            png_info = png_info_tab(caps)
+    return Page(tabs=tabs, modes=modes, png_info=png_info)
 
 
 def wire_generate(c: Controls, handlers: Handlers) -> None:
-    """Generate and Enter run one event (the API's /generate); the latency panel follows; Stop cancels it."""
+    """Generate and Enter run one event (the API's /generate, /img2img); the latency panel follows; Stop cancels it.
+
+    Inpaint's page event reads the editor (private); the API's /inpaint takes plain image and mask files, on a
+    button never shown, over the same controls."""
     # One gr.on for both triggers: one endpoint, named by api_name (gradio/events.py, `on`).
     # preprocess=False: raw values reach the handler, which validates them in one place (backend.api)
     # and answers a bad type with a message naming the field. show_progress_on: the progress bar goes
     # over the latency panel, so that it does not cover the previews forming in the gallery.
-    generation = gr.on(triggers=[c.generate_btn.click, c.prompt.submit], fn=handlers.generate,
-                       inputs=c.request_inputs(), outputs=[c.gallery, c.details, c.stats], preprocess=False,
-                       api_name="generate", concurrency_id="generate", show_progress_on=[c.latency])
+    outputs = [c.gallery, c.details, c.stats]
+    if c.mode == "inpaint":
+        fn, api = handlers.inpaint_editor, dict(api_visibility="private")
+    else:
+        fn, api = getattr(handlers, "generate" if c.mode == "txt2img" else c.mode), dict(
+            api_name="generate" if c.mode == "txt2img" else c.mode)
+    generation = gr.on(triggers=[c.generate_btn.click, c.prompt.submit], fn=fn, inputs=c.request_inputs(),
+                       outputs=outputs, preprocess=False, concurrency_id="generate", show_progress_on=[c.latency],
+                       **api)
+    if c.mode == "inpaint":
+        api_image = gr.Image(type="filepath", visible=False, label="image")
+        api_mask = gr.Image(type="filepath", visible=False, label="mask")
+        api_inputs = [c.prompt, api_image, api_mask, *c.request_inputs()[3:]]
+        gr.Button(visible=False).click(handlers.inpaint, inputs=api_inputs, outputs=outputs, preprocess=False,
+                                       concurrency_id="generate", api_name="inpaint")
     caps = handlers.backend.capabilities()
 
     def latency_panel(details, stats):
@@ -182,7 +326,12 @@ def wire_generate(c: Controls, handlers: Handlers) -> None:
                        api_visibility="private")
     # cancels=: Gradio cancels the queued or running task (the handler's worker thread is abandoned),
     # and the handler's stop event ends the backend's work at its next step.
-    c.stop_btn.click(handlers.stop, None, None, cancels=[generation], queue=False, api_name="stop")
+    c.stop_btn.click(handlers.stop, None, None, cancels=[generation], queue=False,
+                     **(dict(api_name="stop") if c.mode == "txt2img" else dict(api_visibility="private")))
+    if c.strength is not None:
+        for control in (c.steps, c.strength):
+            control.change(panels.steps_run_note, inputs=[c.steps, c.strength], outputs=[c.strength_note],
+                           queue=False, api_visibility="private")
 
 
 def wire_seed_buttons(c: Controls) -> None:
@@ -195,6 +344,43 @@ def wire_seed_buttons(c: Controls) -> None:
     c.gallery.change(lambda: None, None, c.selected_seed, queue=False, api_visibility="private")
 
 
+def wire_png_info(page: Page, caps: Capabilities) -> None:
+    """PNG Info: reading a dropped PNG, and the two send buttons (which fill a tab and switch to it)."""
+    info = page.png_info
+    info.image.change(read_png_info, inputs=[info.image], outputs=[info.infotext, info.fields], preprocess=False,
+                      queue=False, api_visibility="private")
+    info.infotext.input(lambda text: infotext_fields(text) if text.strip() else {}, inputs=[info.infotext],
+                        outputs=[info.fields], queue=False, api_visibility="private")
+    for target, button in (("txt2img", info.send_txt2img), ("img2img", info.send_img2img)):
+        c = page.modes[target]
+        controls = {"prompt": c.prompt, "negative_prompt": c.negative, "steps": c.steps, "scheduler": c.scheduler,
+                    "guidance_scale": c.guidance, "seed": c.seed, "width": c.width, "height": c.height}
+        if c.strength is not None:
+            controls["strength"] = c.strength
+        outputs = [*controls.values(), *([c.size] if c.size is not None else []), info.note, page.tabs]
+        inputs = [info.infotext] + ([info.image] if c.image is not None else [])
+        if c.image is not None:
+            outputs.insert(0, c.image)
+        button.click(functools.partial(send_settings, caps, list(controls), c.size is not None, c.image is not None,
+                                       target),
+                     inputs=inputs, outputs=outputs, preprocess=False, queue=False, api_visibility="private")
+
+
+def send_settings(caps: Capabilities, names: list[str], has_size_menu: bool, takes_image: bool, target: str,
+                  infotext: str, png: Any = None) -> list[Any]:
+    """The values "Send to ..." puts in the target tab's controls (gr.skip() where the infotext has nothing
+    this backend takes), a note on what was left as it was, and the tab to switch to."""
+    sent = values_for_controls(infotext or "", caps)
+    values = [sent.values.get(name, gr.skip()) for name in names]
+    if has_size_menu:
+        has_size = "width" in sent.values
+        values.append(size_label(sent.values["width"], sent.values["height"]) if has_size else gr.skip())
+    note = " ".join(sent.notes)
+    if takes_image:
+        values.insert(0, png.get("path") if isinstance(png, dict) and png.get("path") else gr.skip())
+    return [*values, note, gr.Tabs(selected=target) if infotext and infotext.strip() else gr.skip()]
+
+
 def build_demo(backend: Backend, settings: Settings) -> DemoBlocks:
     """The Gradio app around one backend; demo.launch() needs no arguments (ui/blocks.py)."""
     store = OutputStore(png_level=settings.png_level)
@@ -202,9 +388,11 @@ def build_demo(backend: Backend, settings: Settings) -> DemoBlocks:
     # delete_cache: files Gradio itself keeps (uploads) go after an hour, and all of them at exit.
     with DemoBlocks(title=TITLE, analytics_enabled=False, delete_cache=(3600, 3600),
                     auth=settings.auth_pair) as demo:
-        controls = layout(backend)
-        wire_generate(controls, handlers)
-        wire_seed_buttons(controls)
+        page = layout(backend)
+        for controls in page.modes.values():
+            wire_generate(controls, handlers)
+            wire_seed_buttons(controls)
+        wire_png_info(page, backend.capabilities())
     concurrency = settings.concurrency or DEFAULT_CONCURRENCY.get(backend.capabilities().backend, 1)
     demo.queue(max_size=settings.max_queue, default_concurrency_limit=concurrency)
     demo.sd_outputs = store  # type: ignore[attr-defined]

@@ -234,7 +234,7 @@ def test_a_host_that_launches_demo_itself_gets_login_upload_limit_and_css(tmp_pa
         assert http.post("/login", data={"username": "alice", "password": "s3cret-pa55word"}).status_code == 200
         config = http.get("/config").json()
         assert "#tiny-warning" in config["css"] and config["theme"] == "soft", (config["css"], config["theme"])
-        big = http.post("/gradio_api/upload", files={"files": ("big.bin", os.urandom(2 * 2**20))})
+        big = http.post("/gradio_api/upload", files={"files": ("big.bin", os.urandom(11 * 2**20))})
         assert big.status_code == 413, (big.status_code, big.text[:200])
         small = http.post("/gradio_api/upload", files={"files": ("small.txt", b"fine")})
         assert small.status_code == 200

@@ -333,10 +333,10 @@ def test_no_file_outside_the_outputs_can_be_read(tiny_app):
 
 
 def test_uploads_are_small_and_bounded(tiny_app):
-    """The app takes no files, but Gradio's /upload route is open to anyone: a big upload is refused."""
+    """Gradio's /upload route is open to anyone: an upload over the app's limit (10 MiB) is refused."""
     before = {p for p in tiny_app.temp_dir.rglob("*") if p.is_file()}
     with httpx.Client(base_url=tiny_app.url, timeout=60) as http:
-        big = http.post("/gradio_api/upload", files={"files": ("big.bin", os.urandom(5 * 2**20))})
+        big = http.post("/gradio_api/upload", files={"files": ("big.bin", os.urandom(11 * 2**20))})
         assert big.status_code == 413, (big.status_code, big.text[:200])
     after = {p for p in tiny_app.temp_dir.rglob("*") if p.is_file()}
     assert not [p for p in after - before if p.name == "big.bin"]

@@ -10,6 +10,7 @@ import re
 import threading
 
 import gradio as gr
+import pytest
 from PIL import Image
 
 from backend import Capabilities, GenerationRequest, GenerationResult, InvalidRequest, Timings
@@ -19,7 +20,7 @@ from ui.cancel import CancelRegistry
 from ui.handlers import REQUEST_DEFAULTS, Handlers
 from ui.login_limit import LoginLimiter
 from ui.outputs import OutputStore
-from ui.panels import latency_markdown, no_preview_note
+from ui.panels import latency_markdown, mode_unavailable_note, no_preview_note, steps_run_note
 
 # --- OutputStore ------------------------------------------------------------------------------------
 
@@ -150,7 +151,18 @@ def test_no_preview_note_names_the_reason():
 def test_controls_and_api_defaults_are_the_requests_own():
     assert REQUEST_DEFAULTS == {"negative_prompt": "", "steps": 20, "guidance_scale": 7.5, "seed": -1,
                                 "scheduler": GenerationRequest.scheduler, "precision": None, "width": None,
-                                "height": None, "num_images": 1}
+                                "height": None, "num_images": 1, "mode": "txt2img", "image": None, "mask": None,
+                                "strength": 0.75, "mask_blur": 4, "resize_mode": "crop"}
+    import inspect
+
+    # Each endpoint's keywords: its own first, then /generate's, all with the request's defaults.
+    generate = inspect.signature(Handlers.generate).parameters
+    for name, own in (("img2img", ["image", "strength", "resize_mode"]),
+                      ("inpaint", ["image", "mask", "strength", "mask_blur", "resize_mode"])):
+        params = inspect.signature(getattr(Handlers, name)).parameters
+        assert list(params) == ["self", "prompt", *own, *list(generate)[2:]]
+        for key in own:
+            assert params[key].default == REQUEST_DEFAULTS[key]
 
 
 class Broken:
@@ -321,3 +333,112 @@ def test_no_previews_asked_when_the_client_or_the_backend_says_no(tmp_path):
         handlers = Handlers(backend, OutputStore(tmp_path))
         values = collect(handlers, backend, prompt="cat", steps=4, **kwargs)
         assert len(values) == 1 and backend.asked_for_previews is False
+
+
+# --- image modes: the page's pieces -----------------------------------------------------------------
+
+
+def test_latency_panel_of_an_image_mode_shows_the_encode_and_the_steps_run():
+    details = {**DETAILS, "mode": "img2img", "steps": 20, "strength": 0.75, "denoising_steps": 15, "precision": "fp32",
+               "timings": {**DETAILS["timings"], "vae_encode_ms": 12.34}}
+    lines = latency_markdown(details, None).splitlines()
+    assert "| VAE encode | 12.3 |" in lines
+    assert "| denoising (3 of 20 steps, strength 0.75, 400.0 ms/step) | 1200.0 |" in lines
+    assert "ran 15 of them from an image, plus a VAE encode" in lines[-1]
+    assert "VAE encode" not in latency_markdown(DETAILS, None)  # text to image: no such stage
+
+
+def test_steps_run_note_follows_steps_and_strength():
+    assert steps_run_note(20, 0.75) == "Runs **15 of 20** steps"
+    assert steps_run_note(7, 1.0) == "Runs **7 of 7** steps"
+    assert steps_run_note(20, 0.04) == "Runs **no** step of 20: raise Strength or Steps."
+    assert steps_run_note(None, 0.5) == ""
+
+
+def test_a_tab_the_backend_cannot_run_says_why():
+    neuron = Capabilities(backend="neuron", model="m", device="d", precisions=("bf16",))
+    assert "no VAE encoder part" in mode_unavailable_note(neuron, "img2img")
+    assert mode_unavailable_note(neuron, "img2img").endswith("This backend offers: Text to image.*")
+    inpainting = Capabilities(backend="local", model="m", device="cpu", precisions=("fp32",), modes=("inpaint",))
+    assert "inpainting one (9 input channels)" in mode_unavailable_note(inpainting, "txt2img")
+
+
+def rgba_layer(size, box):
+    layer = Image.new("RGBA", size, (0, 0, 0, 0))
+    layer.paste((255, 51, 102, 255), box)
+    return layer
+
+
+def test_the_painted_strokes_alpha_is_the_mask(tmp_path):
+    from ui.pictures import editor_image_and_mask, strokes_mask
+
+    mask = strokes_mask([rgba_layer((8, 6), (0, 0, 2, 2)), rgba_layer((8, 6), (4, 4, 8, 6))])
+    assert mask.mode == "L" and mask.size == (8, 6)
+    assert mask.getpixel((1, 1)) == 255 and mask.getpixel((5, 5)) == 255 and mask.getpixel((3, 3)) == 0
+    background, layer, upload = tmp_path / "bg.png", tmp_path / "layer.png", tmp_path / "mask.png"
+    Image.new("RGB", (8, 6), "blue").save(background)
+    Image.new("RGBA", (8, 6), (0, 0, 0, 0)).save(layer)
+    editor = {"background": {"path": str(background)}, "layers": [{"path": str(layer)}], "composite": None}
+    with pytest.raises(InvalidRequest, match="mask: nothing is painted; paint over the part to repaint, or upload"):
+        editor_image_and_mask(editor, None)
+    Image.new("L", (8, 6), 255).save(upload)
+    image, mask = editor_image_and_mask(editor, {"path": str(upload)})  # an uploaded mask is used instead
+    assert image == background.read_bytes() and mask == upload.read_bytes()
+    assert editor_image_and_mask({"background": None, "layers": []}, None) == (None, None)  # the request says why
+
+
+def a1111_png(path, text: str) -> None:
+    """A PNG as AUTOMATIC1111 writes one: its infotext in a tEXt chunk named parameters, through PngInfo.add_text."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", text)
+    Image.new("RGB", (16, 16), "green").save(path, pnginfo=info)
+
+
+A1111_TEXT = ("masterpiece, a castle on a hill, (golden hour:1.2)\nNegative prompt: blurry, lowres\n"
+              "Steps: 28, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 6.5, Seed: 1234567890, "
+              "Size: 512x768, Model hash: 6ce0161689, Model: v2-1_512-ema-pruned, Denoising strength: 0.55, "
+              "Version: v1.10.1")
+
+
+def test_png_info_reads_an_automatic1111_png_and_sends_what_this_backend_takes(tmp_path):
+    from ui.pnginfo import read_png_info, values_for_controls
+
+    a1111_png(tmp_path / "a1111.png", A1111_TEXT)
+    text, fields = read_png_info({"path": str(tmp_path / "a1111.png")})
+    assert text == A1111_TEXT
+    assert fields["Prompt"] == "masterpiece, a castle on a hill, (golden hour:1.2)"
+    assert fields["Negative prompt"] == "blurry, lowres" and fields["Schedule type"] == "Karras"
+    caps = Capabilities(backend="local", model="tiny", device="cpu", precisions=("fp32",))
+    sent = values_for_controls(text, caps)
+    assert sent.values == {"prompt": "masterpiece, a castle on a hill, (golden hour:1.2)",
+                           "negative_prompt": "blurry, lowres", "steps": 28, "guidance_scale": 6.5,
+                           "seed": 1234567890, "strength": 0.55, "scheduler": "dpm++2m-karras", "width": 512,
+                           "height": 768}
+    assert sent.notes == []
+    compiled = Capabilities(backend="neuron", model="m", device="d", precisions=("bf16",), fixed_sizes=((512, 512),),
+                            max_steps=20)
+    sent = values_for_controls(text.replace("DPM++ 2M", "DPM++ SDE"), compiled)
+    assert {"width", "height", "steps", "scheduler"}.isdisjoint(sent.values)
+    assert [n.split(":")[0] for n in sent.notes] == ["Steps", "Sampler", "Size"]
+
+
+def test_png_info_round_trips_this_apps_png_and_says_when_there_is_none(tmp_path):
+    from backend.metadata import png_bytes
+    from ui.pnginfo import NO_PNG, NO_TEXT, read_png_info, values_for_controls
+
+    text = write_infotext("a fox", "dog", {"Steps": 9, "Sampler": "Euler a", "CFG scale": "5", "Seed": 77,
+                                           "Size": "128x64", "Mode": "img2img", "Denoising strength": "0.4"})
+    (tmp_path / "ours.png").write_bytes(png_bytes(attach(Image.new("RGB", (8, 8)), text)))
+    got, fields = read_png_info({"path": str(tmp_path / "ours.png")})
+    assert got == text and fields["Mode"] == "img2img"
+    caps = Capabilities(backend="local", model="tiny", device="cpu", precisions=("fp32",))
+    assert values_for_controls(got, caps).values == {"prompt": "a fox", "negative_prompt": "dog", "steps": 9,
+                                                     "guidance_scale": 5.0, "seed": 77, "strength": 0.4,
+                                                     "scheduler": "euler-a", "width": 128, "height": 64}
+    Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
+    assert read_png_info({"path": str(tmp_path / "plain.png")}) == ("", {"note": NO_TEXT})
+    assert read_png_info(None) == ("", {"note": NO_PNG})
+    (tmp_path / "text.png").write_text("not a picture")
+    assert "cannot be read as an image" in read_png_info({"path": str(tmp_path / "text.png")})[1]["note"]

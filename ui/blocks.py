@@ -16,15 +16,17 @@ from starlette.middleware import Middleware
 
 from ui.login_limit import LoginLimiter, LoginRateLimit
 
-# The app takes no files, but Gradio's /gradio_api/upload route is open to every visitor and keeps
-# what it gets: refuse anything big (and delete_cache, set in app.build_demo, drops the rest).
-MAX_UPLOAD = "1mb"
+# The app takes pictures (image to image, inpaint, PNG Info), and Gradio's /gradio_api/upload route is
+# open to every visitor and keeps what it gets: refuse more than a phone's photo (delete_cache, set in
+# app.build_demo, drops the rest after an hour). 10 MiB (gradio/utils.py FileSize: 1024-based) is below
+# input_images.MAX_INPUT_BYTES, so an upload Gradio takes is never too large for the request.
+MAX_UPLOAD = "10mb"
 CSS = """
 #banner {border-radius: 8px; padding: 10px 14px; background: var(--block-background-fill);}
 #tiny-warning {border: 2px solid #d97706; background: #fef3c7; color: #78350f; border-radius: 8px;
                padding: 10px 14px; font-weight: 600;}
 /* min-height: the progress bar shows over the latency panel (app.wire_generate), with its text. */
-#latency {font-variant-numeric: tabular-nums; min-height: 90px;}
+.latency-panel {font-variant-numeric: tabular-nums; min-height: 90px;}
 """
 _LAUNCH = inspect.signature(gr.Blocks.launch)
 

@@ -10,7 +10,7 @@ import html
 import itertools
 import logging
 import time
-from typing import Any
+from typing import Any, Callable
 
 import anyio
 import gradio as gr
@@ -27,6 +27,7 @@ from backend.api import new_request_id
 from backend.stats import LatencyStats
 from ui.cancel import CancelRegistry
 from ui.outputs import OutputStore
+from ui.pictures import editor_image_and_mask, file_bytes
 
 log = logging.getLogger("app")
 
@@ -147,15 +148,67 @@ class Handlers:
         self.cancels = cancels or CancelRegistry()
         self._fallback_session = itertools.count()
 
-    # The parameter names and defaults are the API's (/generate, called by keyword); None for precision,
-    # width and height is GenerationRequest's own "the backend's default". preview=False: no pictures
-    # while denoising (API clients and load tests that want only the result).
+    # The parameter names and defaults are the API's (/generate, /img2img, /inpaint, called by keyword); None
+    # for precision, width and height is GenerationRequest's own "the backend's default". preview=False: no
+    # pictures while denoising (API clients and load tests that want only the result).
     async def generate(self, prompt, negative_prompt=None, steps=D["steps"], precision=D["precision"],
                        guidance_scale=D["guidance_scale"], seed=D["seed"], scheduler=D["scheduler"],
                        width=D["width"], height=D["height"], num_images=D["num_images"], preview=True,
                        stats=None, request: gr.Request = None, progress=gr.Progress()):
         """Generate images for a prompt: yields the gallery with pictures of the latents while denoising
         (where the backend makes them), then the PNG gallery and a JSON details object."""
+        async for value in self._run(lambda: {}, prompt, negative_prompt, steps, precision, guidance_scale, seed,
+                                     scheduler, width, height, num_images, preview, stats, request, progress):
+            yield value
+
+    async def img2img(self, prompt, image=None, strength=D["strength"], resize_mode=D["resize_mode"],
+                      negative_prompt=None, steps=D["steps"], precision=D["precision"],
+                      guidance_scale=D["guidance_scale"], seed=D["seed"], scheduler=D["scheduler"], width=D["width"],
+                      height=D["height"], num_images=D["num_images"], preview=True, stats=None,
+                      request: gr.Request = None, progress=gr.Progress()):
+        """Image to image: the input image (fitted to the size by resize_mode) repainted by the prompt, as much
+        as strength says; yields what generate yields."""
+        def fields():
+            return dict(mode="img2img", image=file_bytes("image", image), strength=strength, resize_mode=resize_mode)
+
+        async for value in self._run(fields, prompt, negative_prompt, steps, precision, guidance_scale, seed,
+                                     scheduler, width, height, num_images, preview, stats, request, progress):
+            yield value
+
+    async def inpaint(self, prompt, image=None, mask=None, strength=D["strength"], mask_blur=D["mask_blur"],
+                      resize_mode=D["resize_mode"], negative_prompt=None, steps=D["steps"], precision=D["precision"],
+                      guidance_scale=D["guidance_scale"], seed=D["seed"], scheduler=D["scheduler"], width=D["width"],
+                      height=D["height"], num_images=D["num_images"], preview=True, stats=None,
+                      request: gr.Request = None, progress=gr.Progress()):
+        """Inpaint (the API's): the mask's white part of the image repainted, the rest kept exactly."""
+        def fields():
+            return dict(mode="inpaint", image=file_bytes("image", image), mask=file_bytes("mask", mask),
+                        strength=strength, mask_blur=mask_blur, resize_mode=resize_mode)
+
+        async for value in self._run(fields, prompt, negative_prompt, steps, precision, guidance_scale, seed,
+                                     scheduler, width, height, num_images, preview, stats, request, progress):
+            yield value
+
+    async def inpaint_editor(self, prompt, editor=None, mask=None, strength=D["strength"], mask_blur=D["mask_blur"],
+                             resize_mode=D["resize_mode"], negative_prompt=None, steps=D["steps"],
+                             precision=D["precision"], guidance_scale=D["guidance_scale"], seed=D["seed"],
+                             scheduler=D["scheduler"], width=D["width"], height=D["height"],
+                             num_images=D["num_images"], preview=True, stats=None, request: gr.Request = None,
+                             progress=gr.Progress()):
+        """Inpaint from the page: the editor's picture, and its painted strokes (or the uploaded mask) as the mask."""
+        def fields():
+            picture, painted = editor_image_and_mask(editor, mask)
+            return dict(mode="inpaint", image=picture, mask=painted, strength=strength, mask_blur=mask_blur,
+                        resize_mode=resize_mode)
+
+        async for value in self._run(fields, prompt, negative_prompt, steps, precision, guidance_scale, seed,
+                                     scheduler, width, height, num_images, preview, stats, request, progress):
+            yield value
+
+    async def _run(self, mode_fields: Callable[[], dict[str, Any]], prompt, negative_prompt, steps, precision,
+                   guidance_scale, seed, scheduler, width, height, num_images, preview, stats, request, progress):
+        """One generation of any mode; mode_fields() gives the mode's own request fields (reading the pictures,
+        inside the error handling, so a bad file is a message naming its field)."""
         request_id = new_request_id()
         session = getattr(request, "session_hash", None) or f"anon-{next(self._fallback_session)}"
         event = self.cancels.start(session)
@@ -171,7 +224,7 @@ class Handlers:
             req = GenerationRequest(
                 prompt=prompt, negative_prompt=negative_prompt or "", steps=steps, guidance_scale=guidance_scale,
                 seed=seed if seed not in (None, "") else D["seed"], scheduler=scheduler, precision=precision,
-                width=width, height=height, num_images=num_images,
+                width=width, height=height, num_images=num_images, **mode_fields(),
             )
             want_previews = preview is not False and self.backend.capabilities().previews
             # In a worker thread that Gradio abandons when it cancels this task (Stop, an API client's
@@ -208,8 +261,9 @@ class Handlers:
             gr.Warning(as_text(warning))
         stats = stats if isinstance(stats, LatencyStats) else LatencyStats()
         stats.add(result.timings.total_ms, len(files))
-        log.info("request %s: generated %d image(s) in %.0f ms (backend %.0f ms, %d preview(s) shown)", request_id,
-                 len(files), (time.perf_counter() - started) * 1000.0, result.timings.total_ms, previews.shown)
+        log.info("request %s: generated %d image(s) (%s) in %.0f ms (backend %.0f ms, %d preview(s) shown)",
+                 request_id, len(files), req.mode, (time.perf_counter() - started) * 1000.0,
+                 result.timings.total_ms, previews.shown)
         yield files, details, stats
 
     def stop(self, request: gr.Request = None):

@@ -6,6 +6,7 @@ import html
 from typing import Any
 
 from backend import Backend, Capabilities
+from backend.api import MODE_LABELS
 from backend import walkthrough
 from backend.sd21_random import SD21_RANDOM_ID
 from backend.stats import LatencyStats
@@ -45,7 +46,11 @@ def latency_markdown(details: dict[str, Any] | None, stats: LatencyStats | None,
         lines.append("")
         lines.append("| stage | ms |\n|---|---:|")
         lines.append(f"| text encoder | {t['text_encoder_ms']:.1f} |")
-        lines.append(f"| denoising ({len(steps)} steps, {per_step:.1f} ms/step) | {t['denoise_ms']:.1f} |")
+        ran = f"{len(steps)} steps"
+        if details.get("mode", "txt2img") != "txt2img":  # the input picture to latents; then steps x strength run
+            lines.append(f"| VAE encode | {t.get('vae_encode_ms', 0.0):.1f} |")
+            ran = f"{len(steps)} of {details.get('steps')} steps, strength {details.get('strength')}"
+        lines.append(f"| denoising ({ran}, {per_step:.1f} ms/step) | {t['denoise_ms']:.1f} |")
         lines.append(f"| VAE decode | {t['vae_ms']:.1f} |")
         if t.get("server_ms") is not None:
             lines.append(f"| endpoint (server time) | {t['server_ms']:.1f} |")
@@ -83,6 +88,8 @@ def reference_line(details: dict[str, Any], reference: walkthrough.ReferenceRow 
     size = f"{walkthrough.SIZE[0]}x{walkthrough.SIZE[1]}"
     if details.get("size") and details["size"] != size:
         caveats.append(f"this request is {details['size']}, the walk-through's {size}")
+    if details.get("mode", "txt2img") != "txt2img":
+        caveats.append(f"this request ran {details.get('denoising_steps')} of them from an image, plus a VAE encode")
     if len(details.get("seeds") or []) > 1:
         caveats.append(f"this request made {len(details['seeds'])} images")
     return text + (f" ({'; '.join(caveats)})." if caveats else ".")
@@ -94,3 +101,32 @@ def no_preview_note(caps: Capabilities) -> str:
         return ("*No live preview on this backend: the SageMaker endpoint answers once per request, so the "
                 "images appear when it has finished.*")
     return "*Live preview is off (--preview-every 0): the images appear when they are finished.*"
+
+
+def steps_run_note(steps: Any, strength: Any) -> str:
+    """What the Strength slider's neighbour says: how many of the steps run from an image (int(steps x strength),
+    as diffusers' get_timesteps)."""
+    try:
+        steps, strength = int(steps), float(strength)
+    except (TypeError, ValueError):
+        return ""
+    ran = min(int(steps * strength), steps)
+    if ran < 1:
+        return f"Runs **no** step of {steps}: raise Strength or Steps."
+    return f"Runs **{ran} of {steps}** steps"
+
+
+def mode_unavailable_note(caps: Capabilities, mode: str) -> str:
+    """Why a mode's tab has no controls on this backend, and what would offer it."""
+    label = MODE_LABELS[mode]
+    offered = ", ".join(MODE_LABELS[m] for m in caps.modes)
+    if caps.backend == "neuron":
+        why = ("this compiled root has no VAE encoder part, which turns the input picture into latents; compile "
+               "it into the root (compile_scripts/compile.py, docs/neuron.md) and restart")
+    elif caps.backend == "sagemaker":
+        why = "the endpoint does not offer it (its describe answer lists the modes it runs); deploy a newer package"
+    elif mode != "inpaint" and caps.modes == ("inpaint",):
+        why = "this model's UNet is an inpainting one (9 input channels), which runs Inpaint only"
+    else:
+        why = "this backend does not offer it"
+    return f"*{label} is not available here: {why}. This backend offers: {offered}.*"
