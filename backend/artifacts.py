@@ -303,14 +303,16 @@ class ArtifactSet:
 
 
 def compile_hint(root: Path, model: str | None, dtype: str, parts: str = "", force: bool = False,
-                 sizes: list[Size] | None = None) -> str:
-    """The command that (re)compiles what is missing or stale."""
+                 sizes: list[Size] | None = None, target: str | None = None) -> str:
+    """The command that (re)compiles what is missing or stale (target: the root's, where known)."""
     cmd = f"python -m compile_scripts.compile --model {model or 'MODEL'} --out {root} --dtype {dtype}"
     if sizes:
         cmd += f" --sizes {','.join(map(size_key, sizes))}"
     if parts:
         cmd += f" --parts {parts}"
-    return cmd + (" --force" if force else "")
+    if force:
+        cmd += " --force"
+    return cmd + (" --target cpu" if target == "cpu" else "")
 
 
 def upgrade_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -381,7 +383,7 @@ def find_artifacts(root: Path, wanted_model: str | None = None,
                     f"--sizes {','.join(map(size_key, wanted_sizes))}: {art.dtype} in {root} has no "
                     f"{', '.join(map(size_key, absent))}; it was compiled for {', '.join(map(size_key, art.sizes))}. "
                     f"Choose among those, or compile the others: "
-                    f"{compile_hint(root, art.model, art.dtype, sizes=absent)}")
+                    f"{compile_hint(root, art.model, art.dtype, sizes=absent, target=art.target)}")
             art.sizes = [s for s in art.sizes if s in wanted_sizes]
     for art in sets:
         _check_size_parts(root, art, [s for other in sets for s in other.sizes])
@@ -398,9 +400,9 @@ def _check_size_parts(root: Path, art: ArtifactSet, all_sizes: list[Size]) -> No
         leave_out = (f", or serve the other sizes without it: --sizes {','.join(map(size_key, others))}"
                      if others else "")
         files = ", ".join(str(art.path(p, size).relative_to(root)) for p in missing)
+        hint = compile_hint(root, art.model, art.dtype, " ".join(missing), sizes=[size], target=art.target)
         raise BackendUnavailable(f"--artifacts {root}: {art.dtype} {size_key(size)} is missing {files}; compile it: "
-                                 f"{compile_hint(root, art.model, art.dtype, ' '.join(missing), sizes=[size])}"
-                                 f"{leave_out}")
+                                 f"{hint}{leave_out}")
 
 
 def _manifest_set(root: Path, directory: Path, source: str | None, architecture: dict[str, Any],
@@ -461,13 +463,13 @@ def _manifest_set(root: Path, directory: Path, source: str | None, architecture:
     if missing:
         raise BackendUnavailable(
             f"--artifacts {root}: {dtype} is missing {', '.join(f'{COMPILED_DIR}/{dtype}/{p}.pt' for p in missing)}; "
-            f"compile it: {compile_hint(root, model, dtype, parts=' '.join(missing))}"
+            f"compile it: {compile_hint(root, model, dtype, parts=' '.join(missing), target=target)}"
         )
     for part, size in present:
         if part != "text_encoder" and dtype_name(art.input_specs(part, size)[0].dtype) != art.part_dtype(part, size):
+            hint = compile_hint(root, model, dtype, part, True, [size] if size else None, target)
             raise BackendUnavailable(f"{path}: {part} is recorded as {art.part_dtype(part, size)} but its inputs as "
-                                     f"{art.input_specs(part, size)[0].dtype}; recompile: "
-                                     f"{compile_hint(root, model, dtype, part, True, [size] if size else None)}")
+                                     f"{art.input_specs(part, size)[0].dtype}; recompile: {hint}")
     errors, warnings = version_problems(manifest.get("versions") or {}, installed_versions(), target)
     if errors:
         raise BackendUnavailable(f"{where}: " + " ".join(errors))
@@ -509,9 +511,10 @@ def common_sizes(sets: list[ArtifactSet]) -> tuple[list[Size], list[str]]:
         for size in art.sizes:
             if size not in common:
                 lacking = [o.dtype for o in sets if size not in o.sizes]
+                hint = compile_hint(art.directory.parent.parent, art.model, " ".join(lacking), sizes=[size],
+                                    target=art.target)
                 notes.append(f"{size_key(size)} is compiled in {art.dtype} only, so it is not offered; compile it in "
-                             f"{', '.join(lacking)} too: "
-                             f"{compile_hint(art.directory.parent.parent, art.model, ' '.join(lacking), sizes=[size])}")
+                             f"{', '.join(lacking)} too: {hint}")
     return common, notes
 
 

@@ -139,7 +139,7 @@ class NeuronBackend(InProcessBackend):
             self.notes.append(warning)
         if self.target == "cpu":
             self.notes.append(CPU_NOTE)
-        self.modes, self.modes_note = self._modes()
+        self.modes_note = self._missing_encoder_note()
         if self.modes_note:
             log.warning("%s", self.modes_note)
             self.notes.append(self.modes_note)
@@ -159,7 +159,7 @@ class NeuronBackend(InProcessBackend):
             max_images=settings.max_images,
             is_tiny=self.is_tiny,  # the app's warning banner
             previews=self.previews,
-            modes=self.modes,
+            modes=self.modes(),
             notes=tuple(self.notes),
         )
         for dtype in self._pipelines:
@@ -170,29 +170,39 @@ class NeuronBackend(InProcessBackend):
         since_start = seconds_since_process_start()
         log.info("ready in %.1f s (loading and warm-up)%s: %s, sizes %s, modes %s", time.perf_counter() - started,
                  "" if since_start is None else f", {since_start:.1f} s after the process started",
-                 " and ".join(self._pipelines), ", ".join(map(size_key, self.sizes)), ", ".join(self.modes))
+                 " and ".join(self._pipelines), ", ".join(map(size_key, self.sizes)), ", ".join(self._caps.modes))
 
     # What the root offers ----------------------------------------------------------------------
 
-    def _modes(self) -> tuple[tuple[str, ...], str]:
-        """Every mode when each loaded size of each dtype has the VAE encoder; else text to image and a note
-        saying how to add the part (compile.py adds it without recompiling the rest)."""
+    def modes(self) -> tuple[str, ...]:
+        """What the UNet runs (InProcessBackend.modes), less image to image and inpainting where a loaded size
+        lacks the VAE encoder."""
+        offered = super().modes()
+        if self.modes_note:
+            offered = tuple(m for m in offered if m not in ("img2img", "inpaint"))
+        if not offered:  # a 9-channel inpainting UNet runs only inpaint, which needs the encoder
+            raise BackendUnavailable(f"--artifacts {self.root}: its UNet is an inpainting one, which runs only "
+                                     f"Inpaint; {self.modes_note}")
+        return offered
+
+    def _missing_encoder_note(self) -> str:
+        """'' when each loaded size of each dtype has the VAE encoder; else what lacks it and the command that adds
+        the part (compile.py adds it without recompiling the rest)."""
         lacking = {art.dtype: [s for s in self.sizes if art.modes_parts_missing(s)] for art in self.sets}
         lacking = {dtype: sizes for dtype, sizes in lacking.items() if sizes}
         if not lacking:
-            return MODES, ""
+            return ""
         image_modes = " and ".join(f"{MODE_LABELS[m]} ({m})" for m in MODES if m != "txt2img")
         if any(art.layout == "flat" for art in self.sets):
-            return ("txt2img",), (f"{image_modes} need the VAE encoder, which AWS's walk-through layout does not "
-                                  f"have: compile a root with compile_scripts.compile (it compiles the VAE encoder "
-                                  f"too), e.g. python -m compile_scripts.compile --model {DEFAULT_MODEL} --out ROOT.")
+            return (f"{image_modes} need the VAE encoder, which AWS's walk-through layout does not have: compile a "
+                    f"root with compile_scripts.compile (it compiles the VAE encoder too), e.g. python -m "
+                    f"compile_scripts.compile --model {DEFAULT_MODEL} --out ROOT.")
         sizes = list(dict.fromkeys(s for dtype_sizes in lacking.values() for s in dtype_sizes))
-        command = compile_hint(self.root, self.sets[0].model, " ".join(lacking), "vae_encoder", sizes=sizes)
-        if self.target == "cpu":
-            command += " --target cpu"
+        command = compile_hint(self.root, self.sets[0].model, " ".join(lacking), "vae_encoder", sizes=sizes,
+                               target=self.target)
         missing = "; ".join(f"{dtype} {', '.join(map(size_key, s))}" for dtype, s in lacking.items())
-        return ("txt2img",), (f"{image_modes} need the VAE encoder part, which this root lacks ({missing}). Add it "
-                              f"(the other parts stay as they are): {command}")
+        return (f"{image_modes} need the VAE encoder part, which this root lacks ({missing}). Add it (the other "
+                f"parts stay as they are): {command}")
 
     def check_device_memory(self, device_memory_gib: float | None) -> None:
         """Refuse, before loading anything, sizes whose parts do not fit a NeuronCore's memory, naming what to drop.
@@ -230,7 +240,7 @@ class NeuronBackend(InProcessBackend):
 
     def _loaded_size_parts(self) -> tuple[str, ...]:
         """The size-dependent parts this backend loads: the VAE encoder only where every size has it."""
-        return tuple(p for p in ("unet", *VAE_PARTS) if p in TXT2IMG_PARTS or "img2img" in self.modes)
+        return tuple(p for p in ("unet", *VAE_PARTS) if p in TXT2IMG_PARTS or not self.modes_note)
 
     # Loading -----------------------------------------------------------------------------------
 
@@ -261,7 +271,7 @@ class NeuronBackend(InProcessBackend):
         try:
             module = torch.jit.load(str(path), map_location="cpu")
         except Exception as exc:  # noqa: BLE001 - a corrupt or foreign file: say which and what to do
-            hint = compile_hint(self.root, art.model, art.dtype, part, True, [size] if size else None)
+            hint = compile_hint(self.root, art.model, art.dtype, part, True, [size] if size else None, art.target)
             raise BackendUnavailable(f"{path}: cannot be loaded ({exc.__class__.__name__}: "
                                      f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}); "
                                      f"recompile: {hint}") from None
@@ -327,7 +337,7 @@ class NeuronBackend(InProcessBackend):
         costs one run of each part at load, which the warm-up pays anyway.
         """
         art.flat_dtypes.setdefault("text_encoder", [torch.int64])
-        for part in ("unet", *VAE_PARTS):
+        for part in [p for p in TXT2IMG_PARTS if p not in SHARED_PARTS]:  # the walk-through has no encoder
             if part in art.flat_dtypes:
                 continue
             for candidate in (torch.bfloat16, torch.float32):  # the walk-through's bf16 first, then AWS's fp32 VAE
@@ -347,11 +357,20 @@ class NeuronBackend(InProcessBackend):
 
     def _warm_up(self, precision: str, size: Size) -> None:
         """One 1-step generation per precision and size, so the first person does not wait for lazy loading (on
-        Neuron, a part reaches the NeuronCores at its first run) and broken parts fail now."""
+        Neuron, a part reaches the NeuronCores at its first run) and broken parts fail now. From an image where
+        the VAE encoder is loaded (a 1-step image to image runs every part), else from text."""
+        from PIL import Image
+
         started = time.perf_counter()
+        modes = self._caps.modes
+        mode = "img2img" if "img2img" in modes else "inpaint" if "txt2img" not in modes else "txt2img"
+        pictures = {} if mode == "txt2img" else {"image": Image.new("RGB", size, "gray"), "strength": 1.0}
+        if mode == "inpaint":
+            pictures.update(mask=Image.new("L", size, 255), mask_blur=0)
         request = GenerationRequest(prompt="warm-up", steps=1, seed=0, precision=precision, width=size[0],
-                                    height=size[1], scheduler=DEFAULT_SCHEDULER).validated(self._caps)
-        pipe = self._pipelines[precision]
+                                    height=size[1], scheduler=DEFAULT_SCHEDULER, mode=mode,
+                                    **pictures).validated(self._caps)
+        pipe = self.pipeline_for_mode(precision, mode)
         try:
             pipeline.run(pipe, request, [0], scheduler=self._schedulers.get(request.scheduler))
         except Exception as exc:  # noqa: BLE001
@@ -359,7 +378,7 @@ class NeuronBackend(InProcessBackend):
             raise BackendUnavailable(f"--artifacts {self.root}: the {precision} {size_key(size)} parts failed their "
                                      f"first run ({exc.__class__.__name__}: {str(exc)[:300]}); recompile them with "
                                      f"--force.") from None
-        log.info("warmed up %s %s in %.2f s", precision, size_key(size), time.perf_counter() - started)
+        log.info("warmed up %s %s (%s) in %.2f s", precision, size_key(size), mode, time.perf_counter() - started)
 
     # The contract ------------------------------------------------------------------------------
 
@@ -377,7 +396,7 @@ class NeuronBackend(InProcessBackend):
         if wanted in NEURON_DTYPES and wanted not in self._caps.precisions:  # compilable, just not compiled
             raise InvalidRequest(
                 f"precision: {wanted} was not compiled in {self.root}; compiled: {', '.join(self._caps.precisions)}. "
-                f"Compile it with: {compile_hint(self.root, self.model, wanted)}",
+                f"Compile it with: {compile_hint(self.root, self.model, wanted, target=self.target)}",
                 "precision",
             )
 

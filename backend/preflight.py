@@ -232,7 +232,8 @@ def check_parts(root: Path, art) -> list[Finding]:
     present = [(p, None) for p in SHARED_PARTS] + [(p, s) for s in art.sizes for p in SIZE_PARTS if art.has(p, s)]
     for part, size in present:
         path = art.path(part, size)
-        fix = f"Recompile it: {compile_hint(root, art.model, art.dtype, part, True, [size] if size else None)}"
+        hint = compile_hint(root, art.model, art.dtype, part, True, [size] if size else None, art.target)
+        fix = f"Recompile it: {hint}"
         where = f"{art.dtype} {part}{f' {size_key(size)}' if size else ''} ({path})"
         try:
             with zipfile.ZipFile(path) as opened:
@@ -257,9 +258,9 @@ def check_parts(root: Path, art) -> list[Finding]:
                 continue
         known = art.layout == "manifest" or part in art.flat_dtypes
         dtype_note = "" if known else "; its dtype is probed on the device at load"
-        size = path.stat().st_size / 1e6
+        megabytes = path.stat().st_size / 1e6
         findings.append(Finding("ok", f"{where.split(' (')[0]}: {art.part_dtype(part, size)}, inputs {shapes}, "
-                                f"{size:.1f} MB{dtype_note}"))
+                                f"{megabytes:.1f} MB{dtype_note}"))
     return findings
 
 

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 import neuron_helpers
-from backend import Settings, create_backend, pipeline
+from backend import GenerationRequest, Settings, create_backend, pipeline
 from backend.neuron_modules import NeuronVaeEncoder, StaticShapeError
 
 SIZE = neuron_helpers.SIZE
@@ -169,3 +169,43 @@ def test_image_pipelines_on_the_compiled_parts_match_eager(neuron_backend, eager
     assert np.abs(ours - theirs).max() <= FP32_TOL
     # int(steps x strength) steps on the compiled UNet, each on both images' CFG pair.
     assert calls == [(2 * n, 4, SIZE // 8, SIZE // 8)] * int(STEPS * 0.75)
+
+
+# --- the neuron backend's image modes, end to end --------------------------------------------------
+
+
+def pixels(images) -> np.ndarray:
+    """PIL images as one int array."""
+    return np.stack([np.asarray(img, dtype=np.int16) for img in images])
+
+
+@pytest.mark.parametrize("mode", ["img2img", "inpaint"])
+def test_backend_image_modes_match_the_local_backend(neuron_backend, compiled_root, mode):
+    """Image to image and inpaint through the neuron backend (inpaint on the compiled UNet) against the local
+    backend on the same model files, within test_neuron's neuron-vs-local bound."""
+    local = create_backend(Settings(backend="local", model=str(compiled_root), device="cpu"))
+    image = _input_image()
+    request = GenerationRequest(prompt="a lovely cat", negative_prompt="blurry", steps=STEPS, seed=11,
+                                precision="fp32", num_images=2, mode=mode, image=image, strength=0.75,
+                                mask=_mask() if mode == "inpaint" else None, width=SIZE, height=SIZE)
+    try:
+        ours, theirs = neuron_backend.generate(request), local.generate(request)
+    finally:
+        local.close()
+    assert ours.seeds == theirs.seeds == [11, 12]
+    assert [img.size for img in ours.images] == [(SIZE, SIZE)] * 2
+    # PNG pixels: at most one level apart where a value sits on a rounding boundary.
+    assert np.abs(pixels(ours.images) - pixels(theirs.images)).max() <= 1
+    assert len(ours.timings.step_ms) == ours.request.denoising_steps == int(STEPS * 0.75)
+    assert ours.timings.vae_encode_ms > 0 and ours.details()["mode"] == mode
+    if mode == "inpaint":  # pasted back: far from the mask's blurred edge, the input's pixels exactly
+        outside = np.asarray(_mask()) == 0
+        outside[SIZE // 4 - 16: 3 * SIZE // 4 + 16, SIZE // 4 - 16: 3 * SIZE // 4 + 16] = False
+        assert all(np.array_equal(np.asarray(img)[outside], np.asarray(image)[outside]) for img in ours.images)
+
+
+def test_bf16_image_to_image_runs_every_part(neuron_backend):
+    request = GenerationRequest(prompt="a lovely cat", steps=2, seed=3, precision="bf16", mode="img2img",
+                                image=_input_image(), strength=1.0)
+    result = neuron_backend.generate(request)
+    assert result.images[0].size == (SIZE, SIZE) and result.timings.vae_encode_ms > 0
