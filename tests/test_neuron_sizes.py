@@ -327,7 +327,7 @@ def test_endpoint_serves_each_size_and_refuses_the_others(sizes_root, tmp_path):
             assert status == 200 and len(answer["images"]) == 1
             assert f"Size: {width}x{height}" in answer["info"]
         status, answer = invoke({"prompt": "a lovely cat", "parameters": {"width": 192, "height": 192}})
-    assert status == 400 and "192x192 is not available" in answer["message"]
-    assert all(key in answer["message"] for key in KEYS)
+    assert status == 400 and answer["message"] == "InvalidRequest" and "192x192 is not available" in answer["error"]
+    assert all(key in answer["error"] for key in KEYS)
     log = log_path.read_text()
     assert "loading 1/13: fp32 text_encoder for every size" in log and "ready in " in log and "first image in " in log
