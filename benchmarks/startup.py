@@ -27,7 +27,7 @@ if __package__ in (None, ""):
 
 from benchmarks.procs import free_port, run_app, run_process  # noqa: E402
 
-LINES = re.compile(r"(loaded \d+/\d+: .*|loading \d+/\d+: .*|warmed up .*|ready in .*|first image in .*"
+LINES = re.compile(r"(loaded \d+.*|loading \d+/\d+: .*|built the .*|warmed up .*|ready in .*|first image in .*"
                    r"|device memory: .*)$")
 
 
