@@ -209,3 +209,33 @@ def test_bf16_image_to_image_runs_every_part(neuron_backend):
                                 image=_input_image(), strength=1.0)
     result = neuron_backend.generate(request)
     assert result.images[0].size == (SIZE, SIZE) and result.timings.vae_encode_ms > 0
+
+
+# --- a dedicated inpainting checkpoint: a 9-channel UNet -------------------------------------------
+
+
+def test_a_9_channel_unet_is_compiled_with_its_channels_and_inpaints(tmp_path):
+    """compile.py traces the UNet with unet.config.in_channels (latents, mask, masked-image latents); the backend
+    then offers only Inpaint (text to image and image to image feed a UNet 4 channels) and runs it on the
+    compiled UNet, as the local backend runs the same model."""
+    from backend.tiny import build_pipeline
+    from compile_scripts.compile import main as compile_main
+
+    model, root, size = tmp_path / "tiny-inpainting", tmp_path / "root", 128
+    build_pipeline(unet_in_channels=9).save_pretrained(model)
+    assert compile_main(["--model", str(model), "--out", str(root), "--target", "cpu", "--dtype", "fp32",
+                         "--sizes", f"{size}x{size}"]) == 0
+    backend = create_backend(Settings(backend="neuron", artifacts=str(root)))
+    local = create_backend(Settings(backend="local", model=str(model), device="cpu"))
+    try:
+        assert backend.sets[0].input_specs("unet")[0].shape == (1, 9, size // 8, size // 8)
+        assert backend.capabilities().modes == ("inpaint",)
+        image = _input_image().resize((size, size))
+        mask = _mask().resize((size, size))
+        request = GenerationRequest(prompt="a red fox", steps=STEPS, seed=2, precision="fp32", mode="inpaint",
+                                    image=image, mask=mask, strength=1.0, width=size, height=size)
+        ours, theirs = backend.generate(request), local.generate(request)
+    finally:
+        backend.close()
+        local.close()
+    assert np.abs(pixels(ours.images) - pixels(theirs.images)).max() <= 1
