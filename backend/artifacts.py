@@ -1,16 +1,29 @@
 """The compiled-root format: where the parts are, what a manifest records, and whether a root can run here.
 
-A compiled root is a diffusers model folder plus compiled_models/ (docs/architecture.md):
+A compiled root is a diffusers model folder plus compiled_models/ (docs/architecture.md). Format 2
+holds several image sizes: the text encoder does not depend on the size and is compiled once per
+dtype; the UNet and the VAE parts are compiled once per size, each size in its own folder named as
+the infotext writes sizes, width x height:
 
     ROOT/model_index.json, scheduler/, tokenizer/, text_encoder/, unet/, vae/ ...
-    ROOT/compiled_models/source.json                 which model the diffusers files are
-    ROOT/compiled_models/<dtype>/{text_encoder,unet,vae_decoder,vae_post_quant_conv}.pt
-    ROOT/compiled_models/<dtype>/manifest.json       how they were compiled
+    ROOT/compiled_models/source.json                     which model the diffusers files are
+    ROOT/compiled_models/<dtype>/manifest.json           how everything of that dtype was compiled
+    ROOT/compiled_models/<dtype>/text_encoder.pt         one for every size
+    ROOT/compiled_models/<dtype>/<W>x<H>/{unet,vae_decoder,vae_post_quant_conv,vae_encoder}.pt
 
-compile_scripts/compile.py writes it and backend/neuron.py loads it; both take the format from here.
-The flat layout of AWS's walk-through (ROOT/compiled_models/unet.pt and friends, no manifest) is read
-too, each part in the dtype it was traced with (backend/archive.py reads it from the file).
+The manifest (format 2) records the settings every part of the dtype shares, `parts` (the text
+encoder's entry) and `sizes`, one entry per "<W>x<H>" with its width, height, latent size and
+`parts`. Each part's entry gives its `file` relative to the dtype folder, its dtype, input shapes
+and dtypes, compiler arguments, attention kernel, versions, bytes and seconds. `vae_encoder` (image to
+image and inpainting) is optional: a size without it serves text to image only.
 
+Older roots still load: a format 1 manifest (one size: height and width at the top, every part's
+file beside it in <dtype>/) is read as format 2 with that one size, and compile.py adds sizes and
+parts to it without moving its files (each entry's `file` says where the part is). The flat layout of
+AWS's walk-through (ROOT/compiled_models/unet.pt and friends, no manifest) is read as 512x512, each
+part in the dtype it was traced with (backend/archive.py reads it from the file).
+
+compile_scripts/compile.py writes the format and backend/neuron.py loads it; both take it from here.
 Light at import (no torch): the compile script's command line takes PARTS and NEURON_DTYPES from here.
 """
 
@@ -19,6 +32,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -33,18 +47,84 @@ if TYPE_CHECKING:
 
     from .neuron_modules import InputSpec
 
-PARTS = ("text_encoder", "unet", "vae_decoder", "vae_post_quant_conv")  # traced apart, one .pt file each
-VAE_PARTS = ("vae_decoder", "vae_post_quant_conv")
+# Traced apart, one .pt file each, in the order they are compiled.
+PARTS = ("text_encoder", "unet", "vae_decoder", "vae_post_quant_conv", "vae_encoder")
+TXT2IMG_PARTS = ("text_encoder", "unet", "vae_decoder", "vae_post_quant_conv")  # what every root must have
+IMAGE_PARTS = ("vae_encoder",)  # what image to image and inpainting need on top: the input image to latents
+SHARED_PARTS = ("text_encoder",)  # compiled once per dtype, for every size
+SIZE_PARTS = ("unet", "vae_decoder", "vae_post_quant_conv", "vae_encoder")  # compiled once per size
+VAE_PARTS = ("vae_decoder", "vae_post_quant_conv", "vae_encoder")  # fp32 in a bf16 root by default
 NEURON_DTYPES = ("bf16", "fp32")  # the precisions a root can hold, preferred first: bf16 is the faster on Inferentia2
 COMPILED_DIR = "compiled_models"
 MANIFEST = "manifest.json"
 SOURCE = "source.json"
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2
+READABLE_FORMATS = (1, 2)
 SDK_PACKAGES = ("torch-neuronx", "neuronx-cc")
 VERSIONED_PACKAGES = ("torch", "diffusers", "transformers", *SDK_PACKAGES)
 # What AWS's walk-through compiled, which its flat layout does not record. Its dtypes are read from
 # the parts themselves (AWS's notebook keeps the VAE parts in fp32 beside a bf16 UNet).
 FLAT_LAYOUT = dict(height=512, width=512, batch_per_core=1)
+# Sizes a root may be compiled for: a multiple of the VAE's 8, from 64 up to twice the model's native
+# size (the UNet's sample_size x 8: 1024 for SD2.1-base, 1536 for SD2.1-768); beyond that SD2.1
+# repeats its subject and a 768x768 UNet already needs about 1.5x the device memory of 512x512.
+MIN_SIZE = 64
+SIZE_MULTIPLE = 8
+DEFAULT_SIZE = (512, 512)  # the default size of a root that has it (SD2.1-base's native size)
+
+Size = tuple[int, int]  # (width, height), as the infotext writes sizes: "Size: 512x768" is 512 wide
+
+
+def size_key(size: Size) -> str:
+    """'512x768' for (512, 768): width x height, the folder and manifest key of a size."""
+    return f"{size[0]}x{size[1]}"
+
+
+def parse_size(text: str) -> Size:
+    """(width, height) from 'WxH'; ValueError saying how to write one."""
+    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    if not match:
+        raise ValueError(f"{text.strip()!r} is not a size; write width x height, such as 512x512 or 768x512")
+    return int(match.group(1)), int(match.group(2))
+
+
+def parse_sizes(text: str) -> list[Size]:
+    """'512x512,768x512' -> [(512, 512), (768, 512)], in order, without repeats; ValueError naming a bad one."""
+    items = [item for item in text.split(",") if item.strip()]
+    if not items:
+        raise ValueError("no size given; write width x height, such as 512x512, several separated by commas")
+    sizes = [parse_size(item) for item in items]
+    for size in sizes:
+        for name, value in zip(("width", "height"), size):
+            if value <= 0 or value % SIZE_MULTIPLE:
+                raise ValueError(f"{size_key(size)}: the {name} {value} is not a multiple of {SIZE_MULTIPLE} (the "
+                                 f"VAE's downsampling factor); use, for example, {_nearest(value)}")
+    return list(dict.fromkeys(sizes))
+
+
+def _nearest(value: int) -> int:
+    return max(SIZE_MULTIPLE, round(value / SIZE_MULTIPLE) * SIZE_MULTIPLE)
+
+
+def size_range(architecture: dict[str, Any]) -> tuple[int, int]:
+    """The smallest and largest width or height a root of this model may be compiled for."""
+    native = int(architecture.get("unet_sample_size") or 64) * int(architecture.get("vae_scale_factor") or 8)
+    return MIN_SIZE, 2 * native
+
+
+def check_sizes(sizes: list[Size], architecture: dict[str, Any]) -> None:
+    """ValueError naming a size outside the model's range (see size_range)."""
+    low, high = size_range(architecture)
+    for size in sizes:
+        for name, value in zip(("width", "height"), size):
+            if not low <= value <= high:
+                raise ValueError(f"{size_key(size)}: the {name} {value} is outside this model's range, {low} to "
+                                 f"{high} (twice its native size); use a size within it")
+
+
+def default_size(sizes: list[Size]) -> Size:
+    """The size a request without one gets: 512x512 where compiled, else the first."""
+    return DEFAULT_SIZE if DEFAULT_SIZE in sizes else sizes[0]
 
 
 def installed_versions() -> dict[str, str | None]:
@@ -78,6 +158,10 @@ def model_architecture(root: Path) -> dict[str, Any]:
         "text_max_positions": text.get("max_position_embeddings"),
         "vae_latent_channels": vae.get("latent_channels"),
         "vae_scale_factor": 2 ** (len(vae.get("block_out_channels") or [0]) - 1),
+        # Format 2 records these too (the VAE encoder's input, the sizes' range); a format 1 manifest
+        # lacks them, and is checked on the keys it has.
+        "unet_sample_size": unet.get("sample_size"),
+        "vae_in_channels": vae.get("in_channels"),
     }
 
 
@@ -127,66 +211,139 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 @dataclass
 class ArtifactSet:
-    """The compiled parts of one dtype and what they were compiled for."""
+    """The compiled parts of one dtype, for each of its sizes, and what they were compiled for."""
 
     dtype: str
     directory: Path
     layout: str  # "manifest" or "flat" (AWS's walk-through)
     target: str  # "neuron" or "cpu"
     model: str
-    height: int
-    width: int
+    sizes: list[Size]  # (width, height), in the manifest's order
     batch_per_core: int
     tokens: int
     text_hidden: int
     latent_channels: int
     vae_scale_factor: int
-    manifest: dict[str, Any] | None = None
+    unet_in_channels: int = 4
+    image_channels: int = 3
+    manifest: dict[str, Any] | None = None  # as format 2, whatever the format on disk
+    format: int | None = None  # the manifest's format on disk; None for the flat layout
     warnings: list[str] = field(default_factory=list)
     # Flat layout: each part's input dtypes as read from its file; a part missing here could not be
     # read without the device and is probed at load (NeuronBackend._probe_flat_dtypes).
     flat_dtypes: dict[str, list[torch.dtype]] = field(default_factory=dict)
 
-    def path(self, part: str) -> Path:
-        """The .pt file of a part."""
-        return self.directory / f"{part}.pt"
+    def _size(self, part: str, size: Size | None) -> Size:
+        if size is None:
+            if part not in SHARED_PARTS and len(self.sizes) > 1:
+                raise ValueError(f"{part} is compiled per size; say which of {', '.join(map(size_key, self.sizes))}")
+            return self.sizes[0]
+        return size
 
-    def part_dtype(self, part: str) -> str:
+    def entry(self, part: str, size: Size | None = None) -> dict[str, Any] | None:
+        """A part's manifest entry (None: not compiled, or the flat layout)."""
+        if self.manifest is None:
+            return None
+        if part in SHARED_PARTS:
+            return (self.manifest.get("parts") or {}).get(part)
+        compiled = (self.manifest.get("sizes") or {}).get(size_key(self._size(part, size))) or {}
+        return (compiled.get("parts") or {}).get(part)
+
+    def path(self, part: str, size: Size | None = None) -> Path:
+        """The .pt file of a part (of a size, for the size-dependent parts)."""
+        if self.manifest is None:
+            return self.directory / f"{part}.pt"
+        entry = self.entry(part, size)
+        if entry is None:
+            where = "" if part in SHARED_PARTS else f"{size_key(self._size(part, size))}/"
+            return self.directory / f"{where}{part}.pt"
+        return self.directory / entry["file"]
+
+    def has(self, part: str, size: Size | None = None) -> bool:
+        """Whether a part is compiled (recorded, where there is a manifest) and its file is there."""
+        if self.manifest is not None and self.entry(part, size) is None:
+            return False
+        if self.manifest is None and part not in TXT2IMG_PARTS:
+            return False  # the walk-through compiled no VAE encoder
+        return self.path(part, size).is_file()
+
+    def part_dtype(self, part: str, size: Size | None = None) -> str:
         """The dtype a part computes in ('bf16' or 'fp32'): a bf16 root keeps its VAE parts in fp32 by default."""
         if self.manifest is not None:
-            return self.manifest["parts"][part].get("dtype") or self.dtype
+            return self.entry(part, size).get("dtype") or self.dtype
         if part == "text_encoder":  # takes token ids; it runs beside the UNet, in its dtype
             return self.dtype
-        return dtype_name(self.input_specs(part)[0].dtype)
+        return dtype_name(self.input_specs(part, size)[0].dtype)
 
-    def input_specs(self, part: str) -> list[InputSpec]:
+    def input_specs(self, part: str, size: Size | None = None) -> list[InputSpec]:
         """The shapes and dtypes a part was traced with (recorded, or the walk-through's shapes with the dtypes read
         from its file)."""
         from .neuron_modules import InputSpec, part_input_specs
         from .pipeline import DTYPES
 
         if self.manifest is not None:
-            return [InputSpec.from_json(s) for s in self.manifest["parts"][part]["inputs"]]
+            return [InputSpec.from_json(s) for s in self.entry(part, size)["inputs"]]
         # The walk-through traced everything at batch 1, the UNet with its timestep in the UNet's dtype.
-        specs = part_input_specs(part, DTYPES[self.dtype], 1, self.height // self.vae_scale_factor,
-                                 self.width // self.vae_scale_factor, self.tokens, self.text_hidden,
+        width, height = self._size(part, size)
+        specs = part_input_specs(part, DTYPES[self.dtype], 1, height // self.vae_scale_factor,
+                                 width // self.vae_scale_factor, self.tokens, self.text_hidden,
                                  self.latent_channels, timestep_dtype=DTYPES[self.dtype])
         dtypes = self.flat_dtypes.get(part)
         if dtypes is None:
             return specs
         return [InputSpec(spec.shape, dtype) for spec, dtype in zip(specs, dtypes)]
 
+    def part_bytes(self, part: str, size: Size | None = None) -> int:
+        """The size of a part's file: what the device memory estimate starts from."""
+        return self.path(part, size).stat().st_size
 
-def compile_hint(root: Path, model: str | None, dtype: str, parts: str = "", force: bool = False) -> str:
-    """The command that (re)compiles what is missing or stale."""
+    def modes_parts_missing(self, size: Size) -> list[str]:
+        """The parts image to image and inpainting need that this size lacks."""
+        return [p for p in IMAGE_PARTS if not self.has(p, size)]
+
+
+def compile_hint(root: Path, model: str | None, dtype: str, parts: str = "", force: bool = False,
+                 sizes: list[Size] | None = None, target: str | None = None) -> str:
+    """The command that (re)compiles what is missing or stale (target: the root's, where known)."""
     cmd = f"python -m compile_scripts.compile --model {model or 'MODEL'} --out {root} --dtype {dtype}"
+    if sizes:
+        cmd += f" --sizes {','.join(map(size_key, sizes))}"
     if parts:
         cmd += f" --parts {parts}"
-    return cmd + (" --force" if force else "")
+    if force:
+        cmd += " --force"
+    return cmd + (" --target cpu" if target == "cpu" else "")
 
 
-def find_artifacts(root: Path, wanted_model: str | None = None) -> list[ArtifactSet]:
-    """Every dtype compiled in a root, checked against its diffusers files; BackendUnavailable if unusable."""
+def upgrade_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
+    """A manifest as format 2: a format 1 one (one size, its fields at the top) becomes its one size."""
+    if manifest.get("format") != 1:
+        return manifest
+    width, height = int(manifest["width"]), int(manifest["height"])
+    parts = manifest.get("parts") or {}
+    top = ("height", "width", "latent_height", "latent_width", "parts")
+    upgraded = {k: v for k, v in manifest.items() if k not in top}
+    upgraded["parts"] = {p: e for p, e in parts.items() if p in SHARED_PARTS}
+    upgraded["sizes"] = {size_key((width, height)): {
+        "width": width, "height": height, "latent_height": manifest.get("latent_height"),
+        "latent_width": manifest.get("latent_width"),
+        "parts": {p: e for p, e in parts.items() if p in SIZE_PARTS},
+    }}
+    return upgraded
+
+
+def architecture_differences(recorded: dict[str, Any], architecture: dict[str, Any],
+                             manifest_format: int) -> list[str]:
+    """The architecture keys a manifest recorded otherwise than the root's files say (format 1 manifests
+    predate some keys and are checked on those they have)."""
+    return [k for k, v in architecture.items() if (k in recorded or manifest_format > 1) and recorded.get(k) != v]
+
+
+def find_artifacts(root: Path, wanted_model: str | None = None,
+                   wanted_sizes: list[Size] | None = None) -> list[ArtifactSet]:
+    """Every dtype compiled in a root, checked against its diffusers files; BackendUnavailable if unusable.
+
+    wanted_sizes (--sizes): only those sizes are checked and kept, and each must be compiled; None: all."""
     if not root.is_dir():
         raise BackendUnavailable(
             f"--artifacts {root}: no such folder. Compile one on inf2 with: python -m compile_scripts.compile "
@@ -210,75 +367,109 @@ def find_artifacts(root: Path, wanted_model: str | None = None) -> list[Artifact
             f"--artifacts {root}: nothing compiled in {compiled} (neither <dtype>/manifest.json nor the walk-through's "
             f"unet.pt). Compile with: {compile_hint(root, wanted_model or source, 'bf16')}"
         )
-    sizes = {(s.width, s.height, s.batch_per_core) for s in sets}
-    if len(sizes) > 1:
-        found = ", ".join(f"{s.dtype}: {s.width}x{s.height} (batch {s.batch_per_core} per core)" for s in sets)
-        raise BackendUnavailable(f"--artifacts {root}: the dtypes were compiled for different sizes ({found}); a "
-                                 f"root serves one size. Recompile one of them with the other's --height/--width "
-                                 f"and --force.")
+    if len({s.batch_per_core for s in sets}) > 1:
+        found = ", ".join(f"{s.dtype}: {s.batch_per_core}" for s in sets)
+        raise BackendUnavailable(f"--artifacts {root}: the dtypes were compiled for different batches per core "
+                                 f"({found}); recompile one of them with --force.")
     targets = {s.target for s in sets}
     if len(targets) > 1:
         raise BackendUnavailable(f"--artifacts {root}: some dtypes were compiled for Neuron and some for the CPU; "
                                  f"recompile them all with one --target.")
+    if wanted_sizes:
+        for art in sets:
+            absent = [s for s in wanted_sizes if s not in art.sizes]
+            if absent:
+                raise BackendUnavailable(
+                    f"--sizes {','.join(map(size_key, wanted_sizes))}: {art.dtype} in {root} has no "
+                    f"{', '.join(map(size_key, absent))}; it was compiled for {', '.join(map(size_key, art.sizes))}. "
+                    f"Choose among those, or compile the others: "
+                    f"{compile_hint(root, art.model, art.dtype, sizes=absent, target=art.target)}")
+            art.sizes = [s for s in art.sizes if s in wanted_sizes]
+    for art in sets:
+        _check_size_parts(root, art, [s for other in sets for s in other.sizes])
     return sorted(sets, key=lambda s: NEURON_DTYPES.index(s.dtype) if s.dtype in NEURON_DTYPES else 99)
+
+
+def _check_size_parts(root: Path, art: ArtifactSet, all_sizes: list[Size]) -> None:
+    """Every size of a set has the parts text to image needs; the message names the file and the way out."""
+    for size in art.sizes:
+        missing = [p for p in TXT2IMG_PARTS if p not in SHARED_PARTS and not art.has(p, size)]
+        if not missing:
+            continue
+        others = [s for s in dict.fromkeys(all_sizes) if s != size]
+        leave_out = (f", or serve the other sizes without it: --sizes {','.join(map(size_key, others))}"
+                     if others else "")
+        files = ", ".join(str(art.path(p, size).relative_to(root)) for p in missing)
+        hint = compile_hint(root, art.model, art.dtype, " ".join(missing), sizes=[size], target=art.target)
+        raise BackendUnavailable(f"--artifacts {root}: {art.dtype} {size_key(size)} is missing {files}; compile it: "
+                                 f"{hint}{leave_out}")
 
 
 def _manifest_set(root: Path, directory: Path, source: str | None, architecture: dict[str, Any],
                   wanted_model: str | None) -> ArtifactSet:
     path = directory / MANIFEST
-    manifest = read_json(path)
+    on_disk = read_json(path)
     dtype = directory.name
     where = f"{COMPILED_DIR}/{dtype}/{MANIFEST}"
-    if manifest.get("format") != MANIFEST_FORMAT:
-        raise BackendUnavailable(f"{path}: manifest format {manifest.get('format')!r}, this app reads format "
-                                 f"{MANIFEST_FORMAT}; recompile: {compile_hint(root, source, dtype, force=True)}")
-    if manifest.get("dtype") != dtype:
-        raise BackendUnavailable(f"{path}: this manifest is for dtype {manifest.get('dtype')!r}, not the folder's "
+    if on_disk.get("format") not in READABLE_FORMATS:
+        raise BackendUnavailable(f"{path}: manifest format {on_disk.get('format')!r}, this app reads formats "
+                                 f"{' and '.join(map(str, READABLE_FORMATS))}; recompile: "
+                                 f"{compile_hint(root, source, dtype, force=True)}")
+    if on_disk.get("dtype") != dtype:
+        raise BackendUnavailable(f"{path}: this manifest is for dtype {on_disk.get('dtype')!r}, not the folder's "
                                  f"{dtype!r}; recompile: {compile_hint(root, source, dtype, force=True)}")
     if dtype not in NEURON_DTYPES:
         raise BackendUnavailable(f"{path}: dtype {dtype!r} is not one this backend runs ({', '.join(NEURON_DTYPES)}).")
-    model = manifest.get("model")
+    model = on_disk.get("model")
     if source is not None and model != source:
         raise BackendUnavailable(f"{where}: compiled from model {model!r}, but the root holds the files of {source!r}; "
                                  f"recompile: {compile_hint(root, source, dtype, force=True)}")
     if wanted_model and model != wanted_model:
         raise BackendUnavailable(f"--model {wanted_model}: {root} was compiled from {model!r}; drop --model or "
                                  f"point --artifacts at a root compiled from {wanted_model}.")
-    recorded = manifest.get("architecture") or {}
-    differs = [k for k, v in architecture.items() if recorded.get(k) != v]
+    recorded = on_disk.get("architecture") or {}
+    differs = architecture_differences(recorded, architecture, on_disk["format"])
     if differs:
         detail = ", ".join(f"{k}: compiled {recorded.get(k)!r}, root {architecture[k]!r}" for k in differs)
         raise BackendUnavailable(f"{where}: compiled for another model than the root's files ({detail}); "
                                  f"recompile: {compile_hint(root, source or model, dtype, force=True)}")
-    target = manifest.get("target")
+    target = on_disk.get("target")
     if target not in ("neuron", "cpu"):
         raise BackendUnavailable(f"{path}: unknown target {target!r}; recompile with --target neuron or cpu.")
-    parts = manifest.get("parts") or {}
-    missing = [p for p in PARTS if p not in parts or not (directory / f"{p}.pt").is_file()]
-    if missing:
-        raise BackendUnavailable(
-            f"--artifacts {root}: {dtype} is missing {', '.join(f'{COMPILED_DIR}/{dtype}/{p}.pt' for p in missing)}; "
-            f"compile it: {compile_hint(root, model, dtype, parts=' '.join(missing))}"
-        )
     try:
+        manifest = upgrade_manifest(on_disk)
+        sizes = [(int(e["width"]), int(e["height"])) for e in manifest["sizes"].values()]
+        if not sizes:
+            raise KeyError("sizes")
         art = ArtifactSet(
-            dtype=dtype, directory=directory, layout="manifest", target=target, model=str(model),
-            height=int(manifest["height"]), width=int(manifest["width"]),
+            dtype=dtype, directory=directory, layout="manifest", target=target, model=str(model), sizes=sizes,
             batch_per_core=int(manifest["batch_per_core"]), tokens=int(manifest["tokens"]),
             text_hidden=int(architecture["text_hidden_size"]),
             latent_channels=int(architecture["vae_latent_channels"]),
-            vae_scale_factor=int(architecture["vae_scale_factor"]), manifest=manifest,
+            vae_scale_factor=int(architecture["vae_scale_factor"]),
+            unet_in_channels=int(architecture.get("unet_in_channels") or 4),
+            image_channels=int(architecture.get("vae_in_channels") or 3),
+            manifest=manifest, format=int(on_disk["format"]),
         )
-        for part in PARTS:
-            art.input_specs(part)
+        present = [(p, None) for p in SHARED_PARTS if art.entry(p)]
+        present += [(p, s) for s in sizes for p in SIZE_PARTS if art.entry(p, s)]
+        for part, size in present:
+            art.input_specs(part, size)
+            art.entry(part, size)["file"]  # noqa: B018 - every entry names its file
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise BackendUnavailable(f"{path}: incomplete ({exc.__class__.__name__}: {exc}); recompile: "
                                  f"{compile_hint(root, model, dtype, force=True)}") from None
-    for part in PARTS:
-        if part != "text_encoder" and dtype_name(art.input_specs(part)[0].dtype) != art.part_dtype(part):
-            raise BackendUnavailable(f"{path}: {part} is recorded as {art.part_dtype(part)} but its inputs as "
-                                     f"{art.input_specs(part)[0].dtype}; recompile: "
-                                     f"{compile_hint(root, model, dtype, part, force=True)}")
+    missing = [p for p in SHARED_PARTS if not art.has(p)]
+    if missing:
+        raise BackendUnavailable(
+            f"--artifacts {root}: {dtype} is missing {', '.join(f'{COMPILED_DIR}/{dtype}/{p}.pt' for p in missing)}; "
+            f"compile it: {compile_hint(root, model, dtype, parts=' '.join(missing), target=target)}"
+        )
+    for part, size in present:
+        if part != "text_encoder" and dtype_name(art.input_specs(part, size)[0].dtype) != art.part_dtype(part, size):
+            hint = compile_hint(root, model, dtype, part, True, [size] if size else None, target)
+            raise BackendUnavailable(f"{path}: {part} is recorded as {art.part_dtype(part, size)} but its inputs as "
+                                     f"{art.input_specs(part, size)[0].dtype}; recompile: {hint}")
     errors, warnings = version_problems(manifest.get("versions") or {}, installed_versions(), target)
     if errors:
         raise BackendUnavailable(f"{where}: " + " ".join(errors))
@@ -287,7 +478,7 @@ def _manifest_set(root: Path, directory: Path, source: str | None, architecture:
 
 
 def _flat_set(root: Path, compiled: Path, source: str | None, architecture: dict[str, Any]) -> ArtifactSet:
-    missing = [p for p in PARTS if not (compiled / f"{p}.pt").is_file()]
+    missing = [p for p in TXT2IMG_PARTS if not (compiled / f"{p}.pt").is_file()]
     if missing:
         raise BackendUnavailable(f"--artifacts {root}: the walk-through layout is missing "
                                  f"{', '.join(f'{COMPILED_DIR}/{p}.pt' for p in missing)}; copy them from the compile "
@@ -296,12 +487,12 @@ def _flat_set(root: Path, compiled: Path, source: str | None, architecture: dict
     tokens = int(architecture.get("text_max_positions") or 77)
     art = ArtifactSet(
         dtype="bf16", directory=compiled, layout="flat", target=target,
-        model=source or root.resolve().name, height=FLAT_LAYOUT["height"], width=FLAT_LAYOUT["width"],
+        model=source or root.resolve().name, sizes=[(FLAT_LAYOUT["width"], FLAT_LAYOUT["height"])],
         batch_per_core=FLAT_LAYOUT["batch_per_core"], tokens=tokens,
         text_hidden=int(architecture["text_hidden_size"]), latent_channels=int(architecture["vae_latent_channels"]),
         vae_scale_factor=int(architecture["vae_scale_factor"]),
     )
-    for part in PARTS:
+    for part in TXT2IMG_PARTS:
         dtypes = flat_input_dtypes(art.path(part), part, len(art.input_specs(part)), target)
         if dtypes is not None:
             art.flat_dtypes[part] = dtypes
@@ -310,6 +501,51 @@ def _flat_set(root: Path, compiled: Path, source: str | None, architecture: dict
     art.warnings.append(f"walk-through layout (no manifest): assumed 512x512, batch 1 per core; {flat_dtype_note(art)}"
                         + (", compiled under the installed Neuron SDK" if target == "neuron" else ""))
     return art
+
+
+def common_sizes(sets: list[ArtifactSet]) -> tuple[list[Size], list[str]]:
+    """The sizes every dtype has, in the first dtype's order, and a note for each size some dtype lacks."""
+    common = [s for s in sets[0].sizes if all(s in other.sizes for other in sets)]
+    notes = []
+    for art in sets:
+        for size in art.sizes:
+            if size not in common:
+                lacking = [o.dtype for o in sets if size not in o.sizes]
+                hint = compile_hint(art.directory.parent.parent, art.model, " ".join(lacking), sizes=[size],
+                                    target=art.target)
+                notes.append(f"{size_key(size)} is compiled in {art.dtype} only, so it is not offered; compile it in "
+                             f"{', '.join(lacking)} too: {hint}")
+    return common, notes
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """What the loaded parts take in the device memory of the fullest NeuronCore, estimated from their files."""
+
+    per_size: dict[Size, int]  # bytes on the fullest core that each size adds (all dtypes)
+    shared: int  # bytes of the size-independent parts (all dtypes)
+    cores: int
+
+    @property
+    def total(self) -> int:
+        """Bytes on the fullest core."""
+        return self.shared + sum(self.per_size.values())
+
+
+def memory_estimate(sets: list[ArtifactSet], sizes: list[Size], cores: int,
+                    size_parts: tuple[str, ...] = SIZE_PARTS) -> MemoryEstimate:
+    """The device memory a set of sizes needs on the fullest NeuronCore, from the bytes of the part files.
+
+    A compiled Neuron part's file is its NEFF and its weights, which is what the runtime places in
+    device memory; activations and the runtime's scratch come on top (see DEVICE_MEMORY_HEADROOM in
+    neuron.py). The UNet runs data-parallel, so each core holds a copy of every size's UNet; the text
+    encoder and the VAE parts load on one core, which is therefore the fullest: the estimate is that
+    core's, the UNet counted once per size and everything else once. size_parts: those that will be loaded.
+    """
+    per_size = {size: sum(art.part_bytes(p, size) for art in sets for p in size_parts if art.has(p, size))
+                for size in sizes}
+    shared = sum(art.part_bytes(p) for art in sets for p in SHARED_PARTS)
+    return MemoryEstimate(per_size=per_size, shared=shared, cores=cores)
 
 
 def flat_input_dtypes(path: Path, part: str, count: int, target: str) -> list[torch.dtype] | None:
@@ -344,8 +580,8 @@ def flat_input_dtypes(path: Path, part: str, count: int, target: str) -> list[to
 
 def flat_dtype_note(art: ArtifactSet) -> str:
     """'dtypes read from the files: unet bf16, ...' for the flat layout's note."""
-    known = ", ".join(f"{p} {art.part_dtype(p)}" for p in PARTS if p in art.flat_dtypes)
-    unknown = [p for p in PARTS if p not in art.flat_dtypes]
+    known = ", ".join(f"{p} {art.part_dtype(p)}" for p in TXT2IMG_PARTS if p in art.flat_dtypes)
+    unknown = [p for p in TXT2IMG_PARTS if p not in art.flat_dtypes]
     note = f"dtypes read from the files: {known}" if known else ""
     if unknown:
         note += ("; " if note else "") + f"{', '.join(unknown)} probed on the device at load"

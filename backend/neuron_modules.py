@@ -5,8 +5,10 @@ it into a diffusers StableDiffusionPipeline with the adapters below. Both sides 
 so a traced graph and the code that calls it cannot drift apart.
 
 Four parts are traced, as in AWS's SD2.1 walk-through: the CLIP text encoder, the UNet, the VAE
-decoder and the VAE's post_quant_conv. The UNet runs data-parallel over the NeuronCores of a chip:
-with classifier-free guidance its batch of 2 runs one sample per core.
+decoder and the VAE's post_quant_conv; a fifth, the VAE encoder (with quant_conv), turns an input
+image into latents for image to image and inpainting. The UNet runs data-parallel over the
+NeuronCores of a chip: with classifier-free guidance its batch of 2 runs one sample per core. A root
+may hold the size-dependent parts for several image sizes; BySize runs the one of the input's size.
 
 Nothing here imports torch_neuronx: the same modules trace with torch.jit.trace on a CPU.
 """
@@ -237,6 +239,21 @@ class UNetWrap(nn.Module):
         return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
 
 
+class VaeEncoderWrap(nn.Module):
+    """The traced VAE encoder: an image (batch, 3, H, W) in [-1, 1] -> the moments (batch, 2 x latent channels,
+    H/8, W/8), the encoder followed by quant_conv, as AutoencoderKL._encode computes them (diffusers 0.42)."""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.encoder = vae.encoder
+        self.quant_conv = vae.quant_conv
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """The mean and log-variance, stacked on dim 1, which DiagonalGaussianDistribution splits."""
+        moments = self.encoder(image)
+        return moments if self.quant_conv is None else self.quant_conv(moments)
+
+
 class TextEncoderWrap(nn.Module):
     """The traced text encoder: input_ids (1, 77) -> last_hidden_state (1, 77, hidden)."""
 
@@ -268,14 +285,22 @@ class InputSpec:
 
 def part_input_specs(part: str, dtype: torch.dtype, batch: int, latent_height: int, latent_width: int,
                      tokens: int, text_hidden: int, latent_channels: int = 4,
-                     timestep_dtype: torch.dtype = TIMESTEP_DTYPE) -> list[InputSpec]:
-    """The inputs a part is traced with: `batch` is per NeuronCore for the UNet, else per call."""
+                     timestep_dtype: torch.dtype = TIMESTEP_DTYPE, unet_in_channels: int | None = None,
+                     image_channels: int = 3, vae_scale_factor: int = 8) -> list[InputSpec]:
+    """The inputs a part is traced with: `batch` is per NeuronCore for the UNet, else per call.
+
+    unet_in_channels: the UNet's sample channels when they are not the latent's (9 for a dedicated
+    inpainting UNet, which takes the latents, the mask and the masked image's latents)."""
     latent = (batch, latent_channels, latent_height, latent_width)
     if part == "text_encoder":
         return [InputSpec((batch, tokens), torch.int64)]
     if part == "unet":
-        return [InputSpec(latent, dtype), InputSpec((batch,), timestep_dtype),
+        sample = (batch, unet_in_channels or latent_channels, latent_height, latent_width)
+        return [InputSpec(sample, dtype), InputSpec((batch,), timestep_dtype),
                 InputSpec((batch, tokens, text_hidden), dtype)]
+    if part == "vae_encoder":
+        return [InputSpec((batch, image_channels, latent_height * vae_scale_factor,
+                           latent_width * vae_scale_factor), dtype)]
     if part in VAE_PARTS:
         return [InputSpec(latent, dtype)]
     raise KeyError(f"unknown part {part!r}; parts are {', '.join(PARTS)}")
@@ -390,6 +415,67 @@ class CastDtype(nn.Module):
         if any(a is not None for a in args):
             raise ValueError("a compiled VAE part takes one tensor; conditional inputs were not compiled")
         return first_tensor(self.module(sample.to(self.dtype)))
+
+
+class NeuronVaeEncoder(nn.Module):
+    """Stands in for the VAE's encoder and quant_conv together: the compiled moments, in the input's dtype.
+
+    install() puts it in an AutoencoderKL as its `encoder` and drops `quant_conv` (traced in), so the
+    pipeline's `vae.encode(x)` is diffusers' own code around it: it builds the DiagonalGaussianDistribution
+    from the moments and returns an AutoencoderKLOutput, which img2img's `retrieve_latents` and inpaint's
+    `_encode_vae_image` sample with each image's generator. The part runs in its compiled dtype (fp32 in
+    a bf16 root, as the other VAE parts) at its compiled batch (StaticBatch: the pipelines encode one
+    image per generator, or the whole batch); the moments come back in the dtype the pipeline gave, so
+    the latents, and the noise the distribution draws, have the pipeline's dtype as with an eager VAE.
+    """
+
+    def __init__(self, runner: nn.Module, dtype: torch.dtype, batch: int = 1):
+        super().__init__()
+        self.module = StaticBatch(runner, batch)
+        self.dtype = dtype
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """Moments (mean and log-variance on dim 1) of a batch of images in [-1, 1]."""
+        return first_tensor(self.module(image.to(self.dtype))).to(image.dtype)
+
+    def install(self, vae: nn.Module) -> None:
+        """Make this the encoder of a diffusers AutoencoderKL (its quant_conv is part of the compiled graph).
+
+        A diffusers model reads its .device and .dtype from its first parameter or buffer, and compiled parts
+        hold none (their weights are constants); with the encoder gone too, the VAE would have nothing to read
+        them from, so this keeps an empty buffer of the VAE's device and dtype in its place."""
+        anchor = torch.empty(0, dtype=vae.dtype, device=vae.device)
+        vae.encoder = self
+        vae.quant_conv = None
+        self.register_buffer("host", anchor, persistent=False)
+
+
+class BySize(nn.Module):
+    """Runs the part compiled for the input's size: one compiled runner per image size of the root.
+
+    The key is the spatial shape (height, width) of the first input: the latent's for the UNet and the
+    VAE decoder parts, the image's for the VAE encoder. A shape no part was compiled for is refused
+    as the Neuron runtime would refuse it, naming the compiled ones.
+    """
+
+    def __init__(self, name: str, runners: dict[tuple[int, int], nn.Module]):
+        super().__init__()
+        self.name = name
+        self.shapes = list(runners)
+        self.runners = nn.ModuleDict({f"{h}x{w}": runner for (h, w), runner in runners.items()})
+
+    def forward(self, *inputs: Any) -> Any:
+        """Dispatch on the first input's last two dimensions."""
+        height, width = (int(d) for d in inputs[0].shape[-2:])
+        if (height, width) not in self.shapes:
+            compiled = ", ".join(f"{w}x{h}" for h, w in self.shapes)
+            raise StaticShapeError(f"{self.name}: no part was compiled for inputs of {width}x{height} (width x "
+                                   f"height); compiled: {compiled}")
+        return self.runner((height, width))(*inputs)
+
+    def runner(self, shape: tuple[int, int]) -> nn.Module:
+        """The runner of one (height, width)."""
+        return self.runners[f"{shape[0]}x{shape[1]}"]
 
 
 class NeuronUNet(nn.Module):

@@ -8,8 +8,9 @@ check() at start and refuse to serve on an error. The checks, in order:
    against the versions each manifest recorded (Neuron parts only; CPU parts need neither).
 2. NeuronCores: a Neuron device (/dev/neuron*) and the cores NEURON_RT_VISIBLE_CORES leaves visible.
 3. Host memory, for compiling the UNet here.
-4. Each compiled part: present, a readable archive, its input shapes and dtypes.
-5. One smoke generation (1 step) per compiled precision, with its timings.
+4. Each compiled part of each size: present, a readable archive, its input shapes and dtypes, its bytes;
+   and what each size costs in device memory (estimated from the part files, as the backend checks).
+5. One smoke generation (1 step) per compiled precision and size, with its timings.
 
 This module imports nothing heavy at import time (compile.py imports its host helpers).
 """
@@ -98,6 +99,8 @@ def check(root: Path | str, *, smoke: bool = True, neuron_cores: int | None = No
     for art in sets:
         findings += [Finding("warning", w) for w in art.warnings]  # each says what to do, if anything
         findings += check_parts(root, art)
+    if sets:
+        findings += check_sizes(sets)
     if smoke and sets and not failed(findings):
         findings += smoke_generation(root, neuron_cores)
     return findings
@@ -199,16 +202,39 @@ def check_memory() -> list[Finding]:
 # --- the parts -----------------------------------------------------------------------------------
 
 
+def check_sizes(sets) -> list[Finding]:
+    """The sizes every dtype serves, what each costs in device memory (the backend's estimate), and whether the
+    image modes' VAE encoder is there."""
+    from .artifacts import SIZE_PARTS, common_sizes, memory_estimate, size_key
+
+    sizes, notes = common_sizes(sets)
+    findings = [Finding("warning", note) for note in notes]
+    estimate = memory_estimate(sets, sizes, 2, SIZE_PARTS)
+    costs = ", ".join(f"{size_key(s)} {c / 2**20:.1f} MiB" for s, c in estimate.per_size.items())
+    findings.append(Finding("ok", f"sizes {', '.join(map(size_key, sizes))}: device memory per NeuronCore, from the "
+                            f"part files: {costs}; text encoder {estimate.shared / 2**20:.1f} MiB (an inf2 core has "
+                            f"16 GiB; the backend checks before loading)"))
+    lacking = [f"{a.dtype} {size_key(s)}" for a in sets for s in sizes if a.modes_parts_missing(s)]
+    if lacking:
+        findings.append(Finding("warning", f"no VAE encoder for {', '.join(lacking)}: the root serves text to image "
+                                f"only", "Add it with compile.py --parts vae_encoder (the backend's note gives the "
+                                "exact command); the other parts stay."))
+    return findings
+
+
 def check_parts(root: Path, art) -> list[Finding]:
-    """Each part of one compiled dtype: a readable archive whose recorded dtype matches its weights (CPU parts)."""
+    """Each part of one compiled dtype and size: a readable archive whose recorded dtype matches its weights (CPU
+    parts)."""
     from . import archive
-    from .artifacts import compile_hint, dtype_name
+    from .artifacts import SHARED_PARTS, SIZE_PARTS, compile_hint, dtype_name, size_key
 
     findings = []
-    for part in ("text_encoder", "unet", "vae_decoder", "vae_post_quant_conv"):
-        path = art.path(part)
-        fix = f"Recompile it: {compile_hint(root, art.model, art.dtype, part, force=True)}"
-        where = f"{art.dtype} {part} ({path})"
+    present = [(p, None) for p in SHARED_PARTS] + [(p, s) for s in art.sizes for p in SIZE_PARTS if art.has(p, s)]
+    for part, size in present:
+        path = art.path(part, size)
+        hint = compile_hint(root, art.model, art.dtype, part, True, [size] if size else None, art.target)
+        fix = f"Recompile it: {hint}"
+        where = f"{art.dtype} {part}{f' {size_key(size)}' if size else ''} ({path})"
         try:
             with zipfile.ZipFile(path) as opened:
                 opened.namelist()
@@ -216,7 +242,7 @@ def check_parts(root: Path, art) -> list[Finding]:
             findings.append(Finding("error", f"{where}: not a readable TorchScript archive ({exc.__class__.__name__})",
                                     fix))
             continue
-        specs = art.input_specs(part)
+        specs = art.input_specs(part, size)
         shapes = ", ".join(f"{'x'.join(str(d) for d in s.shape)} {str(s.dtype).removeprefix('torch.')}" for s in specs)
         if art.target == "cpu" and art.layout == "manifest":  # the flat layout's dtypes were read from the files
             try:
@@ -225,21 +251,21 @@ def check_parts(root: Path, art) -> list[Finding]:
                 findings.append(Finding("error", f"{where}: its pickles cannot be read ({exc.__class__.__name__})",
                                         fix))
                 continue
-            recorded = art.part_dtype(part)
+            recorded = art.part_dtype(part, size)
             if weights is not None and dtype_name(weights) != recorded:
                 findings.append(Finding("error", f"{where}: holds {dtype_name(weights)} weights, but it is recorded "
                                         f"as {recorded}", fix))
                 continue
         known = art.layout == "manifest" or part in art.flat_dtypes
         dtype_note = "" if known else "; its dtype is probed on the device at load"
-        size = path.stat().st_size / 1e6
-        findings.append(Finding("ok", f"{where.split(' (')[0]}: {art.part_dtype(part)}, inputs {shapes}, "
-                                f"{size:.1f} MB{dtype_note}"))
+        megabytes = path.stat().st_size / 1e6
+        findings.append(Finding("ok", f"{where.split(' (')[0]}: {art.part_dtype(part, size)}, inputs {shapes}, "
+                                f"{megabytes:.1f} MB{dtype_note}"))
     return findings
 
 
 def smoke_generation(root: Path, neuron_cores: int | None = None) -> list[Finding]:
-    """Load the backend as the app does and generate one 1-step image per precision, with its timings."""
+    """Load the backend as the app does and generate one 1-step image per precision and size, with its timings."""
     from .api import BackendError, GenerationRequest
     from .neuron import NeuronBackend
     from .settings import Settings
@@ -254,13 +280,15 @@ def smoke_generation(root: Path, neuron_cores: int | None = None) -> list[Findin
                         f"{time.perf_counter() - started:.1f} s (with one warm-up generation each) on "
                         f"{backend.capabilities().device}")]
     try:
-        for precision in backend.capabilities().precisions:
-            request = GenerationRequest(prompt=SMOKE_PROMPT, steps=1, seed=0, precision=precision)
+        caps = backend.capabilities()
+        for precision, (width, height) in [(p, s) for p in caps.precisions for s in caps.fixed_sizes]:
+            request = GenerationRequest(prompt=SMOKE_PROMPT, steps=1, seed=0, precision=precision, width=width,
+                                        height=height)
             try:
                 result = backend.generate(request)
             except BackendError as exc:
-                findings.append(Finding("error", f"smoke generation {precision} failed: {exc}",
-                                        "Recompile the parts of that precision with --force."))
+                findings.append(Finding("error", f"smoke generation {precision} {width}x{height} failed: {exc}",
+                                        "Recompile the parts of that precision and size with --force."))
                 continue
             t = result.timings
             width, height = result.images[0].size

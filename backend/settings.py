@@ -48,6 +48,8 @@ class Settings:
     optimize: str = "auto"  # local backend: auto (trace on CPU, else sdpa) or one of OPTIMIZE_MODES
     offline: bool = False  # local backend: load the default model from the Hub cache only
     neuron_cores: int | None = None  # neuron backend: None = the chip's two, or fewer if the runtime shows fewer
+    sizes: str | None = None  # neuron backend: "512x512,768x512", the compiled sizes to load; None = all
+    device_memory_gib: float | None = None  # neuron backend: one Inferentia2 chip's memory; None = 32 (inf2)
     read_timeout: float = READ_TIMEOUT_S  # sagemaker backend: seconds to wait for an answer
     retry_backoff: float = RETRY_BACKOFF_S  # sagemaker backend: first wait before resending what did not run
     preview_every: int | None = None  # in-process backends: latent previews; None = auto, 0 = none
@@ -152,6 +154,12 @@ def add_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] | None
     g.add_argument("--neuron-cores", type=int, default=int(_env(env, "neuron-cores") or 0) or None,
                    help="neuron backend: NeuronCores the UNet runs data-parallel on (default 2, one chip's, or "
                         "fewer if NEURON_RT_VISIBLE_CORES / NEURON_RT_NUM_CORES show fewer)")
+    g.add_argument("--sizes", default=_env(env, "sizes"), metavar="WxH[,WxH...]",
+                   help="neuron backend: the compiled sizes to load, width x height, comma-separated (default: every "
+                        "size in the root); fewer sizes use less device memory and start faster")
+    g.add_argument("--device-memory-gib", type=float, default=float(_env(env, "device-memory-gib") or 0) or None,
+                   help="neuron backend: device memory of one Inferentia2 chip in GiB, against which the sizes are "
+                        "checked before loading (default 32, inf2's; set it for other instance types or in tests)")
     g.add_argument("--preview-every", type=_preview_every, metavar="auto|N",
                    default=_env(env, "preview-every") or "auto",  # a string default goes through type=
                    help="in-process backends: a picture of the latents while denoising, after every N steps; "

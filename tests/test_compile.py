@@ -56,29 +56,36 @@ def test_manifest_records_what_was_compiled(compiled_root):
         manifest = json.loads((compiled_root / "compiled_models" / dtype / "manifest.json").read_text())
         size = neuron_helpers.SIZE
         assert manifest["model"] == "tiny" and manifest["dtype"] == dtype and manifest["target"] == "cpu"
-        assert (manifest["height"], manifest["width"], manifest["batch_per_core"]) == (size, size, 1)
-        assert manifest["tokens"] == 77 and manifest["latent_height"] == size // 8
+        assert manifest["format"] == 2 and manifest["batch_per_core"] == 1 and manifest["tokens"] == 77
+        assert list(manifest["sizes"]) == [f"{size}x{size}"]  # --height/--width: one size
+        compiled = manifest["sizes"][f"{size}x{size}"]
+        assert (compiled["width"], compiled["height"], compiled["latent_height"]) == (size, size, size // 8)
         assert set(manifest["versions"]) == {"torch", "diffusers", "transformers", "torch-neuronx", "neuronx-cc"}
         assert manifest["versions"]["torch-neuronx"] is None and manifest["versions"]["diffusers"]
         assert manifest["architecture"]["unet_in_channels"] == 4
         architecture = manifest["architecture"]
         assert architecture["unet_cross_attention_dim"] == architecture["text_hidden_size"] == 32
-        assert set(manifest["parts"]) == set(PARTS)
-        unet = manifest["parts"]["unet"]
+        # The text encoder once per dtype, the rest once per size.
+        assert set(manifest["parts"]) == {"text_encoder"} and set(compiled["parts"]) == set(PARTS) - {"text_encoder"}
+        parts = {**manifest["parts"], **compiled["parts"]}
+        assert parts["text_encoder"]["file"] == "text_encoder.pt" and parts["unet"]["file"] == f"{size}x{size}/unet.pt"
+        unet = parts["unet"]
         torch_dtype = "bfloat16" if dtype == "bf16" else "float32"
         assert unet["inputs"] == [{"shape": [1, 4, size // 8, size // 8], "dtype": torch_dtype},
                                   {"shape": [1], "dtype": "float32"},
                                   {"shape": [1, 77, 32], "dtype": torch_dtype}]
         assert unet["compiler_args"] == [] and unet["attention"] == "sdpa"  # the CPU target's default kernel
-        assert manifest["parts"]["text_encoder"]["attention"] is None
+        assert parts["text_encoder"]["attention"] is None
         # Every part records its dtype; the VAE parts are fp32 in both roots, as AWS's notebook compiles them.
-        assert {p: e["dtype"] for p, e in manifest["parts"].items()} == {
-            "text_encoder": dtype, "unet": dtype, "vae_decoder": "fp32", "vae_post_quant_conv": "fp32"}
-        assert manifest["parts"]["vae_decoder"]["inputs"][0]["dtype"] == "float32"
+        assert {p: e["dtype"] for p, e in parts.items()} == {
+            "text_encoder": dtype, "unet": dtype, "vae_decoder": "fp32", "vae_post_quant_conv": "fp32",
+            "vae_encoder": "fp32"}
+        assert parts["vae_decoder"]["inputs"][0]["dtype"] == "float32"
+        assert parts["vae_encoder"]["inputs"] == [{"shape": [1, 3, size, size], "dtype": "float32"}]
         assert manifest["neuron_sdk"] is None  # no Neuron compiler built these
         assert manifest["supported_stack"] == neuron_stack.record()
         assert all(p["seconds"] > 0 and (compiled_root / "compiled_models" / dtype / p["file"]).is_file()
-                   for p in manifest["parts"].values())
+                   for p in parts.values())
     assert json.loads((compiled_root / "compiled_models" / "source.json").read_text())["model"] == "tiny"
 
 
@@ -86,7 +93,7 @@ def test_up_to_date_parts_are_skipped(tmp_path, capsys):
     out = tmp_path / "root"
     args = ["--model", "tiny", "--out", str(out), "--target", "cpu", "--parts", "vae_post_quant_conv",
             "--height", "128", "--width", "128"]
-    part = out / "compiled_models" / "bf16" / "vae_post_quant_conv.pt"
+    part = out / "compiled_models" / "bf16" / "128x128" / "vae_post_quant_conv.pt"
     assert main(args) == 0
     first = part.stat().st_mtime_ns
     capsys.readouterr()
@@ -100,11 +107,18 @@ def test_up_to_date_parts_are_skipped(tmp_path, capsys):
     assert "vae_post_quant_conv: tracing" in capsys.readouterr().out
     assert part.stat().st_mtime_ns != first
 
+    # Another size is added beside the first, which stays as it is.
     assert main(args[:-4] + ["--height", "64", "--width", "64"]) == 0
     log = capsys.readouterr().out
-    assert "settings changed (height, width, latent_height, latent_width)" in log and "tracing" in log
+    assert "64x64 vae_post_quant_conv: tracing" in log and "128x128" not in log
+    assert part.stat().st_mtime_ns != first  # (the --force run's)
     manifest = json.loads((out / "compiled_models" / "bf16" / "manifest.json").read_text())
-    assert manifest["parts"]["vae_post_quant_conv"]["inputs"][0]["shape"] == [1, 4, 8, 8]
+    assert list(manifest["sizes"]) == ["128x128", "64x64"]
+    assert manifest["sizes"]["64x64"]["parts"]["vae_post_quant_conv"]["inputs"][0]["shape"] == [1, 4, 8, 8]
+
+    # A change to what every part shares makes them all stale.
+    assert main(args[:-4] + ["--height", "64", "--width", "64", "--vae-dtype", "same"]) == 0
+    assert "64x64 vae_post_quant_conv: tracing" in capsys.readouterr().out
 
 
 def test_another_model_into_the_same_root_is_refused(compiled_root, tiny_dir, tmp_path, capsys):
@@ -117,6 +131,7 @@ def test_another_model_into_the_same_root_is_refused(compiled_root, tiny_dir, tm
 def test_size_must_be_a_multiple_of_8(tmp_path, capsys):
     assert main(["--model", "tiny", "--out", str(tmp_path / "r"), "--target", "cpu", "--height", "500"]) == 2
     assert "--height 500" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
 
 
 def test_neuron_compiler_arguments():
@@ -133,18 +148,21 @@ def test_neuron_compiler_arguments():
 
 
 def test_part_dtypes_and_attention():
-    assert [part_dtype(p, "bf16") for p in PARTS] == ["bf16", "bf16", "fp32", "fp32"]
-    assert [part_dtype(p, "bf16", "same") for p in PARTS] == ["bf16"] * 4
-    assert [part_dtype(p, "fp32", "same") for p in PARTS] == ["fp32"] * 4
-    assert [part_attention(p, "nki") for p in PARTS] == [None, "nki", "bmm", None]  # the VAE's head is too wide
-    assert [part_attention(p, "sdpa") for p in PARTS] == [None, "sdpa", "sdpa", None]
+    assert PARTS == ("text_encoder", "unet", "vae_decoder", "vae_post_quant_conv", "vae_encoder")
+    assert [part_dtype(p, "bf16") for p in PARTS] == ["bf16", "bf16", "fp32", "fp32", "fp32"]
+    assert [part_dtype(p, "bf16", "same") for p in PARTS] == ["bf16"] * 5
+    assert [part_dtype(p, "fp32", "same") for p in PARTS] == ["fp32"] * 5
+    # The VAE's one head is too wide for the NKI kernel, in the decoder and the encoder.
+    assert [part_attention(p, "nki") for p in PARTS] == [None, "nki", "bmm", None, "bmm"]
+    assert [part_attention(p, "sdpa") for p in PARTS] == [None, "sdpa", "sdpa", None, "sdpa"]
 
 
 def test_vae_dtype_same_keeps_the_vae_in_the_asked_dtype(tmp_path):
     out = tmp_path / "root"
     assert main(["--model", "tiny", "--out", str(out), "--target", "cpu", "--parts", "vae_post_quant_conv",
                  "--height", "64", "--width", "64", "--vae-dtype", "same"]) == 0
-    entry = json.loads((out / "compiled_models" / "bf16" / "manifest.json").read_text())["parts"]["vae_post_quant_conv"]
+    manifest = json.loads((out / "compiled_models" / "bf16" / "manifest.json").read_text())
+    entry = manifest["sizes"]["64x64"]["parts"]["vae_post_quant_conv"]
     assert entry["dtype"] == "bf16" and entry["inputs"][0]["dtype"] == "bfloat16"
 
 
@@ -214,7 +232,7 @@ def test_target_neuron_compiles_for_inf2_with_or_without_a_device(fake_neuron_sd
     assert "--auto-cast=matmult" in calls[1]["compiler_args"] and "--auto-cast=matmult" not in calls[2]["compiler_args"]
     manifest = json.loads((out / "compiled_models" / "bf16" / "manifest.json").read_text())
     assert manifest["target"] == "neuron"
-    parts = manifest["parts"]
+    parts = {**manifest["parts"], **manifest["sizes"]["64x64"]["parts"]}
     assert parts["unet"]["attention"] == "nki" and parts["vae_decoder"]["attention"] == "bmm"
     assert parts["vae_decoder"]["dtype"] == "fp32" and parts["unet"]["compiler_args"] == calls[1]["compiler_args"]
 
@@ -223,7 +241,7 @@ def test_warns_before_the_unet_when_memory_is_short(monkeypatch, tmp_path):
     import compile_scripts.compile as compile_module
 
     lines: list[str] = []
-    compiler = Compiler("tiny", tmp_path, 512, 512, "cpu", echo=lines.append)
+    compiler = Compiler("tiny", tmp_path, [(512, 512)], "cpu", echo=lines.append)
     monkeypatch.setattr(compile_module, "host_memory_gb", lambda: 16.0)
     compiler.warn_if_short_of_memory()
     assert lines and "16 GB" in lines[0] and f"{MIN_UNET_MEMORY_GB} GB" in lines[0] and "inf2.8xlarge" in lines[0]

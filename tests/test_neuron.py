@@ -101,19 +101,7 @@ def eager_pipelines(compiled_root, neuron_backend):
     return pipes
 
 
-def _in_chunks(forward, chunk: int):
-    """The eager UNet's forward, run on batches of exactly `chunk` rows (the last padded by repeating its
-    last row, whose output is dropped): the batches a compiled UNet at that batch sees."""
-    def run(sample, timestep, encoder_hidden_states, return_dict=True, **kwargs):
-        assert not return_dict  # what StableDiffusionPipeline asks for
-        outs = []
-        for start in range(0, sample.shape[0], chunk):
-            rows = [x[start:start + chunk] for x in (sample, encoder_hidden_states)]
-            short = chunk - rows[0].shape[0]
-            rows = [torch.cat([x, x[-1:].expand(short, *x.shape[1:])]) for x in rows]
-            outs.append(forward(rows[0], timestep, encoder_hidden_states=rows[1], return_dict=False, **kwargs)[0])
-        return (torch.cat(outs)[:sample.shape[0]],)
-    return run
+_in_chunks = neuron_helpers.in_chunks
 
 
 def float_images(pipe, request: GenerationRequest, seeds: list[int]) -> np.ndarray:
@@ -198,13 +186,13 @@ def bmm_root(tmp_path_factory):
 
 
 def test_cpu_parts_use_fused_attention(compiled_root):
-    code = torch.jit.load(str(compiled_root / "compiled_models" / "fp32" / "unet.pt")).code
+    code = torch.jit.load(str(compiled_root / "compiled_models" / "fp32" / f"{SIZE}x{SIZE}" / "unet.pt")).code
     assert "scaled_dot_product_attention" in code and "torch.bmm(" not in code
 
 
 def test_neuron_attention_traced_for_cpu_matches_eager(bmm_root):
     for part in ("unet", "vae_decoder"):
-        code = torch.jit.load(str(bmm_root / "compiled_models" / "fp32" / f"{part}.pt")).code
+        code = torch.jit.load(str(bmm_root / "compiled_models" / "fp32" / "128x128" / f"{part}.pt")).code
         assert "scaled_dot_product_attention" not in code
         assert code.count("torch.bmm(") >= 2 and "softmax" in code
     backend = NeuronBackend(Settings(backend="neuron", artifacts=str(bmm_root)))
@@ -466,7 +454,8 @@ def test_walkthrough_layout_with_fp32_vae_loads_and_generates(walkthrough_fp32_v
         assert_walkthrough_code_agrees(backend, walkthrough_fp32_vae_root, result)  # with the notebook's fp32 cast
 
         # The CPU stand-in refuses a dtype the part was not compiled for, as the Neuron runtime does.
-        guard = backend._pipelines["bf16"].vae.decoder.module.module  # CastDtype -> StaticBatch -> ShapeGuard
+        # BySize -> CastDtype -> StaticBatch -> ShapeGuard
+        guard = backend._pipelines["bf16"].vae.decoder.runner((64, 64)).module.module
         with pytest.raises(StaticShapeError) as err:
             guard(torch.zeros(1, 4, 64, 64, dtype=torch.bfloat16))
         message = str(err.value)
@@ -494,7 +483,7 @@ def test_archive_records_input_dtypes(walkthrough_fp32_vae_root, compiled_root):
     assert traced_input_dtypes(flat / "unet.pt") == [torch.bfloat16] * 3  # torch.jit.trace kept its example inputs
     assert traced_input_dtypes(flat / "vae_decoder.pt") == [torch.float32]
     assert traced_input_dtypes(flat / "text_encoder.pt") == [torch.int64]
-    frozen = compiled_root / "compiled_models" / "bf16"
+    frozen = compiled_root / "compiled_models" / "bf16" / f"{SIZE}x{SIZE}"
     assert traced_input_dtypes(frozen / "unet.pt") is None  # torch.jit.freeze drops them; the weights remain
     assert weight_dtype(frozen / "unet.pt") == torch.bfloat16
     assert weight_dtype(frozen / "vae_decoder.pt") == torch.float32
@@ -546,9 +535,10 @@ def test_missing_root(tmp_path):
 
 def test_missing_part(compiled_root, tmp_path):
     root = neuron_helpers.copy_root(compiled_root, tmp_path / "root")
-    (root / "compiled_models" / "fp32" / "unet.pt").unlink()
+    (root / "compiled_models" / "fp32" / f"{SIZE}x{SIZE}" / "unet.pt").unlink()
     message = _unavailable(root)
-    assert "fp32/unet.pt" in message and "--dtype fp32 --parts unet" in message
+    assert f"fp32 {SIZE}x{SIZE} is missing compiled_models/fp32/{SIZE}x{SIZE}/unet.pt" in message
+    assert f"--dtype fp32 --sizes {SIZE}x{SIZE} --parts unet" in message
 
 
 def test_manifest_of_another_model(compiled_root, tmp_path):
@@ -572,11 +562,11 @@ def test_manifest_of_another_dtype(compiled_root, tmp_path):
     assert "for dtype 'bf16', not the folder's 'fp32'" in message
 
 
-def test_dtypes_of_different_sizes(compiled_root, tmp_path):
+def test_dtypes_of_different_batches(compiled_root, tmp_path):
     root = neuron_helpers.copy_root(compiled_root, tmp_path / "root")
-    _edit_manifest(root, "fp32", height=512, width=512)
+    _edit_manifest(root, "fp32", batch_per_core=2)
     message = _unavailable(root)
-    assert "different sizes" in message and f"bf16: {SIZE}x{SIZE}" in message and "fp32: 512x512" in message
+    assert "different batches per core" in message and "bf16: 1" in message and "fp32: 2" in message
 
 
 def test_model_flag_must_match(compiled_root):
@@ -658,8 +648,8 @@ def test_guard_catches_shape_bugs_in_the_loaded_pipeline(neuron_backend):
     request = GenerationRequest(prompt="cat", steps=1, seed=1, precision="fp32", width=SIZE * 2, height=SIZE * 2)
     with pytest.raises(StaticShapeError, match="compiled for"):
         pipeline.run(pipe, request, [1])
-    parallel = pipe.unet.unetwrap.module  # CpuDataParallel under the chunking
     latent = SIZE // 8
+    parallel = pipe.unet.unetwrap.module.runner((latent, latent))  # CpuDataParallel under the chunking and BySize
     with pytest.raises(StaticShapeError, match="needs a batch of 2 x 1"):
         parallel(torch.zeros(4, 4, latent, latent), torch.zeros(4), torch.zeros(4, 77, 32))
 

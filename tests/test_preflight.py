@@ -34,6 +34,12 @@ def _edit_manifest(root: Path, dtype: str, edit) -> None:
     path.write_text(json.dumps(data))
 
 
+def _size_parts(manifest: dict) -> dict:
+    """The part entries of the root's one size."""
+    (compiled,) = manifest["sizes"].values()
+    return compiled["parts"]
+
+
 def _errors(findings) -> list[str]:
     return [f"{f.what} -> {f.fix}" for f in findings if f.level == "error"]
 
@@ -42,8 +48,12 @@ def test_good_root_passes_with_a_smoke_generation(compiled_root, capsys):
     assert main(["--artifacts", str(compiled_root)]) == 0
     out = capsys.readouterr().out
     size = neuron_helpers.SIZE
-    for needed in ("[ok     ] Python", "bf16 unet: bf16, inputs 1x4x32x32 bfloat16, 1 float32, 1x77x32 bfloat16",
-                   "bf16 vae_decoder: fp32, inputs 1x4x32x32 float32", f"smoke generation bf16, {size}x{size}, 1 step",
+    for needed in ("[ok     ] Python", f"bf16 unet {size}x{size}: bf16, inputs 1x4x32x32 bfloat16, 1 float32, "
+                   "1x77x32 bfloat16", f"bf16 vae_decoder {size}x{size}: fp32, inputs 1x4x32x32 float32",
+                   f"bf16 vae_encoder {size}x{size}: fp32, inputs 1x3x{size}x{size} float32",
+                   "bf16 text_encoder: bf16, inputs 1x77 int64",
+                   f"sizes {size}x{size}: device memory per NeuronCore, from the part files: {size}x{size} ",
+                   f"smoke generation bf16, {size}x{size}, 1 step",
                    "smoke generation fp32", "0 error(s)", "python app.py --backend neuron"):
         assert needed in out, needed
     assert "ERROR" not in out
@@ -60,17 +70,19 @@ def test_findings_have_levels_and_say_what_to_do(compiled_root):
 
 def test_missing_part(compiled_root, tmp_path, capsys):
     root = neuron_helpers.copy_root(compiled_root, tmp_path / "root")
-    (root / "compiled_models" / "fp32" / "vae_decoder.pt").unlink()
+    size = f"{neuron_helpers.SIZE}x{neuron_helpers.SIZE}"
+    (root / "compiled_models" / "fp32" / size / "vae_decoder.pt").unlink()
     assert main(["--artifacts", str(root)]) == 1
     out = capsys.readouterr().out
-    assert "fp32/vae_decoder.pt" in out and "--parts vae_decoder" in out and "smoke generation" not in out
+    assert f"fp32/{size}/vae_decoder.pt" in out and f"--sizes {size} --parts vae_decoder" in out
+    assert "smoke generation" not in out
 
 
 def test_wrong_dtype_in_the_manifest(compiled_root, tmp_path):
     root = neuron_helpers.copy_root(compiled_root, tmp_path / "root")
 
     def claim_bf16(manifest):  # the part holds fp32 weights and takes fp32 inputs
-        entry = manifest["parts"]["vae_decoder"]
+        entry = _size_parts(manifest)["vae_decoder"]
         entry["dtype"], entry["inputs"][0]["dtype"] = "bf16", "bfloat16"
 
     _edit_manifest(root, "bf16", claim_bf16)
@@ -82,14 +94,15 @@ def test_wrong_dtype_in_the_manifest(compiled_root, tmp_path):
 
 def test_inconsistent_part_dtype_in_the_manifest(compiled_root, tmp_path):
     root = neuron_helpers.copy_root(compiled_root, tmp_path / "root")
-    _edit_manifest(root, "bf16", lambda m: m["parts"]["vae_post_quant_conv"].update(dtype="bf16"))
+    _edit_manifest(root, "bf16", lambda m: _size_parts(m)["vae_post_quant_conv"].update(dtype="bf16"))
     errors = _errors(preflight.check(root, smoke=False))
     assert errors and "vae_post_quant_conv is recorded as bf16 but its inputs as torch.float32" in errors[0]
 
 
 def test_corrupt_part(compiled_root, tmp_path):
     root = neuron_helpers.copy_root(compiled_root, tmp_path / "root")
-    (root / "compiled_models" / "bf16" / "unet.pt").write_bytes(b"not a zip archive")
+    size = f"{neuron_helpers.SIZE}x{neuron_helpers.SIZE}"
+    (root / "compiled_models" / "bf16" / size / "unet.pt").write_bytes(b"not a zip archive")
     errors = _errors(preflight.check(root))
     assert len(errors) == 1 and "bf16 unet" in errors[0] and "not a readable TorchScript archive" in errors[0]
     assert "--parts unet --force" in errors[0]

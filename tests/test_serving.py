@@ -289,7 +289,8 @@ def test_toolkit_model_fn_runs_the_preflight_on_a_compiled_root(tmp_path, tmp_pa
     assert any("preflight ok" in r.getMessage() and "unet" in r.getMessage() for r in caplog.records)
     handler.backend.close()
 
-    (root / "compiled_models" / "fp32" / "unet.pt").write_bytes(b"not a TorchScript archive")
+    size = f"{neuron_helpers.SIZE}x{neuron_helpers.SIZE}"
+    (root / "compiled_models" / "fp32" / size / "unet.pt").write_bytes(b"not a TorchScript archive")
     with pytest.raises(BackendUnavailable, match="preflight failed: .*fp32.*unet"):
         model_fn(str(tmp_path))
 
