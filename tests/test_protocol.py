@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import io
 import json
 
-import numpy as np
 import pytest
+from input_pictures import b64, centred_mask, picture
 from PIL import Image
 
 from backend import BackendUnavailable, Capabilities, GenerationFailed, GenerationRequest, InvalidRequest
@@ -184,29 +183,11 @@ def test_torchserves_own_503_is_busy_and_its_other_errors_are_not():
 IMAGE_CAPS = dataclasses.replace(CAPS, modes=MODES, default_size=(64, 64))
 
 
-def png_b64(image: Image.Image, fmt: str = "PNG") -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def picture(width: int = 64, height: int = 64, seed: int = 0) -> Image.Image:
-    """An RGB picture with detail everywhere (so a wrong crop or resize changes pixels)."""
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), "RGB")
-
-
-def centred_mask(width: int = 64, height: int = 64) -> Image.Image:
-    mask = Image.new("L", (width, height), 0)
-    mask.paste(255, (width // 4, height // 4, 3 * width // 4, 3 * height // 4))
-    return mask
-
-
 @pytest.mark.parametrize("pictures, mode", [
     ({}, "txt2img"), ({"image": True}, "img2img"), ({"image": True, "mask": True}, "inpaint"),
 ])
 def test_the_mode_follows_from_the_pictures_sent_when_none_is_named(pictures, mode):
-    payload = {"prompt": "cat", **{name: png_b64(picture() if name == "image" else centred_mask())
+    payload = {"prompt": "cat", **{name: b64(picture() if name == "image" else centred_mask())
                                    for name in pictures}}
     request = parse(payload)
     assert request.mode == mode
@@ -217,12 +198,12 @@ def test_the_mode_follows_from_the_pictures_sent_when_none_is_named(pictures, mo
 
 def test_a_mask_without_an_image_is_refused_naming_the_mask():
     with pytest.raises(InvalidRequest, match='^mask: a mask needs the image it belongs to; send "image" too') as err:
-        parse({"prompt": "cat", "mask": png_b64(centred_mask())})
+        parse({"prompt": "cat", "mask": b64(centred_mask())})
     assert err.value.field == "mask"
 
 
 def test_every_image_parameter_maps_to_its_request_field():
-    image, mask = png_b64(picture(96, 64)), png_b64(centred_mask(96, 64))
+    image, mask = b64(picture(96, 64)), b64(centred_mask(96, 64))
     request = parse({"prompt": "cat", "image": image, "mask": mask, "parameters": {
         "strength": 0.5, "mask_blur": 8, "resize_mode": "pad", "mode": "inpaint", "num_inference_steps": 10}})
     assert (request.mode, request.strength, request.mask_blur, request.resize_mode) == ("inpaint", 0.5, 8, "pad")
@@ -234,7 +215,7 @@ def test_every_image_parameter_maps_to_its_request_field():
 def test_an_image_request_round_trips_with_the_same_pixels():
     """What the SageMaker backend sends (the validated pictures, as PNG) is what the endpoint validates back."""
     original = GenerationRequest("a fox", steps=8, seed=3, width=64, height=64, mode="inpaint", strength=0.6,
-                                 mask_blur=2, resize_mode="crop", image=base64.b64decode(png_b64(picture(80, 64))),
+                                 mask_blur=2, resize_mode="crop", image=base64.b64decode(b64(picture(80, 64))),
                                  mask=centred_mask(80, 64)).validated(IMAGE_CAPS)
     wire = json.loads(json.dumps(protocol.request_to_json(original)))
     assert set(wire) == {"prompt", "negative_prompt", "image", "mask", "parameters"}
@@ -254,19 +235,19 @@ def test_a_text_to_image_request_carries_no_image_fields():
 
 
 def test_pictures_may_come_as_data_urls_and_jpeg():
-    jpeg = png_b64(picture(), "JPEG")
+    jpeg = b64(picture(), "JPEG")
     request = parse({"prompt": "cat", "image": "data:image/jpeg;base64," + jpeg}).validated(IMAGE_CAPS)
     assert request.mode == "img2img" and request.image.size == (64, 64)
 
 
 def truncated_png() -> str:
-    data = base64.b64decode(png_b64(picture()))
+    data = base64.b64decode(b64(picture()))
     return base64.b64encode(data[: len(data) // 2]).decode()
 
 
 def enormous_png() -> str:
     """A small file that declares more pixels than the limit (a decompression bomb's shape)."""
-    return png_b64(Image.new("L", (5000, 4000)))
+    return b64(Image.new("L", (5000, 4000)))
 
 
 @pytest.mark.parametrize("payload, field, expected", [
@@ -293,8 +274,8 @@ def enormous_png() -> str:
      "parameters.denoising_strength: not a known field"),
 ])
 def test_bad_pictures_and_image_parameters_are_refused_naming_the_field(payload, field, expected):
-    stand_ins = {"IMAGE": png_b64(picture()), "TRUNCATED": truncated_png(), "ENORMOUS": enormous_png(),
-                 "SMALL_MASK": png_b64(centred_mask(32, 48)), "BLACK_MASK": png_b64(Image.new("L", (64, 64)))}
+    stand_ins = {"IMAGE": b64(picture()), "TRUNCATED": truncated_png(), "ENORMOUS": enormous_png(),
+                 "SMALL_MASK": b64(centred_mask(32, 48)), "BLACK_MASK": b64(Image.new("L", (64, 64)))}
     payload = {"prompt": "cat", **{k: stand_ins.get(v, v) if isinstance(v, str) else v for k, v in payload.items()}}
     with pytest.raises(InvalidRequest) as err:
         parse(payload).validated(IMAGE_CAPS)
@@ -305,7 +286,7 @@ def test_bad_pictures_and_image_parameters_are_refused_naming_the_field(payload,
 def test_an_image_mode_the_backend_does_not_offer_is_refused_naming_the_mode():
     with pytest.raises(InvalidRequest, match=r"^mode: Image to image \(img2img\) is not available on this backend; "
                                              r"it offers Text to image \(txt2img\)") as err:
-        parse({"prompt": "cat", "image": png_b64(picture())}).validated(CAPS)  # CAPS: txt2img only
+        parse({"prompt": "cat", "image": b64(picture())}).validated(CAPS)  # CAPS: txt2img only
     assert err.value.field == "mode"
 
 

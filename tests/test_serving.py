@@ -5,6 +5,7 @@ serving/server.py as a real process called by the walk-through's own boto3 code.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import http.client
 import io
 import json
@@ -20,6 +21,7 @@ from PIL import Image
 from backend import BackendUnavailable, GenerationFailed, protocol
 from backend.metadata import parse_infotext, read_infotext
 from helpers import free_port, run_process
+from input_pictures import b64, picture
 from serving import server as endpoint_server
 from serving.handler import Handler, choose_answer_type
 
@@ -83,7 +85,10 @@ def test_describe_returns_the_capabilities(handler, tiny_backend):
     (body({"prompt": "c" * 2001}), JSON_HEADERS, 400, "prompt: 2001 characters; at most 2000"),
     (body({"prompt": "cat", "parameters": {"num_images_per_prompt": 5}}), JSON_HEADERS, 400, "num_images: 5 is out"),
     (body({"prompt": "cat", "strength": 0.5}), JSON_HEADERS, 400, "strength: not a known field"),
-    (b" " * (protocol.MAX_REQUEST_BYTES + 1), JSON_HEADERS, 413, "body: 65537 bytes"),
+    (b" " * (protocol.MAX_REQUEST_BYTES + 1), JSON_HEADERS, 413,
+     "body: 6.0 MB (6291457 bytes); SageMaker accepts at most 6 MB (6291456 bytes) per request: send a smaller image"),
+    (body({"prompt": "cat", "negative_prompt": " " * 70_000}), JSON_HEADERS, 413,
+     "body: 70040 bytes; a request without an image is at most 65536 bytes."),
     (body({"prompt": "cat"}), {"Content-Type": "text/plain"}, 415, "Content-Type: 'text/plain' is not accepted"),
     (body({"prompt": "cat"}), {**JSON_HEADERS, "Accept": "image/jpeg"}, 406, "Accept: 'image/jpeg' is not offered"),
 ])
@@ -190,6 +195,34 @@ def test_a_request_that_waits_too_long_gets_a_503(tiny_backend):
     with handler._turn_lock:
         answer = handler.handle(body({"prompt": "cat", "parameters": SMALL}), JSON_HEADERS)
     assert answer.status == 503 and "no turn within 0.2 s" in json.loads(answer.body)["error"]
+
+
+class _TextToImageOnly:
+    """The real tiny backend offering text to image only, as a compiled Neuron root without the VAE encoder does."""
+
+    def __init__(self, backend):
+        self.name, self._backend = backend.name, backend
+        self._caps = dataclasses.replace(backend.capabilities(), modes=("txt2img",))
+
+    def capabilities(self):
+        return self._caps
+
+    def generate(self, request, on_step=None):
+        return self._backend.generate(request, on_step)
+
+    def close(self):
+        pass
+
+
+def test_an_image_on_a_backend_that_cannot_take_one_is_a_400_naming_the_mode(tiny_backend):
+    handler = Handler(_TextToImageOnly(tiny_backend))
+    assert json.loads(handler.handle(body({"describe": True}), JSON_HEADERS).body)["modes"] == ["txt2img"]
+    answer = handler.handle(body({"prompt": "cat", "image": b64(picture()), "parameters": SMALL}), JSON_HEADERS)
+    error = json.loads(answer.body)
+    assert (answer.status, error["message"]) == (400, "InvalidRequest")
+    assert error["error"] == ("mode: Image to image (img2img) is not available on this backend; it offers Text to "
+                              "image (txt2img).")
+    assert handler.handle(body({"prompt": "cat", "parameters": SMALL}), JSON_HEADERS).status == 200
 
 
 @pytest.mark.parametrize("accept, expected", [
@@ -437,4 +470,22 @@ def test_requests_without_length_or_too_large_are_refused_before_reading(server)
     conn.endheaders()
     answer = conn.getresponse()
     assert answer.status == 413 and "10485760 bytes" in json.loads(answer.read())["error"]
+    conn.close()
+
+
+def test_a_body_over_sagemakers_limit_is_a_413_and_the_connection_serves_the_next_request(server):
+    """An input image too big for SageMaker's 6 MB: the endpoint reads and drops the body, answers 413 (kind
+    InvalidRequest, naming the limit and what to send instead) and keeps the connection for the next request."""
+    conn = http.client.HTTPConnection(server.removeprefix("http://"), timeout=60)
+    too_big = body({"prompt": "cat", "image": "A" * (protocol.MAX_REQUEST_BYTES + 100_000)})
+    conn.request("POST", "/invocations", body=too_big, headers=JSON_HEADERS)
+    answer = conn.getresponse()
+    error = json.loads(answer.read())
+    assert (answer.status, error["code"], error["message"]) == (413, 413, "InvalidRequest")
+    assert error["error"].startswith(f"body: 6.1 MB ({len(too_big)} bytes); SageMaker accepts at most 6 MB "
+                                     f"(6291456 bytes) per request: send a smaller image or mask")
+    sock = conn.sock
+    conn.request("POST", "/invocations", body=body({"prompt": "cat", "parameters": SMALL}), headers=JSON_HEADERS)
+    after = conn.getresponse()
+    assert after.status == 200 and after.read().startswith(b"\x89PNG") and conn.sock is sock
     conn.close()
