@@ -2,8 +2,10 @@
 
 One generation at a time (a lock), all torch work on the process's torch thread, one pipeline per
 precision, one scheduler cache, and the random-weights note. A subclass loads its pipelines, then
-sets `_caps`; it supplies `pipeline_for(precision)`, the `where` that error messages name, and any
-validation of its own (`check_request`).
+sets `_caps` (with `modes=self.modes()`); it supplies `pipeline_for(precision)`, the `where` that error
+messages name, and any validation of its own (`check_request`). Image to image and inpaint run diffusers'
+own pipelines over the same modules (`pipeline.mode_pipeline`), so a subclass whose pipeline can
+`vae.encode` gets them by offering them in `modes()`.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class InProcessBackend:
         self._lock = threading.Lock()  # one generation at a time on an in-process device
         self._device = device_thread()  # all torch work on one thread
         self._pipelines: dict[str, Any] = {}  # precision -> pipeline
+        self._mode_pipelines: dict[tuple[str, str], Any] = {}  # (precision, mode) -> img2img / inpaint pipeline
         self._schedulers: SchedulerCache | None = None  # made from the first pipeline's scheduler config
         self._caps: Capabilities | None = None
         self.model = ""  # the name shown and written in infotext
@@ -70,6 +73,11 @@ class InProcessBackend:
     def check_request(self, request: GenerationRequest) -> None:
         """Refuse, before validation, what this backend can say more about than Capabilities can."""
 
+    def modes(self) -> tuple[str, ...]:
+        """The modes to put in Capabilities: what the loaded UNet runs (pipeline.modes_of). A subclass
+        narrows it where a part is missing (a compiled root without the VAE encoder: txt2img only)."""
+        return pipeline.modes_of(next(iter(self._pipelines.values())))
+
     # Shared ------------------------------------------------------------------------------------
 
     def note_random_weights(self, kind: str | None, verb: str, real_model_advice: str) -> None:
@@ -85,6 +93,17 @@ class InProcessBackend:
         """Make the scheduler cache from a pipeline's scheduler config (every precision shares it)."""
         self._schedulers = SchedulerCache(pipe.scheduler.config)
 
+    def pipeline_for_mode(self, precision: str, mode: str):
+        """The pipeline that runs `mode` at `precision`: the precision's own for txt2img, else diffusers'
+        img2img / inpaint pipeline made once over its modules (called on the torch thread, under the lock)."""
+        base = self.pipeline_for(precision)
+        if mode == "txt2img":
+            return base
+        key = (precision, mode)
+        if key not in self._mode_pipelines:
+            self._mode_pipelines[key] = pipeline.mode_pipeline(base, mode)
+        return self._mode_pipelines[key]
+
     def capabilities(self) -> Capabilities:
         """What this backend runs."""
         return self._caps
@@ -98,7 +117,7 @@ class InProcessBackend:
         request = dataclasses.replace(request, seed=base_seed)
         seeds = request.image_seeds(base_seed)
         with self._lock:
-            pipe = self._device.run(self.pipeline_for, request.precision)
+            pipe = self._device.run(self.pipeline_for_mode, request.precision, request.mode)
             warnings = truncation_warnings(pipe.tokenizer, request)
             scheduler = self._schedulers.get(request.scheduler)
             try:
@@ -118,4 +137,5 @@ class InProcessBackend:
     def close(self) -> None:
         """Drop the pipelines and the schedulers."""
         self._pipelines.clear()
+        self._mode_pipelines.clear()
         self._schedulers = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import time
 
@@ -93,6 +94,7 @@ class LocalBackend(InProcessBackend):
             max_images=settings.max_images,
             is_tiny=self.is_tiny,
             previews=self.previews,
+            modes=self.modes(),
             notes=tuple(self.notes),
         )
 
@@ -108,9 +110,16 @@ class LocalBackend(InProcessBackend):
 
     def _warm_up(self, pipe) -> None:
         """One small run so compilation and autotuning happen at load, not in a user's request."""
+        from PIL import Image
+
         started = time.perf_counter()
         request = GenerationRequest("warm-up", steps=2, width=512, height=512, seed=0, precision="fp32")
-        pipeline.run(pipe, request, [0], scheduler=make_scheduler(DEFAULT_SCHEDULER, pipe.scheduler.config))
+        if "txt2img" not in pipeline.modes_of(pipe):  # an inpainting UNet: warm up as what it runs
+            request = dataclasses.replace(request, mode="inpaint", strength=1.0, mask_blur=0,
+                                          image=Image.new("RGB", (512, 512), "gray"),
+                                          mask=Image.new("L", (512, 512), 255))
+        pipeline.run(pipeline.mode_pipeline(pipe, request.mode), request, [0],
+                     scheduler=make_scheduler(DEFAULT_SCHEDULER, pipe.scheduler.config))
         log.info("warmed up (%s) in %.1f s", self.optimize, time.perf_counter() - started)
 
     def pipeline_for(self, precision: str):

@@ -6,6 +6,10 @@ Layout (as AUTOMATIC1111 writes it, and as its readers, Civitai and most metadat
     Negative prompt: blurry
     Steps: 20, Sampler: DPM++ 2M, CFG scale: 7.5, Seed: 42, Size: 512x512, Model: tiny, ...
 
+Image to image and inpaint add A1111's own keys, `Denoising strength: 0.75` and (inpaint)
+`Mask blur: 4`, and one of this app's: `Mode: img2img` (A1111 has no key for the mode; it tells its
+tabs apart by what else is there). Text to image writes no Mode key, so its infotext is A1111's.
+
 A value holding a comma, a colon, a quote or a newline is written as a JSON string, as A1111 does.
 Like A1111, a prompt one of whose lines itself starts with "Negative prompt:" cannot be told apart
 from a negative prompt; `write_infotext` is exact for every other prompt.
@@ -86,6 +90,10 @@ def infotext_for(request: GenerationRequest, seed: int, model: str, backend: str
         "Seed": seed,
         "Size": f"{request.width}x{request.height}",
         "Model": model,
+        "Mode": None if request.mode == "txt2img" else request.mode,
+        # str() of the float, as A1111 writes it (0.75, 1.0).
+        "Denoising strength": None if request.mode == "txt2img" else str(round(float(request.strength), 4)),
+        "Mask blur": request.mask_blur if request.mode == "inpaint" else None,
         "Precision": request.precision,
         "Backend": backend,
         "Latency": None if latency_ms is None else f"{latency_ms:.0f} ms",

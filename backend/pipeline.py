@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from .api import GenerationRequest, PreviewCallback, StepCallback, Timings
+from .api import MODES, GenerationRequest, PreviewCallback, StepCallback, Timings
 from .preview import PreviewPacer, noise_scale, preview_images
 from .sd21_random import SD21_RANDOM_ID
 from .settings import OPTIMIZE_MODES
@@ -131,16 +131,101 @@ class StageClock:
         return [a.elapsed_time(b) for a, b in pairs]
 
 
+class _MarksItsEncodeStage:
+    """Mixin for the image pipelines: marks the stage clock once the input picture is in latents.
+
+    diffusers encodes the picture inside the pipeline call (prepare_latents, and for inpaint
+    prepare_mask_latents too), between the text encoder and the first step; one mark after the last
+    of those calls splits that stretch off as the VAE encode stage. `stage_clock` is set by `run`.
+    """
+
+    stage_clock: StageClock | None = None
+
+    def _mark_encoded(self) -> None:
+        if self.stage_clock is not None:
+            self.stage_clock.mark()
+
+
+def _image_pipeline_classes():
+    """The img2img and inpaint pipeline classes, each marking its encode stage (diffusers is imported here)."""
+    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
+
+    class Img2ImgPipeline(_MarksItsEncodeStage, StableDiffusionImg2ImgPipeline):
+        """diffusers' StableDiffusionImg2ImgPipeline; prepare_latents (encode, add noise) ends the encode stage."""
+
+        def prepare_latents(self, *args, **kwargs):
+            latents = super().prepare_latents(*args, **kwargs)
+            self._mark_encoded()
+            return latents
+
+    class InpaintPipeline(_MarksItsEncodeStage, StableDiffusionInpaintPipeline):
+        """diffusers' StableDiffusionInpaintPipeline; prepare_mask_latents (after the image's encode) ends it."""
+
+        def prepare_mask_latents(self, *args, **kwargs):
+            out = super().prepare_mask_latents(*args, **kwargs)
+            self._mark_encoded()
+            return out
+
+    return {"img2img": Img2ImgPipeline, "inpaint": InpaintPipeline}
+
+
+_IMAGE_PIPELINES: dict[str, Any] = {}
+
+
+def mode_pipeline(pipe, mode: str):
+    """The pipeline that runs `mode` over `pipe`'s own modules (the same UNet, VAE, text encoder
+    objects: no second copy of a weight), or `pipe` itself for txt2img."""
+    if mode == "txt2img":
+        return pipe
+    if not _IMAGE_PIPELINES:
+        _IMAGE_PIPELINES.update(_image_pipeline_classes())
+    components = {**pipe.components, "safety_checker": None, "feature_extractor": None}
+    image_pipe = _IMAGE_PIPELINES[mode](**components, requires_safety_checker=False)
+    image_pipe.set_progress_bar_config(disable=True)
+    return image_pipe
+
+
+def unet_input_channels(pipe) -> int:
+    """4 for a standard checkpoint; 9 for a dedicated inpainting one (latents + mask + masked image)."""
+    return int(pipe.unet.config.in_channels)
+
+
+def modes_of(pipe) -> tuple[str, ...]:
+    """The modes a pipeline's UNet runs: a standard one all three; an inpainting (9-channel) one only
+    inpaint (StableDiffusionPipeline and the img2img pipeline feed it 4 channels)."""
+    return ("inpaint",) if unet_input_channels(pipe) == 9 else MODES
+
+
+def blurred_mask(request: GenerationRequest):
+    """The inpaint mask after its Gaussian blur (A1111's "Mask blur": the radius is the blur's sigma, in pixels)."""
+    from PIL import ImageFilter
+
+    if not request.mask_blur:
+        return request.mask
+    return request.mask.filter(ImageFilter.GaussianBlur(request.mask_blur))
+
+
+def paste_back(generated: list[Any], original: Any, mask: Any) -> list[Any]:
+    """The generated images over the original through the (blurred) mask, as A1111 does after an inpaint:
+    where the mask is 0 the pixels are the input's exactly, where it is 255 the generated ones."""
+    from PIL import Image
+
+    return [Image.composite(image, original, mask) for image in generated]
+
+
 def run(pipe, request: GenerationRequest, seeds: list[int], on_step: StepCallback | None = None,
         scheduler=None, on_preview: PreviewCallback | None = None,
         pacer: PreviewPacer | None = None) -> tuple[list[Any], Timings]:
     """Run a validated request on a pipeline: encode, denoise, decode, each timed.
 
-    The stages are called one by one (rather than one `pipe(...)` call) so that text encoding,
-    each denoising step and the VAE decode are timed apart; the arithmetic is the pipeline's own,
-    so images equal those of `pipe(prompt, ..., generator=[torch.Generator().manual_seed(s)...])`.
+    `pipe` is the pipeline of the request's mode (`mode_pipeline`). The stages are called one by one
+    (rather than one `pipe(...)` call) so that text encoding, the input picture's VAE encode (image
+    modes), each denoising step and the VAE decode are timed apart; the arithmetic is the pipeline's
+    own, so images equal those of `pipe(prompt, ..., generator=[torch.Generator().manual_seed(s)...])`
+    (inpaint: then pasted back over the input through the blurred mask).
     Nothing in the denoising loop waits for the device: on_step is called when a step has been
     queued (on a CPU, when it has run), and the timings are read after the images are on the host.
+    on_step's total is the steps that run (`request.denoising_steps`: steps x strength from an image).
     on_preview gets pictures of the latents after the steps `pacer` picks (a preview copies them to
     the host, which on a GPU waits for that step); its time counts in the next step's.
     """
@@ -150,6 +235,8 @@ def run(pipe, request: GenerationRequest, seeds: list[int], on_step: StepCallbac
     cfg = request.guidance_scale > 1.0
     device = pipe._execution_device
     clock = StageClock.for_device(device)
+    total_steps = request.denoising_steps
+    image_mode = request.mode != "txt2img"
     t0 = time.perf_counter()
     clock.mark()
     with torch.inference_mode():
@@ -163,40 +250,57 @@ def run(pipe, request: GenerationRequest, seeds: list[int], on_step: StepCallbac
         def step_end(_pipe, i: int, _t, kwargs: dict) -> dict:
             clock.mark()
             if on_step is not None:
-                on_step(i + 1, request.steps)
-            if on_preview is not None and pacer.due(i + 1, request.steps,
+                on_step(i + 1, total_steps)
+            if on_preview is not None and pacer.due(i + 1, total_steps,
                                                     (time.perf_counter() - denoise_start) * 1000.0):
                 started = time.perf_counter()
-                on_preview(i + 1, request.steps, preview_images(kwargs["latents"], noise_scale(_pipe.scheduler)))
+                on_preview(i + 1, total_steps, preview_images(kwargs["latents"], noise_scale(_pipe.scheduler)))
                 pacer.record((time.perf_counter() - started) * 1000.0)
             return kwargs
 
         # CPU generators, one per image: the same seed gives the same image on any device.
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-        latents = pipe(
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_embeds,
-            num_inference_steps=request.steps,
-            guidance_scale=request.guidance_scale,
-            height=request.height,
-            width=request.width,
-            generator=generators,
-            output_type="latent",
-            callback_on_step_end=step_end,
-        ).images
+        common = dict(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_embeds,
+                      num_inference_steps=request.steps, guidance_scale=request.guidance_scale,
+                      generator=generators, output_type="latent", callback_on_step_end=step_end)
+        mask = None
+        if request.mode == "txt2img":
+            mode_kwargs = dict(height=request.height, width=request.width)
+        elif request.mode == "img2img":
+            # The image's size is the generation's (validated() fitted it); diffusers encodes it once per
+            # image, each with that image's generator.
+            mode_kwargs = dict(image=request.image, strength=request.strength)
+        else:
+            mask = blurred_mask(request)
+            # The input once per image: given one, diffusers encodes it with the first generator only and
+            # repeats it, so image i > 0 would not be what seed + i gives alone. Given n, it encodes image
+            # i (and the masked image i) with generator i, the same draws as a one-image request of seed + i.
+            mode_kwargs = dict(image=[request.image] * n, mask_image=mask, strength=request.strength,
+                               height=request.height, width=request.width)
+        pipe.stage_clock = clock if image_mode else None
+        try:
+            latents = pipe(**common, **mode_kwargs).images
+        finally:
+            pipe.stage_clock = None
         clock.mark()
         decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
         images = pipe.image_processor.postprocess(decoded, output_type="pil", do_denormalize=[True] * n)
+        if mask is not None:
+            images = paste_back(images, request.image, mask)
     total_ms = (time.perf_counter() - t0) * 1000.0
-    # Marks: start, text encoded, each step, denoising returned. The VAE stage is the rest of the
-    # total (decode, and the copy to PIL images).
-    text_ms, *steps, tail_ms = clock.intervals_ms()
+    # Marks: start, text encoded, (image modes: picture encoded,) each step, denoising returned. The
+    # VAE stage is the rest of the total (decode, the paste-back, and the copy to PIL images).
+    intervals = clock.intervals_ms()
+    text_ms = intervals.pop(0)
+    encode_ms = intervals.pop(0) if image_mode else 0.0
+    *steps, tail_ms = intervals
     denoise_ms = sum(steps) + tail_ms
     timings = Timings(
         total_ms=total_ms,
         text_encoder_ms=text_ms,
         denoise_ms=denoise_ms,
         step_ms=steps,
-        vae_ms=max(0.0, total_ms - text_ms - denoise_ms),
+        vae_ms=max(0.0, total_ms - text_ms - encode_ms - denoise_ms),
+        vae_encode_ms=encode_ms,
     )
     return images, timings

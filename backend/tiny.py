@@ -114,8 +114,12 @@ def scheduler_config() -> dict:
     )
 
 
-def build_components() -> dict:
-    """Every module of the tiny pipeline, with weights fixed by TINY_SEED."""
+def build_components(unet_in_channels: int = 4) -> dict:
+    """Every module of the tiny pipeline, with weights fixed by TINY_SEED.
+
+    unet_in_channels=9 makes the UNet of a dedicated inpainting checkpoint (latents, mask and masked
+    image's latents: 4 + 1 + 4 channels in), for testing the inpaint pipeline's 9-channel path.
+    """
     import torch
     from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -141,7 +145,7 @@ def build_components() -> dict:
         torch.manual_seed(TINY_SEED + 1)
         unet = UNet2DConditionModel(
             sample_size=64,
-            in_channels=4,
+            in_channels=unet_in_channels,
             out_channels=4,
             layers_per_block=1,
             # Three levels; cross-attention at 32x32 and 16x16 latents (SD2.1 also has it at
@@ -175,12 +179,12 @@ def build_components() -> dict:
     return dict(text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, vae=vae, scheduler=scheduler)
 
 
-def build_pipeline(dtype=None):
-    """A StableDiffusionPipeline around the tiny components."""
+def build_pipeline(dtype=None, unet_in_channels: int = 4):
+    """A StableDiffusionPipeline around the tiny components (unet_in_channels: see build_components)."""
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline(
-        **build_components(), safety_checker=None, feature_extractor=None, requires_safety_checker=False
+        **build_components(unet_in_channels), safety_checker=None, feature_extractor=None, requires_safety_checker=False
     )
     if dtype is not None:
         pipe.to(dtype=dtype)
