@@ -309,6 +309,27 @@ def test_the_modes_come_from_the_endpoints_describe_and_an_image_goes_as_png_at_
         standin.stop()
 
 
+@pytest.mark.parametrize("mode", ["img2img", "inpaint"])
+def test_image_modes_through_the_endpoint_equal_the_backend_behind_it(endpoint, tiny_backend, mode):
+    """SageMakerBackend -> serving/server.py -> the tiny backend: the same pixels as the backend run directly."""
+    backend = sagemaker_backend(endpoint.url)
+    assert backend.capabilities().modes == tiny_backend.capabilities().modes == MODES
+    pictures = {"image": encoded(picture(96, 64), "JPEG")}
+    if mode == "inpaint":
+        pictures["mask"] = centred_mask(96, 64)
+    request = GenerationRequest("a lovely cat", steps=6, strength=0.5, width=64, height=64, seed=7, mode=mode,
+                                **pictures)
+    steps = []
+    result = backend.generate(request, on_step=lambda step, total: steps.append((step, total)))
+    direct = tiny_backend.generate(request)
+    assert np.array_equal(np.asarray(result.images[0]), np.asarray(direct.images[0]))
+    assert result.seeds == [7] and steps == [(0, 3)]  # the denoising steps that strength 0.5 of 6 runs
+    assert len(result.timings.step_ms) == 3 and result.timings.vae_encode_ms > 0
+    assert result.request.mode == mode and result.details()["denoising_steps"] == 3
+    assert parse_infotext(result.infotexts[0])["params"]["Mode"] == mode
+    backend.close()
+
+
 def test_an_image_mode_the_endpoint_does_not_offer_is_refused_before_sending(standin):
     backend = sagemaker_backend(standin.url, name="sd-standin")
     assert backend.capabilities().modes == ("txt2img",)  # an endpoint whose describe lists no image modes
