@@ -162,15 +162,18 @@ def centred_mask(width: int, height: int):
     return mask
 
 
+def check_mode_flags(args) -> None:
+    """Refuse --image and --mask where --mode takes none, before a backend is loaded."""
+    if args.image is not None and args.mode == "txt2img":
+        raise SystemExit("--image: only for --mode img2img or inpaint")
+    if args.mask is not None and args.mode != "inpaint":
+        raise SystemExit("--mask: only for --mode inpaint")
+
+
 def mode_inputs(args, caps) -> dict:
     """The GenerationRequest fields of --mode: the input image and mask (read or generated) and the strength."""
     if args.mode == "txt2img":
-        for flag in ("image", "mask"):
-            if getattr(args, flag) is not None:
-                raise SystemExit(f"--{flag}: only for --mode img2img or inpaint")
         return {}
-    if args.mask is not None and args.mode != "inpaint":
-        raise SystemExit("--mask: only for --mode inpaint")
     width, height = args.width or caps.default_size[0], args.height or caps.default_size[1]
     inputs = {"mode": args.mode, "strength": args.strength,
               "image": args.image.read_bytes() if args.image else generated_picture(width, height)}
@@ -226,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = Settings.from_namespace(args)
     price = price_for(args.instance_type, args.price_per_hour)
+    check_mode_flags(args)
     steps_list = [int(s) for s in args.steps.split(",") if s.strip()]
     optimizes = [settings.optimize]
     if args.compare_optimize:
