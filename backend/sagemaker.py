@@ -85,8 +85,8 @@ class SageMakerBackend:
         self._caps = dataclasses.replace(
             remote, backend=self.name, previews=False,
             device=f"{remote.device} ({remote.backend} backend) via endpoint {self.endpoint_name}")
-        log.info("endpoint %s: %s on %s, precisions %s", self.endpoint_name, remote.model, remote.device,
-                 ", ".join(remote.precisions))
+        log.info("endpoint %s: %s on %s, precisions %s, modes %s", self.endpoint_name, remote.model, remote.device,
+                 ", ".join(remote.precisions), ", ".join(remote.modes))
 
     def _make_client(self, settings: Settings):
         import boto3
