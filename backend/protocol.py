@@ -6,11 +6,27 @@ Request (`Content-Type: application/json`); everything but `prompt` is optional:
       "num_inference_steps": 20, "guidance_scale": 7.5, "seed": 42, "num_images_per_prompt": 1,
       "height": 512, "width": 512, "scheduler": "dpm++2m", "precision": "bf16"}}
 
-`{"describe": true}` asks for the endpoint's capabilities instead (Capabilities.to_dict()).
-A key that is not listed here is refused with a 400 that names it: a misspelt parameter
-("num_inference_step") would otherwise be ignored and silently give a different image. A `null`
-value means "the default". Numbers must be JSON numbers and texts JSON strings; the values
-themselves are checked by api.GenerationRequest.validated against the backend's capabilities.
+Image to image and inpainting add the input picture(s) beside the prompt, as base64 text of a PNG or
+JPEG file (or a `data:image/png;base64,...` URL), and four parameters:
+
+    {"prompt": "a lovely cat", "image": "iVBORw0KGgo...", "mask": "iVBORw0KGgo...", "parameters": {
+      "strength": 0.75, "mask_blur": 4, "resize_mode": "crop", "mode": "inpaint", ...}}
+
+`mask` is white where to repaint. `parameters.mode` may be left out: it is then `inpaint` when both
+`image` and `mask` are given, `img2img` when only `image` is, and `txt2img` otherwise; a `mask`
+without an `image` is refused naming `mask`. The pictures are checked (decodable, within the pixel
+limit, the mask the image's size or shape and not empty) and fitted to width x height by
+api.GenerationRequest.validated, as for every backend (backend/input_images.py).
+
+`{"describe": true}` asks for the endpoint's capabilities instead (Capabilities.to_dict(), whose
+`modes` lists the modes it runs). A key that is not listed here is refused with a 400 that names it: a
+misspelt parameter ("num_inference_step") would otherwise be ignored and silently give a different
+image. A `null` value means "the default". Numbers must be JSON numbers and texts JSON strings; the
+values themselves are checked by api.GenerationRequest.validated against the backend's capabilities.
+
+Request size: a body is at most MAX_REQUEST_BYTES, SageMaker's own limit for a real-time invocation
+(6 MB); a request without a picture at most MAX_TEXT_REQUEST_BYTES. The SageMaker backend measures its
+body before sending and refuses one over the limit itself (backend/sagemaker.py).
 
 Responses, chosen by `Accept`:
 - `image/png` (the default, and what `*/*` gets): the first image's PNG, infotext included;
@@ -31,6 +47,7 @@ queue is full or no worker is running, which parse_error reads as Busy.
 from __future__ import annotations
 
 import base64
+import io
 import json
 from typing import Any, Mapping
 
@@ -46,10 +63,18 @@ JSON = "application/json"
 PNG = "image/png"
 CUSTOM_ATTRIBUTES = "X-Amzn-SageMaker-Custom-Attributes"
 
-MAX_REQUEST_BYTES = 64 * 1024  # prompts are at most 2000 characters each; this leaves room for \u escapes
-# SageMaker real-time endpoints refuse payloads over 6 MB in either direction.
+# SageMaker's limit on a real-time invocation's body: 6 MB, which AWS counts as 6 MiB, 6291456 bytes
+# (botocore's sagemaker-runtime model, 2017-05-13/service-2.json: InvokeEndpoint's Body is a BodyBlob
+# with "max": 6291456; AWS answers a larger one with "Member must have length less than or equal to
+# 6291456"). It is the most a request with an input image can be.
+MAX_REQUEST_BYTES = 6 * 1024 * 1024
+# A request without a picture: prompts are at most 2000 characters each; this leaves room for \u escapes.
+MAX_TEXT_REQUEST_BYTES = 64 * 1024
+# SageMaker real-time endpoints refuse payloads over 6 MB in either direction (an answer is counted here
+# in decimal megabytes, the stricter reading).
 MAX_RESPONSE_BYTES = 6 * 1000 * 1000
 MAX_CUSTOM_ATTRIBUTES_CHARS = 1024  # SageMaker's limit on the header
+_MB = 1024 * 1024  # AWS's "MB" in its payload limits
 
 # wire name -> GenerationRequest field; the wire uses diffusers' argument names.
 PARAMETERS: dict[str, str] = {
@@ -61,10 +86,20 @@ PARAMETERS: dict[str, str] = {
     "width": "width",
     "scheduler": "scheduler",
     "precision": "precision",
+    "strength": "strength",
+    "mask_blur": "mask_blur",
+    "resize_mode": "resize_mode",
+    "mode": "mode",
 }
-_NUMBERS = {"num_inference_steps", "guidance_scale", "seed", "num_images_per_prompt", "height", "width"}
-_TEXTS = {"scheduler", "precision"}
-TOP_LEVEL = ("prompt", "negative_prompt", "parameters", "describe")
+_NUMBERS = {"num_inference_steps", "guidance_scale", "seed", "num_images_per_prompt", "height", "width", "strength",
+            "mask_blur"}
+_TEXTS = {"scheduler", "precision", "resize_mode", "mode"}
+# Sent only for image to image and inpainting, so that a text-to-image request stays what older endpoints read.
+_IMAGE_PARAMETERS = ("strength", "mask_blur", "resize_mode", "mode")
+PICTURES = ("image", "mask")
+TOP_LEVEL = ("prompt", "negative_prompt", "image", "mask", "parameters", "describe")
+# The PNGs the client sends: zlib level 1, the cheapest that still compresses (they cross the internet).
+_PICTURE_PNG_LEVEL = 1
 
 BUSY = "Busy"
 
@@ -118,9 +153,18 @@ STATUS_OF_KIND = {kind: status for error, kind, status in ERRORS if error.__name
 
 
 def check_request_size(size: int) -> None:
-    """Refuse a request body over MAX_REQUEST_BYTES."""
+    """Refuse a request body over MAX_REQUEST_BYTES (SageMaker's limit), before it is read."""
     if size > MAX_REQUEST_BYTES:
-        raise TooLarge(f"body: {size} bytes; at most {MAX_REQUEST_BYTES} are allowed.", "body")
+        raise TooLarge(f"body: {size / _MB:.1f} MB ({size} bytes); SageMaker accepts at most "
+                       f"{MAX_REQUEST_BYTES // _MB} MB ({MAX_REQUEST_BYTES} bytes) per request: send a smaller image "
+                       f"or mask (at the generation size), or a JPEG.", "body")
+
+
+def check_text_request_size(size: int, payload: Mapping[str, Any]) -> None:
+    """Refuse a body over MAX_TEXT_REQUEST_BYTES that carries no picture (the limit for images is larger)."""
+    if size > MAX_TEXT_REQUEST_BYTES and not any(payload.get(name) is not None for name in PICTURES):
+        raise TooLarge(f"body: {size} bytes; a request without an image is at most {MAX_TEXT_REQUEST_BYTES} "
+                       f"bytes.", "body")
 
 
 def parse_json(body: bytes | bytearray | str) -> dict[str, Any]:
@@ -171,6 +215,13 @@ def request_from_json(payload: Mapping[str, Any]) -> GenerationRequest:
         raise InvalidRequest(f"parameters: must be a JSON object, not {_json_type(params)}.", "parameters")
     _refuse_unknown(params, tuple(PARAMETERS), "parameters.")
     fields: dict[str, Any] = {"prompt": prompt, "negative_prompt": negative or ""}
+    for name in PICTURES:
+        value = payload.get(name)
+        if value is not None and not isinstance(value, str):
+            raise InvalidRequest(f"{name}: must be a string, the base64 text of a PNG or JPEG file, not "
+                                 f"{_json_type(value)}.", name)
+        if value is not None:
+            fields[name] = value
     for wire, value in params.items():
         if value is None:
             continue
@@ -179,17 +230,59 @@ def request_from_json(payload: Mapping[str, Any]) -> GenerationRequest:
         if wire in _TEXTS and not isinstance(value, str):
             raise InvalidRequest(f"parameters.{wire}: must be a string, not {_json_type(value)}.", PARAMETERS[wire])
         fields[PARAMETERS[wire]] = value
+    if "mode" not in fields:
+        fields["mode"] = implied_mode("image" in fields, "mask" in fields)
     return GenerationRequest(**fields)
 
 
+def implied_mode(has_image: bool, has_mask: bool) -> str:
+    """The mode of a request that names none: inpaint with an image and a mask, img2img with an image alone."""
+    if has_mask and not has_image:
+        raise InvalidRequest('mask: a mask needs the image it belongs to; send "image" too (white in the mask '
+                             'is repainted).', "mask")
+    return "inpaint" if has_mask else "img2img" if has_image else "txt2img"
+
+
 def request_to_json(request: GenerationRequest) -> dict[str, Any]:
-    """The wire form of a request (what SageMakerBackend sends)."""
+    """The wire form of a request (what SageMakerBackend sends): a validated request's pictures as base64 PNG.
+
+    A text-to-image request carries none of the image parameters, so older endpoints still read it."""
     params: dict[str, Any] = {}
     for wire, name in PARAMETERS.items():
         value = getattr(request, name)
-        if value is not None:
+        if value is not None and (wire not in _IMAGE_PARAMETERS or request.mode != "txt2img"):
             params[wire] = value
-    return {"prompt": request.prompt, "negative_prompt": request.negative_prompt, "parameters": params}
+    payload: dict[str, Any] = {"prompt": request.prompt, "negative_prompt": request.negative_prompt}
+    for name in PICTURES:
+        picture = getattr(request, name)
+        if picture is not None:
+            payload[name] = encode_picture(picture)
+    payload["parameters"] = params
+    return payload
+
+
+def encode_picture(picture: Any) -> str:
+    """A picture as base64 text for the wire: a PIL image as PNG (lossless, so the endpoint gets these very
+    pixels); bytes as they are; base64 text unchanged."""
+    if isinstance(picture, str):
+        return picture
+    if isinstance(picture, (bytes, bytearray)):
+        return base64.b64encode(bytes(picture)).decode("ascii")
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG", compress_level=_PICTURE_PNG_LEVEL)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def check_body_to_send(body: bytes, payload: Mapping[str, Any]) -> None:
+    """The client's check before sending: a body over SageMaker's limit is refused here, naming the largest picture."""
+    if len(body) <= MAX_REQUEST_BYTES:
+        return
+    sizes = {name: len(payload.get(name) or "") for name in PICTURES}
+    field = max(sizes, key=lambda name: sizes[name]) if any(sizes.values()) else "body"
+    raise InvalidRequest(
+        f"{field}: the request would be {len(body) / _MB:.1f} MB; SageMaker accepts at most "
+        f"{MAX_REQUEST_BYTES // _MB} MB per request. The {field} is sent as a PNG at the generation size: choose "
+        f"a smaller width x height, or a picture with less fine detail (noise does not compress).", field)
 
 
 def check_response_size(request: GenerationRequest, as_json: bool) -> None:

@@ -70,7 +70,7 @@ class SageMakerBackend:
         where = _without_credentials(self._client.meta.endpoint_url)
         self._where = f"endpoint {self.endpoint_name} at {where}"
         try:
-            data, _ = self._invoke({"describe": True}, purpose="describe")
+            data, _ = self._invoke(json.dumps({"describe": True}).encode("utf-8"), purpose="describe")
         except BackendUnavailable:
             raise
         except BackendError as exc:
@@ -85,8 +85,8 @@ class SageMakerBackend:
         self._caps = dataclasses.replace(
             remote, backend=self.name, previews=False,
             device=f"{remote.device} ({remote.backend} backend) via endpoint {self.endpoint_name}")
-        log.info("endpoint %s: %s on %s, precisions %s", self.endpoint_name, remote.model, remote.device,
-                 ", ".join(remote.precisions))
+        log.info("endpoint %s: %s on %s, precisions %s, modes %s", self.endpoint_name, remote.model, remote.device,
+                 ", ".join(remote.precisions), ", ".join(remote.modes))
 
     def _make_client(self, settings: Settings):
         import boto3
@@ -114,14 +114,18 @@ class SageMakerBackend:
     def generate(self, request: GenerationRequest, on_step: StepCallback | None = None,
                  on_preview: PreviewCallback | None = None) -> GenerationResult:
         """Validate here, send, and decode the endpoint's JSON answer into PIL images (no previews: one
-        answer per request)."""
+        answer per request). An input image and mask go as PNG at the generation size (validated() fitted
+        them), within SageMaker's 6 MB per request, which is checked here before anything is sent."""
         request = request.validated(self._caps)
         protocol.check_response_size(request, as_json=True)
+        payload = protocol.request_to_json(request)
+        body = json.dumps(payload).encode("utf-8")
+        protocol.check_body_to_send(body, payload)
         if on_step is not None:
             # No per-step progress comes back; this lets a stop pressed before sending take effect.
-            on_step(0, request.steps)
+            on_step(0, request.denoising_steps)
         started = time.perf_counter()
-        data, attributes = self._invoke(protocol.request_to_json(request), purpose="generate")
+        data, attributes = self._invoke(body, purpose="generate")
         try:
             answer = json.loads(data)
             pngs = protocol.decode_png_list(answer["images"])
@@ -141,9 +145,8 @@ class SageMakerBackend:
         return GenerationResult(images=images, seeds=seeds, timings=timings, request=done, backend=self.name,
                                 model=self._caps.model, warnings=[str(w) for w in answer.get("warnings") or []])
 
-    def _invoke(self, payload: dict[str, Any], purpose: str) -> tuple[bytes, dict[str, str]]:
+    def _invoke(self, body: bytes, purpose: str) -> tuple[bytes, dict[str, str]]:
         """Send one invocation, retrying only what did not run; returns the body and custom attributes."""
-        body = json.dumps(payload).encode("utf-8")
         delay, attempt = self.backoff_s, 1
         while True:
             try:

@@ -5,17 +5,25 @@
     python -m benchmarks.latency --backend sagemaker --endpoint-name sd21-inf2 --instance-type ml.inf2.xlarge \
         --price-per-hour PRICE     # SageMaker's hourly price for the endpoint's instance (not EC2's)
     python -m benchmarks.latency --model sd21-random --device cuda --precisions bf16 --compare-optimize
+    python -m benchmarks.latency --model tiny --mode img2img --strength 0.75 --steps 20,30,50
+    python -m benchmarks.latency --model tiny --mode inpaint --image photo.png --mask mask.png
 
 It takes the same backend flags as the app. Each row runs `--warmup` unmeasured requests, then
 `--runs` measured ones through `backend.generate`, `--concurrency` at a time; latency is each
 request's wall time, QPS is requests / wall time of the measured batch, and cost per 10k images
 is the hourly price / 3600 / images per second x 10,000.
+
+`--mode img2img` and `--mode inpaint` start from an input image (`--image`, default a generated
+picture: gradients and a disc, at the generation size) and, for inpaint, a mask (`--mask`, default a
+generated centred mask: the middle half of each side is repainted). They run int(steps x --strength)
+denoising steps, the "steps run" column, plus the VAE encoder on the input.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import sys
 import time
@@ -24,6 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
+from backend.api import DEFAULT_STRENGTH, MODES
 from backend.stats import cost_per_10k_images, percentile, qps
 
 # On-demand USD per hour, Linux, us-east-1. A snapshot: prices change, and they differ by
@@ -58,6 +67,9 @@ class Row:
     mean_s: float
     qps: float
     cost_per_10k: float | None
+    mode: str = "txt2img"
+    strength: float | None = None  # img2img and inpaint
+    steps_run: int | None = None  # the denoising steps that ran: int(steps x strength) from an image
 
 
 def price_for(instance: str | None, price_per_hour: float | None) -> float | None:
@@ -109,19 +121,65 @@ def summarize(latencies: Sequence[float], wall: float, images_per_request: int,
 
 
 def markdown(rows: list[Row], price: float | None, instance: str) -> str:
-    """The walk-through's table, as Markdown."""
+    """The walk-through's table, as Markdown; image modes add the mode, the strength and the steps that ran."""
+    images = any(r.mode != "txt2img" for r in rows)
+    extra_head, extra_rule = (" mode | strength | steps run |", "---|---:|---:|") if images else ("", "")
     lines = [
-        "| instance | backend | model | precision | optimize | steps | P50 (s) | P95 (s) | mean (s) | QPS "
-        "| cost / 10k images ($) |",
-        "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|",
+        f"| instance | backend | model | precision | optimize | steps |{extra_head} P50 (s) | P95 (s) | mean (s) | QPS "
+        f"| cost / 10k images ($) |",
+        f"|---|---|---|---|---|---:|{extra_rule}---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         cost = f"{r.cost_per_10k:.2f}" if r.cost_per_10k is not None else "-"
-        lines.append(f"| {r.instance} | {r.backend} | {r.model} | {r.precision} | {r.optimize} | {r.steps} "
-                     f"| {r.p50_s:.3f} | {r.p95_s:.3f} | {r.mean_s:.3f} | {r.qps:.3f} | {cost} |")
+        extra = ""
+        if images:
+            strength = f"{r.strength:g}" if r.strength is not None else "-"
+            extra = f" {r.mode} | {strength} | {r.steps_run if r.steps_run is not None else r.steps} |"
+        lines.append(f"| {r.instance} | {r.backend} | {r.model} | {r.precision} | {r.optimize} | {r.steps} |{extra}"
+                     f" {r.p50_s:.3f} | {r.p95_s:.3f} | {r.mean_s:.3f} | {r.qps:.3f} | {cost} |")
     if price is not None:
         lines.append(f"\nCost at ${price:.4f}/h for {instance or 'the given price'}.")
     return "\n".join(lines)
+
+
+def generated_picture(width: int, height: int):
+    """The default input image: horizontal and vertical gradients and a disc (structure to encode, not noise)."""
+    from PIL import Image, ImageDraw
+
+    gradient = Image.linear_gradient("L")  # 256x256, dark at the top
+    image = Image.merge("RGB", (gradient.transpose(Image.Transpose.ROTATE_90).resize((width, height)),
+                                gradient.resize((width, height)), Image.new("L", (width, height), 90)))
+    ImageDraw.Draw(image).ellipse((width // 4, height // 4, 3 * width // 4, 3 * height // 4), fill=(240, 190, 40))
+    return image
+
+
+def centred_mask(width: int, height: int):
+    """The default inpaint mask: white (repaint) in the middle half of each side, black around it."""
+    from PIL import Image
+
+    mask = Image.new("L", (width, height), 0)
+    mask.paste(255, (width // 4, height // 4, 3 * width // 4, 3 * height // 4))
+    return mask
+
+
+def check_mode_flags(args) -> None:
+    """Refuse --image and --mask where --mode takes none, before a backend is loaded."""
+    if args.image is not None and args.mode == "txt2img":
+        raise SystemExit("--image: only for --mode img2img or inpaint")
+    if args.mask is not None and args.mode != "inpaint":
+        raise SystemExit("--mask: only for --mode inpaint")
+
+
+def mode_inputs(args, caps) -> dict:
+    """The GenerationRequest fields of --mode: the input image and mask (read or generated) and the strength."""
+    if args.mode == "txt2img":
+        return {}
+    width, height = args.width or caps.default_size[0], args.height or caps.default_size[1]
+    inputs = {"mode": args.mode, "strength": args.strength,
+              "image": args.image.read_bytes() if args.image else generated_picture(width, height)}
+    if args.mode == "inpaint":
+        inputs["mask"] = args.mask.read_bytes() if args.mask else centred_mask(width, height)
+    return inputs
 
 
 def parse_args(argv: list[str] | None):
@@ -141,6 +199,15 @@ def parse_args(argv: list[str] | None):
     b.add_argument("--width", type=int, help="default: the backend's default size")
     b.add_argument("--height", type=int)
     b.add_argument("--num-images", type=int, default=1)
+    b.add_argument("--mode", choices=MODES, default="txt2img",
+                   help="txt2img (default), img2img or inpaint (an input image, and for inpaint a mask)")
+    b.add_argument("--strength", type=float, default=DEFAULT_STRENGTH,
+                   help=f"img2img/inpaint: how much of the input to repaint, 0-1 (default {DEFAULT_STRENGTH}); "
+                        f"int(steps x strength) denoising steps run")
+    b.add_argument("--image", type=Path, help="img2img/inpaint: the input image (PNG/JPEG; default: a generated "
+                                              "picture of gradients and a disc at the generation size)")
+    b.add_argument("--mask", type=Path, help="inpaint: the mask, white where to repaint (default: a generated centred "
+                                             "mask, the middle half of each side)")
     b.add_argument("--instance-type", default="", help=f"for the cost column; EC2 snapshot prices for "
                    f"{', '.join(sorted(PRICES_PER_HOUR))}")
     b.add_argument("--price-per-hour", type=float, help="USD per hour; overrides --instance-type's price")
@@ -158,10 +225,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from tqdm import tqdm
 
-    from backend import GenerationRequest, Settings, create_backend
+    from backend import GenerationRequest, InvalidRequest, Settings, create_backend
 
     settings = Settings.from_namespace(args)
     price = price_for(args.instance_type, args.price_per_hour)
+    check_mode_flags(args)
     steps_list = [int(s) for s in args.steps.split(",") if s.strip()]
     optimizes = [settings.optimize]
     if args.compare_optimize:
@@ -178,19 +246,28 @@ def main(argv: list[str] | None = None) -> int:
             resolved = getattr(backend, "optimize", optimize)  # what auto became on this device
             label = f"{optimize} ({resolved})" if resolved != optimize else optimize
             precisions = args.precisions.split(",") if args.precisions else list(caps.precisions)
+            inputs = mode_inputs(args, caps)
             total = len(precisions) * len(steps_list) * (args.runs + args.warmup)
             with tqdm(total=total, desc=f"{caps.backend}/{optimize}", unit="req", file=sys.stderr) as bar:
                 for precision in precisions:
                     for steps in steps_list:
-                        def generate(i: int, steps=steps, precision=precision, backend=backend) -> None:
-                            backend.generate(GenerationRequest(
-                                args.prompt, steps=steps, precision=precision, guidance_scale=args.guidance_scale,
-                                seed=1000 + i, width=args.width, height=args.height, num_images=args.num_images))
+                        request = GenerationRequest(
+                            args.prompt, steps=steps, precision=precision, guidance_scale=args.guidance_scale,
+                            width=args.width, height=args.height, num_images=args.num_images, **inputs)
+                        try:
+                            # Checked once up front, so a bad flag is one clear line, not a failure per request.
+                            steps_run = request.validated(caps).denoising_steps
+                        except InvalidRequest as exc:
+                            raise SystemExit(f"error: {exc}") from None
+
+                        def generate(i: int, request=request, backend=backend) -> None:
+                            backend.generate(dataclasses.replace(request, seed=1000 + i))
                         measure(generate, args.warmup, 1, bar)
                         lat, wall = measure(generate, args.runs, args.concurrency, bar)
                         p50, p95, mean, rate, cost = summarize(lat, wall, args.num_images, price)
                         rows.append(Row(caps.backend, caps.model, caps.device, args.instance_type or "-", precision,
-                                        label, steps, args.runs, args.concurrency, p50, p95, mean, rate, cost))
+                                        label, steps, args.runs, args.concurrency, p50, p95, mean, rate, cost,
+                                        mode=args.mode, strength=inputs.get("strength"), steps_run=steps_run))
         finally:
             backend.close()
 

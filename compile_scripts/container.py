@@ -16,6 +16,7 @@ of that stack, in backend/neuron_stack.py. Sources, in AWS's repositories:
 from __future__ import annotations
 
 from backend.neuron_stack import DLC_IMAGE
+from backend.protocol import MAX_REQUEST_BYTES
 
 REPOSITORY, TAG = DLC_IMAGE.split(":")  # pytorch-inference-neuronx, 2.9.0-neuronx-py312-sdk2.31.1-ubuntu24.04
 
@@ -40,6 +41,13 @@ DLC_ACCOUNTS = {
 # images of 20 steps (about 1 s each on inf2.xlarge in bf16: the walk-through's figure, docs/neuron.md)
 # stay well inside SageMaker's 60 s; so do nine of 50 steps.
 DEFAULT_MAX_QUEUE = 8
+# The largest request body TorchServe takes. Its own default (max_request_size 6553500 bytes in
+# ConfigManager of TorchServe 0.11.0; neither the toolkit's default-ts.properties nor the image sets it)
+# is only just above SageMaker's 6 MB (6291456 bytes, backend/protocol.py), and a body over it gets
+# Netty's bare 413 before this project's code sees it. Set here explicitly, with room: SageMaker itself
+# refuses anything over 6 MB, and a body over protocol.MAX_REQUEST_BYTES that does arrive (a local
+# caller) gets the handler's own 413 naming the limit.
+MAX_REQUEST_SIZE = MAX_REQUEST_BYTES + 1024 * 1024
 
 
 class ImageError(ValueError):
@@ -68,7 +76,8 @@ def check_image(image_uri: str) -> None:
 
 
 def environment(max_queue: int = DEFAULT_MAX_QUEUE, response_timeout_s: int = 1800) -> dict[str, str]:
-    """The container's environment: one TorchServe worker owning the whole chip, and a bounded queue."""
+    """The container's environment: one TorchServe worker owning the whole chip, a bounded queue, and
+    requests up to SageMaker's 6 MB."""
     return {
         # One worker process, which loads the UNet on both NeuronCores and runs it data-parallel.
         # Unset, TorchServe starts one worker per vCPU (ConfigManager.getDefaultWorkers in
@@ -85,4 +94,6 @@ def environment(max_queue: int = DEFAULT_MAX_QUEUE, response_timeout_s: int = 18
         # default_response_timeout to default-ts.properties, whose last line has no newline, so the
         # setting becomes part of `enable_model_api`'s value and TorchServe keeps its 120 s.
         "TS_DEFAULT_RESPONSE_TIMEOUT": str(response_timeout_s),
+        # Requests with an input image are up to SageMaker's 6 MB (MAX_REQUEST_SIZE above).
+        "TS_MAX_REQUEST_SIZE": str(MAX_REQUEST_SIZE),
     }

@@ -117,8 +117,8 @@ class Handler:
     def _run(self, request: GenerationRequest, request_id: str) -> tuple[GenerationResult, float]:
         """Wait for a turn, then generate; returns the result and the wait in ms."""
         with self._turn() as queue_ms:
-            log.info("request %s: generating %d image(s), %d steps at %dx%d", request_id, request.num_images,
-                     request.steps, request.width, request.height)
+            log.info("request %s: generating %d image(s), %d steps at %dx%d%s", request_id, request.num_images,
+                     request.steps, request.width, request.height, _mode_note(request))
             return self.backend.generate(request), queue_ms
 
     @contextlib.contextmanager
@@ -148,12 +148,20 @@ class Handler:
         self.backend.close()
 
 
+def _mode_note(request: GenerationRequest) -> str:
+    """What a log line adds for image to image and inpainting: the mode, strength and the steps that run."""
+    if request.mode == "txt2img":
+        return ""
+    return f" ({request.mode}, strength {request.strength:g}: {request.denoising_steps} denoising steps)"
+
+
 def parse(body: bytes, headers: Mapping[str, str], capabilities: Capabilities) -> Invocation:
     """Check and read a request, before it queues: a bad one is answered at once, even when the endpoint is busy."""
     protocol.check_request_size(len(body))
     _check_content_type(header(headers, "Content-Type"))
     answer_type = choose_answer_type(header(headers, "Accept"))
     payload = protocol.parse_json(body)
+    protocol.check_text_request_size(len(body), payload)
     if protocol.is_describe(payload):
         return Invocation(None, answer_type)
     request = protocol.request_from_json(payload).validated(capabilities)
@@ -174,7 +182,8 @@ def encode(result: GenerationResult, answer_type: str, png_level: int, started: 
     }
     attributes = protocol.format_attributes({
         **server, "total_ms": t.total_ms, "text_encoder_ms": t.text_encoder_ms, "denoise_ms": t.denoise_ms,
-        "vae_ms": t.vae_ms, "steps": len(t.step_ms), "seeds": ",".join(map(str, result.seeds)),
+        "vae_ms": t.vae_ms, "vae_encode_ms": t.vae_encode_ms, "steps": len(t.step_ms),
+        "seeds": ",".join(map(str, result.seeds)),
     })
     headers = {"Content-Type": answer_type, protocol.CUSTOM_ATTRIBUTES: attributes}
     if answer_type == protocol.PNG:

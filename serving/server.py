@@ -42,6 +42,8 @@ log = logging.getLogger("serving.server")
 DEFAULT_PORT = 8080  # the port SageMaker sends container traffic to
 ACCOUNT = "000000000000"  # stands in for the AWS account in ARNs and messages
 _RUNTIME_ROUTE = re.compile(r"/endpoints/([^/]+)/invocations")
+# A body over protocol.MAX_REQUEST_BYTES but within this is read before the 413 (see _read_body).
+DRAINED_BYTES = protocol.MAX_REQUEST_BYTES + 1024 * 1024
 
 
 class EndpointServer(ThreadingHTTPServer):
@@ -118,15 +120,16 @@ class _RequestHandler(BaseHTTPRequestHandler):
         try:
             protocol.check_request_size(int(length))
         except protocol.TooLarge as exc:
-            # Not read: closing is cheaper than draining a body that is refused anyway.
-            self.close_connection = True
+            # A body a little over the limit (an input image too big) is read and dropped, so that the client,
+            # still sending, gets this answer rather than a connection reset; a larger one is not read at all.
+            self._discard_body(limit=DRAINED_BYTES)
             self._send(error_response(exc))
             return None
         return self.rfile.read(int(length))
 
-    def _discard_body(self) -> None:
+    def _discard_body(self, limit: int = protocol.MAX_REQUEST_BYTES) -> None:
         length = self.headers.get("Content-Length", "0").strip()
-        if length.isdigit() and int(length) <= protocol.MAX_REQUEST_BYTES:
+        if length.isdigit() and int(length) <= limit:
             self.rfile.read(int(length))
         else:
             self.close_connection = True

@@ -92,6 +92,40 @@ def test_latency_script_on_the_tiny_model(tmp_path):
     assert (tmp_path / "rows.csv").read_text().startswith("backend,model,device,instance")
 
 
+def test_latency_script_runs_image_to_image_and_inpaint(tmp_path):
+    """--mode img2img with an input file, --mode inpaint with the generated picture and centred mask: the rows
+    say the mode, the strength and the denoising steps that ran (int(steps x strength))."""
+    from PIL import Image
+
+    Image.new("RGB", (96, 64), "teal").save(tmp_path / "input.png")
+    rows = {}
+    for mode, extra in (("img2img", ["--image", str(tmp_path / "input.png")]), ("inpaint", [])):
+        out = tmp_path / f"{mode}.json"
+        done = subprocess.run(
+            [sys.executable, "-m", "benchmarks.latency", "--model", "tiny", "--device", "cpu", "--steps", "4",
+             "--precisions", "fp32", "--runs", "2", "--warmup", "1", "--width", "64", "--height", "64",
+             "--mode", mode, "--strength", "0.5", "--instance-type", "inf2.xlarge", "--json", str(out), *extra],
+            cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "| steps | mode | strength | steps run | P50 (s) |" in done.stdout
+        assert f"| 4 | {mode} | 0.5 | 2 |" in done.stdout
+        rows[mode], = json.loads(out.read_text())
+    for mode, row in rows.items():
+        assert (row["mode"], row["strength"], row["steps"], row["steps_run"]) == (mode, 0.5, 4, 2)
+        assert row["p95_s"] >= row["p50_s"] > 0 and row["cost_per_10k"] > 0
+
+
+def test_latency_script_refuses_bad_mode_flags_in_one_line():
+    for flags, expected in ((["--mask", "m.png"], "--mask: only for --mode inpaint"),
+                            (["--mode", "img2img", "--strength", "0.01"],
+                             "error: strength: 0.01 with 4 steps runs no denoising step")):
+        done = subprocess.run([sys.executable, "-m", "benchmarks.latency", "--model", "tiny", "--device", "cpu",
+                               "--steps", "4", "--precisions", "fp32", "--width", "64", "--height", "64", *flags],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert done.returncode != 0 and expected in done.stderr, done.stderr[-1000:]
+        assert "Traceback" not in done.stderr
+
+
 def test_overhead_script_runs_every_app_path(tmp_path):
     """benchmarks.overhead at a small size: bare and backend workers beside the app through Gradio's HTTP API.
 

@@ -179,9 +179,11 @@ def test_deploy_status_delete_leaves_nothing_behind(aws, clients, archive, capsy
     assert model["ExecutionRoleArn"] == ROLE
     assert model["PrimaryContainer"]["Image"] == \
         f"763104351884.dkr.ecr.{REGION}.amazonaws.com/pytorch-inference-neuronx:2.9.0-neuronx-py312-sdk2.31.1-ubuntu24.04"
-    # One TorchServe worker owns both NeuronCores; a bounded queue; a worker timeout that covers the model load.
+    # One TorchServe worker owns both NeuronCores; a bounded queue; a worker timeout that covers the model load;
+    # request bodies up to SageMaker's 6 MB (input images) and some room.
     assert model["PrimaryContainer"]["Environment"] == {
-        "SAGEMAKER_MODEL_SERVER_WORKERS": "1", "TS_JOB_QUEUE_SIZE": "8", "TS_DEFAULT_RESPONSE_TIMEOUT": "1800"}
+        "SAGEMAKER_MODEL_SERVER_WORKERS": "1", "TS_JOB_QUEUE_SIZE": "8", "TS_DEFAULT_RESPONSE_TIMEOUT": "1800",
+        "TS_MAX_REQUEST_SIZE": str(6 * 1024 * 1024 + 1024 * 1024)}
     data = model["PrimaryContainer"]["ModelDataUrl"]
     bucket, key = data.removeprefix("s3://").split("/", 1)
     assert clients["s3"].get_object(Bucket=bucket, Key=key)["Body"].read() == archive.read_bytes()

@@ -4,12 +4,15 @@ fault-injecting stand-in for AWS; then the app with --backend sagemaker through 
 from __future__ import annotations
 
 import base64
+import dataclasses
+import io
 import json
 import threading
 import time
 from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -23,8 +26,10 @@ from backend import (
     create_backend,
     protocol,
 )
+from backend.api import MODES
 from backend.metadata import attach, parse_infotext, png_bytes, read_infotext
 from helpers import free_port, run_app
+from input_pictures import centred_mask, encoded, picture
 from serving.handler import Handler
 from serving.server import EndpointServer
 
@@ -170,9 +175,11 @@ class StandIn:
     shaped as AWS sends it; "slow" answers late, "not-json" and "not-png" answer 200 with a body
     that is not the endpoint's."""
 
-    def __init__(self, slow_s: float = 2.5):
+    def __init__(self, slow_s: float = 2.5, caps: Capabilities = STANDIN_CAPS):
         self.faults: deque[str] = deque()
         self.invocations = 0
+        self.caps = caps
+        self.payloads: list[dict] = []  # what each invocation sent
         self.slow_s = slow_s
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -191,8 +198,9 @@ class StandIn:
 
     def answer(self, payload: dict) -> tuple[int, dict, bytes]:
         if payload.get("describe"):
-            return 200, {"Content-Type": "application/json"}, json.dumps(STANDIN_CAPS.to_dict()).encode()
+            return 200, {"Content-Type": "application/json"}, json.dumps(self.caps.to_dict()).encode()
         self.invocations += 1
+        self.payloads.append(payload)
         fault = self.faults.popleft() if self.faults else None
         if fault in FAULTS:
             status, headers, data = FAULTS[fault]
@@ -274,6 +282,84 @@ def test_throttling_is_retried_and_a_refused_connection_is_unavailable(standin):
         backend.generate(GenerationRequest("cat", steps=1))
     standin.start()
     assert backend.generate(GenerationRequest("cat", steps=1, seed=5)).seeds == [5]
+
+
+# ---- image to image and inpainting: what the client sends ---------------------------------------
+
+def test_the_modes_come_from_the_endpoints_describe_and_an_image_goes_as_png_at_the_generation_size():
+    caps = dataclasses.replace(STANDIN_CAPS, modes=MODES)
+    standin = StandIn(caps=caps)
+    try:
+        backend = sagemaker_backend(standin.url, name="sd-standin")
+        assert backend.capabilities().modes == MODES and backend.capabilities().previews is False
+        source = picture(96, 64)
+        backend.generate(GenerationRequest("cat", steps=10, seed=4, image=encoded(source, "JPEG"),
+                                           mask=centred_mask(96, 64), strength=0.5, mode="inpaint"))
+        sent, = standin.payloads
+        assert set(sent) == {"prompt", "negative_prompt", "image", "mask", "parameters"}
+        assert {k: sent["parameters"][k] for k in ("mode", "strength", "mask_blur", "resize_mode")} == \
+            {"mode": "inpaint", "strength": 0.5, "mask_blur": 4, "resize_mode": "crop"}
+        image, mask = (Image.open(io.BytesIO(base64.b64decode(sent[k]))) for k in ("image", "mask"))
+        assert (image.format, image.size, image.mode) == ("PNG", (64, 64), "RGB")  # fitted here, sent lossless
+        assert (mask.format, mask.size, mask.mode) == ("PNG", (64, 64), "L")
+        expected = GenerationRequest("cat", mode="inpaint", image=encoded(source, "JPEG"), mask=centred_mask(96, 64),
+                                     width=64, height=64).validated(caps)
+        assert image.tobytes() == expected.image.tobytes() and mask.tobytes() == expected.mask.tobytes()
+    finally:
+        standin.stop()
+
+
+@pytest.mark.parametrize("mode", ["img2img", "inpaint"])
+def test_image_modes_through_the_endpoint_equal_the_backend_behind_it(endpoint, tiny_backend, mode):
+    """SageMakerBackend -> serving/server.py -> the tiny backend: the same pixels as the backend run directly."""
+    backend = sagemaker_backend(endpoint.url)
+    assert backend.capabilities().modes == tiny_backend.capabilities().modes == MODES
+    pictures = {"image": encoded(picture(96, 64), "JPEG")}
+    if mode == "inpaint":
+        pictures["mask"] = centred_mask(96, 64)
+    request = GenerationRequest("a lovely cat", steps=6, strength=0.5, width=64, height=64, seed=7, mode=mode,
+                                **pictures)
+    steps = []
+    result = backend.generate(request, on_step=lambda step, total: steps.append((step, total)))
+    direct = tiny_backend.generate(request)
+    assert np.array_equal(np.asarray(result.images[0]), np.asarray(direct.images[0]))
+    assert result.seeds == [7] and steps == [(0, 3)]  # the denoising steps that strength 0.5 of 6 runs
+    assert len(result.timings.step_ms) == 3 and result.timings.vae_encode_ms > 0
+    assert result.request.mode == mode and result.details()["denoising_steps"] == 3
+    assert parse_infotext(result.infotexts[0])["params"]["Mode"] == mode
+    backend.close()
+
+
+def test_an_image_mode_the_endpoint_does_not_offer_is_refused_before_sending(standin):
+    backend = sagemaker_backend(standin.url, name="sd-standin")
+    assert backend.capabilities().modes == ("txt2img",)  # an endpoint whose describe lists no image modes
+    with pytest.raises(InvalidRequest, match=r"^mode: Image to image \(img2img\) is not available on this backend"):
+        backend.generate(GenerationRequest("cat", steps=2, image=encoded(picture()), mode="img2img"))
+    assert standin.invocations == 0
+
+
+def test_a_request_over_sagemakers_6_mb_is_refused_before_sending_naming_the_image():
+    """An endpoint compiled for 1152x1152 (its answer, one PNG of that size, stays within 6 MB): a detailed input
+    image and a soft, grey-level mask, as PNGs at that size, are more than 6 MB once base64-encoded, so the client
+    says so instead of sending them (SageMaker would refuse the request)."""
+    size = 1152
+    caps = dataclasses.replace(STANDIN_CAPS, modes=MODES, fixed_sizes=((size, size),), default_size=(size, size))
+    standin = StandIn(caps=caps)
+    try:
+        backend = sagemaker_backend(standin.url, name="sd-standin")
+        soft_mask = Image.fromarray(np.random.default_rng(1).integers(1, 256, (size, size), dtype=np.uint8), "L")
+        with pytest.raises(InvalidRequest, match=r"^image: the request would be [67]\.\d MB; SageMaker accepts at "
+                                                 r"most 6 MB per request\.") as err:
+            backend.generate(GenerationRequest("cat", steps=2, image=picture(size, size), mask=soft_mask,
+                                               mode="inpaint"))
+        assert err.value.field == "image"
+        assert standin.invocations == 0
+        # The same size with pictures that compress goes through.
+        backend.generate(GenerationRequest("cat", steps=2, image=Image.new("RGB", (size, size), "teal"),
+                                           mask=centred_mask(size, size), mode="inpaint"))
+        assert standin.invocations == 1 and standin.payloads[0]["parameters"]["mode"] == "inpaint"
+    finally:
+        standin.stop()
 
 
 # ---- the app with --backend sagemaker, through gradio_client ------------------------------------

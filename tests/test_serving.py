@@ -5,6 +5,7 @@ serving/server.py as a real process called by the walk-through's own boto3 code.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import http.client
 import io
 import json
@@ -14,12 +15,14 @@ import socket
 import threading
 import time
 
+import numpy as np
 import pytest
 from PIL import Image
 
-from backend import BackendUnavailable, GenerationFailed, protocol
+from backend import BackendUnavailable, GenerationFailed, GenerationRequest, protocol
 from backend.metadata import parse_infotext, read_infotext
 from helpers import free_port, run_process
+from input_pictures import b64, centred_mask, encoded, picture
 from serving import server as endpoint_server
 from serving.handler import Handler, choose_answer_type
 
@@ -83,7 +86,10 @@ def test_describe_returns_the_capabilities(handler, tiny_backend):
     (body({"prompt": "c" * 2001}), JSON_HEADERS, 400, "prompt: 2001 characters; at most 2000"),
     (body({"prompt": "cat", "parameters": {"num_images_per_prompt": 5}}), JSON_HEADERS, 400, "num_images: 5 is out"),
     (body({"prompt": "cat", "strength": 0.5}), JSON_HEADERS, 400, "strength: not a known field"),
-    (b" " * (protocol.MAX_REQUEST_BYTES + 1), JSON_HEADERS, 413, "body: 65537 bytes"),
+    (b" " * (protocol.MAX_REQUEST_BYTES + 1), JSON_HEADERS, 413,
+     "body: 6.0 MB (6291457 bytes); SageMaker accepts at most 6 MB (6291456 bytes) per request: send a smaller image"),
+    (body({"prompt": "cat", "negative_prompt": " " * 70_000}), JSON_HEADERS, 413,
+     "body: 70040 bytes; a request without an image is at most 65536 bytes."),
     (body({"prompt": "cat"}), {"Content-Type": "text/plain"}, 415, "Content-Type: 'text/plain' is not accepted"),
     (body({"prompt": "cat"}), {**JSON_HEADERS, "Accept": "image/jpeg"}, 406, "Accept: 'image/jpeg' is not offered"),
 ])
@@ -190,6 +196,93 @@ def test_a_request_that_waits_too_long_gets_a_503(tiny_backend):
     with handler._turn_lock:
         answer = handler.handle(body({"prompt": "cat", "parameters": SMALL}), JSON_HEADERS)
     assert answer.status == 503 and "no turn within 0.2 s" in json.loads(answer.body)["error"]
+
+
+# ---- image to image and inpainting through the handler -----------------------------------------
+
+def pixels(image) -> np.ndarray:
+    return np.asarray(image, dtype=np.int16)
+
+
+@pytest.mark.parametrize("mode", ["img2img", "inpaint"])
+def test_image_modes_answer_what_the_backend_makes_of_the_same_pictures(handler, tiny_backend, mode):
+    """The pictures cross the wire losslessly: the endpoint's images equal the backend's own for the same request."""
+    pictures = {"image": picture(80, 64)} if mode == "img2img" else {"image": picture(), "mask": centred_mask()}
+    parameters = {**SMALL, "num_inference_steps": 4, "strength": 0.5, "mask_blur": 0}
+    answer = handler.handle(body({"prompt": "cat", **{k: b64(v) for k, v in pictures.items()},
+                                  "parameters": parameters}), {**JSON_HEADERS, "Accept": "application/json"})
+    assert answer.status == 200, answer.body
+    data = json.loads(answer.body)
+    served = Image.open(io.BytesIO(base64.b64decode(data["images"][0])))
+    direct = tiny_backend.generate(GenerationRequest("cat", steps=4, strength=0.5, mask_blur=0, seed=42, width=64,
+                                                     height=64, mode=mode, **pictures))
+    assert np.array_equal(pixels(served), pixels(direct.images[0]))
+    assert data["seeds"] == [42] and len(data["timings"]["step_ms"]) == 2  # int(4 x 0.5) steps ran
+    assert data["timings"]["vae_encode_ms"] > 0
+    assert f"Mode: {mode}, Denoising strength: 0.5" in data["info"]
+    attributes = protocol.parse_attributes(answer.headers[protocol.CUSTOM_ATTRIBUTES])
+    assert attributes["steps"] == "2" and float(attributes["vae_encode_ms"]) > 0
+    if mode == "inpaint":
+        keep = pixels(centred_mask()) == 0
+        assert np.array_equal(pixels(served)[keep], pixels(picture())[keep])  # outside the mask: the input
+
+
+BAD_PICTURES = [  # (wire fields, the field named, the start of the message)
+    ({"image": "not base64!"}, "image", "image: is not base64 text of a PNG or JPEG file"),
+    ({"image": base64.b64encode(b"GIF89a, or anything that is not a picture").decode()}, "image",
+     "image: is not a PNG, JPEG or WebP image"),
+    ({"image": base64.b64encode(encoded(picture())[:700]).decode()}, "image",
+     "image: the image file is corrupt or truncated"),
+    ({"image": b64(Image.new("L", (5000, 4000)))}, "image", "image: 5000x4000 is too large"),
+    ({"image": b64(picture()), "mask": b64(centred_mask(32, 48))}, "mask",
+     "mask: 32x48 does not match the image's 64x64"),
+    ({"image": b64(picture()), "mask": b64(Image.new("L", (64, 64)))}, "mask", "mask: is empty (all black)"),
+    ({"image": b64(picture()), "parameters": {"strength": 1.5}}, "strength", "strength: 1.5 is out of range"),
+    ({"mask": b64(centred_mask())}, "mask", "mask: a mask needs the image it belongs to"),
+]
+
+
+@pytest.mark.parametrize("fields, field, expected", BAD_PICTURES)
+def test_bad_pictures_are_a_400_naming_the_field_and_the_next_request_works(handler, caplog, fields, field,
+                                                                            expected):
+    payload = {"prompt": "cat", **fields, "parameters": {**SMALL, **fields.get("parameters", {})}}
+    with caplog.at_level(logging.INFO, logger="serving.handler"):
+        answer = handler.handle(body(payload), JSON_HEADERS)
+    error = json.loads(answer.body)
+    assert (answer.status, error["message"]) == (400, "InvalidRequest")
+    assert error["error"].startswith(expected), error["error"]
+    assert f"400 InvalidRequest (field {field})" in handler_records(caplog)[-1].getMessage()
+    after = handler.handle(body({"prompt": "cat", "image": b64(picture()), "parameters": {**SMALL, "strength": 1}}),
+                           JSON_HEADERS)
+    assert after.status == 200 and after.body.startswith(b"\x89PNG")
+
+
+class _TextToImageOnly:
+    """The real tiny backend offering text to image only, as a compiled Neuron root without the VAE encoder does."""
+
+    def __init__(self, backend):
+        self.name, self._backend = backend.name, backend
+        self._caps = dataclasses.replace(backend.capabilities(), modes=("txt2img",))
+
+    def capabilities(self):
+        return self._caps
+
+    def generate(self, request, on_step=None):
+        return self._backend.generate(request, on_step)
+
+    def close(self):
+        pass
+
+
+def test_an_image_on_a_backend_that_cannot_take_one_is_a_400_naming_the_mode(tiny_backend):
+    handler = Handler(_TextToImageOnly(tiny_backend))
+    assert json.loads(handler.handle(body({"describe": True}), JSON_HEADERS).body)["modes"] == ["txt2img"]
+    answer = handler.handle(body({"prompt": "cat", "image": b64(picture()), "parameters": SMALL}), JSON_HEADERS)
+    error = json.loads(answer.body)
+    assert (answer.status, error["message"]) == (400, "InvalidRequest")
+    assert error["error"] == ("mode: Image to image (img2img) is not available on this backend; it offers Text to "
+                              "image (txt2img).")
+    assert handler.handle(body({"prompt": "cat", "parameters": SMALL}), JSON_HEADERS).status == 200
 
 
 @pytest.mark.parametrize("accept, expected", [
@@ -439,3 +532,55 @@ def test_requests_without_length_or_too_large_are_refused_before_reading(server)
     answer = conn.getresponse()
     assert answer.status == 413 and "10485760 bytes" in json.loads(answer.read())["error"]
     conn.close()
+
+
+def test_a_body_over_sagemakers_limit_is_a_413_and_the_connection_serves_the_next_request(server):
+    """An input image too big for SageMaker's 6 MB: the endpoint reads and drops the body, answers 413 (kind
+    InvalidRequest, naming the limit and what to send instead) and keeps the connection for the next request."""
+    conn = http.client.HTTPConnection(server.removeprefix("http://"), timeout=60)
+    too_big = body({"prompt": "cat", "image": "A" * (protocol.MAX_REQUEST_BYTES + 100_000)})
+    conn.request("POST", "/invocations", body=too_big, headers=JSON_HEADERS)
+    answer = conn.getresponse()
+    error = json.loads(answer.read())
+    assert (answer.status, error["code"], error["message"]) == (413, 413, "InvalidRequest")
+    assert error["error"].startswith(f"body: 6.1 MB ({len(too_big)} bytes); SageMaker accepts at most 6 MB "
+                                     f"(6291456 bytes) per request: send a smaller image or mask")
+    sock = conn.sock
+    conn.request("POST", "/invocations", body=body({"prompt": "cat", "parameters": SMALL}), headers=JSON_HEADERS)
+    after = conn.getresponse()
+    assert after.status == 200 and after.read().startswith(b"\x89PNG") and conn.sock is sock
+    conn.close()
+
+
+def test_boto3_runs_image_to_image_and_inpaint_and_a_bad_picture_names_its_field(runtime, tmp_path):
+    """The README's image-to-image call, as written there (at 64x64), then inpaint with the PNG answer."""
+    from botocore.exceptions import ClientError
+
+    picture(64, 64).save(tmp_path / "cat.png")
+    with open(tmp_path / "cat.png", "rb") as f:
+        image = base64.b64encode(f.read()).decode("ascii")
+    response = runtime.invoke_endpoint(
+        EndpointName="sd-test", ContentType="application/json", Accept="application/json",
+        Body=json.dumps({"prompt": "a lovely cat, oil painting", "image": image,
+                         "parameters": {"strength": 0.75, "num_inference_steps": 8, "seed": 42,
+                                        "height": 64, "width": 64}}))
+    answer = json.loads(response["Body"].read())
+    assert answer["seeds"] == [42] and len(answer["timings"]["step_ms"]) == 6 and answer["timings"]["vae_encode_ms"] > 0
+    assert "Mode: img2img, Denoising strength: 0.75" in answer["info"]
+    assert Image.open(io.BytesIO(base64.b64decode(answer["images"][0]))).size == (64, 64)
+
+    inpaint = runtime.invoke_endpoint(
+        EndpointName="sd-test", ContentType="application/json",
+        Body=json.dumps({"prompt": "a hat", "image": image, "mask": b64(centred_mask()),
+                         "parameters": {"num_inference_steps": 4, "mask_blur": 0, "height": 64, "width": 64}}))
+    png = inpaint["Body"].read()
+    assert inpaint["ContentType"] == "image/png" and "Mode: inpaint" in read_infotext(png)
+    keep = np.asarray(centred_mask()) == 0
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))[keep], np.asarray(picture())[keep])
+
+    with pytest.raises(ClientError) as err:
+        runtime.invoke_endpoint(EndpointName="sd-test", ContentType="application/json",
+                                Body=json.dumps({"prompt": "cat", "image": image[: len(image) // 2]}))
+    assert err.value.response["OriginalStatusCode"] == 400
+    kind, text = protocol.parse_error(err.value.response["OriginalMessage"])
+    assert kind == "InvalidRequest" and text.startswith("image: ")
