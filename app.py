@@ -25,6 +25,7 @@ from backend.api import MAX_MASK_BLUR, MODE_LABELS, MODES
 from ui import panels
 from ui.blocks import DemoBlocks
 from ui.handlers import REQUEST_DEFAULTS, Handlers, reuse_first_seed, reuse_seed
+from ui.live import LiveGate, settings_key
 from ui.outputs import OutputStore
 from ui.panels import TITLE, banner_html, latency_markdown, mode_unavailable_note, no_preview_note
 from ui.pnginfo import infotext_fields, read_png_info, values_for_controls
@@ -73,6 +74,8 @@ class Controls:
     strength_note: gr.Markdown | None = None
     mask_blur: gr.Slider | None = None
     resize_mode: gr.Radio | None = None
+    live: gr.Checkbox | None = None  # txt2img: Live (an image on every pause in typing, ui/live.py)
+    live_note: gr.Markdown | None = None  # why Live is (not) offered for the current settings
 
     def common_inputs(self) -> list[gr.Component]:
         """The inputs every mode shares, after the prompt and the mode's own (the API's order)."""
@@ -95,6 +98,15 @@ def prompt_controls(mode: str) -> tuple[gr.Textbox, gr.Textbox]:
                         lines=1, max_lines=4, autofocus=mode == "txt2img")
     negative = gr.Textbox(label="Negative prompt", placeholder="what the image should not show", lines=1, max_lines=4)
     return prompt, negative
+
+
+def live_controls() -> dict[str, gr.Component]:
+    """The Live toggle and its note; both are set from the measured latency when the page loads (wire_live)."""
+    with gr.Row():
+        live = gr.Checkbox(value=False, label="Live: an image on every pause in typing", interactive=False,
+                           elem_id="live", scale=1, min_width=160)
+        live_note = gr.Markdown(elem_id="live-note")
+    return dict(live=live, live_note=live_note)
 
 
 def action_buttons() -> tuple[gr.Button, gr.Button]:
@@ -224,7 +236,7 @@ def generating_tab(caps: Capabilities, mode: str, stats: gr.State) -> Controls:
     with gr.Row(visible=available):
         with gr.Column(scale=5):
             prompt, negative = prompt_controls(mode)
-            inputs = image_inputs(mode) if mode != "txt2img" else {}
+            inputs = image_inputs(mode) if mode != "txt2img" else live_controls()
             headline = headline_controls(caps, mode)
             generate_btn, stop_btn = action_buttons()
             advanced = advanced_controls(caps)
@@ -292,7 +304,7 @@ def layout(backend: Backend) -> Page:
     return Page(tabs=tabs, modes=modes, png_info=png_info)
 
 
-def wire_generate(c: Controls, handlers: Handlers) -> None:
+def wire_generate(c: Controls, handlers: Handlers) -> gr.events.Dependency:
     """Generate and Enter run one event (the API's /generate, /img2img); the latency panel follows; Stop cancels it.
 
     Inpaint's page event reads the editor (private); the API's /inpaint takes plain image and mask files, on a
@@ -332,6 +344,39 @@ def wire_generate(c: Controls, handlers: Handlers) -> None:
         for control in (c.steps, c.strength):
             control.change(panels.steps_run_note, inputs=[c.steps, c.strength], outputs=[c.strength_note],
                            queue=False, api_visibility="private")
+    return generation
+
+
+def wire_live(c: Controls, handlers: Handlers, generation: gr.events.Dependency, demo: gr.Blocks) -> None:
+    """Live (text to image): every keystroke -> live_typing (unqueued: notes it, stops a stale live generation);
+    then the live event, always_last: at most one in flight per browser, one deferred; it waits for a pause
+    (ui/live.py) and generates for the prompt if it is still the latest. The toggle follows the measured latency."""
+    assert c.live is not None and c.live_note is not None
+    gate_inputs = [c.steps, c.width, c.height, c.precision, c.guidance, c.live]
+
+    def live_state(steps, width, height, precision, guidance, live_on):
+        """The toggle (usable only when offered; switched off when not) and the note saying why."""
+        decision = handlers.live_gate.decide(settings_key(steps, width, height, precision, guidance))
+        return gr.Checkbox(interactive=decision.offered, value=bool(live_on) and decision.offered), decision.note
+
+    state = dict(fn=live_state, inputs=gate_inputs, outputs=[c.live, c.live_note], api_visibility="private")
+    demo.load(**state, queue=False)
+    generation.success(**state, queue=False)
+    for control in (c.steps, c.width, c.height, c.precision, c.guidance):
+        control.change(**state, queue=False)
+    # Registered before the live event, so the browser sends it first for the same keystroke.
+    c.prompt.input(handlers.live_typing, inputs=[c.prompt], outputs=None, queue=False, trigger_mode="multiple",
+                   show_progress="hidden", api_visibility="private")
+    # Its own concurrency group, unlimited: a live run that only waits for the pause must not hold the
+    # generate slot; the backend itself runs one generation at a time (in-process backends' lock).
+    live = c.prompt.input(handlers.live, inputs=[c.prompt, c.live, c.negative, c.steps, c.precision, c.guidance, c.seed,
+                                                    c.scheduler, c.width, c.height, c.stats],
+                          outputs=[c.gallery, c.details, c.stats], trigger_mode="always_last", preprocess=False,
+                          concurrency_id="live", concurrency_limit=None, show_progress="hidden",
+                          api_visibility="private")
+    caps = handlers.backend.capabilities()
+    live.success(lambda details, stats: latency_markdown(details, stats, caps), inputs=[c.details, c.stats],
+                 outputs=[c.latency], queue=False, api_visibility="private")
 
 
 def wire_seed_buttons(c: Controls) -> None:
@@ -384,14 +429,16 @@ def send_settings(caps: Capabilities, names: list[str], has_size_menu: bool, tak
 def build_demo(backend: Backend, settings: Settings) -> DemoBlocks:
     """The Gradio app around one backend; demo.launch() needs no arguments (ui/blocks.py)."""
     store = OutputStore(png_level=settings.png_level)
-    handlers = Handlers(backend, store)
+    handlers = Handlers(backend, store, live_gate=LiveGate(max_ms=settings.live_max_ms))
     # delete_cache: files Gradio itself keeps (uploads) go after an hour, and all of them at exit.
     with DemoBlocks(title=TITLE, analytics_enabled=False, delete_cache=(3600, 3600),
                     auth=settings.auth_pair) as demo:
         page = layout(backend)
         for controls in page.modes.values():
-            wire_generate(controls, handlers)
+            generation = wire_generate(controls, handlers)
             wire_seed_buttons(controls)
+            if controls.live is not None:
+                wire_live(controls, handlers, generation, demo)
         wire_png_info(page, backend.capabilities())
     concurrency = settings.concurrency or DEFAULT_CONCURRENCY.get(backend.capabilities().backend, 1)
     demo.queue(max_size=settings.max_queue, default_concurrency_limit=concurrency)

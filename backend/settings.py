@@ -45,6 +45,7 @@ class Settings:
     concurrency: int | None = None  # None: the backend's own limit
     max_images: int = 4
     png_level: int = 0  # zlib level of the PNGs the app serves: 0 is fastest, 6-9 smallest
+    live_max_ms: float = 1000.0  # Live is offered when a measured generation takes less (ui/live.py); 0 = never
     optimize: str = "auto"  # local backend: auto (trace on CPU, else sdpa) or one of OPTIMIZE_MODES
     offline: bool = False  # local backend: load the default model from the Hub cache only
     neuron_cores: int | None = None  # neuron backend: None = the chip's two, or fewer if the runtime shows fewer
@@ -186,6 +187,9 @@ def add_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] | None
                        default=int(_env(env, "png-level") or 0),
                        help="zlib level of served PNGs: 0 (default) is the fastest and largest; 6 is "
                             "slower and smaller, better for slow links (figures: docs/benchmarks.md)")
+        s.add_argument("--live-max-ms", type=float, default=float(_env(env, "live-max-ms") or 1000.0),
+                       help="offer Live (an image on every pause in typing) when a generation with the current "
+                            "settings measured under this many ms (default 1000; 0 = never)")
         s.add_argument("--concurrency", type=int, default=int(_env(env, "concurrency") or 0) or None,
                        help="generations run at once (default: 1 for in-process backends, 4 for sagemaker)")
     return parser

@@ -26,6 +26,7 @@ from backend import (
 from backend.api import new_request_id
 from backend.stats import LatencyStats
 from ui.cancel import CancelRegistry
+from ui.live import LIVE_SEED, PAUSE_S, LiveGate, LiveTyping, settings_key
 from ui.outputs import OutputStore
 from ui.pictures import editor_image_and_mask, file_bytes
 
@@ -142,10 +143,14 @@ class LatestPreview:
 class Handlers:
     """generate and stop for one app: the backend, the output files and the Stop events they share."""
 
-    def __init__(self, backend: Backend, store: OutputStore, cancels: CancelRegistry | None = None):
+    def __init__(self, backend: Backend, store: OutputStore, cancels: CancelRegistry | None = None,
+                 live_gate: LiveGate | None = None):
         self.backend = backend
         self.store = store
         self.cancels = cancels or CancelRegistry()
+        self.live_gate = live_gate or LiveGate(max_ms=1000.0)
+        self.typing = LiveTyping()
+        self.live_generations = 0  # live generations started (the browser test reads the log line beside it)
         self._fallback_session = itertools.count()
 
     # The parameter names and defaults are the API's (/generate, /img2img, /inpaint, called by keyword); None
@@ -206,12 +211,14 @@ class Handlers:
             yield value
 
     async def _run(self, mode_fields: Callable[[], dict[str, Any]], prompt, negative_prompt, steps, precision,
-                   guidance_scale, seed, scheduler, width, height, num_images, preview, stats, request, progress):
+                   guidance_scale, seed, scheduler, width, height, num_images, preview, stats, request, progress,
+                   cancel_key: str | None = None):
         """One generation of any mode; mode_fields() gives the mode's own request fields (reading the pictures,
-        inside the error handling, so a bad file is a message naming its field)."""
+        inside the error handling, so a bad file is a message naming its field). cancel_key: the CancelRegistry
+        key (default: the session; live generations use their own, so typing never stops a Generate)."""
         request_id = new_request_id()
         session = getattr(request, "session_hash", None) or f"anon-{next(self._fallback_session)}"
-        event = self.cancels.start(session)
+        event = self.cancels.start(cancel_key or session)
 
         def on_step(step: int, total: int) -> None:
             if event.is_set():
@@ -251,7 +258,10 @@ class Handlers:
         except Exception as exc:  # noqa: BLE001 - each kind becomes its own message (user_error)
             raise user_error(exc, request_id) from None
         finally:
-            self.cancels.finish(session, event)
+            self.cancels.finish(cancel_key or session, event)
+        if req.mode == "txt2img":  # Live's decision: the backend's measured latency per image for these settings
+            self.live_gate.record(settings_key(req.steps, req.width, req.height, req.precision, req.guidance_scale),
+                                  result.timings.total_ms / max(len(result.images), 1))
         t_files = time.perf_counter()
         files = await anyio.to_thread.run_sync(
             lambda: [self.store.save(img, s) for img, s in zip(result.images, result.seeds)])
@@ -267,9 +277,54 @@ class Handlers:
         yield files, details, stats
 
     def stop(self, request: gr.Request = None):
-        """Stop this session's running generation."""
+        """Stop this session's running generation (and its live one)."""
         if request is not None and request.session_hash:
             self.cancels.stop(request.session_hash)
+            self.cancels.stop(live_key(request.session_hash))
+
+    def live_typing(self, prompt, request: gr.Request = None):
+        """Every keystroke in the prompt (unqueued): note it, and stop the session's running live generation,
+        now stale, after its current step (the live event's next run brings the new prompt)."""
+        if request is not None and request.session_hash:
+            self.typing.typed(request.session_hash, prompt or "")
+            self.cancels.stop(live_key(request.session_hash))
+
+    async def live(self, prompt, live_on, negative_prompt=None, steps=D["steps"], precision=D["precision"],
+                   guidance_scale=D["guidance_scale"], seed=D["seed"], scheduler=D["scheduler"], width=D["width"],
+                   height=D["height"], stats=None, request: gr.Request = None):
+        """Live: after a pause in typing (ui/live.py's PAUSE_S), one image for the prompt if it is still the
+        latest and Live is on and offered for these settings; gr.skip() for the outputs otherwise."""
+        skip = (gr.skip(), gr.skip(), gr.skip())
+        session = getattr(request, "session_hash", None)
+        if not live_on or not session or not (prompt or "").strip():
+            return skip
+        while (wait_s := PAUSE_S - self.typing.quiet_for_s(session)) > 0:
+            await asyncio.sleep(wait_s)
+        if not self.typing.is_latest(session, prompt):
+            return skip  # typed on during the pause: the browser's deferred run brings the newer prompt
+        key = settings_key(steps, width, height, precision, guidance_scale)
+        if not self.live_gate.decide(key).offered:
+            return skip
+        live_seed = seed if seed not in (None, "", -1) else LIVE_SEED
+        self.live_generations += 1
+        log.info("live generation %d for %r", self.live_generations, prompt)
+        last = skip
+        try:
+            async for value in self._run(lambda: {}, prompt, negative_prompt, steps, precision, guidance_scale,
+                                         live_seed, scheduler, width, height, 1, False, stats, request,
+                                         lambda *a, **k: None, cancel_key=live_key(session)):
+                last = value  # no previews: the one value is the result
+        except gr.Error:
+            if not self.typing.is_latest(session, prompt):
+                log.info("live generation %d stopped: the prompt changed", self.live_generations)
+                return skip
+            raise
+        return last
+
+
+def live_key(session: str) -> str:
+    """The CancelRegistry key of a session's live generation."""
+    return f"{session}/live"
 
 
 def reuse_seed(details, evt: gr.SelectData):

@@ -1,0 +1,113 @@
+"""Live mode (text to image): an image on every pause in typing, offered only when a generation is fast.
+
+How a "pause" is defined: `PAUSE_S` (0.4 s) with no keystroke in the prompt, measured on the server.
+Every keystroke reaches the server twice: a small unqueued event (`Handlers.live_typing`) that notes the
+time and text and stops this session's running live generation (its CancelRegistry event: the backend stops
+after its current step, as with Stop), and the queued live event, whose `trigger_mode="always_last"` keeps at
+most one of it per browser in flight, plus one deferred that the browser sends, with the prompt's value at
+that moment, once the running one is done (gradio's frontend, Blocks-*.js: a trigger while a submission is
+in flight becomes `defer`). The live handler waits until PAUSE_S has passed since the last keystroke, and
+generates only if its prompt is still the latest one; so one pause makes at most one generation, and a
+keystroke during a generation stops it instead of queueing behind it.
+
+When Live is offered: `LiveGate` keeps the measured backend latency per image of the recent generations of
+each setting that changes it (steps, size, precision, guidance on/off); Live is offered for the current
+settings when their median is under `--live-max-ms` (default 1000 ms; 0 turns Live off). Until a generation
+with those settings has been measured, the page says to press Generate once.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+PAUSE_S = 0.4  # no keystroke for this long is a pause: one live generation
+LIVE_SEED = 0  # live images use the Seed control, or this seed when it says random: the picture follows the prompt
+RECENT = 5  # latencies kept per settings key, whose median decides
+
+
+def settings_key(steps, width, height, precision, guidance_scale) -> tuple:
+    """What a generation's latency depends on (beside the prompt, which does not change it)."""
+    try:
+        cfg = float(guidance_scale) > 1.0
+    except (TypeError, ValueError):
+        cfg = True
+    return (int(steps), int(width), int(height), str(precision), cfg)
+
+
+@dataclass(frozen=True)
+class LiveDecision:
+    """Whether Live is offered for some settings, and the sentence the page shows about it."""
+
+    offered: bool
+    note: str
+
+
+class LiveGate:
+    """Measured latency per settings key (app-wide: it is the backend's speed), and the Live decision."""
+
+    def __init__(self, max_ms: float):
+        self.max_ms = max_ms
+        self._latencies: dict[tuple, deque[float]] = {}
+        self._lock = threading.Lock()
+
+    def record(self, key: tuple, ms_per_image: float) -> None:
+        """One generation's backend latency per image for its settings."""
+        with self._lock:
+            self._latencies.setdefault(key, deque(maxlen=RECENT)).append(ms_per_image)
+
+    def median_ms(self, key: tuple) -> float | None:
+        """The median of the recent latencies for the settings, or None before the first."""
+        with self._lock:
+            recent = list(self._latencies.get(key, ()))
+        return statistics.median(recent) if recent else None
+
+    def decide(self, key: tuple) -> LiveDecision:
+        """Live offered (or not) for these settings, with the reason in words."""
+        if self.max_ms <= 0:
+            return LiveDecision(False, "Live is turned off on this server (--live-max-ms 0).")
+        limit = f"{self.max_ms / 1000:.1f} s" if self.max_ms >= 1000 else f"{self.max_ms:.0f} ms"
+        median = self.median_ms(key)
+        if median is None:
+            return LiveDecision(False, f"Live (an image on every pause in typing) needs a generation under {limit}: "
+                                       f"press Generate once with these settings to measure it.")
+        took = f"{median / 1000:.1f} s" if median >= 1000 else f"{median:.0f} ms"
+        if median >= self.max_ms:
+            return LiveDecision(False, f"A generation takes {took} here with these settings; Live needs under "
+                                       f"{limit}. Fewer steps or a smaller size may get there.")
+        return LiveDecision(True, f"A generation takes {took} here: Live makes an image on every pause in typing "
+                                  f"({PAUSE_S * 1000:.0f} ms), with these settings, one image, no previews, and the "
+                                  f"Seed (or seed {LIVE_SEED} when it is random) so the picture follows the prompt.")
+
+
+class LiveTyping:
+    """Per session: when the prompt was last typed in, and its text then."""
+
+    def __init__(self):
+        self._last: dict[str, tuple[float, str]] = {}
+        self._lock = threading.Lock()
+
+    def typed(self, session: str, prompt: str) -> None:
+        """A keystroke: the prompt is now `prompt`."""
+        with self._lock:
+            self._last[session] = (time.monotonic(), prompt)
+
+    def quiet_for_s(self, session: str) -> float:
+        """Seconds since the session's last keystroke (a large number before the first)."""
+        with self._lock:
+            at, _ = self._last.get(session, (-float("inf"), ""))
+        return time.monotonic() - at
+
+    def is_latest(self, session: str, prompt: str) -> bool:
+        """Whether `prompt` is the session's prompt as last typed (True before any keystroke was noted)."""
+        with self._lock:
+            last = self._last.get(session)
+        return last is None or last[1] == prompt
+
+    def forget(self, session: str) -> None:
+        """Drop a session's record (tests; sessions are few and small otherwise)."""
+        with self._lock:
+            self._last.pop(session, None)
