@@ -64,13 +64,15 @@ def test_the_decision_names_the_measured_latency_and_the_limit():
     gate = LiveGate(max_ms=1000)
     before = gate.decide(key())
     assert not before.offered and "press Generate once" in before.note
+    gate.record(key(), 9000.0)  # a first run (tracing a new shape): it counts until the next one replaces it
+    assert not gate.decide(key()).offered and "takes 9.0 s here" in gate.decide(key()).note
     gate.record(key(), 2300.0)
     slow = gate.decide(key())
     assert not slow.offered and "takes 2.3 s here" in slow.note and "needs under 1.0 s" in slow.note
     for ms in (120.0, 130.0):  # the median of the recent ones decides: 130 ms
         gate.record(key(), ms)
     fast = gate.decide(key())
-    assert fast.offered and "130 ms" in fast.note
+    assert fast.offered and "130 ms" in fast.note and gate.median_ms(key()) == 130.0
     assert not gate.decide(key(steps=20)).offered  # other settings: not measured yet
     assert not gate.decide(key(guidance_scale=1.0)).offered  # guidance off is another key (no CFG batch)
     off = LiveGate(max_ms=0)

@@ -12,8 +12,9 @@ keystroke during a generation stops it instead of queueing behind it.
 
 When Live is offered: `LiveGate` keeps the measured backend latency per image of the recent generations of
 each setting that changes it (steps, size, precision, guidance on/off); Live is offered for the current
-settings when their median is under `--live-max-ms` (default 1000 ms; 0 turns Live off). Until a generation
-with those settings has been measured, the page says to press Generate once.
+settings when their median is under `--live-max-ms` (default 1000 ms; 0 turns Live off). The first generation
+of a setting counts only until the second replaces it (it may include one-off work: tracing a new shape). Until
+a generation with those settings has been measured, the page says to press Generate once.
 """
 
 from __future__ import annotations
@@ -52,12 +53,18 @@ class LiveGate:
     def __init__(self, max_ms: float):
         self.max_ms = max_ms
         self._latencies: dict[tuple, deque[float]] = {}
+        self._warm: set[tuple] = set()  # keys measured more than once
         self._lock = threading.Lock()
 
     def record(self, key: tuple, ms_per_image: float) -> None:
-        """One generation's backend latency per image for its settings."""
+        """One generation's backend latency per image for its settings. The first one of a key counts only until
+        the second comes: it may hold one-off work (--optimize trace's graph for a new shape, a first Neuron run)."""
         with self._lock:
-            self._latencies.setdefault(key, deque(maxlen=RECENT)).append(ms_per_image)
+            recent = self._latencies.setdefault(key, deque(maxlen=RECENT))
+            if key not in self._warm and recent:
+                recent.clear()
+                self._warm.add(key)
+            recent.append(ms_per_image)
 
     def median_ms(self, key: tuple) -> float | None:
         """The median of the recent latencies for the settings, or None before the first."""
