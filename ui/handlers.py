@@ -259,9 +259,11 @@ class Handlers:
             raise user_error(exc, request_id) from None
         finally:
             self.cancels.finish(cancel_key or session, event)
-        if req.mode == "txt2img":  # Live's decision: the backend's measured latency per image for these settings
-            self.live_gate.record(settings_key(req.steps, req.width, req.height, req.precision, req.guidance_scale),
-                                  result.timings.total_ms / max(len(result.images), 1))
+        if req.mode == "txt2img" and result.images:  # Live's decision: the measured latency per image
+            width, height = result.images[0].size  # the size run (the request's may be None: the default)
+            precision = req.precision or self.backend.capabilities().default_precision
+            self.live_gate.record(settings_key(req.steps, width, height, precision, req.guidance_scale),
+                                  result.timings.total_ms / len(result.images))
         t_files = time.perf_counter()
         files = await anyio.to_thread.run_sync(
             lambda: [self.store.save(img, s) for img, s in zip(result.images, result.seeds)])
