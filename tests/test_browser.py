@@ -369,7 +369,9 @@ def test_live_makes_one_image_per_pause_in_typing_and_ends_on_the_last_prompt(pa
     small_settings(page, steps=1, size=128)
     live = page.get_by_label("Live: an image on every pause in typing")
     note = page.locator("#live-note")
-    assert live.is_disabled() and "press Generate once" in note.inner_text()
+    page.wait_for_function("() => (document.querySelector('#live-note')?.innerText || '')"
+                           ".includes('press Generate once')", timeout=30_000)  # set on load and on each change
+    assert live.is_disabled()
 
     prompt = page.get_by_label("Prompt", exact=True)
     prompt.fill("measure me")
