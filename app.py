@@ -377,6 +377,7 @@ def wire_live(c: Controls, handlers: Handlers, generation: gr.events.Dependency,
     caps = handlers.backend.capabilities()
     live.success(lambda details, stats: latency_markdown(details, stats, caps), inputs=[c.details, c.stats],
                  outputs=[c.latency], queue=False, api_visibility="private")
+    live.success(**state, queue=False)  # live runs are measured too: the note follows them
 
 
 def wire_seed_buttons(c: Controls) -> None:
