@@ -270,3 +270,22 @@ def test_the_compile_time_fused_unet_gives_the_local_fused_unets_output(lora_tur
     finally:
         local.close()
         neuron.close()
+
+
+# ---- benchmarks/latency.py: the few-step rows --------------------------------------------------
+
+
+def test_latency_script_runs_a_few_step_model_at_1_2_and_4_steps_without_cfg(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "rows.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.latency", "--model", "tiny", "--few-step", "turbo", "--device", "cpu",
+         "--optimize", "none", "--precisions", "fp32", "--runs", "1", "--warmup", "0", "--width", "64", "--height",
+         "64", "--json", str(out)],
+        cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "| steps | CFG | P50 (s) |" in done.stdout
+    rows = json.loads(out.read_text())
+    assert [(r["steps"], r["cfg"]) for r in rows] == [(1, False), (2, False), (4, False)]
