@@ -27,6 +27,12 @@ FEW_STEP_KINDS: dict[str, tuple[str, int]] = {
 }
 
 
+def step_eta(scheduler: str) -> float:
+    """The pipeline's `eta` for a scheduler: TCD's gamma 0.3, which h1t/TCD-SD21-base-LoRA's card recommends (the
+    pipeline's own default, 0.0, would override TCDScheduler.step's 0.3); 0.0 (diffusers' default) otherwise."""
+    return 0.3 if scheduler == "tcd" else 0.0
+
+
 def kind_from_scheduler_config(config: Mapping[str, Any]) -> str | None:
     """The few-step kind a model's own scheduler config says it is, or None for a CFG model."""
     class_name = config.get("_class_name", "")

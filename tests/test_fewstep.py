@@ -289,3 +289,28 @@ def test_latency_script_runs_a_few_step_model_at_1_2_and_4_steps_without_cfg(tmp
     assert "| steps | CFG | P50 (s) |" in done.stdout
     rows = json.loads(out.read_text())
     assert [(r["steps"], r["cfg"]) for r in rows] == [(1, False), (2, False), (4, False)]
+
+
+@pytest.mark.parametrize("kind", ["turbo", "lcm", "tcd"])
+def test_each_few_step_scheduler_matches_diffusers_without_guidance(kind):
+    """--few-step KIND on a CFG model's folder: its scheduler, run as diffusers runs it at guidance 0 (TCD with the
+    eta its LoRA's card recommends)."""
+    import numpy as np
+
+    from backend.fewstep import FEW_STEP_KINDS, step_eta
+    from backend.schedulers import scheduler_class_and_overrides
+    from backend.tiny import build_pipeline
+
+    key = FEW_STEP_KINDS[kind][0]
+    backend = create_backend(Settings(backend="local", model="tiny", device="cpu", optimize="none", few_step=kind))
+    try:
+        assert backend.capabilities().schedulers == (key,)
+        ours = backend.generate(GenerationRequest("a lovely cat", steps=2, seed=5, width=SIZE, height=SIZE))
+    finally:
+        backend.close()
+    cls, overrides = scheduler_class_and_overrides(key)
+    pipe = build_pipeline()
+    pipe.scheduler = cls.from_config({**pipe.scheduler.config, "steps_offset": 1}, **overrides)
+    bare = pipe("a lovely cat", num_inference_steps=2, guidance_scale=0.0, height=SIZE, width=SIZE,
+                eta=step_eta(key), generator=[torch.Generator().manual_seed(5)]).images[0]
+    assert np.abs(np.asarray(ours.images[0], dtype=np.int16) - np.asarray(bare, dtype=np.int16)).max() <= 1
