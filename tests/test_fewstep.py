@@ -314,3 +314,23 @@ def test_each_few_step_scheduler_matches_diffusers_without_guidance(kind):
     bare = pipe("a lovely cat", num_inference_steps=2, guidance_scale=0.0, height=SIZE, width=SIZE,
                 eta=step_eta(key), generator=[torch.Generator().manual_seed(5)]).images[0]
     assert np.abs(np.asarray(ours.images[0], dtype=np.int16) - np.asarray(bare, dtype=np.int16)).max() <= 1
+
+
+def test_the_page_hides_guidance_and_negative_prompt_in_every_tab_and_says_why(turbo_backend, tmp_path, monkeypatch):
+    import gradio as gr
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))
+    import app
+
+    demo = app.build_demo(turbo_backend, Settings())
+    blocks = list(demo.blocks.values())
+    negatives = [b for b in blocks if isinstance(b, gr.Textbox) and b.label == "Negative prompt"]
+    guidance = [b for b in blocks if isinstance(b, gr.Slider) and b.label == "Guidance scale"]
+    steps = [b for b in blocks if isinstance(b, gr.Slider) and b.label == "Steps"]
+    notes = {b.elem_id: b.value for b in blocks if isinstance(b, gr.Markdown) and (b.elem_id or "").startswith(
+        "no-guidance")}
+    assert len(negatives) == len(guidance) == len(steps) == 3  # one per generating tab
+    assert not any(b.visible for b in negatives + guidance)
+    assert [(s.value, s.maximum) for s in steps] == [(1, 4)] * 3
+    assert set(notes) == {"no-guidance", "no-guidance-img2img", "no-guidance-inpaint"}
+    assert all("without classifier-free guidance" in text for text in notes.values())
