@@ -92,11 +92,14 @@ class Controls:
         return [self.prompt, *self.common_inputs()]
 
 
-def prompt_controls(mode: str) -> tuple[gr.Textbox, gr.Textbox]:
-    """Prompt and negative prompt."""
+def prompt_controls(caps: Capabilities, mode: str) -> tuple[gr.Textbox, gr.Textbox]:
+    """Prompt and negative prompt (hidden, with a line saying why, for a few-step model: no guidance)."""
     prompt = gr.Textbox(label="Prompt", placeholder="a lovely cat (press Enter to generate)",
                         lines=1, max_lines=4, autofocus=mode == "txt2img")
-    negative = gr.Textbox(label="Negative prompt", placeholder="what the image should not show", lines=1, max_lines=4)
+    negative = gr.Textbox(label="Negative prompt", placeholder="what the image should not show", lines=1, max_lines=4,
+                          visible=caps.guidance)
+    if not caps.guidance:
+        gr.Markdown(panels.no_guidance_note(caps), elem_id=element_id("no-guidance", mode))
     return prompt, negative
 
 
@@ -144,7 +147,8 @@ def headline_controls(caps: Capabilities, mode: str) -> dict[str, gr.Component]:
     steps x precision, the two things this demo exists to show)."""
     d = REQUEST_DEFAULTS
     with gr.Row(elem_id=element_id("headline-controls", mode)):
-        steps = gr.Slider(caps.min_steps, caps.max_steps, value=d["steps"], step=1, label="Steps", min_width=200)
+        steps = gr.Slider(caps.min_steps, caps.max_steps, value=caps.default_steps, step=1, label="Steps",
+                          min_width=200)
         precision = gr.Dropdown(list(caps.precisions), value=caps.default_precision, label="Precision",
                                 min_width=120)
         num_images = gr.Slider(1, caps.max_images, value=d["num_images"], step=1, label="Number of images",
@@ -153,12 +157,14 @@ def headline_controls(caps: Capabilities, mode: str) -> dict[str, gr.Component]:
 
 
 def advanced_controls(caps: Capabilities) -> dict[str, gr.Component]:
-    """The Advanced accordion: guidance, scheduler, size and seed, starting at GenerationRequest's defaults."""
+    """The Advanced accordion: guidance (hidden for a few-step model), scheduler, size and seed, starting at
+    the backend's defaults."""
     d = REQUEST_DEFAULTS
     with gr.Accordion("Advanced", open=False):
         with gr.Row():
-            guidance = gr.Slider(0.0, caps.max_guidance, value=d["guidance_scale"], step=0.5, label="Guidance scale")
-            scheduler = gr.Dropdown([(SCHEDULERS.get(k, k), k) for k in caps.schedulers], value=d["scheduler"],
+            guidance = gr.Slider(0.0, caps.max_guidance, value=caps.default_guidance, step=0.5, label="Guidance scale",
+                                 visible=caps.guidance)
+            scheduler = gr.Dropdown([(SCHEDULERS.get(k, k), k) for k in caps.schedulers], value=caps.schedulers[0],
                                     label="Scheduler")
         # Two controls a row: three sliders side by side clip their "1024" range labels.
         with gr.Row():
@@ -174,7 +180,7 @@ def advanced_controls(caps: Capabilities) -> dict[str, gr.Component]:
                 randomize_btn=randomize_btn, reuse_btn=reuse_btn)
 
 
-def image_inputs(mode: str) -> dict[str, gr.Component]:
+def image_inputs(caps: Capabilities, mode: str) -> dict[str, gr.Component]:
     """The picture a mode starts from, Strength (with the steps it runs) and how the picture is fitted."""
     d = REQUEST_DEFAULTS
     inputs: dict[str, gr.Component] = {}
@@ -196,7 +202,7 @@ def image_inputs(mode: str) -> dict[str, gr.Component]:
         inputs["strength"] = gr.Slider(0.0, 1.0, value=d["strength"], step=0.01, label="Strength",
                                        info="how much of the picture to repaint: 0 keeps it, 1 ignores it",
                                        scale=3, elem_id=element_id("strength", mode))
-        inputs["strength_note"] = gr.Markdown(panels.steps_run_note(d["steps"], d["strength"]),
+        inputs["strength_note"] = gr.Markdown(panels.steps_run_note(caps.default_steps, d["strength"]),
                                               elem_id=element_id("steps-run", mode))
     with gr.Row():
         inputs["resize_mode"] = gr.Radio(
@@ -235,8 +241,8 @@ def generating_tab(caps: Capabilities, mode: str, stats: gr.State) -> Controls:
         gr.Markdown(mode_unavailable_note(caps, mode), elem_id=f"unavailable-{mode}")
     with gr.Row(visible=available):
         with gr.Column(scale=5):
-            prompt, negative = prompt_controls(mode)
-            inputs = image_inputs(mode) if mode != "txt2img" else live_controls()
+            prompt, negative = prompt_controls(caps, mode)
+            inputs = image_inputs(caps, mode) if mode != "txt2img" else live_controls()
             headline = headline_controls(caps, mode)
             generate_btn, stop_btn = action_buttons()
             advanced = advanced_controls(caps)

@@ -16,7 +16,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
-from .schedulers import DEFAULT_SCHEDULER, SCHEDULERS  # light: names only, diffusers is imported on use
+from .schedulers import CFG_SCHEDULERS, SCHEDULERS  # light: names only, diffusers is imported on use
 
 MAX_SEED = 2**32 - 1
 RANDOM_SEED = -1
@@ -26,6 +26,8 @@ MODES = ("txt2img", "img2img", "inpaint")
 MODE_LABELS = {"txt2img": "Text to image", "img2img": "Image to image", "inpaint": "Inpaint"}
 DEFAULT_STRENGTH = 0.75  # AUTOMATIC1111's default denoising strength
 MAX_MASK_BLUR = 64
+DEFAULT_GUIDANCE = 7.5  # a CFG model's guidance scale when a request leaves it out (the walk-through's)
+DEFAULT_STEPS = 20  # a CFG model's steps when a request leaves them out
 
 
 class BackendError(Exception):
@@ -77,7 +79,7 @@ class Capabilities:
     model: str
     device: str
     precisions: tuple[str, ...]
-    schedulers: tuple[str, ...] = tuple(SCHEDULERS)
+    schedulers: tuple[str, ...] = CFG_SCHEDULERS  # the first is the default
     # Sizes: either any multiple of `size_multiple` within [min_size, max_size] or, when
     # `fixed_sizes` is set (compiled Neuron graphs), exactly one of those (width, height) pairs.
     min_size: int = 64
@@ -98,6 +100,15 @@ class Capabilities:
     # a dedicated inpainting checkpoint (9-channel UNet) runs inpaint only (pipeline.modes_of).
     modes: tuple[str, ...] = ("txt2img",)
     notes: tuple[str, ...] = ()
+    # False for a few-step model (backend/fewstep.py): no classifier-free guidance, so no negative prompt
+    # and guidance_scale at most 1 (diffusers then runs one UNet batch); the UI hides both and says why.
+    guidance: bool = True
+    default_steps: int = DEFAULT_STEPS  # a request without steps runs these (1 for SD-Turbo, 4 for LCM / TCD)
+
+    @property
+    def default_guidance(self) -> float:
+        """A request without guidance_scale gets this: 7.5, or 0 (off) for a few-step model."""
+        return DEFAULT_GUIDANCE if self.guidance else 0.0
 
     @property
     def default_precision(self) -> str:
@@ -134,10 +145,10 @@ class GenerationRequest:
 
     prompt: str
     negative_prompt: str = ""
-    steps: int = 20
-    guidance_scale: float = 7.5
+    steps: int | None = None  # None: the backend's Capabilities.default_steps
+    guidance_scale: float | None = None  # None: Capabilities.default_guidance (7.5, or 0 for a few-step model)
     seed: int = RANDOM_SEED
-    scheduler: str = DEFAULT_SCHEDULER
+    scheduler: str | None = None  # None: the backend's first scheduler (DPM++ 2M, or the few-step model's own)
     precision: str | None = None  # None: the backend's default
     width: int | None = None  # None: the backend's default size
     height: int | None = None
@@ -176,11 +187,20 @@ class GenerationRequest:
                 f"negative_prompt: {len(negative)} characters; at most {caps.max_prompt_chars} are allowed.",
                 "negative_prompt",
             )
-        steps = _integer("steps", self.steps, caps.min_steps, caps.max_steps)
-        guidance = _number("guidance_scale", self.guidance_scale, 0.0, caps.max_guidance)
+        if negative and not caps.guidance:
+            raise InvalidRequest("negative_prompt: this few-step model runs without guidance, so a negative prompt "
+                                 "has no effect; leave it empty.", "negative_prompt")
+        steps = caps.default_steps if self.steps in (None, "") else self.steps
+        steps = _integer("steps", steps, caps.min_steps, caps.max_steps)
+        guidance = caps.default_guidance if self.guidance_scale in (None, "") else self.guidance_scale
+        guidance = _number("guidance_scale", guidance, 0.0, caps.max_guidance)
+        if guidance > 1.0 and not caps.guidance:  # diffusers runs CFG (a second UNet batch) above 1
+            raise InvalidRequest(f"guidance_scale: {guidance:g} asks for classifier-free guidance, which this "
+                                 f"few-step model runs without; use 0 (or at most 1) or leave it out.",
+                                 "guidance_scale")
         seed = _integer("seed", self.seed, RANDOM_SEED, MAX_SEED, hint=" (-1 picks a random seed)")
         num_images = _integer("num_images", self.num_images, 1, caps.max_images)
-        scheduler = normalize_scheduler(self.scheduler, caps)
+        scheduler = caps.schedulers[0] if self.scheduler in (None, "") else normalize_scheduler(self.scheduler, caps)
         precision = self.precision if self.precision not in (None, "") else caps.default_precision
         if precision not in caps.precisions:
             raise InvalidRequest(

@@ -9,12 +9,13 @@ import time
 
 import torch
 
-from . import pipeline
+from . import fewstep, pipeline
 from .api import BackendUnavailable, Capabilities, GenerationRequest, short_error
 from .frozen import eager_module, freeze_pipeline
 from .inprocess import InProcessBackend
 from .models import model_display_name, random_weights_of
-from .schedulers import DEFAULT_SCHEDULER, make_scheduler
+from .lora import fuse_lora
+from .schedulers import make_scheduler
 from .settings import DEFAULT_MODEL, Settings
 from .tiny import TINY_MODEL_ID
 
@@ -69,9 +70,12 @@ class LocalBackend(InProcessBackend):
         self.optimize = auto_optimize(self.device) if settings.optimize == "auto" else settings.optimize
         self._precisions = precisions_for(self.device)
         self.model_source = settings.model_or_default
+        self.few_step: str | None = None  # the few-step kind (fewstep.py), set by _load from --few-step / the model
         first = self._precisions[0]
         try:
             self._pipelines[first] = self._device.run(self._load, self.model_source, first)
+        except BackendUnavailable:  # --lora's own errors: about the LoRA, not the model
+            raise
         except Exception as exc:  # noqa: BLE001 - any load failure of the *default* model falls back
             if settings.model:  # the user named a model: failing to load it is an error, not a fallback
                 raise BackendUnavailable(f"--model {settings.model}: could not be loaded "
@@ -96,12 +100,16 @@ class LocalBackend(InProcessBackend):
             previews=self.previews,
             modes=self.modes(),
             notes=tuple(self.notes),
+            **fewstep.capability_fields(self.few_step),
         )
 
     def _load(self, model: str, precision: str):
         started = time.perf_counter()
         local_only = model == DEFAULT_MODEL and not self.settings.model and self.settings.offline
         pipe = pipeline.load_pipeline(model, pipeline.DTYPES[precision], self.device, local_files_only=local_only)
+        if self.settings.lora:  # before --optimize: the trace and the fused QKV see the fused weights
+            fuse_lora(pipe, self.settings.lora)
+        self.few_step = fewstep.few_step_kind(self.settings.few_step, pipe.scheduler.config)
         if self.optimize != "none":
             pipeline.optimize_pipeline(pipe, self.optimize)
             self._warm_up(pipe)
@@ -113,13 +121,18 @@ class LocalBackend(InProcessBackend):
         from PIL import Image
 
         started = time.perf_counter()
-        request = GenerationRequest("warm-up", steps=2, width=512, height=512, seed=0, precision="fp32")
+        # The request a person's first one will be: a few-step model runs without guidance (one UNet batch).
+        caps = Capabilities(backend=self.name, model="", device=self.device, precisions=("fp32",),
+                            modes=pipeline.modes_of(pipe), **fewstep.capability_fields(self.few_step))
+        request = GenerationRequest("warm-up", steps=min(2, caps.max_steps), width=512, height=512, seed=0,
+                                    precision="fp32", guidance_scale=caps.default_guidance,
+                                    scheduler=caps.schedulers[0])
         if "txt2img" not in pipeline.modes_of(pipe):  # an inpainting UNet: warm up as what it runs
             request = dataclasses.replace(request, mode="inpaint", strength=1.0, mask_blur=0,
                                           image=Image.new("RGB", (512, 512), "gray"),
                                           mask=Image.new("L", (512, 512), 255))
         pipeline.run(pipeline.mode_pipeline(pipe, request.mode), request, [0],
-                     scheduler=make_scheduler(DEFAULT_SCHEDULER, pipe.scheduler.config))
+                     scheduler=make_scheduler(request.scheduler, pipe.scheduler.config))
         log.info("warmed up (%s) in %.1f s", self.optimize, time.perf_counter() - started)
 
     def pipeline_for(self, precision: str):

@@ -38,6 +38,7 @@ from .artifacts import (
     parse_sizes,
     size_key,
 )
+from .fewstep import capability_fields, few_step_kind
 from .inprocess import InProcessBackend
 from .models import random_weights_of
 from .neuron_modules import (
@@ -51,7 +52,6 @@ from .neuron_modules import (
     StaticBatch,
 )
 from .neuron_stack import NEURON_SDK_HINT
-from .schedulers import DEFAULT_SCHEDULER
 from .settings import DEFAULT_ARTIFACTS, DEFAULT_MODEL, Settings
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,24 @@ def neuron_core_ids(requested: int | None = None, env: dict[str, str] | None = N
     return list(range(max(1, min(2, visible))))
 
 
+def check_lora(root, sets, wanted: str | None) -> dict | None:
+    """The LoRA the root's weights hold (compile.py --lora records it); --lora must name that one or be left out:
+    compiled Neuron graphs cannot load or swap a LoRA at run time."""
+    recorded = [(art.manifest or {}).get("lora") for art in sets]
+    fused = recorded[0]
+    if wanted:
+        from .lora import lora_sha256
+
+        sha = lora_sha256(wanted)  # a local file's; None for a Hub id, which is compared by name
+        same = fused is not None and (sha == fused["sha256"] if sha and fused["sha256"] else wanted == fused["source"])
+        if not same:
+            holds = f"LoRA {Path(fused['source']).name}" if fused else "no LoRA"
+            raise BackendUnavailable(f"--lora {wanted}: a Neuron root's LoRA is fused at compile time and this root "
+                                     f"holds {holds}; compile one with python -m compile_scripts.compile --lora "
+                                     f"{wanted} ..., or leave --lora out.")
+    return fused
+
+
 # --- the backend ------------------------------------------------------------------------------
 
 
@@ -123,6 +141,7 @@ class NeuronBackend(InProcessBackend):
             raise BackendUnavailable(f"--sizes {settings.sizes}: {exc}") from None
         self.sets = find_artifacts(self.root, settings.model, wanted_sizes)
         first = self.sets[0]
+        self.lora = check_lora(self.root, self.sets, settings.lora)
         self.target = first.target
         # A folder's name, not its path on the compile machine; Hub ids and 'tiny' as recorded.
         self.model = Path(first.model).name if os.path.isabs(first.model) else first.model
@@ -146,6 +165,8 @@ class NeuronBackend(InProcessBackend):
         self.check_device_memory(settings.device_memory_gib)
         self._load_all()
         self.use_schedulers_of(next(iter(self._pipelines.values())))
+        # A few-step root: its scheduler config says so (compile.py --few-step writes it), or --few-step.
+        self.few_step = few_step_kind(settings.few_step, next(iter(self._pipelines.values())).scheduler.config)
         cores = len(self.device_ids)
         device = (f"neuron ({cores} NeuronCore{'s' if cores > 1 else ''})" if self.target == "neuron"
                   else f"cpu (Neuron stand-in, {cores} simulated cores)")
@@ -161,6 +182,7 @@ class NeuronBackend(InProcessBackend):
             previews=self.previews,
             modes=self.modes(),
             notes=tuple(self.notes),
+            **capability_fields(self.few_step),
         )
         for dtype in self._pipelines:
             for size in self.sizes:
@@ -368,7 +390,7 @@ class NeuronBackend(InProcessBackend):
         if mode == "inpaint":
             pictures.update(mask=Image.new("L", size, 255), mask_blur=0)
         request = GenerationRequest(prompt="warm-up", steps=1, seed=0, precision=precision, width=size[0],
-                                    height=size[1], scheduler=DEFAULT_SCHEDULER, mode=mode,
+                                    height=size[1], mode=mode,
                                     **pictures).validated(self._caps)
         pipe = self.pipeline_for_mode(precision, mode)
         try:

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from .api import MODES, GenerationRequest, PreviewCallback, StepCallback, Timings
+from .fewstep import step_eta
 from .preview import PreviewPacer, noise_scale, preview_images
 from .sd21_random import SD21_RANDOM_ID
 from .settings import OPTIMIZE_MODES
@@ -262,7 +263,8 @@ def run(pipe, request: GenerationRequest, seeds: list[int], on_step: StepCallbac
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         common = dict(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_embeds,
                       num_inference_steps=request.steps, guidance_scale=request.guidance_scale,
-                      generator=generators, output_type="latent", callback_on_step_end=step_end)
+                      generator=generators, output_type="latent", callback_on_step_end=step_end,
+                      eta=step_eta(request.scheduler))
         mask = None
         if request.mode == "txt2img":
             mode_kwargs = dict(height=request.height, width=request.width)

@@ -22,7 +22,15 @@ SCHEDULER_TABLE: dict[str, tuple[str, str, dict[str, Any]]] = {
     "euler-a": ("Euler a", "EulerAncestralDiscreteScheduler", {}),
     "ddim": ("DDIM", "DDIMScheduler", {}),
     "unipc": ("UniPC", "UniPCMultistepScheduler", {}),
+    # Few-step models (backend/fewstep.py). SD-Turbo: Euler ancestral over trailing timesteps, as diffusers'
+    # SD-Turbo docs run it (the first step starts at t=999, where the model was distilled to start).
+    "euler-a-trailing": ("Euler a trailing", "EulerAncestralDiscreteScheduler", dict(timestep_spacing="trailing")),
+    # LCM-LoRA and TCD-LoRA: their own schedulers (diffusers' LCMScheduler, TCDScheduler).
+    "lcm": ("LCM", "LCMScheduler", {}),
+    "tcd": ("TCD", "TCDScheduler", {}),
 }
+# The schedulers a CFG model offers: the few-step ones above make poor 20-step samplers for it.
+CFG_SCHEDULERS: tuple[str, ...] = (DEFAULT_SCHEDULER, "dpm++2m-karras", "euler", "euler-a", "ddim", "unipc")
 # key -> name shown to people (the UI's choices, infotext's "Sampler").
 SCHEDULERS: dict[str, str] = {key: label for key, (label, _, _) in SCHEDULER_TABLE.items()}
 

@@ -54,6 +54,8 @@ class Settings:
     read_timeout: float = READ_TIMEOUT_S  # sagemaker backend: seconds to wait for an answer
     retry_backoff: float = RETRY_BACKOFF_S  # sagemaker backend: first wait before resending what did not run
     preview_every: int | None = None  # in-process backends: latent previews; None = auto, 0 = none
+    few_step: str = "auto"  # in-process backends: auto (the model's scheduler config), off, turbo, lcm, tcd
+    lora: str | None = None  # local backend: a LoRA folder, file or Hub id fused into the UNet at load
 
     @property
     def model_or_default(self) -> str:
@@ -171,6 +173,14 @@ def add_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] | None
     g.add_argument("--retry-backoff", type=float, default=float(_env(env, "retry-backoff") or RETRY_BACKOFF_S),
                    help=f"sagemaker backend: seconds before resending a request the endpoint did not run (busy, "
                         f"throttled, unreachable), doubled each time (default {RETRY_BACKOFF_S:g})")
+    g.add_argument("--few-step", choices=("auto", "off", "turbo", "lcm", "tcd"),
+                   default=_env(env, "few-step") or "auto",
+                   help="in-process backends: a few-step model (1-4 steps, no guidance, no negative prompt) and its "
+                        "scheduler: turbo (SD-Turbo: Euler a, trailing timesteps), lcm or tcd (LCM / TCD LoRAs); "
+                        "auto (default) = what the model's scheduler config says; off = a CFG model")
+    g.add_argument("--lora", default=_env(env, "lora"), metavar="PATH_OR_ID",
+                   help="local backend: a LoRA (folder, .safetensors file or Hub id) fused into the UNet at load; "
+                        "for Neuron, fuse it at compile time (compile.py --lora)")
     if server_flags:
         s = parser.add_argument_group("web server")
         s.add_argument("--host", default=_env(env, "host") or env.get("GRADIO_SERVER_NAME") or "127.0.0.1",

@@ -7,6 +7,8 @@
     python -m benchmarks.latency --model sd21-random --device cuda --precisions bf16 --compare-optimize
     python -m benchmarks.latency --model tiny --mode img2img --strength 0.75 --steps 20,30,50
     python -m benchmarks.latency --model tiny --mode inpaint --image photo.png --mask mask.png
+    python -m benchmarks.latency --model tiny --few-step turbo --steps 1,2,4     # a few-step model: no CFG
+    python -m benchmarks.latency --model sd21-random --no-cfg --steps 1,2,4      # a CFG model run without CFG
 
 It takes the same backend flags as the app. Each row runs `--warmup` unmeasured requests, then
 `--runs` measured ones through `backend.generate`, `--concurrency` at a time; latency is each
@@ -17,6 +19,10 @@ is the hourly price / 3600 / images per second x 10,000.
 picture: gradients and a disc, at the generation size) and, for inpaint, a mask (`--mask`, default a
 generated centred mask: the middle half of each side is repainted). They run int(steps x --strength)
 denoising steps, the "steps run" column, plus the VAE encoder on the input.
+
+A few-step model (--few-step, or a model whose scheduler config says so) runs without classifier-free
+guidance, one UNet batch a step, and its default steps are 1,2,4; `--no-cfg` runs any model that way
+(guidance 0), to measure what the second batch costs. Such rows add a "CFG" column.
 """
 
 from __future__ import annotations
@@ -70,6 +76,7 @@ class Row:
     mode: str = "txt2img"
     strength: float | None = None  # img2img and inpaint
     steps_run: int | None = None  # the denoising steps that ran: int(steps x strength) from an image
+    cfg: bool = True  # classifier-free guidance: two UNet batches a step (guidance_scale > 1)
 
 
 def price_for(instance: str | None, price_per_hour: float | None) -> float | None:
@@ -123,18 +130,20 @@ def summarize(latencies: Sequence[float], wall: float, images_per_request: int,
 def markdown(rows: list[Row], price: float | None, instance: str) -> str:
     """The walk-through's table, as Markdown; image modes add the mode, the strength and the steps that ran."""
     images = any(r.mode != "txt2img" for r in rows)
+    no_cfg = not all(r.cfg for r in rows)
     extra_head, extra_rule = (" mode | strength | steps run |", "---|---:|---:|") if images else ("", "")
+    cfg_head, cfg_rule = (" CFG |", "---|") if no_cfg else ("", "")
     lines = [
-        f"| instance | backend | model | precision | optimize | steps |{extra_head} P50 (s) | P95 (s) | mean (s) | QPS "
-        f"| cost / 10k images ($) |",
-        f"|---|---|---|---|---|---:|{extra_rule}---:|---:|---:|---:|---:|",
+        f"| instance | backend | model | precision | optimize | steps |{cfg_head}{extra_head} P50 (s) | P95 (s) "
+        f"| mean (s) | QPS | cost / 10k images ($) |",
+        f"|---|---|---|---|---|---:|{cfg_rule}{extra_rule}---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         cost = f"{r.cost_per_10k:.2f}" if r.cost_per_10k is not None else "-"
-        extra = ""
+        extra = f" {'yes' if r.cfg else 'no'} |" if no_cfg else ""
         if images:
             strength = f"{r.strength:g}" if r.strength is not None else "-"
-            extra = f" {r.mode} | {strength} | {r.steps_run if r.steps_run is not None else r.steps} |"
+            extra += f" {r.mode} | {strength} | {r.steps_run if r.steps_run is not None else r.steps} |"
         lines.append(f"| {r.instance} | {r.backend} | {r.model} | {r.precision} | {r.optimize} | {r.steps} |{extra}"
                      f" {r.p50_s:.3f} | {r.p95_s:.3f} | {r.mean_s:.3f} | {r.qps:.3f} | {cost} |")
     if price is not None:
@@ -190,12 +199,15 @@ def parse_args(argv: list[str] | None):
     add_arguments(parser, server_flags=False)
     b = parser.add_argument_group("benchmark")
     b.add_argument("--precisions", help="comma-separated (default: every precision the backend offers)")
-    b.add_argument("--steps", default="20,30,50", help="comma-separated step counts (default 20,30,50)")
+    b.add_argument("--steps", help="comma-separated step counts (default 20,30,50; 1,2,4 for a few-step model)")
     b.add_argument("--runs", type=int, default=10, help="measured requests per row (default 10)")
     b.add_argument("--warmup", type=int, default=2, help="unmeasured requests per row first (default 2)")
     b.add_argument("--concurrency", type=int, default=1, help="requests in flight at once (default 1)")
     b.add_argument("--prompt", default="a lovely cat", help="the prompt (default: the walk-through's)")
-    b.add_argument("--guidance-scale", type=float, default=7.5)
+    b.add_argument("--guidance-scale", type=float,
+                   help="default: the backend's (7.5, or 0 for a few-step model: no CFG)")
+    b.add_argument("--no-cfg", action="store_true",
+                   help="guidance 0: one UNet batch a step, as a few-step model runs (any model)")
     b.add_argument("--width", type=int, help="default: the backend's default size")
     b.add_argument("--height", type=int)
     b.add_argument("--num-images", type=int, default=1)
@@ -230,7 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings.from_namespace(args)
     price = price_for(args.instance_type, args.price_per_hour)
     check_mode_flags(args)
-    steps_list = [int(s) for s in args.steps.split(",") if s.strip()]
+    if args.no_cfg and args.guidance_scale not in (None, 0.0):
+        raise SystemExit("error: --no-cfg runs with guidance 0; leave --guidance-scale out.")
+    guidance = 0.0 if args.no_cfg else args.guidance_scale
     optimizes = [settings.optimize]
     if args.compare_optimize:
         from backend.local import resolve_device
@@ -247,16 +261,19 @@ def main(argv: list[str] | None = None) -> int:
             label = f"{optimize} ({resolved})" if resolved != optimize else optimize
             precisions = args.precisions.split(",") if args.precisions else list(caps.precisions)
             inputs = mode_inputs(args, caps)
+            steps_list = [int(s) for s in (args.steps or ("20,30,50" if caps.guidance else "1,2,4")).split(",")
+                          if s.strip()]
             total = len(precisions) * len(steps_list) * (args.runs + args.warmup)
             with tqdm(total=total, desc=f"{caps.backend}/{optimize}", unit="req", file=sys.stderr) as bar:
                 for precision in precisions:
                     for steps in steps_list:
                         request = GenerationRequest(
-                            args.prompt, steps=steps, precision=precision, guidance_scale=args.guidance_scale,
+                            args.prompt, steps=steps, precision=precision, guidance_scale=guidance,
                             width=args.width, height=args.height, num_images=args.num_images, **inputs)
                         try:
                             # Checked once up front, so a bad flag is one clear line, not a failure per request.
-                            steps_run = request.validated(caps).denoising_steps
+                            validated = request.validated(caps)
+                            steps_run = validated.denoising_steps
                         except InvalidRequest as exc:
                             raise SystemExit(f"error: {exc}") from None
 
@@ -267,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
                         p50, p95, mean, rate, cost = summarize(lat, wall, args.num_images, price)
                         rows.append(Row(caps.backend, caps.model, caps.device, args.instance_type or "-", precision,
                                         label, steps, args.runs, args.concurrency, p50, p95, mean, rate, cost,
-                                        mode=args.mode, strength=inputs.get("strength"), steps_run=steps_run))
+                                        mode=args.mode, strength=inputs.get("strength"), steps_run=steps_run,
+                                        cfg=validated.guidance_scale > 1.0))
         finally:
             backend.close()
 

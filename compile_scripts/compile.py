@@ -149,10 +149,16 @@ class Compiler:
 
     def __init__(self, model: str, root: Path, sizes: list[Size], target: str, force: bool = False,
                  workdir: Path | None = None, echo: Callable[[str], None] = print, attention: str | None = None,
-                 vae_dtype: str = "fp32"):
+                 vae_dtype: str = "fp32", lora: str | None = None, few_step: str | None = None):
         from backend.artifacts import installed_versions
+        from backend.lora import lora_sha256
 
         self.model = model_key(model)
+        # --lora: fused into the saved weights before tracing (Neuron graphs cannot swap LoRAs at run time);
+        # recorded with its file's sha256 so the root says which LoRA its weights hold.
+        self.lora = None if not lora else {"source": model_key(lora), "sha256": lora_sha256(lora)}
+        # --few-step: the scheduler written into the root's scheduler config, which the backends read (fewstep.py).
+        self.few_step = few_step
         self.root = root
         self.sizes = list(sizes)  # (width, height)
         self.target = target
@@ -193,15 +199,19 @@ class Compiler:
 
         compiled = self.root / COMPILED_DIR
         source_path = compiled / SOURCE
-        saved = read_json(source_path).get("model") if source_path.is_file() else None
+        source = read_json(source_path) if source_path.is_file() else {}
+        saved = source.get("model")
+        wanted = {"model": self.model, "lora": self.lora, "few_step": self.few_step}
         if (self.root / "model_index.json").is_file() and saved is not None:
-            if saved == self.model:
+            if {key: source.get(key) for key in wanted} == wanted:
                 self.echo(f"model files: {self.root} already holds {self.model}")
                 return
             if not self.force:
-                raise CompileError(f"{self.root} holds the files of model {saved!r}, not {self.model!r}: compile "
-                                   f"into another --out folder, or pass --force to replace them (and recompile every "
-                                   f"dtype).")
+                had = f"model {saved!r}" + (f" with LoRA {source['lora']['source']!r}" if source.get("lora") else "")
+                raise CompileError(f"{self.root} holds the files of {had}, not {self.model!r}"
+                                   f"{f' with --lora {self.lora}' if self.lora else ''} (or another --few-step): "
+                                   f"compile into another --out folder, or pass --force to replace them (and "
+                                   f"recompile every dtype).")
         if Path(self.model).is_dir() and Path(self.model).resolve() == self.root.resolve():
             self.echo(f"model files: compiling {self.root} in place")
         else:
@@ -211,12 +221,17 @@ class Compiler:
             self.echo(f"model files: saving {self.model} to {self.root} ...")
             if self.model == TINY_MODEL_ID:
                 save_tiny(self.root)  # with its README, which marks the root as random weights
+                if self.lora or self.few_step:
+                    pipe = load_pipeline(str(self.root), torch.float32)
+                    self.fuse_lora_and_set_scheduler(pipe)
+                    pipe.save_pretrained(self.root)
             else:
                 try:
                     pipe = load_pipeline(self.model, torch.float32)  # fp32 on disk: each dtype is cast from it
                 except Exception as exc:  # noqa: BLE001 - offline, a typo, no access: say which model
                     raise CompileError(f"--model {self.model}: cannot be loaded ({exc.__class__.__name__}: "
                                        f"{str(exc).strip()[:300]})") from None
+                self.fuse_lora_and_set_scheduler(pipe)
                 pipe.save_pretrained(self.root)
                 del pipe
                 gc.collect()
@@ -224,7 +239,19 @@ class Compiler:
                     shutil.copy(Path(self.model) / "README.md", self.root / "README.md")
             self.echo(f"model files: saved in {time.perf_counter() - started:.1f} s")
         compiled.mkdir(parents=True, exist_ok=True)
-        write_json(source_path, {"model": self.model, "saved_at": _now(), "versions": self.versions})
+        write_json(source_path, {**wanted, "saved_at": _now(), "versions": self.versions})
+
+    def fuse_lora_and_set_scheduler(self, pipe) -> None:
+        """--lora fused into pipe's weights (diffusers' fuse_lora) and --few-step's scheduler set, before saving."""
+        from backend.fewstep import FEW_STEP_KINDS
+        from backend.lora import fuse_lora
+        from backend.schedulers import make_scheduler
+
+        if self.lora:
+            self.echo(f"model files: fusing --lora {self.lora['source']} into the weights")
+            fuse_lora(pipe, self.lora["source"])
+        if self.few_step:
+            pipe.scheduler = make_scheduler(FEW_STEP_KINDS[self.few_step][0], pipe.scheduler.config)
 
     # Manifests ---------------------------------------------------------------------------------
 
@@ -247,6 +274,7 @@ class Compiler:
             # project supports, which the loader and the doctor compare against what is installed.
             "neuron_sdk": neuron_stack.sdk_release(self.versions),
             "supported_stack": neuron_stack.record(),
+            "lora": self.lora,  # {"source", "sha256"} of the LoRA fused into the weights, or None
             "parts": {},  # the size-independent parts (the text encoder)
             "sizes": {},  # "<W>x<H>" -> the size and its parts
         }
@@ -533,6 +561,13 @@ def build_parser() -> argparse.ArgumentParser:
                              "neuronx-cc's flash attention kernel for the UNet's self-attention, as AWS's SD2.1 "
                              "sample; the rest stays bmm); --target cpu --attention bmm runs the Neuron graph's "
                              "attention on a CPU")
+    parser.add_argument("--lora", metavar="PATH_OR_ID",
+                        help="a LoRA (folder, .safetensors file or Hub id) fused into the weights before tracing and "
+                             "recorded in the manifest: compiled Neuron graphs cannot swap LoRAs at run time")
+    parser.add_argument("--few-step", choices=("turbo", "lcm", "tcd"),
+                        help="write this few-step kind's scheduler into the root's scheduler config (lcm / tcd for an "
+                             "LCM / TCD LoRA), so the backends run the root as a few-step model (1-4 steps, no "
+                             "guidance); SD-Turbo's own config already says turbo")
     parser.add_argument("--force", action="store_true", help="recompile parts that are up to date")
     parser.add_argument("--workdir", type=Path, help="keep the Neuron compiler's work files (logs, NEFFs) here")
     parser.add_argument("--upload", metavar="s3://BUCKET/PREFIX/", type=upload_uri,
@@ -573,7 +608,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         compiler = Compiler(args.model, args.out, sizes, args.target, args.force, args.workdir,
                             echo=lambda text: print(text, flush=True), attention=args.attention,
-                            vae_dtype=args.vae_dtype)
+                            vae_dtype=args.vae_dtype, lora=args.lora, few_step=args.few_step)
         compiler.compile(list(dict.fromkeys(args.dtype)), [p for p in PARTS if p in args.parts])
         publish(args.out, args.upload)  # the file index; with --upload, the S3 copy too
     except (CompileError, BackendError) as exc:

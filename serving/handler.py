@@ -117,7 +117,7 @@ class Handler:
     def _run(self, request: GenerationRequest, request_id: str) -> tuple[GenerationResult, float]:
         """Wait for a turn, then generate; returns the result and the wait in ms."""
         with self._turn() as queue_ms:
-            log.info("request %s: generating %d image(s), %d steps at %dx%d%s", request_id, request.num_images,
+            log.info("request %s: generating %d image(s), %s steps at %sx%s%s", request_id, request.num_images,
                      request.steps, request.width, request.height, _mode_note(request))
             return self.backend.generate(request), queue_ms
 

@@ -33,7 +33,7 @@ FIXED = Capabilities(backend="neuron", model="tiny", device="neuron", precisions
         ({"seed": -2}, "seed", "out of range"),
         ({"seed": 2**32}, "seed", "out of range"),
         ({"scheduler": "plms"}, "scheduler", "DPM++ 2M (dpm++2m)"),
-        ({"scheduler": None}, "scheduler", "choose one of"),
+        ({"scheduler": 3}, "scheduler", "choose one of"),  # None: the default (the first offered)
         ({"precision": "fp16"}, "precision", "fp32, bf16"),
         ({"precision": "int8"}, "precision", "fp32, bf16"),
         ({"width": 513}, "width", "multiple of 8"),

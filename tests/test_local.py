@@ -7,6 +7,7 @@ import torch
 from backend import (BackendUnavailable, GenerationCancelled, GenerationRequest, SCHEDULERS, Settings,
                      create_backend)
 from backend.metadata import parse_infotext
+from backend.schedulers import CFG_SCHEDULERS
 
 FAST = dict(steps=3, width=128, height=128)
 
@@ -48,7 +49,7 @@ def test_matches_a_bare_diffusers_call(tiny_backend):
     assert np.abs(pixels(r.images[0]) - pixels(bare)).max() <= 1
 
 
-@pytest.mark.parametrize("scheduler", list(SCHEDULERS))
+@pytest.mark.parametrize("scheduler", CFG_SCHEDULERS)  # the few-step ones: test_fewstep.py
 def test_each_scheduler_matches_diffusers_without_looking_up_its_first_step(tiny_backend, scheduler, monkeypatch):
     """Each scheduler computes what diffusers computes with it, and none looks up where the loop
     starts: `index_for_timestep` is `(timesteps == t).nonzero().item()`, a wait for the GPU."""
@@ -111,7 +112,7 @@ def test_stage_clock_on_a_gpu_reads_its_events_once_at_the_end():
     assert StageClock.for_device(torch.device("cpu"))._event is None  # wall time on a CPU
 
 
-@pytest.mark.parametrize("scheduler", list(SCHEDULERS))
+@pytest.mark.parametrize("scheduler", CFG_SCHEDULERS)  # the few-step ones: test_fewstep.py
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_every_scheduler_and_precision_runs(tiny_backend, scheduler, precision):
     r = tiny_backend.generate(GenerationRequest("a red fox", seed=1, scheduler=scheduler, precision=precision,

@@ -149,7 +149,8 @@ def test_no_preview_note_names_the_reason():
 
 
 def test_controls_and_api_defaults_are_the_requests_own():
-    assert REQUEST_DEFAULTS == {"negative_prompt": "", "steps": 20, "guidance_scale": 7.5, "seed": -1,
+    # steps, guidance_scale, scheduler: None, the backend's defaults (Capabilities.default_steps, ...).
+    assert REQUEST_DEFAULTS == {"negative_prompt": "", "steps": None, "guidance_scale": None, "seed": -1,
                                 "scheduler": GenerationRequest.scheduler, "precision": None, "width": None,
                                 "height": None, "num_images": 1, "mode": "txt2img", "image": None, "mask": None,
                                 "strength": 0.75, "mask_blur": 4, "resize_mode": "crop"}

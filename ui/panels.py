@@ -103,6 +103,13 @@ def no_preview_note(caps: Capabilities) -> str:
     return "*Live preview is off (--preview-every 0): the images appear when they are finished.*"
 
 
+def no_guidance_note(caps: Capabilities) -> str:
+    """Why a few-step model's tab has no negative prompt and no guidance scale."""
+    return (f"Few-step model ({caps.default_steps} step{'s' if caps.default_steps > 1 else ''} by default, at most "
+            f"{caps.max_steps}): it runs without classifier-free guidance, so there is no negative prompt or guidance "
+            f"scale to set.")
+
+
 def steps_run_note(steps: Any, strength: Any) -> str:
     """What the Strength slider's neighbour says: how many of the steps run from an image (int(steps x strength),
     as diffusers' get_timesteps)."""
