@@ -169,3 +169,80 @@ def test_pipeline_mode_on_a_cfg_root_is_refused(no_cfg_root, tmp_path):
     with pytest.raises(BackendUnavailable, match="--neuron-parallel pipeline: .*classifier-free guidance.*"
                                                  "--neuron-parallel unet.*--no-cfg"):
         backend_for(root, "pipeline")
+
+
+class StepBarrierBackend:
+    """The pipeline backend behind the endpoint's Handler, with a barrier at each request's first step: two requests
+    pass it only if the Handler lets both run at once."""
+
+    def __init__(self, backend, barrier: threading.Barrier):
+        self.backend = backend
+        self.barrier = barrier
+        self.name = backend.name
+
+    def capabilities(self):
+        return self.backend.capabilities()
+
+    def generate(self, req, on_step=None, on_preview=None):
+        return self.backend.generate(req, on_step=lambda step, total: step == 1 and self.barrier.wait())
+
+    def close(self):
+        pass
+
+
+def test_endpoint_handler_runs_two_requests_at_once(pipeline_backend):
+    from serving.handler import Handler
+
+    handler = Handler(StepBarrierBackend(pipeline_backend, threading.Barrier(2, timeout=120)))
+    answers: list = [None, None]
+
+    def invoke(index: int) -> None:
+        body = json.dumps({"prompt": f"prompt {index}", "parameters": {
+            "num_inference_steps": STEPS, "guidance_scale": 1.0, "seed": 40 + index, "height": SIZE, "width": SIZE,
+            "precision": "fp32"}}).encode()
+        answers[index] = handler.handle(body, {"Content-Type": "application/json", "Accept": "application/json"})
+
+    threads = [threading.Thread(target=invoke, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for index, answer in enumerate(answers):
+        assert answer.status == 200, answer.body[:300]
+        data = json.loads(answer.body)
+        assert data["seeds"] == [40 + index]
+        assert data["info"].startswith(f"prompt {index}")
+
+
+def test_container_runs_a_worker_per_core_in_pipeline_mode():
+    from compile_scripts import container
+
+    unet = container.environment()
+    assert unet["SAGEMAKER_MODEL_SERVER_WORKERS"] == "1" and "NEURON_RT_NUM_CORES" not in unet
+    pipeline = container.environment(neuron_parallel="pipeline")
+    assert pipeline["SAGEMAKER_MODEL_SERVER_WORKERS"] == "2"
+    assert pipeline["NEURON_RT_NUM_CORES"] == "1"  # each worker process gets one NeuronCore of its own
+    assert pipeline["SD_NEURON_PARALLEL"] == "pipeline"
+
+
+def test_app_with_pipeline_mode_takes_two_requests_at_once(no_cfg_root, tmp_path):
+    from gradio_client import Client
+    from test_app import steps_done, wait_for
+
+    from backend.metadata import parse_infotext, read_infotext
+    from helpers import run_app
+
+    args = ["--backend", "neuron", "--artifacts", str(no_cfg_root), "--neuron-parallel", "pipeline"]
+    with run_app(args, tmp_path, timeout=600) as app:  # two lanes load and warm up; the machine may be busy
+        clients = [Client(app.url, verbose=False) for _ in range(2)]
+        fields = dict(steps=200, width=SIZE, height=SIZE, guidance_scale=1.0, api_name="/generate")
+        jobs = [c.submit(prompt=f"user {i}", seed=i, **fields) for i, c in enumerate(clients)]
+        # Both denoising at the same time: with one generation at a time the second would still be queued
+        # until the first had finished.
+        wait_for(lambda: all(steps_done(j) >= 1 and not j.done() for j in jobs), "both requests running at once")
+        for i, job in enumerate(jobs):
+            gallery, details = job.result(timeout=300)
+            assert details["seeds"] == [i]
+            info = parse_infotext(read_infotext(gallery[0]["image"]))
+            assert info["prompt"] == f"user {i}"
+        assert "--neuron-parallel pipeline (2 at once)" in app.log()
