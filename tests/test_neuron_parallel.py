@@ -235,7 +235,7 @@ def test_app_with_pipeline_mode_takes_two_requests_at_once(no_cfg_root, tmp_path
     args = ["--backend", "neuron", "--artifacts", str(no_cfg_root), "--neuron-parallel", "pipeline"]
     with run_app(args, tmp_path, timeout=600) as app:  # two lanes load and warm up; the machine may be busy
         clients = [Client(app.url, verbose=False) for _ in range(2)]
-        fields = dict(steps=200, width=SIZE, height=SIZE, guidance_scale=1.0, api_name="/generate")
+        fields = dict(steps=100, width=SIZE, height=SIZE, guidance_scale=1.0, api_name="/generate")
         jobs = [c.submit(prompt=f"user {i}", seed=i, **fields) for i, c in enumerate(clients)]
         # Both denoising at the same time: with one generation at a time the second would still be queued
         # until the first had finished.
@@ -246,3 +246,25 @@ def test_app_with_pipeline_mode_takes_two_requests_at_once(no_cfg_root, tmp_path
             info = parse_infotext(read_infotext(gallery[0]["image"]))
             assert info["prompt"] == f"user {i}"
         assert "--neuron-parallel pipeline (2 at once)" in app.log()
+
+
+def test_switching_cfg_rerecords_the_manifest_without_recompiling(no_cfg_root, tmp_path, capsys):
+    """--no-cfg changes what the root is served as, not what is traced: the parts stay up to date."""
+    from compile_scripts.compile import main
+
+    root = tmp_path / "root"
+    shutil.copytree(no_cfg_root, root)
+    unet = next((root / "compiled_models" / "fp32").glob("*/unet.pt"))
+    before = unet.stat().st_mtime_ns
+    assert main(["--model", "tiny", "--out", str(root), "--target", "cpu", "--dtype", "fp32", "--sizes",
+                 f"{SIZE}x{SIZE}", "--parts", "text_encoder", "unet", "vae_decoder", "vae_post_quant_conv"]) == 0
+    assert "guidance on from now on" in capsys.readouterr().out
+    assert json.loads((root / "compiled_models" / "fp32" / "manifest.json").read_text())["guidance"] is True
+    assert unet.stat().st_mtime_ns == before
+
+
+def test_benchmark_checks_each_image_against_its_request(pipeline_backend):
+    from benchmarks.parallel import run
+
+    stats = run(pipeline_backend, concurrency=2, requests=1, steps=1, size=SIZE)
+    assert stats["images"] == 2 and stats["images_per_s"] > 0
