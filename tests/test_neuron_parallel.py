@@ -225,6 +225,18 @@ def test_container_runs_a_worker_per_core_in_pipeline_mode():
     assert pipeline["SD_NEURON_PARALLEL"] == "pipeline"
 
 
+def test_the_deployed_endpoint_reads_neuron_parallel_from_its_environment(no_cfg_root, tmp_path):
+    from compile_scripts import container
+    from serving.inference import read_config, settings_from_config
+
+    shutil.copytree(no_cfg_root, tmp_path / "root")
+    (tmp_path / "endpoint.json").write_text(json.dumps({"artifacts": "root"}))
+    config = read_config(tmp_path / "endpoint.json", container.environment(neuron_parallel="pipeline"))
+    assert settings_from_config(tmp_path, config).neuron_parallel == "pipeline"
+    config = read_config(tmp_path / "endpoint.json", container.environment())
+    assert settings_from_config(tmp_path, config).neuron_parallel == "unet"
+
+
 def test_app_with_pipeline_mode_takes_two_requests_at_once(no_cfg_root, tmp_path):
     from gradio_client import Client
     from test_app import steps_done, wait_for
