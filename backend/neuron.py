@@ -86,7 +86,8 @@ def seconds_since_process_start() -> float | None:
 
 
 def neuron_core_ids(requested: int | None = None, env: dict[str, str] | None = None) -> list[int]:
-    """NeuronCores the UNet runs data-parallel on: one chip's two, as AWS's sample, or fewer if fewer are visible.
+    """NeuronCores the backend uses (the UNet data-parallel on them, or with --neuron-parallel pipeline a whole pipeline
+    on each): one chip's two, as AWS's sample, or fewer if fewer are visible.
 
     `requested` (--neuron-cores) overrides the count. NEURON_RT_VISIBLE_CORES ('0-1', '2,3') and
     NEURON_RT_NUM_CORES are the Neuron runtime's own variables, not this project's settings: they limit
