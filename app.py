@@ -38,8 +38,9 @@ EXAMPLES = [
     "an astronaut riding a horse on the moon, highly detailed, cinematic lighting",
     "a watercolor painting of a fox in a snowy forest",
 ]
-# In-process accelerators run one generation at a time; a remote endpoint can take several.
-DEFAULT_CONCURRENCY = {"local": 1, "neuron": 1, "sagemaker": 4}
+# A remote endpoint can take several generations at once; an in-process backend as many as its
+# Capabilities.concurrency (1, or the NeuronCores with --neuron-parallel pipeline).
+DEFAULT_CONCURRENCY = {"sagemaker": 4}
 
 
 @dataclass
@@ -447,7 +448,8 @@ def build_demo(backend: Backend, settings: Settings) -> DemoBlocks:
             if controls.live is not None:
                 wire_live(controls, handlers, generation, demo)
         wire_png_info(page, backend.capabilities())
-    concurrency = settings.concurrency or DEFAULT_CONCURRENCY.get(backend.capabilities().backend, 1)
+    caps = backend.capabilities()
+    concurrency = settings.concurrency or DEFAULT_CONCURRENCY.get(caps.backend, caps.concurrency)
     demo.queue(max_size=settings.max_queue, default_concurrency_limit=concurrency)
     demo.sd_outputs = store  # type: ignore[attr-defined]
     return demo

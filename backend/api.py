@@ -99,6 +99,9 @@ class Capabilities:
     # The modes it runs (MODES). A compiled Neuron root without the VAE encoder part offers txt2img only;
     # a dedicated inpainting checkpoint (9-channel UNet) runs inpaint only (pipeline.modes_of).
     modes: tuple[str, ...] = ("txt2img",)
+    # Requests the backend runs at once (the app's queue and the endpoint's turns follow it): the number of
+    # NeuronCores with --neuron-parallel pipeline, else 1 for an in-process backend.
+    concurrency: int = 1
     notes: tuple[str, ...] = ()
     # False for a few-step model (backend/fewstep.py): no classifier-free guidance, so no negative prompt
     # and guidance_scale at most 1 (diffusers then runs one UNet batch); the UI hides both and says why.

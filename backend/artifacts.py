@@ -226,6 +226,7 @@ class ArtifactSet:
     vae_scale_factor: int
     unet_in_channels: int = 4
     image_channels: int = 3
+    guidance: bool = True  # False: compiled with --no-cfg (the manifest's "guidance"); older roots are CFG ones
     manifest: dict[str, Any] | None = None  # as format 2, whatever the format on disk
     format: int | None = None  # the manifest's format on disk; None for the flat layout
     warnings: list[str] = field(default_factory=list)
@@ -449,7 +450,7 @@ def _manifest_set(root: Path, directory: Path, source: str | None, architecture:
             vae_scale_factor=int(architecture["vae_scale_factor"]),
             unet_in_channels=int(architecture.get("unet_in_channels") or 4),
             image_channels=int(architecture.get("vae_in_channels") or 3),
-            manifest=manifest, format=int(on_disk["format"]),
+            manifest=manifest, format=int(on_disk["format"]), guidance=bool(manifest.get("guidance", True)),
         )
         present = [(p, None) for p in SHARED_PARTS if art.entry(p)]
         present += [(p, s) for s in sizes for p in SIZE_PARTS if art.entry(p, s)]

@@ -1,18 +1,20 @@
 """InProcessBackend: what the local and the Neuron backends share, diffusers pipelines run in this process.
 
-One generation at a time (a lock), all torch work on the process's torch thread, one pipeline per
-precision, one scheduler cache, and the random-weights note. A subclass loads its pipelines, then
-sets `_caps` (with `modes=self.modes()`); it supplies `pipeline_for(precision)`, the `where` that error
-messages name, and any validation of its own (`check_request`). Image to image and inpaint run diffusers'
-own pipelines over the same modules (`pipeline.mode_pipeline`), so a subclass whose pipeline can
-`vae.encode` gets them by offering them in `modes()`.
+One generation at a time per lane (a lane: its pipelines, one per precision, its scheduler cache and the torch
+thread that runs them; by default one lane on the process's torch thread), and the random-weights note. The neuron
+backend's --neuron-parallel pipeline makes one lane per NeuronCore (use_lanes), so as many requests run at once.
+A subclass loads its pipelines, then sets `_caps` (with `modes=self.modes()`); it supplies
+`pipeline_for(precision)`, the `where` that error messages name, and any validation of its own (`check_request`).
+Image to image and inpaint run diffusers' own pipelines over the same modules (`pipeline.mode_pipeline`), so a
+subclass whose pipeline can `vae.encode` gets them by offering them in `modes()`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import threading
+import queue
+from dataclasses import dataclass, field
 from typing import Any
 
 from . import pipeline
@@ -34,9 +36,23 @@ from .preview import PreviewPacer
 from .prompts import truncation_warnings
 from .schedulers import SchedulerCache
 from .settings import Settings
-from .torch_thread import device_thread
+from .torch_thread import DeviceThread, device_thread
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Lane:
+    """What one generation holds from start to end: its pipelines and scheduler cache, and the thread that runs them.
+
+    Schedulers keep per-run state (timesteps, step index) and a pipeline holds the scheduler it runs with, so two
+    generations at once need two of each; the modules inside may differ too (one NeuronCore's parts per lane)."""
+
+    index: int
+    device: DeviceThread
+    pipelines: dict[str, Any] = field(default_factory=dict)  # precision -> pipeline
+    mode_pipelines: dict[tuple[str, str], Any] = field(default_factory=dict)  # (precision, mode) -> pipeline
+    schedulers: SchedulerCache | None = None
 
 
 class InProcessBackend:
@@ -46,11 +62,9 @@ class InProcessBackend:
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        self._lock = threading.Lock()  # one generation at a time on an in-process device
-        self._device = device_thread()  # all torch work on one thread
-        self._pipelines: dict[str, Any] = {}  # precision -> pipeline
-        self._mode_pipelines: dict[tuple[str, str], Any] = {}  # (precision, mode) -> img2img / inpaint pipeline
-        self._schedulers: SchedulerCache | None = None  # made from the first pipeline's scheduler config
+        self._lanes: list[Lane] = []
+        self._free_lanes: queue.Queue[Lane] = queue.Queue()  # a generation takes one, and gives it back at its end
+        self.use_lanes(1)
         self._caps: Capabilities | None = None
         self.model = ""  # the name shown and written in infotext
         self.notes: list[str] = []  # shown in the app's banner
@@ -58,6 +72,44 @@ class InProcessBackend:
         # --preview-every: 0 = none, N = after every N steps, None = auto (PreviewPacer).
         self.previews = settings.preview_every != 0
         self.preview_every = settings.preview_every or None
+
+    def use_lanes(self, count: int) -> None:
+        """Run `count` generations at once, each lane on its own torch thread (before anything is loaded).
+
+        One lane (the default) works on the process's torch thread, as every in-process backend did. Several lanes
+        get threads of their own, each with an equal share of torch's CPU threads: PyTorch's OpenMP team is per
+        calling thread, so two threads with the full count each would put twice as many threads as cores to work
+        and slow both (docs/architecture.md)."""
+        import torch
+
+        if len(self._lanes) > 1:  # threads of its own; one lane uses the process's, which stays
+            for lane in self._lanes:
+                lane.device.close()
+        if count == 1:
+            self._lanes = [Lane(0, device_thread())]
+        else:
+            share = max(1, torch.get_num_threads() // count)
+            self._lanes = [Lane(i, DeviceThread(f"torch-lane{i}", torch_threads=share)) for i in range(count)]
+        self._free_lanes = queue.Queue()
+        for lane in self._lanes:
+            self._free_lanes.put(lane)
+
+    # The first lane's, which a backend with one lane has alone (its loading and warm-up run on its thread).
+    @property
+    def _device(self) -> DeviceThread:
+        return self._lanes[0].device
+
+    @property
+    def _pipelines(self) -> dict[str, Any]:
+        return self._lanes[0].pipelines
+
+    @property
+    def _mode_pipelines(self) -> dict[tuple[str, str], Any]:
+        return self._lanes[0].mode_pipelines
+
+    @property
+    def _schedulers(self) -> SchedulerCache | None:
+        return self._lanes[0].schedulers
 
     # What a subclass supplies ------------------------------------------------------------------
 
@@ -67,8 +119,13 @@ class InProcessBackend:
         return self._caps.device
 
     def pipeline_for(self, precision: str):
-        """The pipeline of a precision (called on the torch thread, under the lock)."""
+        """The first lane's pipeline of a precision (called on its torch thread, holding the lane)."""
         raise NotImplementedError
+
+    def pipeline_for_lane(self, precision: str, lane: Lane):
+        """A lane's pipeline of a precision: the first lane's is pipeline_for's, the others' were put in lane.pipelines
+        by the subclass."""
+        return self.pipeline_for(precision) if lane.index == 0 else lane.pipelines[precision]
 
     def check_request(self, request: GenerationRequest) -> None:
         """Refuse, before validation, what this backend can say more about than Capabilities can."""
@@ -90,19 +147,22 @@ class InProcessBackend:
         self.is_tiny = True
 
     def use_schedulers_of(self, pipe) -> None:
-        """Make the scheduler cache from a pipeline's scheduler config (every precision shares it)."""
-        self._schedulers = SchedulerCache(pipe.scheduler.config)
+        """Make each lane's scheduler cache from a pipeline's scheduler config (every precision shares it)."""
+        for lane in self._lanes:
+            lane.schedulers = SchedulerCache(pipe.scheduler.config)
 
-    def pipeline_for_mode(self, precision: str, mode: str):
-        """The pipeline that runs `mode` at `precision`: the precision's own for txt2img, else diffusers'
-        img2img / inpaint pipeline made once over its modules (called on the torch thread, under the lock)."""
-        base = self.pipeline_for(precision)
+    def pipeline_for_mode(self, precision: str, mode: str, lane: Lane | None = None):
+        """The pipeline that runs `mode` at `precision` in a lane (the first by default): the precision's own for
+        txt2img, else diffusers' img2img / inpaint pipeline made once over its modules (called on the lane's torch
+        thread, holding the lane)."""
+        lane = lane or self._lanes[0]
+        base = self.pipeline_for_lane(precision, lane)
         if mode == "txt2img":
             return base
         key = (precision, mode)
-        if key not in self._mode_pipelines:
-            self._mode_pipelines[key] = pipeline.mode_pipeline(base, mode)
-        return self._mode_pipelines[key]
+        if key not in lane.mode_pipelines:
+            lane.mode_pipelines[key] = pipeline.mode_pipeline(base, mode)
+        return lane.mode_pipelines[key]
 
     def capabilities(self) -> Capabilities:
         """What this backend runs."""
@@ -110,18 +170,20 @@ class InProcessBackend:
 
     def generate(self, request: GenerationRequest, on_step: StepCallback | None = None,
                  on_preview: PreviewCallback | None = None) -> GenerationResult:
-        """Validate and run one request on the pipeline of its precision, one request at a time."""
+        """Validate and run one request on the pipeline of its precision, in the first free lane (one request per
+        lane at a time; with one lane, one request at a time)."""
         self.check_request(request)
         request = request.validated(self._caps)
         base_seed = random_seed() if request.seed == RANDOM_SEED else request.seed
         request = dataclasses.replace(request, seed=base_seed)
         seeds = request.image_seeds(base_seed)
-        with self._lock:
-            pipe = self._device.run(self.pipeline_for_mode, request.precision, request.mode)
+        lane = self._free_lanes.get()
+        try:
+            pipe = lane.device.run(self.pipeline_for_mode, request.precision, request.mode, lane)
             warnings = truncation_warnings(pipe.tokenizer, request)
-            scheduler = self._schedulers.get(request.scheduler)
+            scheduler = lane.schedulers.get(request.scheduler)
             try:
-                images, timings = self._device.run(
+                images, timings = lane.device.run(
                     pipeline.run, pipe, request, seeds, on_step, scheduler=scheduler,
                     on_preview=on_preview if self._caps.previews else None,
                     pacer=PreviewPacer(self.preview_every))
@@ -130,12 +192,17 @@ class InProcessBackend:
             except Exception as exc:  # noqa: BLE001 - anything else is this generation failing
                 log.exception("generation failed")
                 raise GenerationFailed(f"generation failed on {self.where}: {short_error(exc)}") from exc
+        finally:
+            self._free_lanes.put(lane)
         images = label_images(images, request, seeds, self.model, self.name, timings.total_ms)
         return GenerationResult(images=images, seeds=seeds, timings=timings, request=request,
                                 backend=self.name, model=self.model, warnings=warnings)
 
     def close(self) -> None:
-        """Drop the pipelines and the schedulers."""
-        self._pipelines.clear()
-        self._mode_pipelines.clear()
-        self._schedulers = None
+        """Drop the pipelines and the schedulers (and end the lanes' own threads)."""
+        for lane in self._lanes:
+            lane.pipelines.clear()
+            lane.mode_pipelines.clear()
+            lane.schedulers = None
+            if len(self._lanes) > 1:
+                lane.device.close()

@@ -3,13 +3,16 @@
 The root's format (manifest, source.json, the walk-through's flat layout, version checks) is
 backend/artifacts.py's. For each dtype the pipeline is built from the real diffusers modules, then the
 compiled parts are swapped in (the pipeline reads .config, .device and .dtype of its modules). On inf2
-the UNet runs through torch_neuronx.DataParallel over the chip's NeuronCores; parts traced with
---target cpu run the same code on a CPU, through a stand-in for DataParallel and a guard that enforces
-the compiled shapes as the Neuron runtime does.
+the UNet runs through torch_neuronx.DataParallel over the chip's NeuronCores (--neuron-parallel unet, one request at
+a time), or each core holds a whole pipeline of its own and runs its own request (--neuron-parallel pipeline, roots
+compiled with --no-cfg); parts traced with --target cpu run the same code on a CPU, through a stand-in for
+DataParallel (or separate module instances per simulated core) and a guard that enforces the compiled shapes as the
+Neuron runtime does.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import os
@@ -52,7 +55,7 @@ from .neuron_modules import (
     StaticBatch,
 )
 from .neuron_stack import NEURON_SDK_HINT
-from .settings import DEFAULT_ARTIFACTS, DEFAULT_MODEL, Settings
+from .settings import DEFAULT_ARTIFACTS, DEFAULT_MODEL, NEURON_PARALLEL_MODES, Settings
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +86,8 @@ def seconds_since_process_start() -> float | None:
 
 
 def neuron_core_ids(requested: int | None = None, env: dict[str, str] | None = None) -> list[int]:
-    """NeuronCores the UNet runs data-parallel on: one chip's two, as AWS's sample, or fewer if fewer are visible.
+    """NeuronCores the backend uses (the UNet data-parallel on them, or with --neuron-parallel pipeline a whole pipeline
+    on each): one chip's two, as AWS's sample, or fewer if fewer are visible.
 
     `requested` (--neuron-cores) overrides the count. NEURON_RT_VISIBLE_CORES ('0-1', '2,3') and
     NEURON_RT_NUM_CORES are the Neuron runtime's own variables, not this project's settings: they limit
@@ -127,7 +131,7 @@ def check_lora(root, sets, wanted: str | None) -> dict | None:
 
 class NeuronBackend(InProcessBackend):
     """Stable Diffusion from compiled parts: one pipeline per compiled dtype, serving every loaded size, run one
-    request at a time."""
+    request at a time (--neuron-parallel unet) or one per NeuronCore at once (pipeline: a lane per core)."""
 
     name = "neuron"
 
@@ -152,6 +156,10 @@ class NeuronBackend(InProcessBackend):
                                      f"the same --sizes for each --dtype.")
         self._neuronx = _import_torch_neuronx(self.root) if self.target == "neuron" else None
         self.device_ids = neuron_core_ids(settings.neuron_cores)
+        self.parallel = self._parallel_mode(settings.neuron_parallel)
+        self.guidance = all(art.guidance for art in self.sets)  # False: compiled with --no-cfg
+        if self.parallel == "pipeline":
+            self.use_lanes(len(self.device_ids))  # one lane (pipelines, torch thread) per NeuronCore
         self.note_random_weights(random_weights_of(self.model, str(self.root)), "Compiled from", REAL_MODEL_ADVICE)
         for warning in [w for art in self.sets for w in art.warnings] + size_notes:
             log.warning("%s", warning)
@@ -167,9 +175,13 @@ class NeuronBackend(InProcessBackend):
         self.use_schedulers_of(next(iter(self._pipelines.values())))
         # A few-step root: its scheduler config says so (compile.py --few-step writes it), or --few-step.
         self.few_step = few_step_kind(settings.few_step, next(iter(self._pipelines.values())).scheduler.config)
+        # Guidance is off for a few-step model whatever its manifest says, and for a root compiled with --no-cfg.
+        self.guidance = self.guidance and self.few_step is None
+        guidance_fields = {"guidance": self.guidance, **capability_fields(self.few_step)}
         cores = len(self.device_ids)
-        device = (f"neuron ({cores} NeuronCore{'s' if cores > 1 else ''})" if self.target == "neuron"
-                  else f"cpu (Neuron stand-in, {cores} simulated cores)")
+        placement = "the UNet across them" if self.parallel == "unet" else "a pipeline on each"
+        device = (f"neuron ({cores} NeuronCore{'s' if cores > 1 else ''}, {placement})" if self.target == "neuron"
+                  else f"cpu (Neuron stand-in, {cores} simulated cores, {placement})")
         self._caps = Capabilities(
             backend=self.name,
             model=self.model,
@@ -181,20 +193,41 @@ class NeuronBackend(InProcessBackend):
             is_tiny=self.is_tiny,  # the app's warning banner
             previews=self.previews,
             modes=self.modes(),
+            concurrency=len(self._lanes),
             notes=tuple(self.notes),
-            **capability_fields(self.few_step),
+            **guidance_fields,
         )
-        for dtype in self._pipelines:
-            for size in self.sizes:
-                self._device.run(self._warm_up, dtype, size)
+        for lane in self._lanes:
+            for dtype in self._pipelines:
+                for size in self.sizes:
+                    lane.device.run(self._warm_up, dtype, size, lane)
         self._first_image_lock = threading.Lock()
         self._first_image_logged = False
         since_start = seconds_since_process_start()
-        log.info("ready in %.1f s (loading and warm-up)%s: %s, sizes %s, modes %s", time.perf_counter() - started,
+        log.info("ready in %.1f s (loading and warm-up)%s: %s, sizes %s, modes %s, --neuron-parallel %s (%d at once)",
+                 time.perf_counter() - started,
                  "" if since_start is None else f", {since_start:.1f} s after the process started",
-                 " and ".join(self._pipelines), ", ".join(map(size_key, self.sizes)), ", ".join(self._caps.modes))
+                 " and ".join(self._pipelines), ", ".join(map(size_key, self.sizes)), ", ".join(self._caps.modes),
+                 self.parallel, self._caps.concurrency)
 
     # What the root offers ----------------------------------------------------------------------
+
+    def _parallel_mode(self, wanted: str) -> str:
+        """--neuron-parallel, checked against the root: pipeline only where the UNet was compiled without CFG.
+
+        A CFG step has two UNet samples: with the UNet across the cores they run at once, one per core; with a whole
+        pipeline per core they would run one after the other on one core. Each image would take about twice as long
+        for about the same images per second, so a CFG root is refused rather than served that way."""
+        if wanted not in NEURON_PARALLEL_MODES:
+            raise BackendUnavailable(f"--neuron-parallel {wanted}: use one of {', '.join(NEURON_PARALLEL_MODES)}.")
+        if wanted == "pipeline" and not all(art.guidance is False for art in self.sets):
+            raise BackendUnavailable(
+                f"--neuron-parallel pipeline: {self.root} was compiled for classifier-free guidance, whose two UNet "
+                f"samples per step run one per NeuronCore (--neuron-parallel unet); one pipeline per core would run "
+                f"them one after the other, about doubling each image's time for no more images per second. Serve it "
+                f"with --neuron-parallel unet, or compile a model meant to run without guidance (a few-step one) with "
+                f"--no-cfg.")
+        return wanted
 
     def modes(self) -> tuple[str, ...]:
         """What the UNet runs (InProcessBackend.modes), less image to image and inpainting where a loaded size
@@ -267,7 +300,16 @@ class NeuronBackend(InProcessBackend):
     # Loading -----------------------------------------------------------------------------------
 
     def _load_all(self) -> None:
-        """Every part of every dtype and size, logged as it goes (part, size, dtype, bytes, seconds)."""
+        """Every part of every dtype and size, once per lane (--neuron-parallel pipeline: each NeuronCore its own
+        copy of every part), logged as it goes (part, size, dtype, bytes, seconds)."""
+        for lane in self._lanes:
+            self._load_lane(lane)
+
+    def _load_lane(self, lane) -> None:
+        """A lane's parts and pipelines: in unet mode the one lane's (its UNet across the cores), in pipeline mode
+        those of the lane's own NeuronCore."""
+        core = None if self.parallel == "unet" else self.device_ids[lane.index]
+        where = "" if core is None else f" for NeuronCore {core}"
         size_parts = self._loaded_size_parts()
         steps = [(art, part, None) for art in self.sets for part in SHARED_PARTS]
         steps += [(art, part, size) for art in self.sets for size in self.sizes for part in size_parts]
@@ -275,23 +317,32 @@ class NeuronBackend(InProcessBackend):
         loaded: dict[tuple[str, str, Size | None], torch.nn.Module] = {}
         started = time.perf_counter()
         for index, (art, part, size) in enumerate(steps, 1):
-            what = f"{art.dtype} {part} " + (size_key(size) if size else "for every size")
+            what = f"{art.dtype} {part} " + (size_key(size) if size else "for every size") + where
             log.info("loading %d/%d: %s (%s, %.1f MB) ...", index, len(steps), what, art.part_dtype(part, size),
                      art.part_bytes(part, size) / 1e6)
             part_started = time.perf_counter()
-            loaded[art.dtype, part, size] = self._load_part(art, part, size)
+            loaded[art.dtype, part, size] = self._load_part(art, part, size, core)
             log.info("loaded %d/%d: %s in %.2f s", index, len(steps), what, time.perf_counter() - part_started)
         for art in self.sets:
             part_started = time.perf_counter()
-            self._pipelines[art.dtype] = self._device.run(self._build_pipeline, art, loaded, size_parts)
-            log.info("built the %s pipeline (%s, %s) from %s in %.2f s", art.dtype, art.layout, art.target,
+            lane.pipelines[art.dtype] = lane.device.run(self._build_pipeline, art, loaded, size_parts, core)
+            log.info("built the %s pipeline%s (%s, %s) from %s in %.2f s", art.dtype, where, art.layout, art.target,
                      art.directory, time.perf_counter() - part_started)
         log.info("loaded %d parts in %.1f s", len(steps), time.perf_counter() - started)
 
-    def _load_part(self, art: ArtifactSet, part: str, size: Size | None = None) -> torch.nn.Module:
+    def _load_part(self, art: ArtifactSet, part: str, size: Size | None = None, core: int | None = None
+                   ) -> torch.nn.Module:
+        """One part file; `core`: the NeuronCore it is loaded onto (pipeline mode), else where the runtime puts it."""
         path = art.path(part, size)
         try:
-            module = torch.jit.load(str(path), map_location="cpu")
+            if core is not None and art.target == "neuron":
+                # Loaded straight onto its core: torch_neuronx.experimental.neuron_cores_context(start_nc, nc_count)
+                # places the models torch.jit.load creates inside it (aws-neuron-sdk, torch-neuronx API reference,
+                # "PyTorch NeuronX NeuronCore Placement APIs [Beta]"; api-torch-neuronx-core-placement.rst).
+                with self._neuronx.experimental.neuron_cores_context(start_nc=core, nc_count=1):
+                    module = torch.jit.load(str(path), map_location="cpu")
+            else:  # a CPU part: a separate instance per lane is the stand-in for a copy on each core
+                module = torch.jit.load(str(path), map_location="cpu")
         except Exception as exc:  # noqa: BLE001 - a corrupt or foreign file: say which and what to do
             hint = compile_hint(self.root, art.model, art.dtype, part, True, [size] if size else None, art.target)
             raise BackendUnavailable(f"{path}: cannot be loaded ({exc.__class__.__name__}: "
@@ -299,9 +350,10 @@ class NeuronBackend(InProcessBackend):
                                      f"recompile: {hint}") from None
         return module.eval()
 
-    def _build_pipeline(self, art: ArtifactSet, loaded: dict, size_parts: tuple[str, ...]):
+    def _build_pipeline(self, art: ArtifactSet, loaded: dict, size_parts: tuple[str, ...], core: int | None = None):
         """The diffusers pipeline with real modules, then the compiled parts swapped in (BySize picks each
-        size's part by the shape it is called with)."""
+        size's part by the shape it is called with). `core`: pipeline mode, every part on that one NeuronCore
+        (the UNet at its compiled batch per core); None: the UNet data-parallel over all of them."""
         def part(name: str, size: Size | None = None) -> torch.nn.Module:
             return loaded[art.dtype, name, size]
 
@@ -326,7 +378,11 @@ class NeuronBackend(InProcessBackend):
                 spec = art.input_specs(name, size)
                 shape = tuple(spec[0].shape[-2:])  # what BySize dispatches on: the input's height x width
                 module = part(name, size)
-                if name == "unet":
+                if name == "unet" and core is not None:
+                    # One core, one request: the UNet runs at its compiled batch per core (StaticBatch below feeds
+                    # it exactly that), and the guard refuses any other batch as that core's runtime would.
+                    runner = module if art.target == "neuron" else ShapeGuard(module, name, spec)
+                elif name == "unet":
                     if art.target == "neuron":
                         # One copy of the UNet per core; dynamic batching off, so each core gets exactly its
                         # compiled batch (StaticBatch in NeuronUNet pads the last chunk to that).
@@ -340,7 +396,8 @@ class NeuronBackend(InProcessBackend):
                 runners[name][shape] = runner
         unet_config, text_config = pipe.unet.config, pipe.text_encoder.config
         pipe.unet = NeuronUNet(BySize("unet", runners["unet"]), unet_config, specs["unet"][0].dtype,
-                               chunk=art.batch_per_core * cores, timestep_dtype=specs["unet"][1].dtype)
+                               chunk=art.batch_per_core * (1 if core is not None else cores),
+                               timestep_dtype=specs["unet"][1].dtype)
         pipe.text_encoder = NeuronTextEncoder(text_runner, text_config, dtype, batch=text_spec[0].shape[0])
         pipe.vae.decoder = BySize("vae_decoder", runners["vae_decoder"])
         pipe.vae.post_quant_conv = BySize("vae_post_quant_conv", runners["vae_post_quant_conv"])
@@ -377,7 +434,7 @@ class NeuronBackend(InProcessBackend):
         art.dtype = dtype_name(art.flat_dtypes["unet"][0])
         log.info("walk-through Neuron parts probed: %s", flat_dtype_note(art))
 
-    def _warm_up(self, precision: str, size: Size) -> None:
+    def _warm_up(self, precision: str, size: Size, lane) -> None:
         """One 1-step generation per precision and size, so the first person does not wait for lazy loading (on
         Neuron, a part reaches the NeuronCores at its first run) and broken parts fail now. From an image where
         the VAE encoder is loaded (a 1-step image to image runs every part), else from text."""
@@ -392,15 +449,18 @@ class NeuronBackend(InProcessBackend):
         request = GenerationRequest(prompt="warm-up", steps=1, seed=0, precision=precision, width=size[0],
                                     height=size[1], mode=mode,
                                     **pictures).validated(self._caps)
-        pipe = self.pipeline_for_mode(precision, mode)
+        if not self.guidance:
+            request = dataclasses.replace(request, guidance_scale=1.0)  # what a --no-cfg root runs
+        pipe = self.pipeline_for_mode(precision, mode, lane)
         try:
-            pipeline.run(pipe, request, [0], scheduler=self._schedulers.get(request.scheduler))
+            pipeline.run(pipe, request, [0], scheduler=lane.schedulers.get(request.scheduler))
         except Exception as exc:  # noqa: BLE001
             log.exception("warm-up failed")
             raise BackendUnavailable(f"--artifacts {self.root}: the {precision} {size_key(size)} parts failed their "
                                      f"first run ({exc.__class__.__name__}: {str(exc)[:300]}); recompile them with "
                                      f"--force.") from None
-        log.info("warmed up %s %s (%s) in %.2f s", precision, size_key(size), mode, time.perf_counter() - started)
+        log.info("warmed up %s %s (%s)%s in %.2f s", precision, size_key(size), mode,
+                 f" on lane {lane.index}" if len(self._lanes) > 1 else "", time.perf_counter() - started)
 
     # The contract ------------------------------------------------------------------------------
 
@@ -414,6 +474,10 @@ class NeuronBackend(InProcessBackend):
         if request.mode in MODES and request.mode not in self._caps.modes:
             raise InvalidRequest(f"mode: {MODE_LABELS[request.mode]} ({request.mode}) is not available: "
                                  f"{self.modes_note}", "mode")
+        if not self.guidance and request.guidance_scale > 1:  # diffusers runs CFG when guidance_scale > 1
+            raise InvalidRequest(f"guidance_scale: {request.guidance_scale:g} asks for classifier-free guidance, and "
+                                 f"{self.model} was compiled without it (--no-cfg: one UNet sample per step); use a "
+                                 f"guidance_scale of 1 or less (guidance off).", "guidance_scale")
         wanted = request.precision
         if wanted in NEURON_DTYPES and wanted not in self._caps.precisions:  # compilable, just not compiled
             raise InvalidRequest(

@@ -19,6 +19,9 @@ DEFAULT_ARTIFACTS = "sd2_512_root"  # the walk-through's compiled root, relative
 BACKENDS = ("auto", "local", "neuron", "sagemaker")
 DEVICES = ("auto", "cuda", "mps", "cpu")
 OPTIMIZE_MODES = ("none", "sdpa", "trace", "compile", "cuda-graphs")  # --optimize, besides auto
+# --neuron-parallel: unet = the UNet data-parallel over the cores (CFG's two samples, one per core), one request at a
+# time; pipeline = one whole pipeline per core, one request per core at once (roots compiled with --no-cfg).
+NEURON_PARALLEL_MODES = ("unet", "pipeline")
 # SageMaker gives the container 60 s to answer; waiting a little longer means a slow answer is
 # still received, and a timeout here means the endpoint's own limit already passed.
 READ_TIMEOUT_S = 75.0
@@ -49,6 +52,7 @@ class Settings:
     optimize: str = "auto"  # local backend: auto (trace on CPU, else sdpa) or one of OPTIMIZE_MODES
     offline: bool = False  # local backend: load the default model from the Hub cache only
     neuron_cores: int | None = None  # neuron backend: None = the chip's two, or fewer if the runtime shows fewer
+    neuron_parallel: str = "unet"  # neuron backend: NEURON_PARALLEL_MODES
     sizes: str | None = None  # neuron backend: "512x512,768x512", the compiled sizes to load; None = all
     device_memory_gib: float | None = None  # neuron backend: one Inferentia2 chip's memory; None = 32 (inf2)
     read_timeout: float = READ_TIMEOUT_S  # sagemaker backend: seconds to wait for an answer
@@ -157,6 +161,10 @@ def add_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] | None
     g.add_argument("--neuron-cores", type=int, default=int(_env(env, "neuron-cores") or 0) or None,
                    help="neuron backend: NeuronCores the UNet runs data-parallel on (default 2, one chip's, or "
                         "fewer if NEURON_RT_VISIBLE_CORES / NEURON_RT_NUM_CORES show fewer)")
+    g.add_argument("--neuron-parallel", choices=NEURON_PARALLEL_MODES, default=_env(env, "neuron-parallel") or "unet",
+                   help="neuron backend: unet = the UNet data-parallel over the cores, one request at a time (CFG "
+                        "models); pipeline = one whole pipeline per core, as many requests at once as cores (roots "
+                        "compiled with --no-cfg)")
     g.add_argument("--sizes", default=_env(env, "sizes"), metavar="WxH[,WxH...]",
                    help="neuron backend: the compiled sizes to load, width x height, comma-separated (default: every "
                         "size in the root); fewer sizes use less device memory and start faster")

@@ -1,4 +1,7 @@
-"""The process's one torch thread: every in-process backend loads, warms up and generates on it."""
+"""The process's one torch thread: every in-process backend loads, warms up and generates on it.
+
+A backend that runs several pipelines at once (neuron, --neuron-parallel pipeline) has one DeviceThread of its own
+per pipeline instead, each with its share of the CPU's threads."""
 
 from __future__ import annotations
 
@@ -17,9 +20,13 @@ class DeviceThread:
     thread (`device_thread()`, one per process), whichever thread asks.
     """
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, torch_threads: int | None = None):
         self._pool = ThreadPoolExecutor(1, thread_name_prefix=name)
         self._ident = self._pool.submit(threading.get_ident).result()
+        if torch_threads:
+            # OpenMP's team size is per calling thread (omp_set_num_threads sets this thread's nthreads-var),
+            # so each of several torch threads gets its own share of the cores and they do not oversubscribe.
+            self._pool.submit(_set_torch_threads, torch_threads).result()
 
     def run(self, fn, *args, **kwargs):
         """Call fn on the device thread and return its result (or raise its exception)."""
@@ -29,6 +36,17 @@ class DeviceThread:
         # request's progress bar through them when on_step reports a step from this thread.
         context = contextvars.copy_context()
         return self._pool.submit(context.run, fn, *args, **kwargs).result()
+
+
+    def close(self) -> None:
+        """Let the thread end once its work is done (not for the process's shared thread)."""
+        self._pool.shutdown(wait=False)
+
+
+def _set_torch_threads(count: int) -> None:
+    import torch
+
+    torch.set_num_threads(count)
 
 
 _DEVICE_THREAD: DeviceThread | None = None

@@ -59,7 +59,10 @@ from backend.root_store import publish, upload_uri  # noqa: E402 - light, no tor
 # same: every part in the --dtype.
 VAE_DTYPES = ("fp32", "same")
 TARGETS = ("neuron", "cpu")
-BATCH_PER_CORE = 1  # the UNet's compiled batch on each NeuronCore: CFG's 2 samples, one per core
+# The UNet's compiled batch on each NeuronCore. With CFG (--neuron-parallel unet) a step's two samples run one per
+# core; without it (--no-cfg, --neuron-parallel pipeline) a step's one sample is one core's whole batch. So the same
+# batch-1 graph serves both, and --no-cfg changes what the manifest says the model is for, not what is traced.
+BATCH_PER_CORE = 1
 VAE_BATCH = 1  # images are decoded (and encoded) one at a time, as the walk-through compiled the decoder
 EXAMPLE_PROMPT = "a lovely cat"
 # The instance family the NEFFs run on, passed explicitly: on a machine without a Neuron device the
@@ -149,7 +152,8 @@ class Compiler:
 
     def __init__(self, model: str, root: Path, sizes: list[Size], target: str, force: bool = False,
                  workdir: Path | None = None, echo: Callable[[str], None] = print, attention: str | None = None,
-                 vae_dtype: str = "fp32", lora: str | None = None, few_step: str | None = None):
+                 vae_dtype: str = "fp32", lora: str | None = None, few_step: str | None = None,
+                 guidance: bool = True):
         from backend.artifacts import installed_versions
         from backend.lora import lora_sha256
 
@@ -168,6 +172,8 @@ class Compiler:
                                "(neuronx-cc), so it cannot be traced for --target cpu; use --attention bmm (the Neuron "
                                "graph's attention) or sdpa (the CPU default) there.")
         self.vae_dtype = vae_dtype
+        # False: --no-cfg, the model runs without classifier-free guidance; a few-step model never uses it.
+        self.guidance = guidance and not few_step
         self.force = force
         self.workdir = workdir
         self.echo = echo
@@ -266,6 +272,9 @@ class Compiler:
             "model": self.model,
             "dtype": dtype,
             "batch_per_core": BATCH_PER_CORE,
+            # False (--no-cfg): requests run without CFG, one sample per step, so the backend may serve one whole
+            # pipeline per NeuronCore (--neuron-parallel pipeline) and refuses a guidance_scale above 1.
+            "guidance": self.guidance,
             "tokens": self.tokens(),
             "target": self.target,
             "architecture": arch,
@@ -397,8 +406,13 @@ class Compiler:
             return manifest
         fmt = old["format"]
         old = upgrade_manifest(old)
+        # guidance: how the root is served, not how its parts were traced (the same batch-1 UNet), so a change
+        # is recorded without making the parts stale.
         keys = [k for k in manifest if k not in ("format", "parts", "sizes", "versions", "neuron_sdk",
-                                                  "supported_stack", "architecture")]
+                                                  "supported_stack", "architecture", "guidance")]
+        if old.get("guidance", True) != manifest["guidance"]:
+            self.echo(f"{dtype}: guidance {'on' if manifest['guidance'] else 'off (--no-cfg)'} from now on (the "
+                      f"parts stay: the UNet is traced for one sample per core either way)")
         changed = [k for k in keys if old.get(k) != manifest[k]]
         if architecture_differences(old.get("architecture") or {}, manifest["architecture"], fmt):
             changed.append("architecture")
@@ -568,6 +582,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="write this few-step kind's scheduler into the root's scheduler config (lcm / tcd for an "
                              "LCM / TCD LoRA), so the backends run the root as a few-step model (1-4 steps, no "
                              "guidance); SD-Turbo's own config already says turbo")
+    parser.add_argument("--no-cfg", dest="guidance", action="store_false",
+                        help="the model runs without classifier-free guidance (a few-step model such as SD-Turbo): "
+                             "one UNet sample per step, so the root can be served one whole pipeline per NeuronCore "
+                             "(--neuron-parallel pipeline); recorded in the manifest")
     parser.add_argument("--force", action="store_true", help="recompile parts that are up to date")
     parser.add_argument("--workdir", type=Path, help="keep the Neuron compiler's work files (logs, NEFFs) here")
     parser.add_argument("--upload", metavar="s3://BUCKET/PREFIX/", type=upload_uri,
@@ -608,7 +626,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         compiler = Compiler(args.model, args.out, sizes, args.target, args.force, args.workdir,
                             echo=lambda text: print(text, flush=True), attention=args.attention,
-                            vae_dtype=args.vae_dtype, lora=args.lora, few_step=args.few_step)
+                            vae_dtype=args.vae_dtype, lora=args.lora, few_step=args.few_step,
+                            guidance=args.guidance)
         compiler.compile(list(dict.fromkeys(args.dtype)), [p for p in PARTS if p in args.parts])
         publish(args.out, args.upload)  # the file index; with --upload, the S3 copy too
     except (CompileError, BackendError) as exc:

@@ -75,11 +75,16 @@ def check_image(image_uri: str) -> None:
             f"the SageMaker PyTorch inference toolkit. Leave out --image-uri to use {REPOSITORY}:{TAG}.")
 
 
-def environment(max_queue: int = DEFAULT_MAX_QUEUE, response_timeout_s: int = 1800) -> dict[str, str]:
-    """The container's environment: one TorchServe worker owning the whole chip, a bounded queue, and
-    requests up to SageMaker's 6 MB."""
-    return {
-        # One worker process, which loads the UNet on both NeuronCores and runs it data-parallel.
+# --neuron-parallel pipeline's workers: one per NeuronCore of inf2.xlarge / inf2.8xlarge's one chip.
+PIPELINE_WORKERS = 2
+
+
+def environment(max_queue: int = DEFAULT_MAX_QUEUE, response_timeout_s: int = 1800,
+                neuron_parallel: str = "unet") -> dict[str, str]:
+    """The container's environment: one TorchServe worker owning the whole chip (--neuron-parallel unet) or one
+    worker per NeuronCore (pipeline), a bounded queue, and requests up to SageMaker's 6 MB."""
+    env = {
+        # unet: one worker process, which loads the UNet on both NeuronCores and runs it data-parallel.
         # Unset, TorchServe starts one worker per vCPU (ConfigManager.getDefaultWorkers in
         # pytorch/serve), each trying to claim the chip. The toolkit writes this as
         # default_workers_per_model (sagemaker_inference/environment.py, .../torchserve.py).
@@ -97,3 +102,13 @@ def environment(max_queue: int = DEFAULT_MAX_QUEUE, response_timeout_s: int = 18
         # Requests with an input image are up to SageMaker's 6 MB (MAX_REQUEST_SIZE above).
         "TS_MAX_REQUEST_SIZE": str(MAX_REQUEST_SIZE),
     }
+    if neuron_parallel == "pipeline":
+        # A TorchServe worker takes one request at a time, so two at once means two workers. Each is its own
+        # process, and NEURON_RT_NUM_CORES=1 makes the runtime give each process one NeuronCore of its own:
+        # aws-neuron-sdk's "NeuronCore Allocation and Model Placement for Inference (torch-neuronx)" advises, for
+        # applications using multiple processes, default placement with NEURON_RT_NUM_CORES. Each worker then sees
+        # one core and serves one whole pipeline on it (SD_NEURON_PARALLEL, read by serving/inference.py's
+        # Settings). The root must be compiled with --no-cfg (the backend refuses pipeline mode otherwise).
+        env.update({"SAGEMAKER_MODEL_SERVER_WORKERS": str(PIPELINE_WORKERS), "NEURON_RT_NUM_CORES": "1",
+                    "SD_NEURON_PARALLEL": "pipeline"})
+    return env

@@ -104,6 +104,7 @@ class Plan:
     volume_gb: int = DEFAULT_VOLUME_GB
     startup_timeout_s: int = DEFAULT_STARTUP_S
     max_queue: int = container.DEFAULT_MAX_QUEUE
+    neuron_parallel: str = "unet"  # container.environment: one worker on both cores, or one per core
     wait: bool = True
     model_data: str | None = None  # s3://BUCKET/PREFIX/ of a published root: uncompressed model data
 
@@ -119,7 +120,7 @@ class Plan:
 
     def environment(self) -> dict[str, str]:
         """The container's environment (container.environment)."""
-        return container.environment(self.max_queue, self.startup_timeout_s)
+        return container.environment(self.max_queue, self.startup_timeout_s, self.neuron_parallel)
 
 
 class Deployer:
@@ -620,6 +621,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-queue", type=int, default=container.DEFAULT_MAX_QUEUE,
                    help=f"requests that may wait while one runs; more are answered 503 at once "
                         f"(default {container.DEFAULT_MAX_QUEUE})")
+    d.add_argument("--neuron-parallel", choices=("unet", "pipeline"), default="unet",
+                   help="unet: one TorchServe worker runs the UNet across both NeuronCores (CFG roots); pipeline: "
+                        "one worker per NeuronCore, two requests at once (roots compiled with --no-cfg)")
     d.add_argument("--no-wait", action="store_true", help="return once the endpoint is being created")
     sub.add_parser("status", parents=[common], help="show the endpoint's state")
     x = sub.add_parser("delete", parents=[common], help="delete the endpoint, its configs, models and autoscaling")
@@ -649,7 +653,8 @@ def main(argv: list[str] | None = None) -> int:
                         min_instances=args.min_instances,
                         max_instances=args.max_instances if args.max_instances is not None else args.min_instances,
                         target_invocations=args.target_invocations, volume_gb=args.volume_size,
-                        startup_timeout_s=args.startup_timeout, max_queue=args.max_queue, wait=not args.no_wait)
+                        startup_timeout_s=args.startup_timeout, max_queue=args.max_queue,
+                        neuron_parallel=args.neuron_parallel, wait=not args.no_wait)
             deployer.deploy(plan)
         elif args.command == "status":
             return 0 if deployer.status(args.name) is not None else 3

@@ -78,7 +78,7 @@ class Invocation:
 
 
 class Handler:
-    """One backend, one generation at a time, a bounded queue in front of it."""
+    """One backend, as many generations at once as it runs (Capabilities.concurrency), a bounded queue in front."""
 
     def __init__(self, backend: Backend, max_waiting: int = DEFAULT_MAX_WAITING,
                  queue_timeout_s: float = DEFAULT_QUEUE_TIMEOUT_S, png_level: int = DEFAULT_PNG_LEVEL):
@@ -88,7 +88,8 @@ class Handler:
         self.max_waiting = max_waiting
         self.queue_timeout_s = queue_timeout_s
         self._describe = json.dumps(self.capabilities.to_dict()).encode("utf-8")
-        self._turn_lock = threading.Lock()
+        # A turn per generation the backend runs at once: 1, or one per NeuronCore with --neuron-parallel pipeline.
+        self._turns = threading.BoundedSemaphore(self.capabilities.concurrency)
         self._count_lock = threading.Lock()
         self._waiting = 0
 
@@ -131,7 +132,7 @@ class Handler:
             self._waiting += 1
         waited_from = time.perf_counter()
         try:
-            got = self._turn_lock.acquire(timeout=self.queue_timeout_s)
+            got = self._turns.acquire(timeout=self.queue_timeout_s)
         finally:
             with self._count_lock:
                 self._waiting -= 1
@@ -141,7 +142,7 @@ class Handler:
         try:
             yield (time.perf_counter() - waited_from) * 1000.0
         finally:
-            self._turn_lock.release()
+            self._turns.release()
 
     def close(self) -> None:
         """Free the backend."""

@@ -28,6 +28,8 @@ endpoint.json keys, each overridden by its SD_* variable (SD_BACKEND, SD_MODEL, 
   png_level     zlib level of the PNGs answered
   sizes         neuron: the compiled sizes to load ("512x512,768x512"; default every size in the root)
   device_memory_gib  neuron: one Inferentia2 chip's memory the sizes are checked against (default 32)
+  neuron_parallel  neuron: unet (default) or pipeline; container.environment sets SD_NEURON_PARALLEL=pipeline
+                with one TorchServe worker per NeuronCore (deploy.py --neuron-parallel pipeline)
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ log = logging.getLogger("serving.inference")
 
 CONFIG_FILE = "endpoint.json"  # in code/, beside this file
 CONFIG_KEYS = ("backend", "artifacts", "model_s3_uri", "model", "device", "max_images", "png_level", "neuron_cores",
-               "sizes", "device_memory_gib")
+               "sizes", "device_memory_gib", "neuron_parallel")
 
 
 @dataclass
@@ -162,4 +164,5 @@ def settings_from_config(model_dir: Path, config: Mapping[str, Any]) -> backend.
         neuron_cores=int(config["neuron_cores"]) if config.get("neuron_cores") else None,
         sizes=str(config["sizes"]) if config.get("sizes") else None,
         device_memory_gib=float(config["device_memory_gib"]) if config.get("device_memory_gib") else None,
+        neuron_parallel=str(config.get("neuron_parallel") or "unet"),
     )

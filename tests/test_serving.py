@@ -172,7 +172,7 @@ def test_each_generation_logs_its_start_and_its_answer_under_one_id(handler, cap
 def test_requests_queue_one_at_a_time_and_too_many_get_a_429(tiny_backend):
     handler = Handler(tiny_backend, max_waiting=1, queue_timeout_s=30)
     answers = []
-    handler._turn_lock.acquire()  # a generation is running
+    handler._turns.acquire()  # a generation is running
     try:
         waiter = threading.Thread(target=lambda: answers.append(
             handler.handle(body({"prompt": "cat", "parameters": SMALL}), JSON_HEADERS)))
@@ -185,7 +185,7 @@ def test_requests_queue_one_at_a_time_and_too_many_get_a_429(tiny_backend):
         # A bad request is answered at once, even while the queue is full.
         assert handler.handle(body({"prompt": ""}), JSON_HEADERS).status == 400
     finally:
-        handler._turn_lock.release()
+        handler._turns.release()
     waiter.join(30)
     assert answers[0].status == 200
     assert float(protocol.parse_attributes(answers[0].headers[protocol.CUSTOM_ATTRIBUTES])["queue_ms"]) > 0
@@ -193,7 +193,7 @@ def test_requests_queue_one_at_a_time_and_too_many_get_a_429(tiny_backend):
 
 def test_a_request_that_waits_too_long_gets_a_503(tiny_backend):
     handler = Handler(tiny_backend, queue_timeout_s=0.2)
-    with handler._turn_lock:
+    with handler._turns:
         answer = handler.handle(body({"prompt": "cat", "parameters": SMALL}), JSON_HEADERS)
     assert answer.status == 503 and "no turn within 0.2 s" in json.loads(answer.body)["error"]
 
