@@ -139,8 +139,8 @@ def test_compile_writes_the_index_and_upload_publishes_the_root_with_it(publishe
                                           "neuronx-cc": None}}
     listed = {item["Key"] for item in s3.list_objects_v2(Bucket=BUCKET, Prefix="teams/tiny_root/")["Contents"]}
     assert listed == {f"teams/tiny_root/{rel}" for rel in [*files, root_store.INDEX_PATH]}
-    head = s3.head_object(Bucket=BUCKET, Key="teams/tiny_root/compiled_models/fp32/unet.pt")
-    assert head["Metadata"]["sha256"] == index["files"]["compiled_models/fp32/unet.pt"]["sha256"]
+    head = s3.head_object(Bucket=BUCKET, Key=f"teams/tiny_root/compiled_models/fp32/{SIZE}x{SIZE}/unet.pt")
+    assert head["Metadata"]["sha256"] == index["files"][f"compiled_models/fp32/{SIZE}x{SIZE}/unet.pt"]["sha256"]
 
     # Publishing again sends nothing that is already there (the sums are compared, not only the sizes).
     messages = []
@@ -175,7 +175,7 @@ def test_the_neuron_backend_serves_an_s3_root_downloaded_once(published, s3, tmp
 def test_an_interrupted_download_resumes_with_a_ranged_get(published, s3, tmp_path):
     root, uri = published
     dest = tmp_path / "root"
-    unet = "compiled_models/fp32/unet.pt"
+    unet = f"compiled_models/fp32/{SIZE}x{SIZE}/unet.pt"
     keep = 1000
 
     class Dropping(Counting):
@@ -204,7 +204,7 @@ def test_an_interrupted_download_resumes_with_a_ranged_get(published, s3, tmp_pa
 def test_a_checksum_mismatch_deletes_the_bad_file_and_names_it(published, s3, tmp_path):
     root, uri = published
     copy_prefix(s3, "teams/tiny_root/", "teams/tampered/")
-    bad = "compiled_models/fp32/vae_decoder.pt"
+    bad = f"compiled_models/fp32/{SIZE}x{SIZE}/vae_decoder.pt"
     good = (root / bad).read_bytes()
     s3.put_object(Bucket=BUCKET, Key=f"teams/tampered/{bad}", Body=bytes(len(good)))  # same size, other bytes
     dest = tmp_path / "root"
