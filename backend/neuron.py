@@ -474,7 +474,10 @@ class NeuronBackend(InProcessBackend):
         if request.mode in MODES and request.mode not in self._caps.modes:
             raise InvalidRequest(f"mode: {MODE_LABELS[request.mode]} ({request.mode}) is not available: "
                                  f"{self.modes_note}", "mode")
-        if not self.guidance and request.guidance_scale > 1:  # diffusers runs CFG when guidance_scale > 1
+        # Before validation, for the message naming --no-cfg; None (the default: off here) and non-numbers are
+        # left to validated(). diffusers runs CFG when guidance_scale > 1.
+        scale = request.guidance_scale
+        if not self.guidance and isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale > 1:
             raise InvalidRequest(f"guidance_scale: {request.guidance_scale:g} asks for classifier-free guidance, and "
                                  f"{self.model} was compiled without it (--no-cfg: one UNet sample per step); use a "
                                  f"guidance_scale of 1 or less (guidance off).", "guidance_scale")
