@@ -231,10 +231,13 @@ def test_unexpected_error_keeps_its_traceback_under_the_id_the_user_sees(tmp_pat
 
 
 def test_settings_have_no_literal_defaults_in_the_app():
-    """The controls start at GenerationRequest's values: the scheduler's name is written nowhere in app.py."""
+    """The controls start at the backend's defaults (Capabilities): the default scheduler's key is written
+    nowhere in app.py."""
     from helpers import ROOT
 
-    assert GenerationRequest.scheduler not in (ROOT / "app.py").read_text()
+    from backend.schedulers import DEFAULT_SCHEDULER
+
+    assert DEFAULT_SCHEDULER not in (ROOT / "app.py").read_text()
 
 
 # --- failed logins per address ----------------------------------------------------------------------
