@@ -32,3 +32,23 @@ def wait_until(check: Callable[[], T], timeout: float, what: str) -> T:
         assert time.monotonic() < deadline, f"{what} did not happen within {timeout:g} s"
         time.sleep(0.05)
     return value
+
+
+class NarrowedBackend:
+    """A real backend whose capabilities are narrowed by `changes` (dataclasses.replace on Capabilities);
+    generation is the real backend's, so validation against the narrower capabilities is what is tested."""
+
+    def __init__(self, backend, **changes):
+        import dataclasses
+
+        self.name, self._backend = backend.name, backend
+        self._caps = dataclasses.replace(backend.capabilities(), **changes)
+
+    def capabilities(self):
+        return self._caps
+
+    def generate(self, request, on_step=None):
+        return self._backend.generate(request, on_step)
+
+    def close(self):
+        pass

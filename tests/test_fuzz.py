@@ -18,6 +18,7 @@ from backend import protocol
 from backend.api import MAX_SEED, Capabilities, GenerationRequest, InvalidRequest
 from backend.metadata import NEGATIVE, attach, parse_infotext, png_bytes, read_infotext, write_infotext
 from backend.schedulers import SCHEDULERS
+from helpers import NarrowedBackend
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 FIELDS = tuple(f.name for f in dataclasses.fields(GenerationRequest))
@@ -176,30 +177,13 @@ def test_infotext_survives_a_real_png(prompt, negative, level, mode):
 
 # --- wire protocol: the endpoint's handler (serving/handler.py) with any body ------------------------
 
-class _Narrowed:
-    """The real tiny backend, offering only 64x64, 2 steps and 1 image, so that the valid requests
-    the fuzzer makes run in milliseconds; everything else is the real pipeline."""
-
-    def __init__(self, backend):
-        self.name, self._backend = backend.name, backend
-        self._caps = dataclasses.replace(backend.capabilities(), max_steps=2, max_size=64, default_size=(64, 64),
-                                         max_images=1)
-
-    def capabilities(self):
-        return self._caps
-
-    def generate(self, request, on_step=None):
-        return self._backend.generate(request, on_step)
-
-    def close(self):
-        pass
-
-
 @pytest.fixture(scope="module")
 def endpoint_handler(tiny_backend):
     from serving.handler import Handler
 
-    return Handler(_Narrowed(tiny_backend))
+    # Only 64x64, 2 steps and 1 image, so that the valid requests the fuzzer makes run in milliseconds;
+    # everything else is the real pipeline.
+    return Handler(NarrowedBackend(tiny_backend, max_steps=2, max_size=64, default_size=(64, 64), max_images=1))
 
 
 json_values = st.recursive(

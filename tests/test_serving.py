@@ -5,7 +5,6 @@ serving/server.py as a real process called by the walk-through's own boto3 code.
 from __future__ import annotations
 
 import base64
-import dataclasses
 import http.client
 import io
 import json
@@ -21,7 +20,7 @@ from PIL import Image
 
 from backend import BackendUnavailable, GenerationFailed, GenerationRequest, protocol
 from backend.metadata import parse_infotext, read_infotext
-from helpers import free_port, run_process
+from helpers import NarrowedBackend, free_port, run_process
 from input_pictures import b64, centred_mask, encoded, picture
 from serving import server as endpoint_server
 from serving.handler import Handler, choose_answer_type
@@ -257,25 +256,9 @@ def test_bad_pictures_are_a_400_naming_the_field_and_the_next_request_works(hand
     assert after.status == 200 and after.body.startswith(b"\x89PNG")
 
 
-class _TextToImageOnly:
-    """The real tiny backend offering text to image only, as a compiled Neuron root without the VAE encoder does."""
-
-    def __init__(self, backend):
-        self.name, self._backend = backend.name, backend
-        self._caps = dataclasses.replace(backend.capabilities(), modes=("txt2img",))
-
-    def capabilities(self):
-        return self._caps
-
-    def generate(self, request, on_step=None):
-        return self._backend.generate(request, on_step)
-
-    def close(self):
-        pass
-
-
 def test_an_image_on_a_backend_that_cannot_take_one_is_a_400_naming_the_mode(tiny_backend):
-    handler = Handler(_TextToImageOnly(tiny_backend))
+    # The real tiny backend offering text to image only, as a compiled Neuron root without the VAE encoder does.
+    handler = Handler(NarrowedBackend(tiny_backend, modes=("txt2img",)))
     assert json.loads(handler.handle(body({"describe": True}), JSON_HEADERS).body)["modes"] == ["txt2img"]
     answer = handler.handle(body({"prompt": "cat", "image": b64(picture()), "parameters": SMALL}), JSON_HEADERS)
     error = json.loads(answer.body)
