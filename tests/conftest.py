@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import CHROMIUM, CHROMIUM_ARGS, ROOT, AppProcess, run_app
+from helpers import CHROMIUM, CHROMIUM_ARGS, ROOT, AppProcess, run_app, screenshot
 
 # Every test run gets its own Gradio cache, removed at the end (set before gradio is imported).
 _GRADIO_TMP = tempfile.mkdtemp(prefix="sd-tests-gradio-")
@@ -63,6 +63,18 @@ def browser():
         chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield chromium
         chromium.close()
+
+
+@pytest.fixture
+def page(browser, request, tmp_path):
+    """A fresh browser context and page; its full-page screenshot is saved when the test ends."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
+    pg = context.new_page()
+    pg.errors = []  # uncaught page errors: the app's own JS must not throw
+    pg.on("pageerror", lambda exc: pg.errors.append(str(exc)))
+    yield pg
+    screenshot(pg, tmp_path, request.node.name)
+    context.close()
 
 
 @pytest.fixture

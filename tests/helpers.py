@@ -52,3 +52,15 @@ class NarrowedBackend:
 
     def close(self):
         pass
+
+
+def screenshot(pg, tmp_path: Path, name: str) -> Path:
+    """Full-page screenshot of a Playwright page in tmp_path, copied to $SD_SCREENSHOT_DIR when that is set."""
+    import shutil
+
+    path = tmp_path / f"{name}.png"
+    pg.screenshot(path=str(path), full_page=True)
+    if os.environ.get("SD_SCREENSHOT_DIR"):
+        Path(os.environ["SD_SCREENSHOT_DIR"]).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, Path(os.environ["SD_SCREENSHOT_DIR"]) / path.name)
+    return path

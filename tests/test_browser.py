@@ -18,35 +18,13 @@ import pytest
 from PIL import Image
 
 from backend.metadata import parse_infotext, read_infotext
-from helpers import CHROMIUM, run_app
+from helpers import CHROMIUM, run_app, screenshot
 
 ROOT = Path(__file__).resolve().parent.parent
 
 if not Path(CHROMIUM).exists():
     pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium, or set SD_CHROMIUM)", allow_module_level=True)
 sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
-
-
-@pytest.fixture
-def page(browser, request, tmp_path):
-    """A fresh browser context and page; its screenshot is saved when the test ends."""
-    context = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
-    pg = context.new_page()
-    pg.errors = []  # uncaught page errors: the app's own JS must not throw
-    pg.on("pageerror", lambda exc: pg.errors.append(str(exc)))
-    yield pg
-    screenshot(pg, tmp_path, request.node.name)
-    context.close()
-
-
-def screenshot(pg, tmp_path: Path, name: str) -> Path:
-    """Full-page screenshot in tmp_path, copied to $SD_SCREENSHOT_DIR when that is set."""
-    path = tmp_path / f"{name}.png"
-    pg.screenshot(path=str(path), full_page=True)
-    if os.environ.get("SD_SCREENSHOT_DIR"):
-        Path(os.environ["SD_SCREENSHOT_DIR"]).mkdir(parents=True, exist_ok=True)
-        shutil.copy(path, Path(os.environ["SD_SCREENSHOT_DIR"]) / path.name)
-    return path
 
 
 # --- helpers: what a person does ---------------------------------------------------------------------

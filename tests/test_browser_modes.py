@@ -14,27 +14,15 @@ import pytest
 from PIL import Image, ImageDraw
 
 from backend.metadata import parse_infotext, read_infotext
-from helpers import CHROMIUM
+from helpers import CHROMIUM, screenshot
 
 if not os.path.exists(CHROMIUM):
     pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium, or set SD_CHROMIUM)", allow_module_level=True)
 sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
 
-from test_browser import ROOT, fetch_png, open_app, screenshot  # noqa: E402
+from test_browser import ROOT, fetch_png, open_app  # noqa: E402
 
 SIZE = 256
-
-
-@pytest.fixture
-def page(browser, request, tmp_path):
-    """A fresh browser context and page (as test_browser's); its screenshot is saved when the test ends."""
-    context = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
-    pg = context.new_page()
-    pg.errors = []  # uncaught page errors: the app's own JS must not throw
-    pg.on("pageerror", lambda exc: pg.errors.append(str(exc)))
-    yield pg
-    screenshot(pg, tmp_path, request.node.name)
-    context.close()
 
 
 @pytest.fixture(scope="module")
