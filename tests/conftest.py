@@ -1,4 +1,5 @@
-"""Shared fixtures (the tiny model, a real app, Chromium, throwaway AWS settings) and the session set-up.
+"""Shared fixtures (the tiny model, compiled roots, a real app, Chromium, throwaway AWS settings), the session
+set-up, and how the tests are split between pytest-xdist's workers (docs/testing.md says why and what it costs).
 
 Helpers that tests import live in tests/helpers.py."""
 
@@ -13,27 +14,106 @@ from pathlib import Path
 
 import pytest
 
-from helpers import CHROMIUM, CHROMIUM_ARGS, ROOT, AppProcess, run_app, screenshot
-
 # Every test run gets its own Gradio cache, removed at the end (set before gradio is imported).
 _GRADIO_TMP = tempfile.mkdtemp(prefix="sd-tests-gradio-")
 os.environ["GRADIO_TEMP_DIR"] = _GRADIO_TMP
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Two xdist workers share the two cores: torch in each, and in the apps, endpoints and TorchServe workers they
+# start (which inherit the variable), runs one OpenMP thread instead of one per core, so that four busy-waiting
+# OpenMP teams do not fight over two cores (docs/testing.md measures both). Set before anything imports torch.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import neuron_helpers  # noqa: E402 - imports torch: after the variables above
+from helpers import CHROMIUM, CHROMIUM_ARGS, ROOT, AppProcess, build_once, run_app, screenshot  # noqa: E402
 
 
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_GRADIO_TMP, ignore_errors=True)
 
 
+# --- how pytest-xdist splits the run (pytest.ini: -n 2 --dist loadscope --no-loadscope-reorder) ---------
+
+# Each test module is one unit of work (its module fixtures are built once), and these modules share one: the
+# SageMaker toolkit refuses to start while another TorchServe runs on the machine ("multiple ts model servers are
+# not supported"), and the tiny_app users share one `python app.py --model tiny` and one Chromium.
+GROUPS = {
+    **dict.fromkeys(("test_torchserve", "test_torchserve_modes", "test_torchserve_uncompressed"), "torchserve"),
+    **dict.fromkeys(("test_load", "test_security", "test_browser", "test_browser_modes"), "tiny_app"),
+}
+# The longest units first, so that the two workers end together (the longest-first rule); measured in
+# docs/testing.md. The order changes only which worker runs a unit and when, never what a test does.
+LONGEST_FIRST = ("tiny_app", "test_neuron", "test_benchmarks", "torchserve", "test_neuron_sizes", "test_app",
+                 "test_faults", "test_sagemaker_backend", "test_app_modes")
+
+
+def unit_of(nodeid: str) -> str:
+    """The unit of work of a test (by its node id): its module's name, or the shared one GROUPS names."""
+    module = Path(nodeid.split("::")[0]).stem
+    return GROUPS.get(module, module)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The longest units first; a test keeps its place within its module."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(unit_of(item.nodeid), len(rank)))  # stable: the rest keep their order
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """xdist's loadscope scheduling with unit_of as the scope. (Its loadgroup marks do not take on pytest 9:
+    xdist 3.8 renames a test by setting Item._nodeid, which pytest 9 no longer reads.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByUnit(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return unit_of(nodeid)
+
+    return ByUnit(config, log)
+
+
+# --- what is built once per run and shared by every module and worker ---------------------------------
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     """The tiny model saved once as a diffusers folder by `python -m backend.tiny`."""
-    path = tmp_path_factory.mktemp("tiny-model")
-    subprocess.run([sys.executable, "-m", "backend.tiny", str(path)], cwd=ROOT, check=True,
-                   stdout=subprocess.DEVNULL)
-    return path
+    def build(folder: Path) -> Path:
+        path = folder / "tiny-model"
+        subprocess.run([sys.executable, "-m", "backend.tiny", str(path)], cwd=ROOT, check=True,
+                       stdout=subprocess.DEVNULL)
+        return path
+    return build_once(tmp_path_factory, "tiny-model", build)
+
+
+@pytest.fixture(scope="session")
+def compiled_root(tmp_path_factory) -> Path:
+    """The tiny model traced for the CPU, bf16 and fp32, at neuron_helpers.SIZE (read only: copy_root to change it)."""
+    return neuron_helpers.compiled_root(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def sizes_root(tmp_path_factory) -> Path:
+    """The tiny model traced for the CPU in fp32 at the three neuron_helpers.SIZES (read only)."""
+    return neuron_helpers.sizes_root(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def small_root(tmp_path_factory) -> Path:
+    """The tiny model traced for the CPU in fp32 at 128x128, every part: what the TorchServe and S3 tests serve and
+    publish (read only: copy_root, then compile.py with neuron_helpers.small_root_args and --upload publishes it)."""
+    return neuron_helpers.small_root(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def neuron_backend(compiled_root):
+    """One NeuronBackend on the compiled root, for the tests that only read it."""
+    from backend import Settings, create_backend
+
+    backend = create_backend(Settings(backend="neuron", artifacts=str(compiled_root)))
+    yield backend
+    backend.close()
 
 
 @pytest.fixture(scope="session")

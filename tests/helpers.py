@@ -4,6 +4,7 @@ which the benchmarks use too), Chromium's location, and waiting for an event wit
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -21,6 +22,34 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-s
                  "--no-first-run"]
 
 T = TypeVar("T")
+
+
+def run_shared_dir(tmp_path_factory) -> Path:
+    """The folder this test run's processes share: under pytest-xdist each worker has its own basetemp
+    (.../pytest-N/popen-gwK), whose parent is the run's; without xdist, the basetemp itself."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def build_once(tmp_path_factory, name: str, build: Callable[[Path], Path]) -> Path:
+    """What build(folder) makes (a compiled root, a saved model), made once per test run however many
+    modules and xdist workers ask: the first builds it under a file lock, the others wait and reuse it.
+
+    build gets an empty folder and returns the path it made in it. Users only read what it made;
+    a test that changes it copies it first (neuron_helpers.copy_root)."""
+    from filelock import FileLock  # huggingface_hub's dependency, always installed beside it
+
+    shared = run_shared_dir(tmp_path_factory) / "built-once"
+    shared.mkdir(exist_ok=True)
+    done = shared / f"{name}.done"  # beside, not inside: a root's own files are what tests check
+    with FileLock(str(shared / f"{name}.lock")):
+        if not done.is_file():
+            folder = shared / name
+            shutil.rmtree(folder, ignore_errors=True)  # what a failed build left
+            folder.mkdir()
+            made = build(folder)
+            done.write_text(str(made))
+        return Path(done.read_text())
 
 
 def wait_until(check: Callable[[], T], timeout: float, what: str) -> T:

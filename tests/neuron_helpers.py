@@ -16,38 +16,59 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from helpers import build_once
+
 # Smaller than the tiny model's native 512 so that the many generations of the tests stay fast;
 # the walk-through layout below covers 512x512.
 SIZE = 256
 # A root of several sizes (width x height, as the infotext and --sizes write them): small ones, for speed.
 SIZES = ((128, 128), (192, 128), (128, 192))
-_ROOTS: dict[str, Path] = {}
 
 
 def compiled_root(tmp_path_factory) -> Path:
-    """The tiny model compiled for the CPU in bf16 and fp32 at SIZE x SIZE, once per test session."""
-    if "cpu" not in _ROOTS:
+    """The tiny model compiled for the CPU in bf16 and fp32 at SIZE x SIZE, once per test run."""
+    def build(folder: Path) -> Path:
         from compile_scripts.compile import main
 
-        root = tmp_path_factory.mktemp("neuron-root") / "root"
-        status = main(["--model", "tiny", "--out", str(root), "--target", "cpu", "--dtype", "bf16", "fp32",
-                       "--height", str(SIZE), "--width", str(SIZE)])
-        assert status == 0
-        _ROOTS["cpu"] = root
-    return _ROOTS["cpu"]
+        root = folder / "root"
+        assert main(["--model", "tiny", "--out", str(root), "--target", "cpu", "--dtype", "bf16", "fp32",
+                     "--height", str(SIZE), "--width", str(SIZE)]) == 0
+        return root
+    return build_once(tmp_path_factory, "neuron-root", build)
 
 
 def sizes_root(tmp_path_factory) -> Path:
-    """The tiny model compiled for the CPU in fp32 at the three SIZES, every part, once per test session."""
-    if "sizes" not in _ROOTS:
+    """The tiny model compiled for the CPU in fp32 at the three SIZES, every part, once per test run."""
+    def build(folder: Path) -> Path:
         from compile_scripts.compile import main
 
-        root = tmp_path_factory.mktemp("neuron-sizes") / "root"
+        root = folder / "root"
         sizes = ",".join(f"{w}x{h}" for w, h in SIZES)
         assert main(["--model", "tiny", "--out", str(root), "--target", "cpu", "--dtype", "fp32",
                      "--sizes", sizes]) == 0
-        _ROOTS["sizes"] = root
-    return _ROOTS["sizes"]
+        return root
+    return build_once(tmp_path_factory, "neuron-sizes", build)
+
+
+# The root the endpoint tests serve and publish: every part, fp32, one small size.
+SMALL_SIZE = 128
+
+
+def small_root_args(root: Path) -> list[str]:
+    """compile.py's arguments for the small fp32 root at `root` (again with --upload, it only publishes)."""
+    return ["--model", "tiny", "--target", "cpu", "--out", str(root), "--dtype", "fp32",
+            "--height", str(SMALL_SIZE), "--width", str(SMALL_SIZE)]
+
+
+def small_root(tmp_path_factory) -> Path:
+    """The tiny model compiled for the CPU in fp32 at SMALL_SIZE x SMALL_SIZE, every part, once per test run."""
+    def build(folder: Path) -> Path:
+        from compile_scripts.compile import main
+
+        root = folder / "sd_tiny_root"
+        assert main(small_root_args(root)) == 0
+        return root
+    return build_once(tmp_path_factory, "small-root", build)
 
 
 def downgrade_to_format_1(root: Path) -> Path:
@@ -168,17 +189,34 @@ def trace_walkthrough(model_dir: Path, root: Path, vae_dtype: torch.dtype = torc
         text_encoder = copy.deepcopy(pipe.text_encoder)
         torch.jit.save(torch.jit.trace(text_encoder, emb, strict=False, check_trace=False),
                        str(compiled / "text_encoder.pt"))
-        decoder = copy.deepcopy(pipe.vae.decoder).to(vae_dtype)
-        torch.jit.save(torch.jit.trace(decoder, torch.randn([1, 4, 64, 64]).to(vae_dtype), check_trace=False),
-                       str(compiled / "vae_decoder.pt"))
         unet = copy.deepcopy(WalkthroughUNetWrap(pipe.unet))
         example = (torch.randn([1, 4, 64, 64]).to(dtype), torch.tensor(999).float().expand((1,)).to(dtype),
                    torch.randn([1, 77, hidden]).to(dtype))
         torch.jit.save(torch.jit.trace(unet, example, check_trace=False), str(compiled / "unet.pt"))
-        post_quant_conv = copy.deepcopy(pipe.vae.post_quant_conv).to(vae_dtype)
+    _trace_walkthrough_vae(pipe.vae, compiled, vae_dtype)
+    return root
+
+
+def _trace_walkthrough_vae(vae, compiled: Path, vae_dtype: torch.dtype) -> None:
+    """The walk-through's VAE decoder and post_quant_conv, from the bf16 pipeline's VAE, traced in vae_dtype."""
+    with torch.no_grad():
+        decoder = copy.deepcopy(vae.decoder).to(vae_dtype)
+        torch.jit.save(torch.jit.trace(decoder, torch.randn([1, 4, 64, 64]).to(vae_dtype), check_trace=False),
+                       str(compiled / "vae_decoder.pt"))
+        post_quant_conv = copy.deepcopy(vae.post_quant_conv).to(vae_dtype)
         torch.jit.save(torch.jit.trace(post_quant_conv, torch.randn([1, 4, 64, 64]).to(vae_dtype), check_trace=False),
                        str(compiled / "vae_post_quant_conv.pt"))
-    return root
+
+
+def walkthrough_with_vae_dtype(root: Path, dest: Path, vae_dtype: torch.dtype) -> Path:
+    """A copy of a trace_walkthrough root whose VAE parts are traced again in vae_dtype: what trace_walkthrough
+    with that vae_dtype makes (the same bf16 model files, text encoder and UNet), without tracing the UNet twice."""
+    from diffusers import AutoencoderKL
+
+    copy_root(root, dest)
+    vae = AutoencoderKL.from_pretrained(dest / "vae", dtype=torch.bfloat16)  # the bf16 weights the root saved
+    _trace_walkthrough_vae(vae, dest / "compiled_models", vae_dtype)
+    return dest
 
 
 class WalkthroughTypeConversion(nn.Module):

@@ -31,12 +31,6 @@ from compile_scripts.compile import (
 from helpers import ROOT
 
 
-@pytest.fixture(scope="session")
-def compiled_root(tmp_path_factory):
-    """The tiny model traced for the CPU, bf16 and fp32 (shared with test_neuron.py)."""
-    return neuron_helpers.compiled_root(tmp_path_factory)
-
-
 @pytest.mark.skipif(importlib.util.find_spec("torch_neuronx") is not None, reason="torch-neuronx is installed here")
 @pytest.mark.parametrize("invocation", [["-m", "compile_scripts.compile"], ["compile_scripts/compile.py"]],
                          ids=["module", "script"])

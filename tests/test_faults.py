@@ -126,7 +126,11 @@ def expect_clear_error(call, *patterns: str) -> str:
 
     with pytest.raises(AppError) as info:
         call()
-    message = str(info.value)
+    return assert_clear(str(info.value), *patterns)
+
+
+def assert_clear(message: str, *patterns: str) -> str:
+    """A message a person can act on: a known start, the patterns, nothing raw."""
     assert message.startswith(CLEAR), message
     for pattern in patterns:
         assert pattern in message, (pattern, message)
@@ -190,10 +194,23 @@ def test_endpoint_slower_than_the_timeout(endpoint, direct_app, tmp_path):
     # The thing under test is a real generation slower than the read timeout, so its length is sized by
     # measuring this machine: three times the timeout, and no longer. At 768x768, since the most steps
     # allowed (100) at 512x512 can finish under the timeout.
+    # The other test worker's load comes and goes: a length measured while it was busy can run within the
+    # timeout once it is idle. Then the generation is sized again from what it took, and sent again.
+    from gradio_client.exceptions import AppError
+
     steps = min(100, max(10, round(12 / seconds_per_step(endpoint, 768))))
-    before = endpoint.generating(steps, 768)
-    expect_clear_error(lambda: generate(client, 10, steps=steps, width=768, height=768),
-                       "did not answer within 4 s", "not retried")
+    for _ in range(3):
+        before = endpoint.generating(steps, 768)
+        started = time.monotonic()
+        try:
+            generate(client, 10, steps=steps, width=768, height=768)
+        except AppError as exc:
+            assert_clear(str(exc), "did not answer within 4 s", "not retried")
+            break
+        assert steps < 100, "100 steps at 768x768 ran within the 4 s timeout: nothing here is slow enough to test it"
+        steps = min(100, max(steps + 10, round(steps * 12 / (time.monotonic() - started))))
+    else:
+        pytest.fail("the generations sized to take 12 s kept answering within the 4 s timeout")
     # The endpoint still runs the request the app gave up on (SageMaker's do too). Meanwhile a new
     # request is answered, or says the same clearly; it never hangs.
     try:

@@ -23,20 +23,6 @@ STEPS = 4
 FP32_TOL = 1e-4
 
 
-@pytest.fixture(scope="session")
-def compiled_root(tmp_path_factory):
-    """The tiny model traced for the CPU, bf16 and fp32, with the VAE encoder (shared with test_neuron.py)."""
-    return neuron_helpers.compiled_root(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def neuron_backend(compiled_root):
-    """One NeuronBackend on the compiled root."""
-    backend = create_backend(Settings(backend="neuron", artifacts=str(compiled_root)))
-    yield backend
-    backend.close()
-
-
 @pytest.fixture(scope="module")
 def eager_vae(compiled_root):
     """diffusers' AutoencoderKL from the root's own fp32 files."""

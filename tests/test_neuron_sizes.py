@@ -26,12 +26,6 @@ SIZES = neuron_helpers.SIZES
 KEYS = [f"{w}x{h}" for w, h in SIZES]
 
 
-@pytest.fixture(scope="session")
-def sizes_root(tmp_path_factory):
-    """The tiny model compiled for the CPU in fp32 at three sizes (shared with test_neuron_image_modes.py)."""
-    return neuron_helpers.sizes_root(tmp_path_factory)
-
-
 @pytest.fixture(scope="module")
 def sizes_backend(sizes_root):
     """One NeuronBackend on the three-size root."""

@@ -21,12 +21,6 @@ from compile_scripts.doctor import main
 from helpers import ROOT
 
 
-@pytest.fixture(scope="session")
-def compiled_root(tmp_path_factory):
-    """The tiny model traced for the CPU, bf16 and fp32 (shared with test_neuron.py and test_compile.py)."""
-    return neuron_helpers.compiled_root(tmp_path_factory)
-
-
 def _edit_manifest(root: Path, dtype: str, edit) -> None:
     path = root / "compiled_models" / dtype / "manifest.json"
     data = json.loads(path.read_text())

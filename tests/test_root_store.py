@@ -17,6 +17,7 @@ import os
 import urllib.request
 from pathlib import Path
 
+import neuron_helpers
 import pytest
 
 from backend import BackendUnavailable, GenerationRequest, Settings, create_backend
@@ -26,7 +27,7 @@ from helpers import free_port, run_process
 
 REGION = "us-east-2"
 BUCKET = "roots"
-SIZE = 128
+SIZE = neuron_helpers.SMALL_SIZE
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -66,14 +67,16 @@ def s3(moto):
 
 
 @pytest.fixture(scope="module")
-def published(s3, tmp_path_factory):
-    """The tiny model compiled for the CPU (fp32, SIZE x SIZE) and published by `compile.py --upload`: (root, uri)."""
+def published(s3, small_root, tmp_path_factory):
+    """The tiny model compiled for the CPU (fp32, SIZE x SIZE) and published by `compile.py --upload`: (root, uri).
+
+    The run's small root, compiled again with the same arguments and --upload: every part is up to date, so
+    compile.py only writes the index and publishes."""
     from compile_scripts.compile import main as compile_main
 
-    root = tmp_path_factory.mktemp("published") / "tiny_root"
+    root = neuron_helpers.copy_root(small_root, tmp_path_factory.mktemp("published") / "tiny_root")
     uri = f"s3://{BUCKET}/teams/tiny_root/"
-    assert compile_main(["--model", "tiny", "--target", "cpu", "--out", str(root), "--dtype", "fp32",
-                         "--height", str(SIZE), "--width", str(SIZE), "--upload", uri]) == 0
+    assert compile_main([*neuron_helpers.small_root_args(root), "--upload", uri]) == 0
     return root, uri
 
 

@@ -19,6 +19,7 @@ import psutil
 import pytest
 from PIL import Image
 
+import neuron_helpers
 from backend import BackendUnavailable, GenerationRequest, InvalidRequest, Settings, create_backend, protocol
 from backend.metadata import read_infotext
 from compile_scripts import container as endpoint_container
@@ -33,7 +34,7 @@ from dlc import run_container, sagemaker_front_end  # noqa: E402 - after the ski
 
 NAME = "sd-torchserve"
 REGION = "us-east-2"
-SIZE = 128
+SIZE = neuron_helpers.SMALL_SIZE
 QUEUE = 2  # TorchServe's job queue here: one request runs, two wait, the rest are refused at once
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JSON_HEADERS = {"Content-Type": "application/json"}
@@ -51,16 +52,10 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.fixture(scope="module")
-def model_tar(tmp_path_factory):
+def model_tar(small_root, tmp_path_factory):
     """model.tar.gz holding the tiny model compiled with --target cpu, as package.py builds it for inf2."""
-    from compile_scripts.compile import main as compile_main
-
-    work = tmp_path_factory.mktemp("torchserve-archive")
-    root = work / "sd_tiny_root"
-    assert compile_main(["--model", "tiny", "--target", "cpu", "--out", str(root), "--height", str(SIZE),
-                         "--width", str(SIZE), "--dtype", "fp32"]) == 0
-    out = work / "model.tar.gz"
-    assert package.main(["--out", str(out), "--artifacts", str(root)]) == 0
+    out = tmp_path_factory.mktemp("torchserve-archive") / "model.tar.gz"
+    assert package.main(["--out", str(out), "--artifacts", str(small_root)]) == 0
     return out
 
 

@@ -18,6 +18,7 @@ import re
 import shutil
 import urllib.request
 
+import neuron_helpers
 import pytest
 from PIL import Image
 
@@ -34,10 +35,10 @@ from dlc import run_container  # noqa: E402 - after the skips: it imports the to
 
 REGION = "us-east-2"
 ROLE = "arn:aws:iam::123456789012:role/SageMakerRole"
-SIZE = 128
+SIZE = neuron_helpers.SMALL_SIZE
 
 
-def test_the_toolkit_serves_a_published_root_copied_from_its_s3_prefix(aws_env, tmp_path, monkeypatch):
+def test_the_toolkit_serves_a_published_root_copied_from_its_s3_prefix(small_root, aws_env, tmp_path, monkeypatch):
     import boto3
     from moto.server import ThreadedMotoServer
 
@@ -53,8 +54,9 @@ def test_the_toolkit_serves_a_published_root_copied_from_its_s3_prefix(aws_env, 
         s3 = boto3.client("s3", region_name=REGION)
         s3.create_bucket(Bucket="models", CreateBucketConfiguration={"LocationConstraint": REGION})
         uri = "s3://models/roots/sd_tiny_root/"
-        assert compile_main(["--model", "tiny", "--target", "cpu", "--out", str(tmp_path / "sd_tiny_root"),
-                             "--height", str(SIZE), "--width", str(SIZE), "--dtype", "fp32", "--upload", uri]) == 0
+        # The run's small root, compiled with the same arguments: compile.py finds every part up to date and publishes.
+        root = neuron_helpers.copy_root(small_root, tmp_path / "sd_tiny_root")
+        assert compile_main([*neuron_helpers.small_root_args(root), "--upload", uri]) == 0
         deployer = deploy.Deployer(REGION, url, out=lambda line: None)
         deployer.upload_code(deploy.Plan(name="sd", role=ROLE, bucket=None, model_tar=None, model_data=uri))
         prefix_copy = tmp_path / "prefix"
