@@ -27,7 +27,8 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import neuron_helpers  # noqa: E402 - imports torch: after the variables above
-from helpers import CHROMIUM, CHROMIUM_ARGS, ROOT, AppProcess, build_once, run_app, screenshot  # noqa: E402
+from helpers import (CHROMIUM, CHROMIUM_ARGS, ROOT, AppProcess, build_once, free_port, run_app,  # noqa: E402
+                     run_process, screenshot)
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -38,15 +39,17 @@ def pytest_sessionfinish(session, exitstatus):
 
 # Each test module is one unit of work (its module fixtures are built once), and these modules share one: the
 # SageMaker toolkit refuses to start while another TorchServe runs on the machine ("multiple ts model servers are
-# not supported"), and the tiny_app users share one `python app.py --model tiny` and one Chromium.
+# not supported"), and the "tiny_servers" modules share one `python app.py --model tiny` (tiny_app), one
+# `python -m serving.server --model tiny` (tiny_endpoint) and one Chromium, started once in the run.
 GROUPS = {
     **dict.fromkeys(("test_torchserve", "test_torchserve_modes", "test_torchserve_uncompressed"), "torchserve"),
-    **dict.fromkeys(("test_load", "test_security", "test_browser", "test_browser_modes"), "tiny_app"),
+    **dict.fromkeys(("test_load", "test_security", "test_browser", "test_browser_modes", "test_serving"),
+                    "tiny_servers"),
 }
 # The longest units first, so that the two workers end together (the longest-first rule); measured in
 # docs/testing.md. The order changes only which worker runs a unit and when, never what a test does.
-LONGEST_FIRST = ("tiny_app", "test_neuron", "test_benchmarks", "torchserve", "test_neuron_sizes", "test_app",
-                 "test_faults", "test_sagemaker_backend", "test_app_modes")
+LONGEST_FIRST = ("tiny_servers", "test_neuron", "test_benchmarks", "test_app", "test_faults", "torchserve",
+                 "test_neuron_sizes", "test_sagemaker_backend", "test_app_modes")
 
 
 def unit_of(nodeid: str) -> str:
@@ -63,7 +66,7 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_xdist_make_scheduler(config, log):
     """xdist's loadscope scheduling with unit_of as the scope. (Its loadgroup marks do not take on pytest 9:
-    xdist 3.8 renames a test by setting Item._nodeid, which pytest 9 no longer reads.)"""
+    xdist 3.8 renames a test by setting Item._nodeid, which pytest 9 no longer reads; pytest-xdist issue #1386.)"""
     from xdist.scheduler import LoadScopeScheduling
 
     class ByUnit(LoadScopeScheduling):
@@ -131,6 +134,17 @@ def tiny_app(tmp_path_factory) -> AppProcess:
     """One `python app.py --model tiny` shared by the browser, load and security tests."""
     with run_app(["--model", "tiny"], tmp_path_factory.mktemp("tiny-app")) as app:
         yield app
+
+
+@pytest.fixture(scope="session")
+def tiny_endpoint(tmp_path_factory) -> str:
+    """One `python -m serving.server --model tiny` answering to the endpoint name sd-test: its URL."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path_factory.mktemp("tiny-endpoint") / "endpoint.log"
+    with run_process(["-m", "serving.server", "--model", "tiny", "--device", "cpu", "--port", str(port),
+                      "--name", "sd-test"], url + "/ping", log_path=log):
+        yield url
 
 
 @pytest.fixture(scope="session")

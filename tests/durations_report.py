@@ -1,7 +1,7 @@
 """Where a test run's time goes: per file and per kind, from pytest's JUnit XML (docs/testing.md's tables).
 
     python -m pytest --junitxml=run.xml            # any run, serial or with xdist workers
-    python tests/durations_report.py run.xml [before.xml]
+    python tests/durations_report.py before.xml after.xml ...   # a column for each run
 
 A test's time is its setup, call and teardown together (the XML's `time`), so a module fixture's cost is
 charged to the test that first used it. With two workers the sum is about twice the wall time.
@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import sys
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 # Each file under the kind that dominates its time (what its fixtures start, or what its tests run).
 KINDS = {
@@ -47,25 +48,29 @@ def per_file(path: str) -> tuple[dict[str, float], dict[str, int], float]:
 
 
 def main(argv: list[str]) -> int:
-    """Print the two Markdown tables: after (argv[0]) and, when given, before (argv[1])."""
-    after, counts, wall = per_file(argv[0])
-    before = per_file(argv[1])[0] if len(argv) > 1 else {}
-    head = "| file | tests | before (s) | after (s) |" if before else "| file | tests | seconds |"
-    print(f"wall time {wall:.0f} s; test time summed {sum(after.values()):.0f} s\n")
-    print(head + "\n" + "|---" * (head.count("|") - 1) + "|")
-    for module in sorted(set(after) | set(before), key=lambda m: -after.get(m, 0)):
-        row = f"| {module} | {counts.get(module, 0)} |"
-        row += f" {before.get(module, 0):.1f} | {after.get(module, 0):.1f} |" if before else f" {after[module]:.1f} |"
-        print(row)
+    """Print the wall times and two Markdown tables (per file, per kind), a column for each XML given."""
+    if not argv:
+        print(__doc__)
+        return 2
+    runs = [per_file(path) for path in argv]
+    names = [Path(path).stem for path in argv]
+    for name, (seconds, counts, wall) in zip(names, runs):
+        print(f"{name}: {sum(counts.values())} tests, wall time {wall:.0f} s, "
+              f"test time summed {sum(seconds.values()):.0f} s")
     print()
-    head = "| kind | before (s) | after (s) |" if before else "| kind | seconds |"
+    head = "| file | tests | " + " | ".join(f"{name} (s)" for name in names) + " |"
     print(head + "\n" + "|---" * (head.count("|") - 1) + "|")
-    for kind in KINDS:
-        mods = KINDS[kind]
-        a = sum(after.get(m, 0) for m in mods)
-        b = sum(before.get(m, 0) for m in mods)
-        print(f"| {kind} | {b:.1f} | {a:.1f} |" if before else f"| {kind} | {a:.1f} |")
-    unknown = sorted(m for m in after if m not in KIND_OF)
+    modules = set().union(*(seconds for seconds, _, _ in runs))
+    for module in sorted(modules, key=lambda m: -runs[-1][0].get(m, 0)):
+        tests = max(counts.get(module, 0) for _, counts, _ in runs)
+        print(f"| {module} | {tests} | " + " | ".join(f"{seconds.get(module, 0):.1f}" for seconds, _, _ in runs) + " |")
+    print()
+    head = "| kind | " + " | ".join(f"{name} (s)" for name in names) + " |"
+    print(head + "\n" + "|---" * (head.count("|") - 1) + "|")
+    for kind, kind_modules in KINDS.items():
+        print(f"| {kind} | " + " | ".join(f"{sum(seconds.get(m, 0) for m in kind_modules):.1f}"
+                                          for seconds, _, _ in runs) + " |")
+    unknown = sorted(m for m in modules if m not in KIND_OF)
     if unknown:
         print(f"\nfiles with no kind (add them to KINDS): {', '.join(unknown)}")
     return 0

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from backend import protocol
-from helpers import ROOT, free_port, run_app, run_process
+from helpers import ROOT, free_port, run_app
 
 USER, PASSWORD = "alice", "s3cret-pa55word"
 FAST = dict(negative_prompt="", steps=2, precision=None, guidance_scale=7.5, seed=3, scheduler="dpm++2m",
@@ -344,16 +344,6 @@ def test_uploads_are_small_and_bounded(tiny_app):
 
 # --- the endpoint's limits (python -m serving.server) ------------------------------------------------
 
-@pytest.fixture(scope="module")
-def endpoint_url(tmp_path_factory):
-    """python -m serving.server --model tiny"""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    with run_process(["-m", "serving.server", "--model", "tiny", "--device", "cpu", "--port", str(port)],
-                     url + "/ping", log_path=tmp_path_factory.mktemp("endpoint") / "endpoint.log"):
-        yield url
-
-
 def raw_post(url: str, path: str, body: bytes, headers: dict | None = None, length: int | bool | None = None):
     """POST exactly these bytes with this Content-Length (default: theirs; False: none); (status, JSON or bytes)."""
     parts = urlsplit(url)
@@ -385,28 +375,28 @@ ENDPOINT_LIMITS = [  # wire parameters -> the field the refusal names
 ]
 
 
-def test_endpoint_limits_hold_against_oversized_bodies_and_huge_counts(endpoint_url):
+def test_endpoint_limits_hold_against_oversized_bodies_and_huge_counts(tiny_endpoint):
     """Too big, lying about its size, no length, huge steps/images/sizes: a 4xx at once, then it still works."""
     limit = protocol.MAX_REQUEST_BYTES
     for path in ("/invocations", "/endpoints/sd-test/invocations"):
-        status, answer = raw_post(endpoint_url, path, b'{"prompt": "' + b"x" * limit + b'"}')
+        status, answer = raw_post(tiny_endpoint, path, b'{"prompt": "' + b"x" * limit + b'"}')
         assert status == 413 and "at most" in answer["error"], (path, status, answer)
         started = time.monotonic()
-        status, _ = raw_post(endpoint_url, path, b'{"prompt": "cat"}', length=10**12)  # never sends the rest
+        status, _ = raw_post(tiny_endpoint, path, b'{"prompt": "cat"}', length=10**12)  # never sends the rest
         assert status == 413 and time.monotonic() - started < 30
-        status, _ = raw_post(endpoint_url, path, b'{"prompt": "cat"}', headers={"Transfer-Encoding": "chunked"},
+        status, _ = raw_post(tiny_endpoint, path, b'{"prompt": "cat"}', headers={"Transfer-Encoding": "chunked"},
                              length=False)
         assert status == 411
     for parameters, field in ENDPOINT_LIMITS:
         body = json.dumps({"prompt": "cat", "parameters": parameters}).encode()
-        status, answer = raw_post(endpoint_url, "/invocations", body, headers={"Accept": "application/json"})
+        status, answer = raw_post(tiny_endpoint, "/invocations", body, headers={"Accept": "application/json"})
         assert status == 400 and answer["message"] == "InvalidRequest", (parameters, status, answer)
         assert field in answer["error"].split(":")[0] and len(answer["error"]) < 600, answer["error"]
         assert_nothing_revealed(answer["error"])
     for body in (json.dumps({"prompt": "x" * 20_000}).encode(), b'{"prompt": ' + b"[" * 20_000 + b"]" * 20_000 + b"}"):
-        status, answer = raw_post(endpoint_url, "/invocations", body)
+        status, answer = raw_post(tiny_endpoint, "/invocations", body)
         assert status == 400, (status, answer)
         assert_nothing_revealed(answer["error"])
     small = json.dumps({"prompt": "still fine", "parameters": {"num_inference_steps": 2, "height": 64, "width": 64}})
-    status, png = raw_post(endpoint_url, "/invocations", small.encode())
+    status, png = raw_post(tiny_endpoint, "/invocations", small.encode())
     assert status == 200 and png.startswith(b"\x89PNG")

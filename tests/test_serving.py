@@ -20,7 +20,7 @@ from PIL import Image
 
 from backend import BackendUnavailable, GenerationFailed, GenerationRequest, protocol
 from backend.metadata import parse_infotext, read_infotext
-from helpers import NarrowedBackend, free_port, run_process
+from helpers import NarrowedBackend
 from input_pictures import b64, centred_mask, encoded, picture
 from serving import server as endpoint_server
 from serving.handler import Handler, choose_answer_type
@@ -373,23 +373,12 @@ def test_toolkit_model_fn_runs_the_preflight_on_a_compiled_root(tmp_path, tmp_pa
 
 # ---- serving/server.py as a real process --------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """`python -m serving.server --model tiny` answering to the endpoint name sd-test."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    with run_process(["-m", "serving.server", "--model", "tiny", "--device", "cpu", "--port", str(port),
-                      "--name", "sd-test"], url + "/ping", log_path=log):
-        yield url
-
-
 @pytest.fixture
-def runtime(server, aws_env):
-    """boto3's sagemaker-runtime client pointed at the server, with throwaway credentials."""
+def runtime(tiny_endpoint, aws_env):
+    """boto3's sagemaker-runtime client pointed at the endpoint, with throwaway credentials."""
     import boto3
 
-    return boto3.client("sagemaker-runtime", endpoint_url=server)
+    return boto3.client("sagemaker-runtime", endpoint_url=tiny_endpoint)
 
 
 def test_the_walkthroughs_client_code_gets_an_image(runtime):
@@ -475,8 +464,8 @@ def test_a_client_that_left_is_one_log_line_and_other_connection_errors_keep_the
     assert bug.levelno == logging.ERROR and bug.exc_info[0] is ValueError
 
 
-def test_container_route_answers_raw_statuses_and_keeps_connections_alive(server):
-    conn = http.client.HTTPConnection(server.removeprefix("http://"), timeout=30)
+def test_container_route_answers_raw_statuses_and_keeps_connections_alive(tiny_endpoint):
+    conn = http.client.HTTPConnection(tiny_endpoint.removeprefix("http://"), timeout=30)
     conn.request("GET", "/ping")
     ping = conn.getresponse()
     assert ping.status == 200 and json.loads(ping.read()) == {"status": "Healthy"}
@@ -499,8 +488,8 @@ def test_container_route_answers_raw_statuses_and_keeps_connections_alive(server
     conn.close()
 
 
-def test_requests_without_length_or_too_large_are_refused_before_reading(server):
-    host, port = server.removeprefix("http://").split(":")
+def test_requests_without_length_or_too_large_are_refused_before_reading(tiny_endpoint):
+    host, port = tiny_endpoint.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=30)
     conn.putrequest("POST", "/invocations")
     conn.endheaders()
@@ -517,10 +506,10 @@ def test_requests_without_length_or_too_large_are_refused_before_reading(server)
     conn.close()
 
 
-def test_a_body_over_sagemakers_limit_is_a_413_and_the_connection_serves_the_next_request(server):
+def test_a_body_over_sagemakers_limit_is_a_413_and_the_connection_serves_the_next_request(tiny_endpoint):
     """An input image too big for SageMaker's 6 MB: the endpoint reads and drops the body, answers 413 (kind
     InvalidRequest, naming the limit and what to send instead) and keeps the connection for the next request."""
-    conn = http.client.HTTPConnection(server.removeprefix("http://"), timeout=60)
+    conn = http.client.HTTPConnection(tiny_endpoint.removeprefix("http://"), timeout=60)
     too_big = body({"prompt": "cat", "image": "A" * (protocol.MAX_REQUEST_BYTES + 100_000)})
     conn.request("POST", "/invocations", body=too_big, headers=JSON_HEADERS)
     answer = conn.getresponse()
