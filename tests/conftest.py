@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import CHROMIUM, CHROMIUM_ARGS, ROOT, AppProcess, build_once, free_port, run_app, run_process, screenshot
+
 # Every test run gets its own Gradio cache, removed at the end (set before gradio is imported).
 _GRADIO_TMP = tempfile.mkdtemp(prefix="sd-tests-gradio-")
 os.environ["GRADIO_TEMP_DIR"] = _GRADIO_TMP
@@ -22,13 +24,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Two xdist workers share the two cores: torch in each, and in the apps, endpoints and TorchServe workers they
 # start (which inherit the variable), runs one OpenMP thread instead of one per core, so that four busy-waiting
-# OpenMP teams do not fight over two cores (docs/testing.md measures both). Set before anything imports torch.
+# OpenMP teams do not fight over two cores (docs/testing.md measures both). Set before anything imports torch:
+# this file imports none (neuron_helpers is imported in the fixtures that need it, so xdist's controller never
+# loads torch), and test modules are imported after it.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-
-import neuron_helpers  # noqa: E402 - imports torch: after the variables above
-from helpers import (CHROMIUM, CHROMIUM_ARGS, ROOT, AppProcess, build_once, free_port, run_app,  # noqa: E402
-                     run_process, screenshot)
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -93,12 +93,16 @@ def tiny_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def compiled_root(tmp_path_factory) -> Path:
     """The tiny model traced for the CPU, bf16 and fp32, at neuron_helpers.SIZE (read only: copy_root to change it)."""
+    import neuron_helpers  # torch: only where a root is needed
+
     return neuron_helpers.compiled_root(tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
 def sizes_root(tmp_path_factory) -> Path:
     """The tiny model traced for the CPU in fp32 at the three neuron_helpers.SIZES (read only)."""
+    import neuron_helpers  # torch: only where a root is needed
+
     return neuron_helpers.sizes_root(tmp_path_factory)
 
 
@@ -106,6 +110,8 @@ def sizes_root(tmp_path_factory) -> Path:
 def small_root(tmp_path_factory) -> Path:
     """The tiny model traced for the CPU in fp32 at 128x128, every part: what the TorchServe and S3 tests serve and
     publish (read only: copy_root, then compile.py with neuron_helpers.small_root_args and --upload publishes it)."""
+    import neuron_helpers  # torch: only where a root is needed
+
     return neuron_helpers.small_root(tmp_path_factory)
 
 

@@ -41,7 +41,8 @@ def per_file(path: str) -> tuple[dict[str, float], dict[str, int], float]:
     seconds: dict[str, float] = collections.Counter()
     counts: dict[str, int] = collections.Counter()
     for case in suite.iter("testcase"):
-        module = case.get("classname", "").split(".")[1] if "." in case.get("classname", "") else case.get("classname")
+        parts = case.get("classname", "").split(".")  # tests.test_x or tests.test_x.TestClass
+        module = parts[1] if len(parts) > 1 else parts[0]
         seconds[module] += float(case.get("time", 0))
         counts[module] += 1
     return seconds, counts, float(suite.get("time", 0))

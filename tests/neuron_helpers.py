@@ -23,52 +23,47 @@ from helpers import build_once
 SIZE = 256
 # A root of several sizes (width x height, as the infotext and --sizes write them): small ones, for speed.
 SIZES = ((128, 128), (192, 128), (128, 192))
+# The root the endpoint tests serve and publish: every part, fp32, one small size.
+SMALL_SIZE = 128
+_SMALL_ROOT = ("--dtype", "fp32", "--height", str(SMALL_SIZE), "--width", str(SMALL_SIZE))
+
+
+def _compile_args(root: Path, *args: str) -> list[str]:
+    """compile.py's arguments for the tiny model traced for the CPU into `root`, with `args` added."""
+    return ["--model", "tiny", "--target", "cpu", "--out", str(root), *args]
+
+
+def _compiled_once(tmp_path_factory, name: str, folder_name: str, *args: str) -> Path:
+    """The tiny model compiled for the CPU with compile.py's `args` into FOLDER/folder_name, once per test run."""
+    def build(folder: Path) -> Path:
+        from compile_scripts.compile import main
+
+        root = folder / folder_name
+        assert main(_compile_args(root, *args)) == 0
+        return root
+    return build_once(tmp_path_factory, name, build)
 
 
 def compiled_root(tmp_path_factory) -> Path:
     """The tiny model compiled for the CPU in bf16 and fp32 at SIZE x SIZE, once per test run."""
-    def build(folder: Path) -> Path:
-        from compile_scripts.compile import main
-
-        root = folder / "root"
-        assert main(["--model", "tiny", "--out", str(root), "--target", "cpu", "--dtype", "bf16", "fp32",
-                     "--height", str(SIZE), "--width", str(SIZE)]) == 0
-        return root
-    return build_once(tmp_path_factory, "neuron-root", build)
+    return _compiled_once(tmp_path_factory, "neuron-root", "root",
+                          "--dtype", "bf16", "fp32", "--height", str(SIZE), "--width", str(SIZE))
 
 
 def sizes_root(tmp_path_factory) -> Path:
     """The tiny model compiled for the CPU in fp32 at the three SIZES, every part, once per test run."""
-    def build(folder: Path) -> Path:
-        from compile_scripts.compile import main
-
-        root = folder / "root"
-        sizes = ",".join(f"{w}x{h}" for w, h in SIZES)
-        assert main(["--model", "tiny", "--out", str(root), "--target", "cpu", "--dtype", "fp32",
-                     "--sizes", sizes]) == 0
-        return root
-    return build_once(tmp_path_factory, "neuron-sizes", build)
-
-
-# The root the endpoint tests serve and publish: every part, fp32, one small size.
-SMALL_SIZE = 128
+    return _compiled_once(tmp_path_factory, "neuron-sizes", "root",
+                          "--dtype", "fp32", "--sizes", ",".join(f"{w}x{h}" for w, h in SIZES))
 
 
 def small_root_args(root: Path) -> list[str]:
     """compile.py's arguments for the small fp32 root at `root` (again with --upload, it only publishes)."""
-    return ["--model", "tiny", "--target", "cpu", "--out", str(root), "--dtype", "fp32",
-            "--height", str(SMALL_SIZE), "--width", str(SMALL_SIZE)]
+    return _compile_args(root, *_SMALL_ROOT)
 
 
 def small_root(tmp_path_factory) -> Path:
     """The tiny model compiled for the CPU in fp32 at SMALL_SIZE x SMALL_SIZE, every part, once per test run."""
-    def build(folder: Path) -> Path:
-        from compile_scripts.compile import main
-
-        root = folder / "sd_tiny_root"
-        assert main(small_root_args(root)) == 0
-        return root
-    return build_once(tmp_path_factory, "small-root", build)
+    return _compiled_once(tmp_path_factory, "small-root", "sd_tiny_root", *_SMALL_ROOT)
 
 
 def downgrade_to_format_1(root: Path) -> Path:

@@ -170,7 +170,7 @@ def test_soak_memory_and_temp_files_stay_bounded(tiny_app, tmp_path):
         samples.append(round(_rss_mb(pid), 1))
     ours, others = _files(tiny_app.temp_dir)
     stored_mb = sum(p.stat().st_size for p in ours) / 2**20
-    report(tmp_path, "soak", json.dumps({"rss_baseline_mb": round(baseline, 1), "rss_after_each_50": samples,
+    report(tmp_path, "soak", json.dumps({"rss_baseline_mb": round(baseline, 1), "rss_after_each_round": samples,
                                          "stored_pngs": len(ours), "stored_mb": round(stored_mb, 1),
                                          "other_files": len(others)}))
     # Kept images would grow RSS in step with the requests: 48 requests x 4 x 256x256 RGB = 36 MB.

@@ -232,18 +232,17 @@ def test_a_size_compiled_in_one_dtype_only_is_not_offered(sizes_root, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def format_1_root(tmp_path_factory):
+def format_1_root(compiled_root, tmp_path_factory):
     """The test session's one-size root (bf16 and fp32) as the compile.py before several sizes wrote it."""
-    root = neuron_helpers.compiled_root(tmp_path_factory)
-    return neuron_helpers.downgrade_to_format_1(neuron_helpers.copy_root(root, tmp_path_factory.mktemp("f1") / "r"))
+    copy = neuron_helpers.copy_root(compiled_root, tmp_path_factory.mktemp("f1") / "r")
+    return neuron_helpers.downgrade_to_format_1(copy)
 
 
-def test_a_format_1_root_loads_and_generates_as_before(format_1_root, tmp_path_factory):
+def test_a_format_1_root_loads_and_generates_as_before(format_1_root, compiled_root):
     size = neuron_helpers.SIZE
     assert (format_1_root / "compiled_models" / "fp32" / "unet.pt").is_file()
     backend = NeuronBackend(Settings(backend="neuron", artifacts=str(format_1_root)))
-    current = NeuronBackend(Settings(backend="neuron", artifacts=str(neuron_helpers.compiled_root(tmp_path_factory)),
-                                     sizes=f"{size}x{size}"))
+    current = NeuronBackend(Settings(backend="neuron", artifacts=str(compiled_root), sizes=f"{size}x{size}"))
     try:
         caps = backend.capabilities()
         assert caps.fixed_sizes == ((size, size),) and caps.precisions == ("bf16", "fp32")

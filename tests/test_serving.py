@@ -349,14 +349,14 @@ def test_toolkit_model_fn_reads_the_archive_config_then_the_environment(tmp_path
         read_config(config_path, env={})
 
 
-def test_toolkit_model_fn_runs_the_preflight_on_a_compiled_root(tmp_path, tmp_path_factory, caplog):
+def test_toolkit_model_fn_runs_the_preflight_on_a_compiled_root(compiled_root, tmp_path, caplog):
     """At endpoint start the doctor's checks go to the log, and a broken root fails model_fn with what to do."""
     import logging
 
     import neuron_helpers
     from serving.inference import model_fn
 
-    root = neuron_helpers.copy_root(neuron_helpers.compiled_root(tmp_path_factory), tmp_path / "sd2_512_root")
+    root = neuron_helpers.copy_root(compiled_root, tmp_path / "sd2_512_root")
     (tmp_path / "code").mkdir()
     (tmp_path / "code" / "endpoint.json").write_text(json.dumps({"backend": "neuron", "artifacts": root.name}))
     with caplog.at_level(logging.INFO, logger="serving.inference"):
