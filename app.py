@@ -1,7 +1,7 @@
 """Stable Diffusion demo: a Gradio app over a pluggable backend (neuron, sagemaker, local).
 
     python app.py                      # the default model, or the tiny model when it cannot load
-    python app.py --model DIR          # a diffusers folder (python -m backend.tiny DIR makes one)
+    python app.py --model DIR          # a diffusers folder (python -m backend.models.tiny DIR makes one)
     python app.py --backend neuron --artifacts ROOT
     python app.py --backend sagemaker --endpoint-name NAME
 
@@ -21,7 +21,7 @@ from typing import Any
 import gradio as gr
 
 from backend import SCHEDULERS, Backend, BackendUnavailable, Capabilities, Settings, create_backend
-from backend.api import MAX_MASK_BLUR, MODE_LABELS, MODES
+from backend.core.api import MAX_MASK_BLUR, MODE_LABELS, MODES
 from ui import panels
 from ui.blocks import DemoBlocks
 from ui.handlers import REQUEST_DEFAULTS, Handlers, reuse_first_seed, reuse_seed
@@ -317,7 +317,7 @@ def wire_generate(c: Controls, handlers: Handlers) -> gr.events.Dependency:
     Inpaint's page event reads the editor (private); the API's /inpaint takes plain image and mask files, on a
     button never shown, over the same controls."""
     # One gr.on for both triggers: one endpoint, named by api_name (gradio/events.py, `on`).
-    # preprocess=False: raw values reach the handler, which validates them in one place (backend.api)
+    # preprocess=False: raw values reach the handler, which validates them in one place (backend.core.api)
     # and answers a bad type with a message naming the field. show_progress_on: the progress bar goes
     # over the latency panel, so that it does not cover the previews forming in the gallery.
     outputs = [c.gallery, c.details, c.stats]

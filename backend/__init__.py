@@ -9,20 +9,19 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .api import (
-    Backend,
-    BackendError,
-    BackendUnavailable,
-    Capabilities,
-    GenerationCancelled,
-    GenerationFailed,
-    GenerationRequest,
-    GenerationResult,
-    InvalidRequest,
-    Timings,
+from .core.api import Backend, Capabilities, GenerationRequest, GenerationResult, Timings
+from .neuron.host import neuron_devices
+from .neuron.root_store import is_remote
+from .core.errors import BackendError, BackendUnavailable, GenerationCancelled, GenerationFailed, InvalidRequest
+from .core.schedulers import SCHEDULERS
+from .core.settings import (
+    DEFAULT_ARTIFACTS,
+    DEFAULT_MODEL,
+    LocalSettings,
+    NeuronSettings,
+    SageMakerSettings,
+    Settings,
 )
-from .schedulers import SCHEDULERS
-from .settings import DEFAULT_ARTIFACTS, DEFAULT_MODEL, Settings
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +34,9 @@ __all__ = [
 
 def neuron_available(settings: Settings) -> bool:
     """True when torch-neuronx imports, a Neuron device exists and compiled artifacts are present (or published)."""
-    from .root_store import is_remote
-
     root = Path(settings.artifacts or DEFAULT_ARTIFACTS)
     if not is_remote(settings.artifacts) and not (root / "compiled_models").is_dir():
         return False  # a remote root is downloaded by the backend, once chosen
-    from .preflight import neuron_devices  # light: no torch
-
     if not neuron_devices():
         return False
     try:
@@ -67,17 +62,17 @@ def create_backend(settings: Settings) -> Backend:
     name = choose_backend(settings)
     log.info("backend: %s (asked: %s)", name, settings.backend)
     if name == "local":
-        from .local import LocalBackend
+        from .inprocess.local import LocalBackend  # torch and diffusers
 
-        return LocalBackend(settings)
+        return LocalBackend(LocalSettings.of(settings))
     if name == "neuron":
-        from .neuron import NeuronBackend
+        from .neuron.backend import NeuronBackend  # torch and diffusers
 
-        return NeuronBackend(settings)
+        return NeuronBackend(NeuronSettings.of(settings))
     if name == "sagemaker":
-        from .sagemaker import SageMakerBackend
+        from .sagemaker.client import SageMakerBackend  # PIL; boto3 when it connects
 
-        return SageMakerBackend(settings)
+        return SageMakerBackend(SageMakerSettings.of(settings))
     raise ValueError(f"--backend: {name!r} is not one of auto, local, neuron, sagemaker")
 
 

@@ -38,8 +38,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
-from backend.api import DEFAULT_STRENGTH, MODES
-from backend.stats import cost_per_10k_images, percentile, qps
+from backend import GenerationRequest, InvalidRequest, Settings, create_backend
+from backend.core.api import DEFAULT_STRENGTH, MODES
+from backend.core.settings import add_arguments
+from backend.core.stats import cost_per_10k_images, percentile, qps
 
 # On-demand USD per hour, Linux, us-east-1. A snapshot: prices change, and they differ by
 # region (the walk-through used us-east-2). Check the pricing pages and pass --price-per-hour.
@@ -193,8 +195,6 @@ def mode_inputs(args, caps) -> dict:
 
 def parse_args(argv: list[str] | None):
     """Flags: the app's backend flags plus the benchmark's own."""
-    from backend.settings import add_arguments
-
     parser = argparse.ArgumentParser(prog="python -m benchmarks.latency", description=__doc__.splitlines()[0])
     add_arguments(parser, server_flags=False)
     b = parser.add_argument_group("benchmark")
@@ -237,8 +237,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from tqdm import tqdm
 
-    from backend import GenerationRequest, InvalidRequest, Settings, create_backend
-
     settings = Settings.from_namespace(args)
     price = price_for(args.instance_type, args.price_per_hour)
     check_mode_flags(args)
@@ -247,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     guidance = 0.0 if args.no_cfg else args.guidance_scale
     optimizes = [settings.optimize]
     if args.compare_optimize:
-        from backend.local import resolve_device
+        from backend.inprocess.local import resolve_device  # torch
 
         fastest = "cuda-graphs" if resolve_device(settings.device) == "cuda" else "auto"
         optimizes = ["none", settings.optimize if settings.optimize not in ("none", "auto") else fastest]

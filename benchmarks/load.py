@@ -30,8 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from backend.metadata import parse_infotext, read_infotext  # noqa: E402
-from backend.schedulers import DEFAULT_SCHEDULER  # noqa: E402 - light: names only
+from backend.core.metadata import parse_infotext, read_infotext  # noqa: E402
+from backend.core.schedulers import DEFAULT_SCHEDULER  # noqa: E402 - light: names only
 from benchmarks.procs import run_app  # noqa: E402
 
 

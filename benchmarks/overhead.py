@@ -43,7 +43,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from backend.schedulers import DEFAULT_SCHEDULER
+from backend import GenerationRequest, Settings, create_backend
+from backend.core.schedulers import DEFAULT_SCHEDULER
+from backend.models.tiny import save
 from benchmarks.procs import free_port, run_process
 
 PROMPT = "a lovely cat"
@@ -65,8 +67,6 @@ def _worker(kind: str, folder: str, steps: int, size: int, conn) -> None:
                  generator=torch.Generator().manual_seed(seed))
             return {}
     else:
-        from backend import GenerationRequest, Settings, create_backend
-
         backend = create_backend(Settings(backend="local", model=folder, device="cpu"))
 
         def run(seed):
@@ -123,8 +123,6 @@ def main(argv: list[str] | None = None) -> int:
 
     import httpx
     from gradio_client import Client
-
-    from backend.tiny import save
 
     tmp = Path(tempfile.mkdtemp(prefix="sd-overhead-"))
     folder = save(tmp / "tiny")

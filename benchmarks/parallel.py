@@ -25,9 +25,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from backend import create_backend  # noqa: E402
-from backend.api import GenerationRequest  # noqa: E402
-from backend.metadata import KEY  # noqa: E402
-from backend.settings import Settings  # noqa: E402
+from backend.core.api import GenerationRequest  # noqa: E402
+from backend.core.metadata import KEY  # noqa: E402
+from backend.core.settings import Settings  # noqa: E402
 
 
 def run(backend, concurrency: int, requests: int, steps: int, size: int) -> dict:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import json
 import os
 import shutil
 import sys
@@ -40,18 +41,40 @@ from typing import Any, Callable
 if __package__ in (None, ""):  # `python compile_scripts/compile.py`: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from backend.artifacts import (  # noqa: E402 - light, no torch
+# Light, no torch, diffusers or boto3 (so --help is instant); the heavy ones are imported where a part is traced.
+from backend.core.errors import BackendError  # noqa: E402
+from backend.core.fewstep import FEW_STEP_KINDS  # noqa: E402
+from backend.core.schedulers import make_scheduler  # noqa: E402
+from backend.inprocess.lora import fuse_lora, lora_sha256  # noqa: E402
+from backend.models.catalog import is_tiny_folder  # noqa: E402
+from backend.models.tiny import TINY_MODEL_ID  # noqa: E402
+from backend.models.tiny import save as save_tiny  # noqa: E402
+from backend.neuron.host import MIN_UNET_MEMORY_GB, host_memory_gb, neuron_devices  # noqa: E402
+from backend.neuron.parts import (  # noqa: E402
     DEFAULT_SIZE,
     NEURON_DTYPES,
     PARTS,
     SHARED_PARTS,
     VAE_PARTS,
     Size,
+    check_sizes,
     parse_sizes,
     size_key,
 )
-from backend.preflight import MIN_UNET_MEMORY_GB, host_memory_gb, neuron_devices  # noqa: E402 - light, no torch
-from backend.root_store import publish, upload_uri  # noqa: E402 - light, no torch or boto3
+from backend.neuron.root_format import (  # noqa: E402
+    COMPILED_DIR,
+    MANIFEST,
+    SOURCE,
+    carry_over,
+    installed_versions,
+    model_architecture,
+    new_manifest,
+    read_json,
+    size_entry,
+    write_json,
+)
+from backend.neuron.root_store import publish, upload_uri  # noqa: E402
+from backend.neuron.stack import NEURON_SDK_HINT  # noqa: E402
 
 # fp32: AWS's SD2.1 notebook (aws-neuron-samples torch-neuronx/inference/hf_pretrained_sd2_512_inference.ipynb)
 # compiles the UNet and text encoder in bf16 but the VAE decoder and post_quant_conv in fp32, which
@@ -124,7 +147,6 @@ def part_attention(part: str, attention: str) -> str | None:
 
 def import_neuron_sdk(cpu_backend: bool = False):
     """torch_neuronx, or CompileError saying how to install the Neuron SDK."""
-    from backend.neuron_stack import NEURON_SDK_HINT
 
     # AWS's SD samples set this before importing torch_neuronx: the compiler fuses the softmax.
     os.environ.setdefault("NEURON_FUSE_SOFTMAX", "1")
@@ -154,8 +176,6 @@ class Compiler:
                  workdir: Path | None = None, echo: Callable[[str], None] = print, attention: str | None = None,
                  vae_dtype: str = "fp32", lora: str | None = None, few_step: str | None = None,
                  guidance: bool = True):
-        from backend.artifacts import installed_versions
-        from backend.lora import lora_sha256
 
         self.model = model_key(model)
         # --lora: fused into the saved weights before tracing (Neuron graphs cannot swap LoRAs at run time);
@@ -182,7 +202,7 @@ class Compiler:
         self.cpu_backend = target == "neuron" and not neuron_devices()
         self.sdk = import_neuron_sdk(self.cpu_backend) if target == "neuron" else None
         if self.attention == "nki":  # fail now, not after the text encoder has compiled
-            from backend.neuron_modules import NkiUnavailable, load_nki_flash_attention
+            from backend.neuron.attention import NkiUnavailable, load_nki_flash_attention  # torch
 
             try:
                 load_nki_flash_attention()
@@ -197,11 +217,7 @@ class Compiler:
 
     def save_model(self) -> None:
         """Write the diffusers model files into the root, unless they are already this model's."""
-        from backend.artifacts import COMPILED_DIR, SOURCE, read_json, write_json
-        from backend.models import is_tiny_folder
-        from backend.pipeline import load_pipeline
-        from backend.tiny import TINY_MODEL_ID
-        from backend.tiny import save as save_tiny
+        from backend.inprocess.pipeline import load_pipeline  # torch
 
         compiled = self.root / COMPILED_DIR
         source_path = compiled / SOURCE
@@ -249,9 +265,6 @@ class Compiler:
 
     def fuse_lora_and_set_scheduler(self, pipe) -> None:
         """--lora fused into pipe's weights (diffusers' fuse_lora) and --few-step's scheduler set, before saving."""
-        from backend.fewstep import FEW_STEP_KINDS
-        from backend.lora import fuse_lora
-        from backend.schedulers import make_scheduler
 
         if self.lora:
             self.echo(f"model files: fusing --lora {self.lora['source']} into the weights")
@@ -263,51 +276,22 @@ class Compiler:
 
     def base_manifest(self, dtype: str) -> dict[str, Any]:
         """The settings every part of a dtype shares (a change to any of them makes every part stale)."""
-        from backend import neuron_stack
-        from backend.artifacts import MANIFEST_FORMAT, model_architecture
-
-        arch = model_architecture(self.root)
-        return {
-            "format": MANIFEST_FORMAT,
-            "model": self.model,
-            "dtype": dtype,
-            "batch_per_core": BATCH_PER_CORE,
-            # False (--no-cfg): requests run without CFG, one sample per step, so the backend may serve one whole
-            # pipeline per NeuronCore (--neuron-parallel pipeline) and refuses a guidance_scale above 1.
-            "guidance": self.guidance,
-            "tokens": self.tokens(),
-            "target": self.target,
-            "architecture": arch,
-            "versions": self.versions,
-            # The release whose compiler built the parts (None for CPU parts), and the stack this
-            # project supports, which the loader and the doctor compare against what is installed.
-            "neuron_sdk": neuron_stack.sdk_release(self.versions),
-            "supported_stack": neuron_stack.record(),
-            "lora": self.lora,  # {"source", "sha256"} of the LoRA fused into the weights, or None
-            "parts": {},  # the size-independent parts (the text encoder)
-            "sizes": {},  # "<W>x<H>" -> the size and its parts
-        }
-
-    def size_entry(self, size: Size, manifest: dict[str, Any]) -> dict[str, Any]:
-        """A size's manifest entry, made empty if the manifest has none yet."""
-        factor = manifest["architecture"]["vae_scale_factor"]
-        width, height = size
-        return manifest["sizes"].setdefault(size_key(size), {
-            "width": width, "height": height, "latent_height": height // factor, "latent_width": width // factor,
-            "parts": {},
-        })
+        # guidance False (--no-cfg): requests run without CFG, one sample per step, so the backend may serve one
+        # whole pipeline per NeuronCore (--neuron-parallel pipeline) and refuses a guidance_scale above 1.
+        return new_manifest(model=self.model, dtype=dtype, batch_per_core=BATCH_PER_CORE, guidance=self.guidance,
+                            tokens=self.tokens(), target=self.target, architecture=model_architecture(self.root),
+                            versions=self.versions, lora=self.lora)
 
     def tokens(self) -> int:
         """The text encoder's window (77 for CLIP), from the saved tokenizer's config."""
-        import json
 
         config = json.loads((self.root / "tokenizer" / "tokenizer_config.json").read_text())
         return int(config.get("model_max_length") or 77)
 
     def part_specs(self, part: str, manifest: dict[str, Any], size: Size | None):
         """The input shapes and dtypes a part is traced with (size: None for the size-independent parts)."""
-        from backend.neuron_modules import part_input_specs
-        from backend.pipeline import DTYPES
+        from backend.inprocess.pipeline import DTYPES  # torch
+        from backend.neuron.specs import part_input_specs  # torch
 
         batch = {"unet": BATCH_PER_CORE, "text_encoder": 1}.get(part, VAE_BATCH)
         arch = manifest["architecture"]
@@ -335,7 +319,6 @@ class Compiler:
 
     def compile(self, dtypes: list[str], parts: list[str]) -> dict[str, dict[str, Any]]:
         """Save the model, then trace each asked part of each asked dtype (and size); returns the manifests."""
-        from backend.artifacts import COMPILED_DIR, MANIFEST, check_sizes, model_architecture, write_json
 
         self.root.mkdir(parents=True, exist_ok=True)
         self.save_model()
@@ -351,7 +334,7 @@ class Compiler:
         for index, (dtype, part, size) in enumerate(steps, 1):
             directory = self.root / COMPILED_DIR / dtype
             manifest = manifests[dtype]
-            entries = manifest["parts"] if size is None else self.size_entry(size, manifest)["parts"]
+            entries = manifest["parts"] if size is None else size_entry(manifest, size)["parts"]
             label = f"[{index}/{len(steps)}] {dtype} " + (f"{size_key(size)} " if size else "") + part
             wanted = self.part_entry_wanted(part, manifest, size)
             entry = entries.get(part)
@@ -386,45 +369,8 @@ class Compiler:
 
     def open_manifest(self, dtype: str) -> dict[str, Any]:
         """A dtype's manifest as it will be written: the earlier one's parts and sizes where its shared settings
-        still hold (a format 1 manifest is upgraded, its parts kept where they are), else a fresh one."""
-        from backend.artifacts import (
-            COMPILED_DIR,
-            MANIFEST,
-            READABLE_FORMATS,
-            architecture_differences,
-            read_json,
-            upgrade_manifest,
-        )
-
-        manifest = self.base_manifest(dtype)
-        path = self.root / COMPILED_DIR / dtype / MANIFEST
-        old = read_json(path) if path.is_file() else None
-        if old is None:
-            return manifest
-        if old.get("format") not in READABLE_FORMATS:
-            self.echo(f"{dtype}: manifest format {old.get('format')!r} is unknown; its earlier parts are stale")
-            return manifest
-        fmt = old["format"]
-        old = upgrade_manifest(old)
-        # guidance: how the root is served, not how its parts were traced (the same batch-1 UNet), so a change
-        # is recorded without making the parts stale.
-        keys = [k for k in manifest if k not in ("format", "parts", "sizes", "versions", "neuron_sdk",
-                                                  "supported_stack", "architecture", "guidance")]
-        if old.get("guidance", True) != manifest["guidance"]:
-            self.echo(f"{dtype}: guidance {'on' if manifest['guidance'] else 'off (--no-cfg)'} from now on (the "
-                      f"parts stay: the UNet is traced for one sample per core either way)")
-        changed = [k for k in keys if old.get(k) != manifest[k]]
-        if architecture_differences(old.get("architecture") or {}, manifest["architecture"], fmt):
-            changed.append("architecture")
-        if changed:
-            self.echo(f"{dtype}: settings changed ({', '.join(changed)}); its earlier parts are stale")
-            return manifest
-        if fmt == 1:
-            self.echo(f"{dtype}: upgrading the format 1 manifest to format {manifest['format']} (its parts stay "
-                      f"where they are)")
-        manifest["parts"] = dict(old.get("parts") or {})
-        manifest["sizes"] = dict(old.get("sizes") or {})
-        return manifest
+        still hold, else a fresh one (root_format.carry_over decides, and says why)."""
+        return carry_over(self.root / COMPILED_DIR / dtype / MANIFEST, self.base_manifest(dtype), self.echo)
 
     def warn_if_short_of_memory(self) -> None:
         """AWS advises inf2.8xlarge or larger for the UNet compile; say so before it is killed."""
@@ -440,7 +386,8 @@ class Compiler:
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel
 
-        from backend.neuron_modules import TextEncoderWrap, UNetWrap, VaeEncoderWrap, install_neuron_attention
+        from backend.inprocess.traced import TextEncoderWrap, UNetWrap, VaeEncoderWrap  # torch
+        from backend.neuron.attention import install_neuron_attention  # torch
 
         if part == "text_encoder":
             module = TextEncoderWrap(CLIPTextModel.from_pretrained(self.root / "text_encoder", dtype=dtype))
@@ -486,7 +433,7 @@ class Compiler:
         """Load, trace and save one part; returns the seconds the trace itself took."""
         import torch
 
-        from backend.pipeline import DTYPES
+        from backend.inprocess.pipeline import DTYPES  # torch
 
         dtype = part_dtype(part, manifest["dtype"], self.vae_dtype)
         module = self.load_part(part, DTYPES[dtype])
@@ -621,7 +568,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     started = time.perf_counter()
-    from backend.api import BackendError
 
     try:
         compiler = Compiler(args.model, args.out, sizes, args.target, args.force, args.workdir,

@@ -15,8 +15,8 @@ of that stack, in backend/neuron_stack.py. Sources, in AWS's repositories:
 
 from __future__ import annotations
 
-from backend.neuron_stack import DLC_IMAGE
-from backend.protocol import MAX_REQUEST_BYTES
+from backend.neuron.stack import DLC_IMAGE
+from backend.sagemaker.protocol import MAX_REQUEST_BYTES
 
 REPOSITORY, TAG = DLC_IMAGE.split(":")  # pytorch-inference-neuronx, 2.9.0-neuronx-py312-sdk2.31.1-ubuntu24.04
 

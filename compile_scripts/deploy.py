@@ -46,8 +46,10 @@ from typing import Any, Callable
 if __package__ in (None, ""):  # `python compile_scripts/deploy.py`: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from compile_scripts import container, package  # noqa: E402 - after the path fix above
-from compile_scripts.package import CODE_DIR, file_sha256  # noqa: E402
+from backend import BackendUnavailable  # noqa: E402 - after the path fix above
+from backend.neuron import root_store  # noqa: E402
+from backend.neuron.root_format import CODE_DIR, file_sha256  # noqa: E402
+from compile_scripts import container, package  # noqa: E402
 
 DEFAULT_INSTANCE = "ml.inf2.xlarge"
 VARIANT = "AllTraffic"
@@ -224,8 +226,6 @@ class Deployer:
     def upload_code(self, plan: Plan) -> tuple[str, str]:
         """Check the published root under --model-data and put the endpoint's code package beside it (PREFIX/code/);
         returns (the prefix's URI, the package's sha256)."""
-        from backend import BackendUnavailable, root_store
-
         try:
             bucket, prefix = root_store.split_s3_uri(plan.model_data)
         except BackendUnavailable as exc:

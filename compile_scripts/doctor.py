@@ -17,10 +17,10 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python compile_scripts/doctor.py`: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from backend.api import BackendUnavailable  # noqa: E402
-from backend.preflight import check, failed  # noqa: E402
-from backend.root_store import resolve  # noqa: E402
-from backend.settings import DEFAULT_ARTIFACTS, Settings  # noqa: E402
+from backend.core.errors import BackendUnavailable  # noqa: E402
+from backend.neuron.preflight import check, failed  # noqa: E402
+from backend.neuron.root_store import resolve  # noqa: E402
+from backend.core.settings import DEFAULT_ARTIFACTS, Settings  # noqa: E402
 
 MARKS = {"ok": "ok     ", "warning": "warning", "error": "ERROR  "}
 

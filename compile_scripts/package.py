@@ -21,7 +21,7 @@ The same inputs give the same bytes: entries sorted, mtime fixed (SOURCE_DATE_EP
 owner 0:0 without names, no absolute paths, symlinks stored as the files they point to, and a
 gzip header without name or time. A compiled root is several GB of weights that barely
 compress; publishing it once with `compile.py --upload s3://...` and passing --model-s3-uri keeps the
-archive small (the endpoint downloads it at start, verified: backend/root_store.py), and deploy.py
+archive small (the endpoint downloads it at start, verified: backend/neuron/root_store.py), and deploy.py
 --model-data serves it as uncompressed model data with no archive at all.
 """
 
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import hashlib
 import io
 import json
 import os
@@ -40,11 +39,16 @@ from pathlib import Path
 from typing import Any, Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
+if __package__ in (None, ""):  # `python compile_scripts/package.py`: make the repo root importable
+    sys.path.insert(0, str(ROOT))
+
+# The one owner of the code folder's name and the file digest (light: imports no torch).
+from backend.neuron.root_format import CODE_DIR, file_sha256  # noqa: E402 - after the path fix above
+
 # Packages the endpoint needs beyond AWS's image, pinned as in requirements.txt.
 ENDPOINT_PACKAGES = ("diffusers", "transformers", "accelerate", "safetensors", "tokenizers", "huggingface_hub")
 # The image carries these built for its Neuron SDK; a pip install of another build breaks the device code.
 IMAGE_PACKAGES = ("torch", "torch-neuronx", "neuronx-cc", "numpy")
-CODE_DIR = "code"
 CODE = ("backend", "serving")
 # Not server.py (TorchServe is the server there), nor inference.py (it is code/inference.py itself).
 SERVING_FILES = ("__init__.py", "handler.py")
@@ -99,13 +103,21 @@ def members(artifacts: Path | None, config: dict[str, Any], requirements: str) -
     yield f"{CODE_DIR}/inference.py", ROOT / "serving" / "inference.py"
     yield f"{CODE_DIR}/requirements.txt", requirements.encode()
     yield f"{CODE_DIR}/endpoint.json", (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
-    for path in sorted((ROOT / "backend").glob("*.py")):
-        yield f"{CODE_DIR}/backend/{path.name}", path
+    # The backend package whole, subpackages included: a top-level glob would silently leave out
+    # backend/core/, backend/neuron/ and the rest, and the endpoint would fail only at import.
+    for path in backend_files():
+        yield f"{CODE_DIR}/backend/{path.relative_to(ROOT / 'backend').as_posix()}", path
     for name in SERVING_FILES:
         yield f"{CODE_DIR}/serving/{name}", ROOT / "serving" / name
     if artifacts is not None:
         for path in _walk(artifacts):
             yield f"{artifacts_name(artifacts)}/{path.relative_to(artifacts).as_posix()}", path
+
+
+def backend_files(backend: Path = ROOT / "backend") -> list[Path]:
+    """Every .py file of the backend package, recursively and sorted, without __pycache__."""
+    return sorted(path for path in backend.rglob("*.py")
+                  if "__pycache__" not in path.relative_to(backend).parts and path.is_file())
 
 
 def build(out: Path, entries: Iterator[tuple[str, Path | bytes]], mtime: int = 0, compress_level: int = 6) -> str:
@@ -153,15 +165,6 @@ def _walk(root: Path) -> Iterator[Path]:
 
 def _normalize(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file, read in blocks (also what deploy.py records for the archive it uploads)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def main(argv: list[str] | None = None) -> int:

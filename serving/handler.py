@@ -35,10 +35,10 @@ from backend import (
     InvalidRequest,
     Settings,
     create_backend,
-    protocol,
 )
-from backend.api import new_request_id
-from backend.metadata import png_bytes
+from backend.sagemaker import protocol
+from backend.core.api import new_request_id
+from backend.core.metadata import png_bytes
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +209,7 @@ def error_answer(error: Exception, request_id: str) -> Response:
     if isinstance(error, InvalidRequest):
         log.info("request %s: %d %s (field %s): %s", request_id, status, kind, error.field or "-", error)
     elif isinstance(error, BackendError):
-        # A backend that failed has logged its own traceback (backend.pipeline.run); down or busy has none.
+        # A backend that failed has logged its own traceback (backend.inprocess.pipeline.run); down or busy has none.
         level = logging.ERROR if isinstance(error, GenerationFailed) else logging.WARNING
         log.log(level, "request %s: %d %s: %s", request_id, status, kind, error)
     else:

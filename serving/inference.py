@@ -50,7 +50,8 @@ if not __package__:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import backend  # noqa: E402 - after the path fix above
-from backend.root_store import fetch, is_remote  # noqa: E402
+from backend.neuron import preflight  # noqa: E402
+from backend.neuron.root_store import fetch, is_remote  # noqa: E402
 from serving.handler import DEFAULT_PNG_LEVEL, Handler, Response  # noqa: E402
 
 log = logging.getLogger("serving.inference")
@@ -84,8 +85,6 @@ def preflight_at_start(root: Path, neuron_cores: int | None = None) -> None:
     """The doctor's checks (compile_scripts/doctor.py) in the endpoint's log, each problem with what to do;
     BackendUnavailable on an error, so the endpoint fails at start with that message instead of at the
     first request. No smoke generation here: the backend warms up each precision as it loads."""
-    from backend import preflight
-
     findings = preflight.check(root, smoke=False, neuron_cores=neuron_cores)
     levels = {"ok": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
     for finding in findings:

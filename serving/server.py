@@ -25,8 +25,10 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
 
-from backend import BackendUnavailable, Settings, protocol
-from backend.settings import add_arguments
+from backend import BackendUnavailable, Settings
+
+from backend.sagemaker import protocol
+from backend.core.settings import add_arguments
 
 from .handler import (
     DEFAULT_MAX_WAITING,

@@ -81,10 +81,10 @@ def pytest_xdist_make_scheduler(config, log):
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
-    """The tiny model saved once as a diffusers folder by `python -m backend.tiny`."""
+    """The tiny model saved once as a diffusers folder by `python -m backend.models.tiny`."""
     def build(folder: Path) -> Path:
         path = folder / "tiny-model"
-        subprocess.run([sys.executable, "-m", "backend.tiny", str(path)], cwd=ROOT, check=True,
+        subprocess.run([sys.executable, "-m", "backend.models.tiny", str(path)], cwd=ROOT, check=True,
                        stdout=subprocess.DEVNULL)
         return path
     return build_once(tmp_path_factory, "tiny-model", build)

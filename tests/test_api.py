@@ -4,7 +4,8 @@ import math
 
 import pytest
 
-from backend.api import Capabilities, GenerationRequest, InvalidRequest, Timings
+from backend.core.api import Capabilities, GenerationRequest, Timings
+from backend.core.errors import InvalidRequest
 
 CAPS = Capabilities(backend="local", model="tiny", device="cpu", precisions=("fp32", "bf16"))
 FIXED = Capabilities(backend="neuron", model="tiny", device="neuron", precisions=("bf16",),

@@ -8,7 +8,7 @@ from gradio_client import Client
 from gradio_client.exceptions import AppError
 from gradio_client.utils import Status
 
-from backend.metadata import parse_infotext, read_infotext
+from backend.core.metadata import parse_infotext, read_infotext
 from helpers import run_app
 
 FAST = dict(steps=3, width=128, height=128)

@@ -9,8 +9,8 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image, ImageDraw
 
-from backend.metadata import parse_infotext, read_infotext
-from backend.tiny import build_pipeline
+from backend.core.metadata import parse_infotext, read_infotext
+from backend.models.tiny import build_pipeline
 from helpers import run_app
 
 W, H = 128, 96
@@ -82,7 +82,7 @@ def test_the_pipelines_pixels_reach_the_client_unchanged(client, files):
     import diffusers
     import torch
 
-    from backend.api import Capabilities, GenerationRequest
+    from backend.core.api import Capabilities, GenerationRequest
 
     gallery, _ = client.predict(prompt="a lovely cat", image=handle_file(str(files / "in.png")), strength=0.75,
                                 steps=4, seed=11, width=64, height=64, api_name="/img2img")

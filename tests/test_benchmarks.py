@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from backend.stats import LatencyStats, cost_per_10k_images, percentile, qps
+from backend.core.stats import LatencyStats, cost_per_10k_images, percentile, qps
 from benchmarks import latency
 from helpers import ROOT
 
@@ -194,7 +194,7 @@ def test_compile_path_captures_whole_graphs_at_a_small_size(monkeypatch):
 def test_sd21_random_has_the_real_architecture():
     import torch
 
-    from backend import sd21_random
+    from backend.models import sd21_random
 
     with torch.device("meta"):
         from diffusers import UNet2DConditionModel

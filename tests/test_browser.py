@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from backend.metadata import parse_infotext, read_infotext
+from backend.core.metadata import parse_infotext, read_infotext
 from helpers import CHROMIUM, run_app, screenshot
 
 ROOT = Path(__file__).resolve().parent.parent

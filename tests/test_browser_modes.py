@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from backend.metadata import parse_infotext, read_infotext
+from backend.core.metadata import parse_infotext, read_infotext
 from helpers import CHROMIUM, screenshot
 
 if not os.path.exists(CHROMIUM):

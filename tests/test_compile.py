@@ -17,8 +17,8 @@ import pytest
 import torch
 
 import neuron_helpers
-from backend import neuron_stack
-from backend.artifacts import PARTS
+from backend.neuron import stack
+from backend.neuron.parts import PARTS
 from compile_scripts.compile import (
     MIN_UNET_MEMORY_GB,
     TARGET_COMPILER_ARGS,
@@ -77,7 +77,7 @@ def test_manifest_records_what_was_compiled(compiled_root):
         assert parts["vae_decoder"]["inputs"][0]["dtype"] == "float32"
         assert parts["vae_encoder"]["inputs"] == [{"shape": [1, 3, size, size], "dtype": "float32"}]
         assert manifest["neuron_sdk"] is None  # no Neuron compiler built these
-        assert manifest["supported_stack"] == neuron_stack.record()
+        assert manifest["supported_stack"] == stack.record()
         assert all(p["seconds"] > 0 and (compiled_root / "compiled_models" / dtype / p["file"]).is_file()
                    for p in parts.values())
     assert json.loads((compiled_root / "compiled_models" / "source.json").read_text())["model"] == "tiny"

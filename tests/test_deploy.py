@@ -37,7 +37,8 @@ def test_archive_is_reproducible_and_holds_what_the_toolkit_needs(tmp_path):
         names = tar.getnames()
         assert names == sorted(names)
         assert {"code/inference.py", "code/requirements.txt", "code/endpoint.json", "code/backend/__init__.py",
-                "code/backend/protocol.py", "code/serving/handler.py", "code/backend/root_store.py"} <= set(names)
+                "code/backend/sagemaker/protocol.py", "code/serving/handler.py",
+                "code/backend/neuron/root_store.py"} <= set(names)
         assert all(name.startswith("code/") for name in names)  # the toolkit looks in /opt/ml/model/code
         assert "code/serving/server.py" not in names
         config = json.loads(tar.extractfile("code/endpoint.json").read())
@@ -343,7 +344,7 @@ def test_an_archive_without_the_toolkits_entry_point_is_refused(aws, clients, tm
 def small_root(path: Path) -> Path:
     """A root's shape with small files (what a download and a deploy look at, not what the model loads),
     with its file index written as compile.py writes it."""
-    from backend import root_store
+    from backend.neuron import root_store
 
     files = {"model_index.json": b"{}", "compiled_models/source.json": b'{"model": "tiny"}',
              "compiled_models/fp32/unet.pt": b"u" * 1000, "unet/config.json": b"{}"}
@@ -355,7 +356,8 @@ def small_root(path: Path) -> Path:
 
 
 def test_the_endpoint_downloads_its_compiled_root_from_s3_verified(aws, clients, tmp_path, monkeypatch):
-    from backend import BackendUnavailable, root_store
+    from backend import BackendUnavailable
+    from backend.neuron import root_store
     from serving.inference import settings_from_config
 
     s3 = clients["s3"]
@@ -386,7 +388,7 @@ def test_the_endpoint_downloads_its_compiled_root_from_s3_verified(aws, clients,
 
 def test_deploy_points_the_model_at_an_uploaded_root_as_uncompressed_data(aws, clients, tmp_path, monkeypatch,
                                                                           capsys):
-    from backend import root_store
+    from backend.neuron import root_store
 
     s3, sm = clients["s3"], clients["sagemaker"]
     s3.create_bucket(Bucket="models", CreateBucketConfiguration={"LocationConstraint": REGION})
@@ -408,7 +410,7 @@ def test_deploy_points_the_model_at_an_uploaded_root_as_uncompressed_data(aws, c
     keys = {item["Key"][len("roots/r1/"):] for item in listed}
     code = {key for key in keys if key.startswith("code/")}
     assert keys - code == {p.relative_to(source).as_posix() for p in source.rglob("*") if p.is_file()}
-    assert {"code/inference.py", "code/requirements.txt", "code/endpoint.json", "code/backend/root_store.py",
+    assert {"code/inference.py", "code/requirements.txt", "code/endpoint.json", "code/backend/neuron/root_store.py",
             "code/serving/handler.py"} <= code and "code/backend/gone.py" not in code
     endpoint_json = json.loads(s3.get_object(Bucket="models", Key="roots/r1/code/endpoint.json")["Body"].read())
     assert endpoint_json == {"backend": "neuron", "png_level": package.DEFAULT_PNG_LEVEL}  # the root is /opt/ml/model
@@ -424,7 +426,7 @@ def test_deploy_points_the_model_at_an_uploaded_root_as_uncompressed_data(aws, c
 
 def test_deploy_model_data_refuses_what_sagemaker_would_copy_or_cannot_serve(aws, clients, tmp_path, monkeypatch,
                                                                              archive, capsys):
-    from backend import root_store
+    from backend.neuron import root_store
 
     s3 = clients["s3"]
     s3.create_bucket(Bucket="models", CreateBucketConfiguration={"LocationConstraint": REGION})

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from backend import BackendUnavailable, GenerationRequest, InvalidRequest, Settings, create_backend
-from backend.fewstep import few_step_kind, kind_from_scheduler_config
-from backend.metadata import parse_infotext
+from backend.core.fewstep import few_step_kind, kind_from_scheduler_config
+from backend.core.metadata import parse_infotext
 from helpers import free_port
 from serving.handler import Handler
 from serving.server import EndpointServer
@@ -30,7 +30,7 @@ SIZE = 64
 @pytest.fixture(scope="module")
 def turbo_folder(tmp_path_factory) -> Path:
     """The tiny model saved as a diffusers folder with SD-Turbo's scheduler config."""
-    from backend.tiny import save
+    from backend.models.tiny import save
 
     folder = save(tmp_path_factory.mktemp("turbo") / "tiny-turbo")
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD_TURBO_SCHEDULER))
@@ -142,7 +142,7 @@ def save_tiny_lora(folder: Path, seed: int = 0, rank: int = 4) -> Path:
     from diffusers import StableDiffusionPipeline
     from peft import LoraConfig, get_peft_model_state_dict
 
-    from backend.tiny import build_pipeline
+    from backend.models.tiny import build_pipeline
 
     torch.manual_seed(seed)
     unet = build_pipeline().unet
@@ -163,7 +163,7 @@ def plain_state(unet) -> dict[str, torch.Tensor]:
 
 
 def test_lora_fused_at_load_equals_diffusers_own_fuse_lora(lora_folder, tiny_backend):
-    from backend.tiny import build_pipeline
+    from backend.models.tiny import build_pipeline
 
     backend = create_backend(Settings(backend="local", model="tiny", device="cpu", optimize="none",
                                       lora=str(lora_folder)))
@@ -221,7 +221,7 @@ def lora_turbo_root(tmp_path_factory, lora_folder) -> Path:
 
 
 def test_compile_records_the_lora_and_the_few_step_scheduler(lora_turbo_root, lora_folder):
-    from backend.lora import lora_sha256
+    from backend.inprocess.lora import lora_sha256
 
     manifest = json.loads((lora_turbo_root / "compiled_models" / "fp32" / "manifest.json").read_text())
     assert manifest["lora"] == {"source": str(lora_folder.resolve()), "sha256": lora_sha256(str(lora_folder))}
@@ -297,9 +297,9 @@ def test_each_few_step_scheduler_matches_diffusers_without_guidance(kind):
     eta its LoRA's card recommends)."""
     import numpy as np
 
-    from backend.fewstep import FEW_STEP_KINDS, step_eta
-    from backend.schedulers import scheduler_class_and_overrides
-    from backend.tiny import build_pipeline
+    from backend.core.fewstep import FEW_STEP_KINDS, step_eta
+    from backend.core.schedulers import scheduler_class_and_overrides
+    from backend.models.tiny import build_pipeline
 
     key = FEW_STEP_KINDS[kind][0]
     backend = create_backend(Settings(backend="local", model="tiny", device="cpu", optimize="none", few_step=kind))

@@ -10,14 +10,14 @@ import pytest
 import torch
 
 from backend import GenerationRequest, Settings, create_backend
-from backend.frozen import FrozenUNet, FrozenVAE, ShapeCache, eager_module
-from backend.local import auto_optimize
+from backend.inprocess.frozen import FrozenUNet, FrozenVAE, ShapeCache, eager_module
+from backend.inprocess.local import auto_optimize
 
 
 @pytest.fixture(scope="module")
 def parts():
     """The tiny model's UNet and VAE, sdpa-optimized as the trace mode has them, in eval mode."""
-    from backend.pipeline import load_pipeline, optimize_pipeline
+    from backend.inprocess.pipeline import load_pipeline, optimize_pipeline
 
     pipe = optimize_pipeline(load_pipeline("tiny", torch.float32), "sdpa")
     return pipe.unet.eval(), pipe.vae.eval()
@@ -120,7 +120,7 @@ def test_a_part_that_cannot_be_traced_runs_eagerly_with_one_warning(parts, monke
 
     monkeypatch.setattr(torch.jit, "trace", refuse)
     sample, text = _unet_inputs(2, 8, 8, 0)
-    with caplog.at_level(logging.WARNING, logger="backend.frozen"), torch.inference_mode():
+    with caplog.at_level(logging.WARNING, logger="backend.inprocess.frozen"), torch.inference_mode():
         first = frozen(sample, 10, text).sample
         second = frozen(sample, 10, text).sample
         assert torch.equal(first, second)

@@ -14,10 +14,11 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from backend import protocol
-from backend.api import MAX_SEED, Capabilities, GenerationRequest, InvalidRequest
-from backend.metadata import NEGATIVE, attach, parse_infotext, png_bytes, read_infotext, write_infotext
-from backend.schedulers import SCHEDULERS
+from backend.sagemaker import protocol
+from backend.core.api import MAX_SEED, Capabilities, GenerationRequest
+from backend.core.errors import InvalidRequest
+from backend.core.metadata import NEGATIVE, attach, parse_infotext, png_bytes, read_infotext, write_infotext
+from backend.core.schedulers import SCHEDULERS
 from helpers import NarrowedBackend
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

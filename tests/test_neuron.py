@@ -25,20 +25,16 @@ from backend import (
     Settings,
     create_backend,
 )
-from backend import pipeline
-from backend.artifacts import find_artifacts, is_neuron_archive, version_problems
-from backend.neuron import NeuronBackend, neuron_core_ids
-from backend.schedulers import CFG_SCHEDULERS, make_scheduler
-from backend.neuron_modules import (
-    CastDtype,
-    CpuDataParallel,
-    InputSpec,
-    NeuronAttnProcessor,
-    ShapeGuard,
-    StaticBatch,
-    StaticShapeError,
-    install_neuron_attention,
-)
+from backend.inprocess import pipeline
+from backend.neuron.root_format import read_root, is_neuron_archive, version_problems
+from backend.core.settings import NeuronSettings
+from backend.neuron import assemble
+from backend.neuron.backend import NeuronBackend
+from backend.neuron.host import neuron_core_ids
+from backend.core.schedulers import CFG_SCHEDULERS, make_scheduler
+from backend.neuron.adapters import CastDtype, CpuDataParallel, ShapeGuard, StaticBatch, StaticShapeError
+from backend.neuron.specs import InputSpec
+from backend.neuron.attention import NeuronAttnProcessor, install_neuron_attention
 
 SIZE = neuron_helpers.SIZE
 STEPS = 4
@@ -91,7 +87,7 @@ _in_chunks = neuron_helpers.in_chunks
 
 
 def float_images(pipe, request: GenerationRequest, seeds: list[int]) -> np.ndarray:
-    """What backend.pipeline.run computes, as [0, 1] floats before the PNG rounding."""
+    """What backend.inprocess.pipeline.run computes, as [0, 1] floats before the PNG rounding."""
     pipe.scheduler = make_scheduler(request.scheduler, pipe.scheduler.config)
     with torch.inference_mode():
         return pipe(prompt=request.prompt, negative_prompt=request.negative_prompt or None,
@@ -181,7 +177,7 @@ def test_neuron_attention_traced_for_cpu_matches_eager(bmm_root):
         code = torch.jit.load(str(bmm_root / "compiled_models" / "fp32" / "128x128" / f"{part}.pt")).code
         assert "scaled_dot_product_attention" not in code
         assert code.count("torch.bmm(") >= 2 and "softmax" in code
-    backend = NeuronBackend(Settings(backend="neuron", artifacts=str(bmm_root)))
+    backend = NeuronBackend(NeuronSettings(artifacts=str(bmm_root)))
     try:
         request = GenerationRequest(prompt="a lovely cat", steps=STEPS, seed=9, num_images=2,
                                     precision="fp32").validated(backend.capabilities())
@@ -261,7 +257,7 @@ def test_nki_attention_keeps_bmm_where_the_kernel_does_not_fit(monkeypatch):
 
 
 def test_nki_attention_without_neuronx_cc_says_what_to_do():
-    from backend.neuron_modules import NkiUnavailable
+    from backend.neuron.attention import NkiUnavailable
 
     if importlib.util.find_spec("neuronxcc") is not None:
         pytest.skip("neuronx-cc is installed here")
@@ -457,16 +453,16 @@ def test_walkthrough_layout_with_fp32_vae_loads_and_generates(walkthrough_fp32_v
 def test_walkthrough_neuron_parts_without_recorded_dtypes_are_probed(walkthrough_fp32_vae_root):
     """Neuron parts of torch 1.13 record their input dtypes only in metadata torch_neuronx reads; the loader
     then runs each part once per candidate dtype. The Neuron runtime refuses a wrong dtype as ShapeGuard does."""
-    art = find_artifacts(walkthrough_fp32_vae_root)[0]
+    art = read_root(walkthrough_fp32_vae_root)[0]
     truth = {part: art.input_specs(part) for part in ("text_encoder", "unet", "vae_decoder", "vae_post_quant_conv")}
     parts = {part: ShapeGuard(torch.jit.load(str(art.path(part))), part, specs) for part, specs in truth.items()}
     art.flat_dtypes.clear()
-    NeuronBackend._probe_flat_dtypes(None, art, parts)
+    assemble.probe_flat_dtypes(art, parts)
     assert {part: art.input_specs(part) for part in truth} == truth and art.dtype == "bf16"
 
 
 def test_archive_records_input_dtypes(walkthrough_fp32_vae_root, compiled_root):
-    from backend.archive import traced_input_dtypes, weight_dtype
+    from backend.neuron.part_archive import traced_input_dtypes, weight_dtype
 
     flat = walkthrough_fp32_vae_root / "compiled_models"
     assert traced_input_dtypes(flat / "unet.pt") == [torch.bfloat16] * 3  # torch.jit.trace kept its example inputs
@@ -489,7 +485,7 @@ def test_walkthrough_layout_compiled_for_neuron_needs_the_sdk(walkthrough_root, 
     assert is_neuron_archive(root / "compiled_models" / "unet.pt")
     assert not is_neuron_archive(walkthrough_root / "compiled_models" / "unet.pt")
     with pytest.raises(BackendUnavailable) as err:
-        NeuronBackend(Settings(backend="neuron", artifacts=str(root)))
+        NeuronBackend(NeuronSettings(artifacts=str(root)))
     assert "torch-neuronx" in str(err.value) and "pip.repos.neuron.amazonaws.com" in str(err.value)
 
 
@@ -513,7 +509,7 @@ def _edit_manifest(root, dtype, **changes):
 
 def _unavailable(root) -> str:
     with pytest.raises(BackendUnavailable) as err:
-        NeuronBackend(Settings(backend="neuron", artifacts=str(root)))
+        NeuronBackend(NeuronSettings(artifacts=str(root)))
     return str(err.value)
 
 
@@ -560,7 +556,7 @@ def test_dtypes_of_different_batches(compiled_root, tmp_path):
 
 def test_model_flag_must_match(compiled_root):
     with pytest.raises(BackendUnavailable) as err:
-        NeuronBackend(Settings(backend="neuron", artifacts=str(compiled_root), model="some/other-model"))
+        NeuronBackend(NeuronSettings(artifacts=str(compiled_root), model="some/other-model"))
     assert "some/other-model" in str(err.value) and "'tiny'" in str(err.value)
 
 
@@ -589,7 +585,7 @@ def test_versions_are_checked(compiled_root, tmp_path):
                             "neuron") == ([], [])
     root = neuron_helpers.copy_root(compiled_root, tmp_path / "root")
     _edit_manifest(root, "bf16", versions={"torch": "2.0.0"})
-    sets = find_artifacts(root)
+    sets = read_root(root)
     assert any("torch 2.0.0" in w for w in sets[0].warnings) and not sets[1].warnings
 
 

@@ -14,8 +14,9 @@ import torch
 from PIL import Image
 
 import neuron_helpers
-from backend import GenerationRequest, Settings, create_backend, pipeline
-from backend.neuron_modules import NeuronVaeEncoder, StaticShapeError
+from backend import GenerationRequest, Settings, create_backend
+from backend.inprocess import pipeline
+from backend.neuron.adapters import NeuronVaeEncoder, StaticShapeError
 
 SIZE = neuron_helpers.SIZE
 STEPS = 4
@@ -204,7 +205,7 @@ def test_a_9_channel_unet_is_compiled_with_its_channels_and_inpaints(tmp_path):
     """compile.py traces the UNet with unet.config.in_channels (latents, mask, masked-image latents); the backend
     then offers only Inpaint (text to image and image to image feed a UNet 4 channels) and runs it on the
     compiled UNet, as the local backend runs the same model."""
-    from backend.tiny import build_pipeline
+    from backend.models.tiny import build_pipeline
     from compile_scripts.compile import main as compile_main
 
     model, root, size = tmp_path / "tiny-inpainting", tmp_path / "root", 128

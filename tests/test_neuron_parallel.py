@@ -18,10 +18,11 @@ import pytest
 import torch
 
 from backend import create_backend
-from backend.api import BackendUnavailable, GenerationRequest, InvalidRequest
-from backend.metadata import KEY
-from backend.neuron_modules import ShapeGuard, StaticShapeError
-from backend.settings import Settings
+from backend.core.api import GenerationRequest
+from backend.core.errors import BackendUnavailable, InvalidRequest
+from backend.core.metadata import KEY
+from backend.neuron.adapters import ShapeGuard, StaticShapeError
+from backend.core.settings import Settings
 
 SIZE = 128  # small, for speed
 STEPS = 3
@@ -241,7 +242,7 @@ def test_app_with_pipeline_mode_takes_two_requests_at_once(no_cfg_root, tmp_path
     from gradio_client import Client
     from test_app import steps_done, wait_for
 
-    from backend.metadata import parse_infotext, read_infotext
+    from backend.core.metadata import parse_infotext, read_infotext
     from helpers import run_app
 
     args = ["--backend", "neuron", "--artifacts", str(no_cfg_root), "--neuron-parallel", "pipeline"]

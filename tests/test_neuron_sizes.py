@@ -18,8 +18,10 @@ import pytest
 
 import neuron_helpers
 from backend import BackendUnavailable, GenerationRequest, InvalidRequest, Settings, create_backend
-from backend.artifacts import common_sizes, find_artifacts, memory_estimate
-from backend.neuron import CORES_PER_CHIP, DEVICE_MEMORY_HEADROOM, NeuronBackend
+from backend.neuron.root_format import common_sizes, read_root, memory_estimate
+from backend.core.settings import NeuronSettings
+from backend.neuron.backend import NeuronBackend
+from backend.neuron.host import CORES_PER_CHIP, DEVICE_MEMORY_HEADROOM
 from compile_scripts.compile import main as compile_main
 
 SIZES = neuron_helpers.SIZES
@@ -41,7 +43,7 @@ def pixels(images) -> np.ndarray:
 
 def _unavailable(settings: Settings) -> str:
     with pytest.raises(BackendUnavailable) as err:
-        NeuronBackend(settings)
+        NeuronBackend(NeuronSettings.of(settings))
     return str(err.value)
 
 
@@ -97,7 +99,7 @@ def test_another_size_is_refused_naming_the_compiled_ones(sizes_backend):
 
 
 def test_sizes_flag_loads_only_those(sizes_root):
-    backend = NeuronBackend(Settings(backend="neuron", artifacts=str(sizes_root), sizes="128x192, 192x128"))
+    backend = NeuronBackend(NeuronSettings(artifacts=str(sizes_root), sizes="128x192, 192x128"))
     try:
         caps = backend.capabilities()
         assert caps.fixed_sizes == ((192, 128), (128, 192))  # in the root's order
@@ -140,7 +142,7 @@ def _chip_gib_for(bytes_needed: float) -> float:
 
 
 def test_sizes_that_do_not_fit_the_device_memory_are_named(sizes_root, caplog):
-    sets = find_artifacts(sizes_root)
+    sets = read_root(sizes_root)
     estimate = memory_estimate(sets, list(SIZES), 2)
     assert estimate.shared == (sizes_root / "compiled_models/fp32/text_encoder.pt").stat().st_size
     unet = (sizes_root / "compiled_models/fp32/128x128/unet.pt").stat().st_size
@@ -164,14 +166,14 @@ def test_sizes_that_do_not_fit_the_device_memory_are_named(sizes_root, caplog):
 
 def test_start_up_log_says_what_is_loaded_and_when_the_first_image_came(sizes_root, caplog):
     with caplog.at_level(logging.INFO, logger="backend.neuron"):
-        backend = NeuronBackend(Settings(backend="neuron", artifacts=str(sizes_root), sizes="128x128,192x128"))
+        backend = NeuronBackend(NeuronSettings(artifacts=str(sizes_root), sizes="128x128,192x128"))
         try:
             ready = caplog.text
             backend.generate(GenerationRequest(prompt="cat", steps=1, width=192, height=128))
             backend.generate(GenerationRequest(prompt="cat", steps=1))
         finally:
             backend.close()
-    lines = [r.getMessage() for r in caplog.records if r.name == "backend.neuron"]
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("backend.neuron.")]
     total = 1 + 2 * 4  # the text encoder, then four parts for each of two sizes
     loading = [line for line in lines if line.startswith("loading ")]
     assert len(loading) == total and loading[0].startswith(f"loading 1/{total}: fp32 text_encoder for every size")
@@ -209,7 +211,7 @@ def test_a_part_missing_for_one_size_names_it_and_the_way_out(sizes_root, tmp_pa
     assert "--dtype fp32 --sizes 192x128 --parts unet" in message
     assert "or serve the other sizes without it: --sizes 128x128,128x192" in message
     # Leaving that size out serves the others.
-    assert [a.sizes for a in find_artifacts(root, wanted_sizes=[(128, 128), (128, 192)])] == [[(128, 128), (128, 192)]]
+    assert [a.sizes for a in read_root(root, wanted_sizes=[(128, 128), (128, 192)])] == [[(128, 128), (128, 192)]]
 
 
 def test_a_size_compiled_in_one_dtype_only_is_not_offered(sizes_root, tmp_path):
@@ -222,7 +224,7 @@ def test_a_size_compiled_in_one_dtype_only_is_not_offered(sizes_root, tmp_path):
     manifest["dtype"] = "bf16"
     del manifest["sizes"]["128x192"]
     (bf16 / "manifest.json").write_text(json.dumps(manifest))
-    sizes, notes = common_sizes(find_artifacts(root))
+    sizes, notes = common_sizes(read_root(root))
     assert sizes == [(128, 128), (192, 128)]
     assert len(notes) == 1 and "128x192 is compiled in fp32 only" in notes[0]
     assert "--dtype bf16 --sizes 128x192" in notes[0]
@@ -241,8 +243,8 @@ def format_1_root(compiled_root, tmp_path_factory):
 def test_a_format_1_root_loads_and_generates_as_before(format_1_root, compiled_root):
     size = neuron_helpers.SIZE
     assert (format_1_root / "compiled_models" / "fp32" / "unet.pt").is_file()
-    backend = NeuronBackend(Settings(backend="neuron", artifacts=str(format_1_root)))
-    current = NeuronBackend(Settings(backend="neuron", artifacts=str(compiled_root), sizes=f"{size}x{size}"))
+    backend = NeuronBackend(NeuronSettings(artifacts=str(format_1_root)))
+    current = NeuronBackend(NeuronSettings(artifacts=str(compiled_root), sizes=f"{size}x{size}"))
     try:
         caps = backend.capabilities()
         assert caps.fixed_sizes == ((size, size),) and caps.precisions == ("bf16", "fp32")
@@ -261,7 +263,7 @@ def test_adding_the_vae_encoder_to_a_format_1_root_keeps_its_parts(format_1_root
     size = neuron_helpers.SIZE
     fp32 = root / "compiled_models" / "fp32"
     before = {p.name: p.stat().st_mtime_ns for p in fp32.glob("*.pt")}
-    backend = NeuronBackend(Settings(backend="neuron", artifacts=str(root)))
+    backend = NeuronBackend(NeuronSettings(artifacts=str(root)))
     note = next(n for n in backend.capabilities().notes if "--parts vae_encoder" in n)
     backend.close()
     command = shlex.split(note.split(": ", 1)[1].split("python -m compile_scripts.compile ", 1)[1])
@@ -274,7 +276,7 @@ def test_adding_the_vae_encoder_to_a_format_1_root_keeps_its_parts(format_1_root
     manifest = json.loads((fp32 / "manifest.json").read_text())
     assert manifest["format"] == 2 and manifest["sizes"][f"{size}x{size}"]["parts"]["unet"]["file"] == "unet.pt"
     assert manifest["sizes"][f"{size}x{size}"]["parts"]["vae_encoder"]["file"] == f"{size}x{size}/vae_encoder.pt"
-    backend = NeuronBackend(Settings(backend="neuron", artifacts=str(root)))
+    backend = NeuronBackend(NeuronSettings(artifacts=str(root)))
     try:
         assert backend.capabilities().modes == ("txt2img", "img2img", "inpaint")
     finally:

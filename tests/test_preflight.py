@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import neuron_helpers
-from backend import preflight
+from backend.neuron import preflight
 from compile_scripts.doctor import main
 from helpers import ROOT
 
@@ -111,12 +111,13 @@ def _as_neuron(root: Path, torch_neuronx: str) -> None:
 
 def test_parts_of_another_torch_neuronx_line(compiled_root, tmp_path, monkeypatch):
     """Installed: the supported stack (stubbed: torch-neuronx cannot be installed here); compiled: torch 2.8's."""
-    from backend import artifacts, neuron_stack
+    from backend.neuron import root_format
+    from backend.neuron import stack as neuron_stack
 
     root = neuron_helpers.copy_root(compiled_root, tmp_path / "root")
     _as_neuron(root, "2.8.0.2.10.16998")
     stack = dict(neuron_stack.PACKAGES)
-    monkeypatch.setattr(artifacts, "installed_versions", lambda: {"torch": stack["torch"], **stack})
+    monkeypatch.setattr(root_format, "installed_versions", lambda: {"torch": stack["torch"], **stack})
     monkeypatch.setattr(preflight, "installed", lambda name: stack.get(name))
     monkeypatch.setattr(preflight, "neuron_devices", lambda: [Path("/dev/neuron0")])
     errors = _errors(preflight.check(root))

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from backend.preview import LATENT_RGB_FACTORS, PreviewPacer, latents_to_rgb, preview_images
+from backend.inprocess.preview import LATENT_RGB_FACTORS, PreviewPacer, latents_to_rgb, preview_images
 
 
 def test_zero_latents_are_mid_grey_and_each_channel_adds_its_row():

@@ -11,8 +11,8 @@ from input_pictures import b64, centred_mask, picture
 from PIL import Image
 
 from backend import BackendUnavailable, Capabilities, GenerationFailed, GenerationRequest, InvalidRequest
-from backend import protocol
-from backend.api import MODES
+from backend.sagemaker import protocol
+from backend.core.api import MODES
 
 CAPS = Capabilities(backend="local", model="tiny", device="cpu", precisions=("fp32", "bf16"))
 

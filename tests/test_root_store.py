@@ -21,8 +21,8 @@ import neuron_helpers
 import pytest
 
 from backend import BackendUnavailable, GenerationRequest, Settings, create_backend
-from backend import root_store
-from backend.artifacts import find_artifacts
+from backend.neuron import root_store
+from backend.neuron.root_format import read_root
 from helpers import free_port, run_process
 
 REGION = "us-east-2"
@@ -366,7 +366,7 @@ def test_a_hub_root_is_verified_from_the_hub_cache(published, hub_cache, tmp_pat
         assert root_store.resolve(uri, str(tmp_path / "cache")) == snapshot
     marker = tmp_path / "cache" / "hub" / "team-sd-tiny-root-main.json"
     assert json.loads(marker.read_text())["snapshot"] == str(snapshot)
-    assert [s.dtype for s in find_artifacts(snapshot)] == ["fp32"]
+    assert [s.dtype for s in read_root(snapshot)] == ["fp32"]
 
     with pytest.raises(BackendUnavailable, match="hf://team/other: cannot read compiled_models/files.json: not .* "
                                                  "in the Hub cache"):

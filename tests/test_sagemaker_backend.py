@@ -24,10 +24,10 @@ from backend import (
     InvalidRequest,
     Settings,
     create_backend,
-    protocol,
 )
-from backend.api import MODES
-from backend.metadata import attach, parse_infotext, png_bytes, read_infotext
+from backend.sagemaker import protocol
+from backend.core.api import MODES
+from backend.core.metadata import attach, parse_infotext, png_bytes, read_infotext
 from helpers import free_port, run_app
 from input_pictures import centred_mask, encoded, picture
 from serving.handler import Handler

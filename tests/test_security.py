@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from backend import protocol
+from backend.sagemaker import protocol
 from helpers import ROOT, free_port, run_app
 
 USER, PASSWORD = "alice", "s3cret-pa55word"

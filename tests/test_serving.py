@@ -18,8 +18,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from backend import BackendUnavailable, GenerationFailed, GenerationRequest, protocol
-from backend.metadata import parse_infotext, read_infotext
+from backend import BackendUnavailable, GenerationFailed, GenerationRequest
+
+from backend.sagemaker import protocol
+from backend.core.metadata import parse_infotext, read_infotext
 from helpers import NarrowedBackend
 from input_pictures import b64, centred_mask, encoded, picture
 from serving import server as endpoint_server
@@ -101,12 +103,12 @@ def test_bad_requests_get_a_4xx_that_says_what_is_wrong(handler, raw, headers, s
 
 
 def test_a_failure_inside_generation_is_a_500_told_apart_from_a_bad_request(handler, monkeypatch):
-    import backend.pipeline
+    import backend.inprocess.pipeline
 
     def broken_run(*args, **kwargs):
         raise RuntimeError("device lost")
 
-    monkeypatch.setattr(backend.pipeline, "run", broken_run)
+    monkeypatch.setattr(backend.inprocess.pipeline, "run", broken_run)
     answer = handler.handle(body({"prompt": "cat", "parameters": SMALL}), JSON_HEADERS)
     error = json.loads(answer.body)
     assert (answer.status, error["message"]) == (500, "GenerationFailed")

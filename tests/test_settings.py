@@ -3,7 +3,7 @@
 import argparse
 import dataclasses
 
-from backend.settings import READ_TIMEOUT_S, RETRY_BACKOFF_S, Settings, add_arguments
+from backend.core.settings import READ_TIMEOUT_S, RETRY_BACKOFF_S, Settings, add_arguments
 
 
 def test_every_field_is_a_flag_with_its_variable():

@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import torch
 
-from backend import tiny
+from backend.models import tiny
 
 
 def test_shape_matches_sd21():
@@ -34,7 +34,7 @@ def test_saved_folder_loads_in_plain_diffusers(tmp_path):
     from diffusers import StableDiffusionPipeline
 
     out = tmp_path / "tiny"
-    done = subprocess.run([sys.executable, "-m", "backend.tiny", str(out)], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "backend.models.tiny", str(out)], capture_output=True, text=True,
                           check=True)
     assert "not SD2.1" in done.stdout
     loaded = StableDiffusionPipeline.from_pretrained(out)
@@ -44,3 +44,11 @@ def test_saved_folder_loads_in_plain_diffusers(tmp_path):
     y = built("a lovely cat", generator=torch.Generator().manual_seed(0), **kwargs).images
     assert x.shape == (1, 64, 64, 3)
     assert np.abs(x - y).max() < 1e-5
+
+
+def test_the_old_entry_point_still_saves_and_says_where_the_model_moved(tmp_path):
+    """`python -m backend.tiny DIR` (older docs) still works, and names the new module."""
+    done = subprocess.run([sys.executable, "-m", "backend.tiny", str(tmp_path / "tiny")], capture_output=True,
+                          text=True, check=True)
+    assert "moved to backend.models.tiny" in done.stderr
+    assert (tmp_path / "tiny" / "model_index.json").is_file()

@@ -20,8 +20,9 @@ import pytest
 from PIL import Image
 
 import neuron_helpers
-from backend import BackendUnavailable, GenerationRequest, InvalidRequest, Settings, create_backend, protocol
-from backend.metadata import read_infotext
+from backend import BackendUnavailable, GenerationRequest, InvalidRequest, Settings, create_backend
+from backend.sagemaker import protocol
+from backend.core.metadata import read_infotext
 from compile_scripts import container as endpoint_container
 from compile_scripts import package
 

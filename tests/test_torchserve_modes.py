@@ -19,8 +19,10 @@ import pytest
 from input_pictures import b64, centred_mask, picture
 from PIL import Image
 
-from backend import GenerationRequest, protocol
-from backend.metadata import read_infotext
+from backend import GenerationRequest
+
+from backend.sagemaker import protocol
+from backend.core.metadata import read_infotext
 from compile_scripts import container as endpoint_container
 from compile_scripts import package
 

@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 
 from backend import Capabilities, GenerationRequest, GenerationResult, InvalidRequest, Timings
-from backend.metadata import attach, parse_infotext, read_infotext, write_infotext
-from backend.stats import LatencyStats
+from backend.core.metadata import attach, parse_infotext, read_infotext, write_infotext
+from backend.core.stats import LatencyStats
 from ui.cancel import CancelRegistry
 from ui.handlers import REQUEST_DEFAULTS, Handlers
 from ui.login_limit import LoginLimiter
@@ -235,7 +235,7 @@ def test_settings_have_no_literal_defaults_in_the_app():
     nowhere in app.py."""
     from helpers import ROOT
 
-    from backend.schedulers import DEFAULT_SCHEDULER
+    from backend.core.schedulers import DEFAULT_SCHEDULER
 
     assert DEFAULT_SCHEDULER not in (ROOT / "app.py").read_text()
 
@@ -429,7 +429,7 @@ def test_png_info_reads_an_automatic1111_png_and_sends_what_this_backend_takes(t
 
 
 def test_png_info_round_trips_this_apps_png_and_says_when_there_is_none(tmp_path):
-    from backend.metadata import png_bytes
+    from backend.core.metadata import png_bytes
     from ui.pnginfo import NO_PNG, NO_TEXT, read_png_info, values_for_controls
 
     text = write_infotext("a fox", "dog", {"Steps": 9, "Sampler": "Euler a", "CFG scale": "5", "Seed": 77,

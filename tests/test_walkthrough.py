@@ -2,8 +2,8 @@
 
 import pytest
 
-from backend import walkthrough
-from backend.stats import cost_per_10k_images
+from backend.core import walkthrough
+from backend.core.stats import cost_per_10k_images
 
 
 @pytest.mark.parametrize("row", walkthrough.ROWS, ids=lambda r: f"{r.precision}-{r.steps}")

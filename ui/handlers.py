@@ -23,8 +23,8 @@ from backend import (
     GenerationRequest,
     InvalidRequest,
 )
-from backend.api import new_request_id
-from backend.stats import LatencyStats
+from backend.core.api import new_request_id
+from backend.core.stats import LatencyStats
 from ui.cancel import CancelRegistry
 from ui.live import LIVE_SEED, PAUSE_S, LiveGate, LiveTyping, settings_key
 from ui.outputs import OutputStore

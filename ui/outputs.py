@@ -11,7 +11,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from backend.metadata import png_bytes
+from backend.core.metadata import png_bytes
 
 
 class OutputStore:

@@ -6,10 +6,10 @@ import html
 from typing import Any
 
 from backend import Backend, Capabilities
-from backend.api import MODE_LABELS
-from backend import walkthrough
-from backend.sd21_random import SD21_RANDOM_ID
-from backend.stats import LatencyStats
+from backend.core.api import MODE_LABELS
+from backend.core import walkthrough
+from backend.models.sd21_random import SD21_RANDOM_ID
+from backend.core.stats import LatencyStats
 
 TITLE = "Stable Diffusion on AWS Inferentia2"
 

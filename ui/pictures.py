@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from backend import InvalidRequest
-from backend.input_images import MAX_INPUT_BYTES, load_picture
+from backend.core.input_images import MAX_INPUT_BYTES, load_picture
 
 
 def file_bytes(name: str, value: Any) -> bytes | Any | None:

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from backend import Capabilities, InvalidRequest
-from backend.api import normalize_scheduler
-from backend.metadata import parse_infotext, read_infotext
+from backend.core.api import normalize_scheduler
+from backend.core.metadata import parse_infotext, read_infotext
 from ui.pictures import file_bytes
 
 NO_PNG = "Drop a PNG made by this app or by AUTOMATIC1111 to read its generation settings."

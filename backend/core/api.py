@@ -1,8 +1,8 @@
 """The contract every backend keeps: requests, results, capabilities and errors.
 
-This module imports nothing heavy (of the project only the scheduler names, from schedulers.py), so
-the UI, the endpoint and the scripts can all share it. A `GenerationRequest` is validated here, and
-only here, against the `Capabilities` of the backend that will run it.
+This module imports nothing heavy (of the project: the errors, the scheduler names and input_images, which
+imports PIL only when a picture is checked), so the UI, the endpoint and the scripts can all share it. A
+`GenerationRequest` is validated here, and only here, against the `Capabilities` of the backend that will run it.
 """
 
 from __future__ import annotations
@@ -10,12 +10,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import re
 import reprlib
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
+from . import input_images
+from .errors import InvalidRequest
 from .schedulers import CFG_SCHEDULERS, SCHEDULERS  # light: names only, diffusers is imported on use
 
 MAX_SEED = 2**32 - 1
@@ -28,37 +29,6 @@ DEFAULT_STRENGTH = 0.75  # AUTOMATIC1111's default denoising strength
 MAX_MASK_BLUR = 64
 DEFAULT_GUIDANCE = 7.5  # a CFG model's guidance scale when a request leaves it out (the walk-through's)
 DEFAULT_STEPS = 20  # a CFG model's steps when a request leaves them out
-
-
-class BackendError(Exception):
-    """Base of the errors a backend raises; the message is safe to show to a person."""
-
-
-class InvalidRequest(BackendError):
-    """The request cannot run as asked; the message names the field and what is allowed."""
-
-    def __init__(self, message: str, field: str | None = None):
-        super().__init__(message)
-        self.field = field
-
-
-class BackendUnavailable(BackendError):
-    """The backend cannot be reached or used right now (down, unreachable, no credentials)."""
-
-
-class GenerationFailed(BackendError):
-    """The backend ran the request and it broke."""
-
-
-class GenerationCancelled(BackendError):
-    """The person stopped the generation before it finished."""
-
-
-def short_error(exc: BaseException) -> str:
-    """An exception as one line, without this machine's paths, for a user's eyes."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    text = re.sub(r"(?<![\w.-])(/[^\s'\"]+)+", "<path>", text)
-    return f"{type(exc).__name__}: {text}"[:300]
 
 
 def random_seed() -> int:
@@ -97,7 +67,7 @@ class Capabilities:
     # remote endpoint answers once per request.
     previews: bool = False
     # The modes it runs (MODES). A compiled Neuron root without the VAE encoder part offers txt2img only;
-    # a dedicated inpainting checkpoint (9-channel UNet) runs inpaint only (pipeline.modes_of).
+    # a dedicated inpainting checkpoint (9-channel UNet) runs inpaint only (pipeline.unet_modes).
     modes: tuple[str, ...] = ("txt2img",)
     # Requests the backend runs at once (the app's queue and the endpoint's turns follow it): the number of
     # NeuronCores with --neuron-parallel pipeline, else 1 for an in-process backend.
@@ -232,8 +202,6 @@ class GenerationRequest:
 
     def _validated_inputs(self, steps: int, width: int, height: int) -> dict[str, Any]:
         """The mode's own fields, checked and with the pictures fitted to width x height."""
-        from . import input_images
-
         wants_image, wants_mask = self.mode in ("img2img", "inpaint"), self.mode == "inpaint"
         for name, value, wanted in (("image", self.image, wants_image), ("mask", self.mask, wants_mask)):
             if wanted and value is None:

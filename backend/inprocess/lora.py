@@ -11,7 +11,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from .api import BackendUnavailable, short_error
+from ..core.errors import BackendUnavailable, short_error
 
 ADAPTER_NAME = "fused"
 

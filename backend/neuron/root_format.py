@@ -23,41 +23,54 @@ parts to it without moving its files (each entry's `file` says where the part is
 AWS's walk-through (ROOT/compiled_models/unet.pt and friends, no manifest) is read as 512x512, each
 part in the dtype it was traced with (backend/archive.py reads it from the file).
 
-compile_scripts/compile.py writes the format and backend/neuron.py loads it; both take it from here.
-Light at import (no torch): the compile script's command line takes PARTS and NEURON_DTYPES from here.
+The one owner of the format: compile_scripts/compile.py writes manifests with new_manifest, size_entry and
+carry_over; the backend reads them with read_root (root_plan.py decides what to serve); the file index
+(compiled_models/files.json) is built and checked here too, and root_store.py moves roots by it. Light at
+import (no torch): the manifests are JSON, and torch loads only when a part's input specs are read.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import pickle
 import re
+import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from importlib import metadata
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any, Iterator
 
-from . import neuron_stack
-from .api import BackendUnavailable
-from .settings import DEFAULT_MODEL
+from . import stack
+from ..core.errors import BackendUnavailable
+from ..core.settings import DEFAULT_MODEL
+from .parts import (
+    IMAGE_PARTS,
+    NEURON_DTYPES,
+    SHARED_PARTS,
+    SIZE_PARTS,
+    TXT2IMG_PARTS,
+    Size,
+    size_key,
+)
 
 if TYPE_CHECKING:
     import torch
 
-    from .neuron_modules import InputSpec
+    from .specs import InputSpec
 
-# Traced apart, one .pt file each, in the order they are compiled.
-PARTS = ("text_encoder", "unet", "vae_decoder", "vae_post_quant_conv", "vae_encoder")
-TXT2IMG_PARTS = ("text_encoder", "unet", "vae_decoder", "vae_post_quant_conv")  # what every root must have
-IMAGE_PARTS = ("vae_encoder",)  # what image to image and inpainting need on top: the input image to latents
-SHARED_PARTS = ("text_encoder",)  # compiled once per dtype, for every size
-SIZE_PARTS = ("unet", "vae_decoder", "vae_post_quant_conv", "vae_encoder")  # compiled once per size
-VAE_PARTS = ("vae_decoder", "vae_post_quant_conv", "vae_encoder")  # fp32 in a bf16 root by default
-NEURON_DTYPES = ("bf16", "fp32")  # the precisions a root can hold, preferred first: bf16 is the faster on Inferentia2
+log = logging.getLogger(__name__)
+
 COMPILED_DIR = "compiled_models"
 MANIFEST = "manifest.json"
 SOURCE = "source.json"
+INDEX_PATH = f"{COMPILED_DIR}/files.json"  # the file index, relative to the root; also the S3 key under the prefix
+INDEX_FORMAT = 1
+CODE_DIR = "code"  # deploy.py puts the endpoint's code package beside an uploaded root; never part of a root
+BLOCK = 1 << 20
 MANIFEST_FORMAT = 2
 READABLE_FORMATS = (1, 2)
 SDK_PACKAGES = ("torch-neuronx", "neuronx-cc")
@@ -65,68 +78,6 @@ VERSIONED_PACKAGES = ("torch", "diffusers", "transformers", *SDK_PACKAGES)
 # What AWS's walk-through compiled, which its flat layout does not record. Its dtypes are read from
 # the parts themselves (AWS's notebook keeps the VAE parts in fp32 beside a bf16 UNet).
 FLAT_LAYOUT = dict(height=512, width=512, batch_per_core=1)
-# Sizes a root may be compiled for: a multiple of the VAE's 8, from 64 up to twice the model's native
-# size (the UNet's sample_size x 8: 1024 for SD2.1-base, 1536 for SD2.1-768); beyond that SD2.1
-# repeats its subject and a 768x768 UNet already needs about 1.5x the device memory of 512x512.
-MIN_SIZE = 64
-SIZE_MULTIPLE = 8
-DEFAULT_SIZE = (512, 512)  # the default size of a root that has it (SD2.1-base's native size)
-
-Size = tuple[int, int]  # (width, height), as the infotext writes sizes: "Size: 512x768" is 512 wide
-
-
-def size_key(size: Size) -> str:
-    """'512x768' for (512, 768): width x height, the folder and manifest key of a size."""
-    return f"{size[0]}x{size[1]}"
-
-
-def parse_size(text: str) -> Size:
-    """(width, height) from 'WxH'; ValueError saying how to write one."""
-    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
-    if not match:
-        raise ValueError(f"{text.strip()!r} is not a size; write width x height, such as 512x512 or 768x512")
-    return int(match.group(1)), int(match.group(2))
-
-
-def parse_sizes(text: str) -> list[Size]:
-    """'512x512,768x512' -> [(512, 512), (768, 512)], in order, without repeats; ValueError naming a bad one."""
-    items = [item for item in text.split(",") if item.strip()]
-    if not items:
-        raise ValueError("no size given; write width x height, such as 512x512, several separated by commas")
-    sizes = [parse_size(item) for item in items]
-    for size in sizes:
-        for name, value in zip(("width", "height"), size):
-            if value <= 0 or value % SIZE_MULTIPLE:
-                raise ValueError(f"{size_key(size)}: the {name} {value} is not a multiple of {SIZE_MULTIPLE} (the "
-                                 f"VAE's downsampling factor); use, for example, {_nearest(value)}")
-    return list(dict.fromkeys(sizes))
-
-
-def _nearest(value: int) -> int:
-    return max(SIZE_MULTIPLE, round(value / SIZE_MULTIPLE) * SIZE_MULTIPLE)
-
-
-def size_range(architecture: dict[str, Any]) -> tuple[int, int]:
-    """The smallest and largest width or height a root of this model may be compiled for."""
-    native = int(architecture.get("unet_sample_size") or 64) * int(architecture.get("vae_scale_factor") or 8)
-    return MIN_SIZE, 2 * native
-
-
-def check_sizes(sizes: list[Size], architecture: dict[str, Any]) -> None:
-    """ValueError naming a size outside the model's range (see size_range)."""
-    low, high = size_range(architecture)
-    for size in sizes:
-        for name, value in zip(("width", "height"), size):
-            if not low <= value <= high:
-                raise ValueError(f"{size_key(size)}: the {name} {value} is outside this model's range, {low} to "
-                                 f"{high} (twice its native size); use a size within it")
-
-
-def default_size(sizes: list[Size]) -> Size:
-    """The size a request without one gets: 512x512 where compiled, else the first."""
-    return DEFAULT_SIZE if DEFAULT_SIZE in sizes else sizes[0]
-
-
 def installed_versions() -> dict[str, str | None]:
     """Versions of the packages a compiled part depends on; None for those not installed."""
     versions: dict[str, str | None] = {}
@@ -189,7 +140,7 @@ def is_neuron_archive(path: Path) -> bool:
 
     Read from the archive's code without loading it: loading a Neuron graph needs torch_neuronx.
     """
-    from . import archive
+    from . import part_archive as archive  # torch: loaded only when a part's archive is read
 
     try:
         return archive.is_neuron_archive(path)
@@ -199,7 +150,7 @@ def is_neuron_archive(path: Path) -> bool:
 
 def dtype_name(dtype: torch.dtype) -> str:
     """'bf16' or 'fp32' for a torch dtype this backend runs; BackendUnavailable names any other."""
-    from .pipeline import DTYPES
+    from ..inprocess.pipeline import DTYPES  # torch: only where a part's dtype is named
 
     for name in NEURON_DTYPES:
         if DTYPES[name] == dtype:
@@ -210,7 +161,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 @dataclass
-class ArtifactSet:
+class CompiledDtype:
     """The compiled parts of one dtype, for each of its sizes, and what they were compiled for."""
 
     dtype: str
@@ -231,7 +182,7 @@ class ArtifactSet:
     format: int | None = None  # the manifest's format on disk; None for the flat layout
     warnings: list[str] = field(default_factory=list)
     # Flat layout: each part's input dtypes as read from its file; a part missing here could not be
-    # read without the device and is probed at load (NeuronBackend._probe_flat_dtypes).
+    # read without the device and is probed at load (assemble.probe_flat_dtypes).
     flat_dtypes: dict[str, list[torch.dtype]] = field(default_factory=dict)
 
     def _size(self, part: str, size: Size | None) -> Size:
@@ -279,8 +230,8 @@ class ArtifactSet:
     def input_specs(self, part: str, size: Size | None = None) -> list[InputSpec]:
         """The shapes and dtypes a part was traced with (recorded, or the walk-through's shapes with the dtypes read
         from its file)."""
-        from .neuron_modules import InputSpec, part_input_specs
-        from .pipeline import DTYPES
+        from ..inprocess.pipeline import DTYPES  # torch: only where a part's input specs are read
+        from .specs import InputSpec, part_input_specs  # torch
 
         if self.manifest is not None:
             return [InputSpec.from_json(s) for s in self.entry(part, size)["inputs"]]
@@ -298,7 +249,7 @@ class ArtifactSet:
         """The size of a part's file: what the device memory estimate starts from."""
         return self.path(part, size).stat().st_size
 
-    def modes_parts_missing(self, size: Size) -> list[str]:
+    def image_parts_missing(self, size: Size) -> list[str]:
         """The parts image to image and inpainting need that this size lacks."""
         return [p for p in IMAGE_PARTS if not self.has(p, size)]
 
@@ -340,8 +291,8 @@ def architecture_differences(recorded: dict[str, Any], architecture: dict[str, A
     return [k for k, v in architecture.items() if (k in recorded or manifest_format > 1) and recorded.get(k) != v]
 
 
-def find_artifacts(root: Path, wanted_model: str | None = None,
-                   wanted_sizes: list[Size] | None = None) -> list[ArtifactSet]:
+def read_root(root: Path, wanted_model: str | None = None,
+                   wanted_sizes: list[Size] | None = None) -> list[CompiledDtype]:
     """Every dtype compiled in a root, checked against its diffusers files; BackendUnavailable if unusable.
 
     wanted_sizes (--sizes): only those sizes are checked and kept, and each must be compiled; None: all."""
@@ -391,7 +342,7 @@ def find_artifacts(root: Path, wanted_model: str | None = None,
     return sorted(sets, key=lambda s: NEURON_DTYPES.index(s.dtype) if s.dtype in NEURON_DTYPES else 99)
 
 
-def _check_size_parts(root: Path, art: ArtifactSet, all_sizes: list[Size]) -> None:
+def _check_size_parts(root: Path, art: CompiledDtype, all_sizes: list[Size]) -> None:
     """Every size of a set has the parts text to image needs; the message names the file and the way out."""
     for size in art.sizes:
         missing = [p for p in TXT2IMG_PARTS if p not in SHARED_PARTS and not art.has(p, size)]
@@ -407,7 +358,7 @@ def _check_size_parts(root: Path, art: ArtifactSet, all_sizes: list[Size]) -> No
 
 
 def _manifest_set(root: Path, directory: Path, source: str | None, architecture: dict[str, Any],
-                  wanted_model: str | None) -> ArtifactSet:
+                  wanted_model: str | None) -> CompiledDtype:
     path = directory / MANIFEST
     on_disk = read_json(path)
     dtype = directory.name
@@ -442,7 +393,7 @@ def _manifest_set(root: Path, directory: Path, source: str | None, architecture:
         sizes = [(int(e["width"]), int(e["height"])) for e in manifest["sizes"].values()]
         if not sizes:
             raise KeyError("sizes")
-        art = ArtifactSet(
+        art = CompiledDtype(
             dtype=dtype, directory=directory, layout="manifest", target=target, model=str(model), sizes=sizes,
             batch_per_core=int(manifest["batch_per_core"]), tokens=int(manifest["tokens"]),
             text_hidden=int(architecture["text_hidden_size"]),
@@ -478,7 +429,7 @@ def _manifest_set(root: Path, directory: Path, source: str | None, architecture:
     return art
 
 
-def _flat_set(root: Path, compiled: Path, source: str | None, architecture: dict[str, Any]) -> ArtifactSet:
+def _flat_set(root: Path, compiled: Path, source: str | None, architecture: dict[str, Any]) -> CompiledDtype:
     missing = [p for p in TXT2IMG_PARTS if not (compiled / f"{p}.pt").is_file()]
     if missing:
         raise BackendUnavailable(f"--artifacts {root}: the walk-through layout is missing "
@@ -486,7 +437,7 @@ def _flat_set(root: Path, compiled: Path, source: str | None, architecture: dict
                                  f"folder (sd2_compile_dir_512/<part>/model.pt) or compile with compile_scripts.")
     target = "neuron" if is_neuron_archive(compiled / "unet.pt") else "cpu"
     tokens = int(architecture.get("text_max_positions") or 77)
-    art = ArtifactSet(
+    art = CompiledDtype(
         dtype="bf16", directory=compiled, layout="flat", target=target,
         model=source or root.resolve().name, sizes=[(FLAT_LAYOUT["width"], FLAT_LAYOUT["height"])],
         batch_per_core=FLAT_LAYOUT["batch_per_core"], tokens=tokens,
@@ -504,7 +455,7 @@ def _flat_set(root: Path, compiled: Path, source: str | None, architecture: dict
     return art
 
 
-def common_sizes(sets: list[ArtifactSet]) -> tuple[list[Size], list[str]]:
+def common_sizes(sets: list[CompiledDtype]) -> tuple[list[Size], list[str]]:
     """The sizes every dtype has, in the first dtype's order, and a note for each size some dtype lacks."""
     common = [s for s in sets[0].sizes if all(s in other.sizes for other in sets)]
     notes = []
@@ -533,7 +484,7 @@ class MemoryEstimate:
         return self.shared + sum(self.per_size.values())
 
 
-def memory_estimate(sets: list[ArtifactSet], sizes: list[Size], cores: int,
+def memory_estimate(sets: list[CompiledDtype], sizes: list[Size], cores: int,
                     size_parts: tuple[str, ...] = SIZE_PARTS) -> MemoryEstimate:
     """The device memory a set of sizes needs on the fullest NeuronCore, from the bytes of the part files.
 
@@ -557,9 +508,9 @@ def flat_input_dtypes(path: Path, part: str, count: int, target: str) -> list[to
     Neuron part of torch 1.13 records its input types only inside the compiled model's metadata, which
     torch_neuronx alone can read; the loader then tries the dtypes on the device.
     """
-    import torch
+    import torch  # only for a walk-through root's parts
 
-    from . import archive
+    from . import part_archive as archive  # torch: loaded only when a part's archive is read
 
     try:
         dtypes = archive.traced_input_dtypes(path)
@@ -579,7 +530,7 @@ def flat_input_dtypes(path: Path, part: str, count: int, target: str) -> list[to
     return dtypes
 
 
-def flat_dtype_note(art: ArtifactSet) -> str:
+def flat_dtype_note(art: CompiledDtype) -> str:
     """'dtypes read from the files: unet bf16, ...' for the flat layout's note."""
     known = ", ".join(f"{p} {art.part_dtype(p)}" for p in TXT2IMG_PARTS if p in art.flat_dtypes)
     unknown = [p for p in TXT2IMG_PARTS if p not in art.flat_dtypes]
@@ -602,22 +553,22 @@ def version_problems(recorded: dict[str, Any], installed: dict[str, str | None],
     warnings: list[str] = []
     if target == "neuron":
         rec, inst = recorded.get("torch-neuronx"), installed.get("torch-neuronx")
-        line = neuron_stack.torch_line
+        line = stack.torch_line
         if rec and inst and line(rec) != line(inst):
             errors.append(f"compiled with torch-neuronx {rec} (torch {line(rec)}), but torch-neuronx {inst} "
                           f"(torch {line(inst)}) is installed; compiled parts run only under the torch line "
                           f"they were compiled with. Install the stack the parts were compiled with, or recompile "
-                          f"with --force under the supported one ({neuron_stack.describe()}).")
-        compiled_sdk, installed_sdk = neuron_stack.sdk_release(recorded), neuron_stack.sdk_release(installed)
+                          f"with --force under the supported one ({stack.describe()}).")
+        compiled_sdk, installed_sdk = stack.sdk_release(recorded), stack.sdk_release(installed)
         differs = [n for n in SDK_PACKAGES if recorded.get(n) and installed.get(n)
-                   and neuron_stack.public_version(recorded[n]) != neuron_stack.public_version(installed[n])]
+                   and stack.public_version(recorded[n]) != stack.public_version(installed[n])]
         if differs and not errors:
             if compiled_sdk and installed_sdk and compiled_sdk != installed_sdk:
                 warnings.append(
                     f"compiled under Neuron SDK {compiled_sdk} ({_packages(recorded)}), this machine has Neuron SDK "
                     f"{installed_sdk} ({_packages(installed)}); parts usually load across releases, but only the "
                     f"compiling one was tested: if loading fails or images look wrong, recompile with --force under "
-                    f"the supported SDK {neuron_stack.NEURON_SDK}.")
+                    f"the supported SDK {stack.NEURON_SDK}.")
             else:
                 warnings.extend(f"compiled with {n} {recorded[n]}, {installed[n]} is installed; if loading fails or "
                                 f"images look wrong, recompile with --force under this Neuron SDK." for n in differs)
@@ -629,3 +580,156 @@ def version_problems(recorded: dict[str, Any], installed: dict[str, str | None],
 
 def _packages(versions: dict[str, Any]) -> str:
     return ", ".join(f"{n} {versions[n]}" for n in SDK_PACKAGES if versions.get(n))
+
+
+# --- writing manifests (compile.py) ------------------------------------------------------------------
+
+
+def new_manifest(*, model: str, dtype: str, batch_per_core: int, guidance: bool, tokens: int, target: str,
+                 architecture: dict[str, Any], versions: dict[str, str | None], lora: dict | None) -> dict[str, Any]:
+    """A format 2 manifest with no parts yet: the settings every part of a dtype shares (a change to any of them
+    but guidance makes every part stale; see carry_over)."""
+    return {
+        "format": MANIFEST_FORMAT,
+        "model": model,
+        "dtype": dtype,
+        "batch_per_core": batch_per_core,
+        "guidance": guidance,  # False: compiled with --no-cfg
+        "tokens": tokens,
+        "target": target,
+        "architecture": architecture,
+        "versions": versions,
+        # The release whose compiler built the parts (None for CPU parts), and the stack this project supports,
+        # which the loader and the doctor compare against what is installed.
+        "neuron_sdk": stack.sdk_release(versions),
+        "supported_stack": stack.record(),
+        "lora": lora,  # {"source", "sha256"} of the LoRA fused into the weights, or None
+        "parts": {},  # the size-independent parts (the text encoder)
+        "sizes": {},  # "<W>x<H>" -> the size and its parts
+    }
+
+
+def size_entry(manifest: dict[str, Any], size: Size) -> dict[str, Any]:
+    """A size's manifest entry, made empty if the manifest has none yet."""
+    factor = manifest["architecture"]["vae_scale_factor"]
+    width, height = size
+    return manifest["sizes"].setdefault(size_key(size), {
+        "width": width, "height": height, "latent_height": height // factor, "latent_width": width // factor,
+        "parts": {},
+    })
+
+
+def carry_over(path: Path, fresh: dict[str, Any], echo) -> dict[str, Any]:
+    """The manifest to write at `path`: `fresh` with the earlier manifest's parts and sizes where its shared settings
+    still hold (a format 1 manifest is upgraded, its parts kept where they are), else `fresh` as it is; `echo` says
+    which and why."""
+    dtype = fresh["dtype"]
+    old = read_json(path) if path.is_file() else None
+    if old is None:
+        return fresh
+    if old.get("format") not in READABLE_FORMATS:
+        echo(f"{dtype}: manifest format {old.get('format')!r} is unknown; its earlier parts are stale")
+        return fresh
+    fmt = old["format"]
+    old = upgrade_manifest(old)
+    # guidance: how the root is served, not how its parts were traced (the same batch-1 UNet), so a change
+    # is recorded without making the parts stale.
+    keys = [k for k in fresh if k not in ("format", "parts", "sizes", "versions", "neuron_sdk",
+                                          "supported_stack", "architecture", "guidance")]
+    if old.get("guidance", True) != fresh["guidance"]:
+        echo(f"{dtype}: guidance {'on' if fresh['guidance'] else 'off (--no-cfg)'} from now on (the "
+             f"parts stay: the UNet is traced for one sample per core either way)")
+    changed = [k for k in keys if old.get(k) != fresh[k]]
+    if architecture_differences(old.get("architecture") or {}, fresh["architecture"], fmt):
+        changed.append("architecture")
+    if changed:
+        echo(f"{dtype}: settings changed ({', '.join(changed)}); its earlier parts are stale")
+        return fresh
+    if fmt == 1:
+        echo(f"{dtype}: upgrading the format 1 manifest to format {fresh['format']} (its parts stay "
+             f"where they are)")
+    return {**fresh, "parts": dict(old.get("parts") or {}), "sizes": dict(old.get("sizes") or {})}
+
+
+# --- the file index ------------------------------------------------------------------------------------
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(BLOCK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def root_files(root: Path) -> Iterator[str]:
+    """The root's files as posix paths: everything but the index, hidden names, code/ and unfinished writes."""
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != "__pycache__")
+        relative_folder = Path(folder).relative_to(root)
+        if relative_folder.parts[:1] == (CODE_DIR,):
+            dirs[:] = []
+            continue
+        for name in sorted(files):
+            rel = (relative_folder / name).as_posix()
+            if name.startswith(".") or name.endswith((".partial", ".tmp", ".lock", ".pyc")) or rel == INDEX_PATH:
+                continue
+            yield rel
+
+
+def build_index(root: Path) -> dict[str, Any]:
+    """The file index of a local root: every file's size and sha256, and what each dtype was compiled for."""
+    if not (root / "model_index.json").is_file() or not (root / COMPILED_DIR).is_dir():
+        raise BackendUnavailable(f"{root}: not a compiled root (model_index.json and {COMPILED_DIR}/); compile one "
+                                 f"with python -m compile_scripts.compile.")
+    compiled: dict[str, dict[str, Any]] = {}
+    for manifest_path in sorted((root / COMPILED_DIR).glob(f"*/{MANIFEST}")):
+        manifest = read_json(manifest_path)
+        versions = manifest.get("versions") or {}
+        compiled[manifest_path.parent.name] = {
+            "target": manifest.get("target"),
+            "neuron_sdk": stack.sdk_release(versions) or manifest.get("neuron_sdk"),
+            "torch-neuronx": versions.get("torch-neuronx"),
+            "neuronx-cc": versions.get("neuronx-cc"),
+        }
+    if not compiled and (root / COMPILED_DIR / "unet.pt").is_file():  # the walk-through's flat layout
+        target = "neuron" if is_neuron_archive(root / COMPILED_DIR / "unet.pt") else "cpu"
+        compiled["flat"] = {"target": target, "neuron_sdk": None, "torch-neuronx": None, "neuronx-cc": None}
+    files = {rel: {"size": (root / rel).stat().st_size, "sha256": file_sha256(root / rel)} for rel in root_files(root)}
+    return {"format": INDEX_FORMAT, "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "compiled": compiled, "files": files}
+
+
+def write_index(root: Path) -> dict[str, Any]:
+    """Write ROOT/compiled_models/files.json (what a download verifies against); returns it."""
+    started = time.perf_counter()
+    index = build_index(root)
+    write_json(root / INDEX_PATH, index)
+    size = sum(entry["size"] for entry in index["files"].values())
+    log.info("%s: indexed %d files, %.1f MB, in %.1f s", root / INDEX_PATH, len(index["files"]), size / 1e6,
+             time.perf_counter() - started)
+    return index
+
+
+def parse_index(raw: bytes, where: str) -> dict[str, Any]:
+    """A downloaded index, checked: its format and file entries (paths that stay inside the root)."""
+    try:
+        index = json.loads(raw)
+    except ValueError as exc:
+        raise BackendUnavailable(f"{where}: the root's index is not JSON ({exc}); publish the root again with "
+                                 f"compile.py --upload.") from None
+    if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT:
+        found = index.get("format") if isinstance(index, dict) else None
+        raise BackendUnavailable(f"{where}: index format {found!r}, this app reads format {INDEX_FORMAT}; publish the "
+                                 f"root again with this version's compile.py --upload.")
+    files = index.get("files")
+    if not isinstance(files, dict) or not files:
+        raise BackendUnavailable(f"{where}: the index lists no files; publish the root again with compile.py --upload.")
+    for rel, entry in files.items():
+        path = PurePosixPath(rel)
+        if (not rel or path.is_absolute() or ".." in path.parts or "\\" in rel or rel == INDEX_PATH
+                or path.parts[0] == CODE_DIR or not isinstance(entry, dict) or not isinstance(entry.get("size"), int)
+                or not re.fullmatch(r"[0-9a-f]{64}", str(entry.get("sha256")))):
+            raise BackendUnavailable(f"{where}: the index's entry {rel!r} is not a file of a root; refusing it.")
+    return index

@@ -22,20 +22,10 @@ import time
 from typing import Any
 
 from . import protocol
-from .api import (
-    BackendError,
-    BackendUnavailable,
-    Capabilities,
-    GenerationFailed,
-    GenerationRequest,
-    GenerationResult,
-    InvalidRequest,
-    PreviewCallback,
-    StepCallback,
-    Timings,
-)
-from .metadata import KEY, attach
-from .settings import Settings
+from ..core.api import Capabilities, GenerationRequest, GenerationResult, PreviewCallback, StepCallback, Timings
+from ..core.errors import BackendError, BackendUnavailable, GenerationFailed, InvalidRequest
+from ..core.metadata import KEY, attach
+from ..core.settings import SageMakerSettings
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +49,7 @@ class SageMakerBackend:
 
     name = "sagemaker"
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: SageMakerSettings):
         if not settings.endpoint_name:
             raise BackendUnavailable("--endpoint-name is required for --backend sagemaker "
                                      "(compile_scripts/deploy.py prints it after a deploy).")
@@ -88,7 +78,7 @@ class SageMakerBackend:
         log.info("endpoint %s: %s on %s, precisions %s, modes %s", self.endpoint_name, remote.model, remote.device,
                  ", ".join(remote.precisions), ", ".join(remote.modes))
 
-    def _make_client(self, settings: Settings):
+    def _make_client(self, settings: SageMakerSettings):
         import boto3
         import botocore.exceptions
         from botocore.config import Config

@@ -3,8 +3,8 @@
 One generation at a time per lane (a lane: its pipelines, one per precision, its scheduler cache and the torch
 thread that runs them; by default one lane on the process's torch thread), and the random-weights note. The neuron
 backend's --neuron-parallel pipeline makes one lane per NeuronCore (use_lanes), so as many requests run at once.
-A subclass loads its pipelines, then sets `_caps` (with `modes=self.modes()`); it supplies
-`pipeline_for(precision)`, the `where` that error messages name, and any validation of its own (`check_request`).
+A subclass loads its pipelines, then sets `_caps` (with `modes=self.offered_modes()`); it supplies
+`precision_pipeline(precision)`, the `where` that error messages name, and any validation of its own (`check_request`).
 Image to image and inpaint run diffusers' own pipelines over the same modules (`pipeline.mode_pipeline`), so a
 subclass whose pipeline can `vae.encode` gets them by offering them in `modes()`.
 """
@@ -18,24 +18,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import pipeline
-from .api import (
+from ..core.api import (
     RANDOM_SEED,
-    BackendError,
     Capabilities,
-    GenerationFailed,
     GenerationRequest,
     GenerationResult,
     PreviewCallback,
     StepCallback,
     random_seed,
-    short_error,
 )
-from .metadata import label_images
-from .models import random_weights_note
+from ..core.errors import BackendError, GenerationFailed, short_error
+from ..core.metadata import label_images
+from ..models.catalog import random_weights_note
 from .preview import PreviewPacer
 from .prompts import truncation_warnings
-from .schedulers import SchedulerCache
-from .settings import Settings
+from ..core.schedulers import SchedulerCache
+from ..core.settings import InProcessSettings
 from .torch_thread import DeviceThread, device_thread
 
 log = logging.getLogger(__name__)
@@ -60,7 +58,7 @@ class InProcessBackend:
 
     name: str
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: InProcessSettings):
         self.settings = settings
         self._lanes: list[Lane] = []
         self._free_lanes: queue.Queue[Lane] = queue.Queue()  # a generation takes one, and gives it back at its end
@@ -118,22 +116,22 @@ class InProcessBackend:
         """What error messages name as the place a generation failed ("cpu", "neuron (2 NeuronCores)")."""
         return self._caps.device
 
-    def pipeline_for(self, precision: str):
+    def precision_pipeline(self, precision: str):
         """The first lane's pipeline of a precision (called on its torch thread, holding the lane)."""
         raise NotImplementedError
 
-    def pipeline_for_lane(self, precision: str, lane: Lane):
-        """A lane's pipeline of a precision: the first lane's is pipeline_for's, the others' were put in lane.pipelines
-        by the subclass."""
-        return self.pipeline_for(precision) if lane.index == 0 else lane.pipelines[precision]
+    def lane_pipeline(self, precision: str, lane: Lane):
+        """A lane's pipeline of a precision: the first lane's is precision_pipeline's, the others' were put in
+        lane.pipelines by the subclass."""
+        return self.precision_pipeline(precision) if lane.index == 0 else lane.pipelines[precision]
 
     def check_request(self, request: GenerationRequest) -> None:
         """Refuse, before validation, what this backend can say more about than Capabilities can."""
 
-    def modes(self) -> tuple[str, ...]:
-        """The modes to put in Capabilities: what the loaded UNet runs (pipeline.modes_of). A subclass
+    def offered_modes(self) -> tuple[str, ...]:
+        """The modes to put in Capabilities: what the loaded UNet runs (pipeline.unet_modes). A subclass
         narrows it where a part is missing (a compiled root without the VAE encoder: txt2img only)."""
-        return pipeline.modes_of(next(iter(self._pipelines.values())))
+        return pipeline.unet_modes(next(iter(self._pipelines.values())))
 
     # Shared ------------------------------------------------------------------------------------
 
@@ -151,12 +149,12 @@ class InProcessBackend:
         for lane in self._lanes:
             lane.schedulers = SchedulerCache(pipe.scheduler.config)
 
-    def pipeline_for_mode(self, precision: str, mode: str, lane: Lane | None = None):
+    def pipeline_to_run(self, precision: str, mode: str, lane: Lane | None = None):
         """The pipeline that runs `mode` at `precision` in a lane (the first by default): the precision's own for
         txt2img, else diffusers' img2img / inpaint pipeline made once over its modules (called on the lane's torch
         thread, holding the lane)."""
         lane = lane or self._lanes[0]
-        base = self.pipeline_for_lane(precision, lane)
+        base = self.lane_pipeline(precision, lane)
         if mode == "txt2img":
             return base
         key = (precision, mode)
@@ -179,7 +177,7 @@ class InProcessBackend:
         seeds = request.image_seeds(base_seed)
         lane = self._free_lanes.get()
         try:
-            pipe = lane.device.run(self.pipeline_for_mode, request.precision, request.mode, lane)
+            pipe = lane.device.run(self.pipeline_to_run, request.precision, request.mode, lane)
             warnings = truncation_warnings(pipe.tokenizer, request)
             scheduler = lane.schedulers.get(request.scheduler)
             try:

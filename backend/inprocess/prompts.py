@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .api import GenerationRequest
+from ..core.api import GenerationRequest
 
 
 def tokens_dropped(tokenizer, text: str) -> str:

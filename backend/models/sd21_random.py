@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from .tiny import build_tokenizer, scheduler_config
+
 SD21_RANDOM_ID = "sd21-random"
 
 
@@ -56,7 +58,6 @@ def build_pipeline(dtype: torch.dtype = torch.float32, device: str = "cpu"):
     from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from .tiny import build_tokenizer, scheduler_config
 
     tokenizer = build_tokenizer()
     generator = torch.Generator(device=device).manual_seed(21)

@@ -9,15 +9,18 @@ import time
 
 import torch
 
-from . import fewstep, pipeline
-from .api import BackendUnavailable, Capabilities, GenerationRequest, short_error
+from ..core import fewstep
+
+from . import pipeline
+from ..core.api import Capabilities, GenerationRequest
+from ..core.errors import BackendUnavailable, short_error
 from .frozen import eager_module, freeze_pipeline
-from .inprocess import InProcessBackend
-from .models import model_display_name, random_weights_of
+from .base import InProcessBackend
+from ..models.catalog import model_display_name, random_weights_of
 from .lora import fuse_lora
-from .schedulers import make_scheduler
-from .settings import DEFAULT_MODEL, Settings
-from .tiny import TINY_MODEL_ID
+from ..core.schedulers import make_scheduler
+from ..core.settings import DEFAULT_MODEL, LocalSettings
+from ..models.tiny import TINY_MODEL_ID
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +67,7 @@ class LocalBackend(InProcessBackend):
 
     name = "local"
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: LocalSettings):
         super().__init__(settings)
         self.device = resolve_device(settings.device)
         self.optimize = auto_optimize(self.device) if settings.optimize == "auto" else settings.optimize
@@ -98,7 +101,7 @@ class LocalBackend(InProcessBackend):
             max_images=settings.max_images,
             is_tiny=self.is_tiny,
             previews=self.previews,
-            modes=self.modes(),
+            modes=self.offered_modes(),
             notes=tuple(self.notes),
             **fewstep.capability_fields(self.few_step),
         )
@@ -123,11 +126,11 @@ class LocalBackend(InProcessBackend):
         started = time.perf_counter()
         # The request a person's first one will be: a few-step model runs without guidance (one UNet batch).
         caps = Capabilities(backend=self.name, model="", device=self.device, precisions=("fp32",),
-                            modes=pipeline.modes_of(pipe), **fewstep.capability_fields(self.few_step))
+                            modes=pipeline.unet_modes(pipe), **fewstep.capability_fields(self.few_step))
         request = GenerationRequest("warm-up", steps=min(2, caps.max_steps), width=512, height=512, seed=0,
                                     precision="fp32", guidance_scale=caps.default_guidance,
                                     scheduler=caps.schedulers[0])
-        if "txt2img" not in pipeline.modes_of(pipe):  # an inpainting UNet: warm up as what it runs
+        if "txt2img" not in pipeline.unet_modes(pipe):  # an inpainting UNet: warm up as what it runs
             request = dataclasses.replace(request, mode="inpaint", strength=1.0, mask_blur=0,
                                           image=Image.new("RGB", (512, 512), "gray"),
                                           mask=Image.new("L", (512, 512), 255))
@@ -135,7 +138,7 @@ class LocalBackend(InProcessBackend):
                      scheduler=make_scheduler(request.scheduler, pipe.scheduler.config))
         log.info("warmed up (%s) in %.1f s", self.optimize, time.perf_counter() - started)
 
-    def pipeline_for(self, precision: str):
+    def precision_pipeline(self, precision: str):
         """The pipeline for a precision; a new one reuses the loaded modules, cast, not a reload."""
         if precision not in self._pipelines and self.optimize in ("compile", "cuda-graphs"):
             # Compiled modules are not copied: the other precision is loaded and compiled itself.

@@ -99,6 +99,72 @@ class Settings:
         return settings
 
 
+# --- each backend's slice -------------------------------------------------------------------------
+# A backend takes only the fields it reads (the counter-example is one global settings object read
+# everywhere, as A1111's modules/shared.py is): what a backend depends on is its slice's field list.
+
+
+@dataclass(frozen=True)
+class SettingsSlice:
+    """Base of the per-backend settings: `of(settings)` copies the fields of the same names."""
+
+    @classmethod
+    def of(cls, settings: Settings):
+        """This slice of the whole Settings."""
+        return cls(**{f.name: getattr(settings, f.name) for f in dataclasses.fields(cls)})
+
+
+@dataclass(frozen=True)
+class InProcessSettings(SettingsSlice):
+    """What every in-process backend reads (inprocess/base.py)."""
+
+    max_images: int = 4
+    preview_every: int | None = None
+    few_step: str = "auto"
+
+
+@dataclass(frozen=True)
+class LocalSettings(InProcessSettings):
+    """The local backend's settings (inprocess/local.py)."""
+
+    model: str | None = None
+    device: str = "auto"
+    optimize: str = "auto"
+    offline: bool = False
+    lora: str | None = None
+
+    @property
+    def model_or_default(self) -> str:
+        """The model to load: the one asked for, or the default Hub id."""
+        return self.model or DEFAULT_MODEL
+
+
+@dataclass(frozen=True)
+class NeuronSettings(InProcessSettings):
+    """The neuron backend's settings (neuron/backend.py, neuron/root_plan.py)."""
+
+    artifacts: str | None = None
+    cache_dir: str | None = None
+    model: str | None = None
+    lora: str | None = None
+    sizes: str | None = None
+    neuron_cores: int | None = None
+    neuron_parallel: str = "unet"
+    device_memory_gib: float | None = None
+
+
+@dataclass(frozen=True)
+class SageMakerSettings(SettingsSlice):
+    """The SageMaker client backend's settings (sagemaker/client.py)."""
+
+    endpoint_name: str | None = None
+    region: str | None = None
+    endpoint_url: str | None = None
+    read_timeout: float = READ_TIMEOUT_S
+    retry_backoff: float = RETRY_BACKOFF_S
+    max_images: int = 4
+
+
 def _env(env: Mapping[str, str], flag: str) -> str | None:
     return env.get("SD_" + flag.upper().replace("-", "_"))
 

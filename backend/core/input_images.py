@@ -20,7 +20,7 @@ import binascii
 import io
 from typing import Any
 
-from .api import InvalidRequest
+from .errors import InvalidRequest
 
 RESIZE_MODES = ("crop", "pad", "stretch")
 DEFAULT_RESIZE_MODE = "crop"

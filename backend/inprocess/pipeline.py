@@ -10,12 +10,15 @@ from typing import Any
 
 import torch
 
-from .api import MODES, GenerationRequest, PreviewCallback, StepCallback, Timings
-from .fewstep import step_eta
+from ..core.api import MODES, GenerationRequest, PreviewCallback, StepCallback, Timings
+from ..core.fewstep import step_eta
 from .preview import PreviewPacer, noise_scale, preview_images
-from .sd21_random import SD21_RANDOM_ID
-from .settings import OPTIMIZE_MODES
-from .tiny import TINY_MODEL_ID
+from ..models.sd21_random import SD21_RANDOM_ID
+from ..models.sd21_random import build_pipeline as build_sd21_random
+from ..core.settings import OPTIMIZE_MODES
+from ..models.tiny import TINY_MODEL_ID
+from ..models.tiny import build_pipeline as build_tiny
+from .frozen import freeze_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -28,12 +31,8 @@ def load_pipeline(model: str, dtype: torch.dtype, device: str = "cpu", local_fil
     from diffusers import StableDiffusionPipeline
 
     if model == TINY_MODEL_ID:
-        from .tiny import build_pipeline
-
-        pipe = build_pipeline(dtype=dtype)
+        pipe = build_tiny(dtype=dtype)
     elif model == SD21_RANDOM_ID:
-        from .sd21_random import build_pipeline as build_sd21_random
-
         return build_sd21_random(dtype=dtype, device=device)
     else:
         source = str(Path(model).expanduser()) if os.path.isdir(os.path.expanduser(model)) else model
@@ -81,8 +80,6 @@ def optimize_pipeline(pipe, mode: str):
     pipe.unet.to(memory_format=torch.channels_last)
     pipe.vae.to(memory_format=torch.channels_last)
     if mode == "trace":
-        from .frozen import freeze_pipeline
-
         freeze_pipeline(pipe)
     if mode in ("compile", "cuda-graphs"):
         compile_mode = "reduce-overhead" if mode == "cuda-graphs" else "max-autotune-no-cudagraphs"
@@ -191,7 +188,7 @@ def unet_input_channels(pipe) -> int:
     return int(pipe.unet.config.in_channels)
 
 
-def modes_of(pipe) -> tuple[str, ...]:
+def unet_modes(pipe) -> tuple[str, ...]:
     """The modes a pipeline's UNet runs: a standard one all three; an inpainting (9-channel) one only
     inpaint (StableDiffusionPipeline and the img2img pipeline feed it 4 channels)."""
     return ("inpaint",) if unet_input_channels(pipe) == 9 else MODES

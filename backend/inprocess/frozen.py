@@ -29,7 +29,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .neuron_modules import UNetWrap  # the same (sample, timesteps, text) -> sample graph as Neuron's
+from .traced import UNetWrap  # the same (sample, timesteps, text) -> sample graph as compile.py traces
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@
 do about it. `python -m compile_scripts.doctor --artifacts ROOT` prints them; an endpoint can call
 check() at start and refuse to serve on an error. The checks, in order:
 
-1. Python and the packages against the supported Neuron stack (backend/neuron_stack.py) and
+1. Python and the packages against the supported Neuron stack (backend/stack.py) and
    against the versions each manifest recorded (Neuron parts only; CPU parts need neither).
 2. NeuronCores: a Neuron device (/dev/neuron*) and the cores NEURON_RT_VISIBLE_CORES leaves visible.
 3. Host memory, for compiling the UNet here.
@@ -25,13 +25,15 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from . import neuron_stack
+from ..core.api import GenerationRequest
+from ..core.errors import BackendError, BackendUnavailable
+from ..core.settings import NeuronSettings
+from . import stack
+from .host import MIN_UNET_MEMORY_GB, host_memory_gb, neuron_core_ids, neuron_devices
+from .parts import SHARED_PARTS, SIZE_PARTS, size_key
+from .root_format import common_sizes, compile_hint, dtype_name, memory_estimate, read_root
 
 LEVELS = ("ok", "warning", "error")
-# AWS's SD2.1 notebooks ask for inf2.8xlarge or larger (128 GB) to compile, and the UNet compile is
-# killed on inf2.xlarge's 16 GB (aws-neuron-samples issue #10). 35 GB is this project's threshold for
-# a warning, between the two; AWS publishes no exact figure.
-MIN_UNET_MEMORY_GB = 35
 SMOKE_PROMPT = "a lovely cat"
 
 
@@ -48,28 +50,6 @@ class Finding:
             raise ValueError(f"level {self.level!r}: use one of {', '.join(LEVELS)}")
 
 
-def neuron_devices() -> list[Path]:
-    """The Neuron devices the driver exposes (/dev/neuron0, ...); empty without a device or driver."""
-    return sorted(Path("/dev").glob("neuron*"))
-
-
-def host_memory_gb() -> float | None:
-    """This machine's memory in GB (psutil if present, else /proc/meminfo), None if unknown."""
-    try:
-        import psutil
-
-        return psutil.virtual_memory().total / 1e9
-    except ImportError:
-        pass
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) * 1024 / 1e9
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
 def failed(findings: list[Finding]) -> bool:
     """True when any finding is an error."""
     return any(f.level == "error" for f in findings)
@@ -79,13 +59,10 @@ def check(root: Path | str, *, smoke: bool = True, neuron_cores: int | None = No
     """Every check against a compiled root, in order; the smoke generation runs only when nothing failed before it.
 
     neuron_cores: the backend's --neuron-cores (None: as many as the runtime shows, at most two)."""
-    from .api import BackendUnavailable
-    from .artifacts import find_artifacts
-
     root = Path(root).expanduser()
     findings: list[Finding] = []
     try:
-        sets = find_artifacts(root)
+        sets = read_root(root)
     except BackendUnavailable as exc:
         sets = []
         findings.append(Finding("error", f"compiled root {root}: {exc}", "Fix the root as the message says, then run "
@@ -112,7 +89,7 @@ def check(root: Path | str, *, smoke: bool = True, neuron_cores: int | None = No
 def check_python(target: str | None) -> list[Finding]:
     """The Python version against the Neuron wheels' (3.11-3.13)."""
     version = ".".join(platform.python_version_tuple()[:2])
-    supported = neuron_stack.PYTHONS
+    supported = stack.PYTHONS
     if version in supported:
         return [Finding("ok", f"Python {platform.python_version()} (the Neuron wheels support {', '.join(supported)})")]
     if target == "neuron":
@@ -127,7 +104,7 @@ def check_python(target: str | None) -> list[Finding]:
 def installed(name: str) -> str | None:
     """The installed version of a distribution without its local label, None if absent."""
     try:
-        return neuron_stack.public_version(metadata.version(name))
+        return stack.public_version(metadata.version(name))
     except metadata.PackageNotFoundError:
         return None
 
@@ -136,22 +113,22 @@ def check_packages(target: str | None) -> list[Finding]:
     """torch, torch-neuronx, neuronx-cc and numpy against the supported stack (Neuron parts only)."""
     if target != "neuron":
         return [Finding("ok", f"packages: CPU parts need only this project's requirements (torch "
-                        f"{installed('torch')}); Neuron parts need {neuron_stack.describe()}")]
+                        f"{installed('torch')}); Neuron parts need {stack.describe()}")]
     findings = []
     install = "pip install -r requirements-neuron.txt in a fresh virtual environment (docs/neuron.md)"
-    for name, pinned in neuron_stack.PACKAGES.items():
+    for name, pinned in stack.PACKAGES.items():
         have = installed(name)
         if have == pinned:
-            findings.append(Finding("ok", f"{name} {have} (Neuron SDK {neuron_stack.NEURON_SDK})"))
+            findings.append(Finding("ok", f"{name} {have} (Neuron SDK {stack.NEURON_SDK})"))
         elif have is None:
             findings.append(Finding("error", f"{name} is not installed; the supported stack has {name} {pinned}",
                                     install))
-        elif name in ("torch", "torch-neuronx") and neuron_stack.torch_line(have) != neuron_stack.torch_line(pinned):
-            findings.append(Finding("error", f"{name} {have} is of the torch {neuron_stack.torch_line(have)} line; the "
-                            f"supported stack has {name} {pinned} (torch {neuron_stack.torch_line(pinned)})", install))
+        elif name in ("torch", "torch-neuronx") and stack.torch_line(have) != stack.torch_line(pinned):
+            findings.append(Finding("error", f"{name} {have} is of the torch {stack.torch_line(have)} line; the "
+                            f"supported stack has {name} {pinned} (torch {stack.torch_line(pinned)})", install))
         else:
             findings.append(Finding("warning", f"{name} {have}; the supported stack (Neuron SDK "
-                            f"{neuron_stack.NEURON_SDK}) has {name} {pinned}", install))
+                            f"{stack.NEURON_SDK}) has {name} {pinned}", install))
     return findings
 
 
@@ -160,8 +137,6 @@ def check_packages(target: str | None) -> list[Finding]:
 
 def check_neuron_cores(env: dict[str, str] | None = None, neuron_cores: int | None = None) -> list[Finding]:
     """A Neuron device, and the NeuronCores the UNet will run on (env: the Neuron runtime's variables)."""
-    from .neuron import neuron_core_ids
-
     devices = neuron_devices()
     if not devices:
         return [Finding("error", "no Neuron device (/dev/neuron*) on this machine, and the parts were compiled for "
@@ -205,8 +180,6 @@ def check_memory() -> list[Finding]:
 def check_sizes(sets) -> list[Finding]:
     """The sizes every dtype serves, what each costs in device memory (the backend's estimate), and whether the
     image modes' VAE encoder is there."""
-    from .artifacts import SIZE_PARTS, common_sizes, memory_estimate, size_key
-
     sizes, notes = common_sizes(sets)
     findings = [Finding("warning", note) for note in notes]
     estimate = memory_estimate(sets, sizes, 2, SIZE_PARTS)
@@ -214,7 +187,7 @@ def check_sizes(sets) -> list[Finding]:
     findings.append(Finding("ok", f"sizes {', '.join(map(size_key, sizes))}: device memory per NeuronCore, from the "
                             f"part files: {costs}; text encoder {estimate.shared / 2**20:.1f} MiB (an inf2 core has "
                             f"16 GiB; the backend checks before loading)"))
-    lacking = [f"{a.dtype} {size_key(s)}" for a in sets for s in sizes if a.modes_parts_missing(s)]
+    lacking = [f"{a.dtype} {size_key(s)}" for a in sets for s in sizes if a.image_parts_missing(s)]
     if lacking:
         findings.append(Finding("warning", f"no VAE encoder for {', '.join(lacking)}: the root serves text to image "
                                 f"only", "Add it with compile.py --parts vae_encoder (the backend's note gives the "
@@ -225,8 +198,7 @@ def check_sizes(sets) -> list[Finding]:
 def check_parts(root: Path, art) -> list[Finding]:
     """Each part of one compiled dtype and size: a readable archive whose recorded dtype matches its weights (CPU
     parts)."""
-    from . import archive
-    from .artifacts import SHARED_PARTS, SIZE_PARTS, compile_hint, dtype_name, size_key
+    from . import part_archive as archive  # torch: loaded only when a part's archive is read
 
     findings = []
     present = [(p, None) for p in SHARED_PARTS] + [(p, s) for s in art.sizes for p in SIZE_PARTS if art.has(p, s)]
@@ -266,13 +238,11 @@ def check_parts(root: Path, art) -> list[Finding]:
 
 def smoke_generation(root: Path, neuron_cores: int | None = None) -> list[Finding]:
     """Load the backend as the app does and generate one 1-step image per precision and size, with its timings."""
-    from .api import BackendError, GenerationRequest
-    from .neuron import NeuronBackend
-    from .settings import Settings
+    from .backend import NeuronBackend  # torch and diffusers: only for the smoke generation
 
     started = time.perf_counter()
     try:
-        backend = NeuronBackend(Settings(backend="neuron", artifacts=str(root), neuron_cores=neuron_cores))
+        backend = NeuronBackend(NeuronSettings(artifacts=str(root), neuron_cores=neuron_cores))
     except BackendError as exc:
         return [Finding("error", f"loading the parts failed: {exc}", "Fix what the message names, then run the "
                         "doctor again.")]

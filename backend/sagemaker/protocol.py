@@ -51,13 +51,8 @@ import io
 import json
 from typing import Any, Mapping
 
-from .api import (
-    BackendError,
-    BackendUnavailable,
-    GenerationFailed,
-    GenerationRequest,
-    InvalidRequest,
-)
+from ..core.api import GenerationRequest
+from ..core.errors import BackendError, BackendUnavailable, GenerationFailed, InvalidRequest
 
 JSON = "application/json"
 PNG = "image/png"

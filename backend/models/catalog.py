@@ -24,7 +24,7 @@ def model_display_name(model: str) -> str:
 
 
 def is_tiny_folder(model: str) -> bool:
-    """True for a folder saved by `python -m backend.tiny` (random weights, not SD2.1)."""
+    """True for a folder saved by `python -m backend.models.tiny` (random weights, not SD2.1)."""
     readme = Path(os.path.expanduser(model)) / "README.md"
     try:
         return readme.is_file() and readme.read_text(errors="replace").startswith("# tiny (random weights)")
@@ -33,7 +33,7 @@ def is_tiny_folder(model: str) -> bool:
 
 
 def random_weights_of(model: str, folder: str | None = None) -> str | None:
-    """The RANDOM_WEIGHTS key of a model id (or of a folder saved by backend.tiny), None for real weights."""
+    """The RANDOM_WEIGHTS key of a model id (or of a folder saved by backend.models.tiny), None for real weights."""
     if model in RANDOM_WEIGHTS:
         return model
     if is_tiny_folder(folder or model):

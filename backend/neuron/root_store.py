@@ -26,6 +26,7 @@ boto3 elsewhere (a moto server in the tests).
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import json
@@ -34,21 +35,27 @@ import os
 import re
 import shutil
 import time
-from datetime import datetime, timezone
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from . import neuron_stack
-from .api import BackendUnavailable
+from . import stack
+from ..core.errors import BackendUnavailable
+from .root_format import (
+    BLOCK,
+    CODE_DIR,
+    INDEX_PATH,
+    file_sha256,
+    installed_versions,
+    parse_index,
+    root_files,
+    write_index,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 
-INDEX_PATH = "compiled_models/files.json"  # relative to the root, also the S3 key under the prefix
-INDEX_FORMAT = 1
 MARKER = ".sd-root-complete"  # in a downloaded folder, written last: the folder is complete
 DEFAULT_CACHE_DIR = "~/.cache/sd-inf2"
-CODE_DIR = "code"  # deploy.py puts the endpoint's code package beside an uploaded root; never part of a root
-BLOCK = 1 << 20
 _HUB = re.compile(r"hf://([A-Za-z0-9][\w.-]*/[\w.-]+)(?:@([\w./-]+))?")
 
 
@@ -113,104 +120,14 @@ def parse_hub_uri(uri: str) -> tuple[str, str | None]:
     return match.group(1), match.group(2)
 
 
-# ---- the index -------------------------------------------------------------------------------------
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file, read in blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(BLOCK), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def root_files(root: Path) -> Iterator[str]:
-    """The root's files as posix paths: everything but the index, hidden names, code/ and unfinished writes."""
-    for folder, dirs, files in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != "__pycache__")
-        relative_folder = Path(folder).relative_to(root)
-        if relative_folder.parts[:1] == (CODE_DIR,):
-            dirs[:] = []
-            continue
-        for name in sorted(files):
-            rel = (relative_folder / name).as_posix()
-            if name.startswith(".") or name.endswith((".partial", ".tmp", ".lock", ".pyc")) or rel == INDEX_PATH:
-                continue
-            yield rel
-
-
-def build_index(root: Path) -> dict[str, Any]:
-    """The file index of a local root: every file's size and sha256, and what each dtype was compiled for."""
-    from .artifacts import COMPILED_DIR, MANIFEST, is_neuron_archive, read_json
-
-    if not (root / "model_index.json").is_file() or not (root / COMPILED_DIR).is_dir():
-        raise BackendUnavailable(f"{root}: not a compiled root (model_index.json and {COMPILED_DIR}/); compile one "
-                                 f"with python -m compile_scripts.compile.")
-    compiled: dict[str, dict[str, Any]] = {}
-    for manifest_path in sorted((root / COMPILED_DIR).glob(f"*/{MANIFEST}")):
-        manifest = read_json(manifest_path)
-        versions = manifest.get("versions") or {}
-        compiled[manifest_path.parent.name] = {
-            "target": manifest.get("target"),
-            "neuron_sdk": neuron_stack.sdk_release(versions) or manifest.get("neuron_sdk"),
-            "torch-neuronx": versions.get("torch-neuronx"),
-            "neuronx-cc": versions.get("neuronx-cc"),
-        }
-    if not compiled and (root / COMPILED_DIR / "unet.pt").is_file():  # the walk-through's flat layout
-        target = "neuron" if is_neuron_archive(root / COMPILED_DIR / "unet.pt") else "cpu"
-        compiled["flat"] = {"target": target, "neuron_sdk": None, "torch-neuronx": None, "neuronx-cc": None}
-    files = {rel: {"size": (root / rel).stat().st_size, "sha256": file_sha256(root / rel)} for rel in root_files(root)}
-    return {"format": INDEX_FORMAT, "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "compiled": compiled, "files": files}
-
-
-def write_index(root: Path) -> dict[str, Any]:
-    """Write ROOT/compiled_models/files.json (what a download verifies against); returns it."""
-    from .artifacts import write_json
-
-    started = time.perf_counter()
-    index = build_index(root)
-    write_json(root / INDEX_PATH, index)
-    size = sum(entry["size"] for entry in index["files"].values())
-    log.info("%s: indexed %d files, %.1f MB, in %.1f s", root / INDEX_PATH, len(index["files"]), size / 1e6,
-             time.perf_counter() - started)
-    return index
-
-
-def parse_index(raw: bytes, where: str) -> dict[str, Any]:
-    """A downloaded index, checked: its format and file entries (paths that stay inside the root)."""
-    try:
-        index = json.loads(raw)
-    except ValueError as exc:
-        raise BackendUnavailable(f"{where}: the root's index is not JSON ({exc}); publish the root again with "
-                                 f"compile.py --upload.") from None
-    if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT:
-        found = index.get("format") if isinstance(index, dict) else None
-        raise BackendUnavailable(f"{where}: index format {found!r}, this app reads format {INDEX_FORMAT}; publish the "
-                                 f"root again with this version's compile.py --upload.")
-    files = index.get("files")
-    if not isinstance(files, dict) or not files:
-        raise BackendUnavailable(f"{where}: the index lists no files; publish the root again with compile.py --upload.")
-    for rel, entry in files.items():
-        path = PurePosixPath(rel)
-        if (not rel or path.is_absolute() or ".." in path.parts or "\\" in rel or rel == INDEX_PATH
-                or path.parts[0] == CODE_DIR or not isinstance(entry, dict) or not isinstance(entry.get("size"), int)
-                or not re.fullmatch(r"[0-9a-f]{64}", str(entry.get("sha256")))):
-            raise BackendUnavailable(f"{where}: the index's entry {rel!r} is not a file of a root; refusing it.")
-    return index
-
-
 def stack_problem(index: dict[str, Any], installed: dict[str, str | None] | None = None) -> str | None:
     """Why a root's Neuron parts cannot load under this project's Neuron SDK (or the installed one); None if they can.
 
     CPU parts run anywhere. Neuron parts load only under the SDK line that compiled them
     (docs/architecture.md, "the one stack"); a root from another SDK is refused before gigabytes move.
     """
-    from .artifacts import installed_versions
-
-    wanted = neuron_stack.supported_sdk_line()
-    installed_sdk = neuron_stack.sdk_release(installed if installed is not None else installed_versions())
+    wanted = stack.supported_sdk_line()
+    installed_sdk = stack.sdk_release(installed if installed is not None else installed_versions())
     for dtype, entry in sorted((index.get("compiled") or {}).items()):
         if not isinstance(entry, dict) or entry.get("target") != "neuron":
             continue
@@ -221,8 +138,8 @@ def stack_problem(index: dict[str, Any], installed: dict[str, str | None] | None
             continue
         here = f", this machine has Neuron SDK {installed_sdk}" if installed_sdk else ""
         return (f"its {dtype} parts were compiled under Neuron SDK {release} (neuronx-cc {entry.get('neuronx-cc')}); "
-                f"this project serves Neuron SDK {neuron_stack.NEURON_SDK}{here}, and compiled parts load only under "
-                f"the SDK line that compiled them. Recompile under {neuron_stack.describe()} and publish again "
+                f"this project serves Neuron SDK {stack.NEURON_SDK}{here}, and compiled parts load only under "
+                f"the SDK line that compiled them. Recompile under {stack.describe()} and publish again "
                 f"with compile.py --upload.")
     return None
 
@@ -393,8 +310,6 @@ def _verify_partial(partial: Path, target: Path, entry: dict[str, Any], sha256: 
 
 def _finish(dest: Path, index: dict[str, Any], uri: str) -> None:
     """Remove files the index does not list (left from an older root), write the index, then the marker, last."""
-    from .artifacts import write_json
-
     listed = set(index["files"])
     for rel in list(root_files(dest)):
         if rel not in listed:
@@ -425,7 +340,7 @@ def _check_space(dest: Path, files: dict[str, Any], uri: str) -> None:
 @contextlib.contextmanager
 def _locked(dest: Path) -> Iterator[None]:
     """One process at a time fills a cache folder (a second waits, then finds it complete)."""
-    import fcntl
+    import fcntl  # POSIX only: imported where the lock is taken, so `import backend` works on Windows too
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     with open(dest.with_name(dest.name + ".lock"), "w") as lock:
@@ -438,8 +353,6 @@ def _locked(dest: Path) -> Iterator[None]:
 
 def upload_uri(text: str) -> str:
     """compile.py --upload's value: an s3:// folder URI (checked before hours of compiling)."""
-    import argparse
-
     try:
         bucket, prefix = split_s3_uri(text)
     except BackendUnavailable as exc:
@@ -531,8 +444,6 @@ def fetch_hub(uri: str, cache_dir: str | None = None) -> Path:
         return snapshot
     for rel, entry in index["files"].items():
         _verify_hub_file(snapshot / rel, rel, entry, uri)
-    from .artifacts import write_json
-
     marker.parent.mkdir(parents=True, exist_ok=True)
     write_json(marker, {"snapshot": str(snapshot), "index_sha256": index_sha256})
     log.info("%s: %d files verified in %s", uri, len(index["files"]), snapshot)

@@ -1,0 +1,1 @@
+"""The contract and what every backend and the app share; nothing here imports torch."""

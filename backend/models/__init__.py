@@ -1,0 +1,1 @@
+"""The model catalog and the offline models (tiny, sd21-random)."""

@@ -1,0 +1,1 @@
+"""The SageMaker client backend and the endpoint's wire protocol."""
