@@ -18,12 +18,14 @@ None of them raises for a bad or failed request: the toolkit answers an exceptio
 message followed by the traceback (`Transformer.handle_error`), which is neither the wire
 format's error shape nor fit to show a caller.
 
-endpoint.json keys, each overridden by its SD_* variable (SD_BACKEND, SD_MODEL, ...):
+endpoint.json keys (any of Settings' fields, backend/core/settings.py, and model_s3_uri), read through Settings
+as the app's flags are, each overridden by its SD_* variable (SD_BACKEND, SD_MODEL, ...):
   backend       neuron | local (default: neuron when the compiled root has compiled_models/)
   artifacts     the compiled root's folder, beside code/ in model.tar.gz (or an s3:// / hf:// root)
-  model_s3_uri  an s3:// folder holding the compiled root instead, downloaded here at start and verified
-                against its file index (backend/root_store.py); none of the two: the root is the model
-                folder itself (an uncompressed deploy, compile_scripts/deploy.py --model-data)
+  model_s3_uri  an s3:// folder holding the compiled root instead (read as artifacts; SD_ARTIFACTS overrides it),
+                downloaded here at start and verified against its file index (backend/neuron/root_store.py);
+                none of the two: the root is the model folder itself (an uncompressed deploy,
+                compile_scripts/deploy.py --model-data)
   model         local backend: a diffusers folder beside code/, a Hub id, or `tiny`
   png_level     zlib level of the PNGs answered
   sizes         neuron: the compiled sizes to load ("512x512,768x512"; default every size in the root)
@@ -34,6 +36,7 @@ endpoint.json keys, each overridden by its SD_* variable (SD_BACKEND, SD_MODEL, 
 
 from __future__ import annotations
 
+import dataclasses
 import http
 import json
 import logging
@@ -57,8 +60,8 @@ from serving.handler import DEFAULT_PNG_LEVEL, Handler, Response  # noqa: E402
 log = logging.getLogger("serving.inference")
 
 CONFIG_FILE = "endpoint.json"  # in code/, beside this file
-CONFIG_KEYS = ("backend", "artifacts", "model_s3_uri", "model", "device", "max_images", "png_level", "neuron_cores",
-               "sizes", "device_memory_gib", "neuron_parallel")
+SETTINGS_KEYS = tuple(f.name for f in dataclasses.fields(backend.Settings))
+CONFIG_KEYS = ("model_s3_uri", *SETTINGS_KEYS)  # endpoint.json: any setting, and the root as an S3 folder
 
 
 @dataclass
@@ -72,13 +75,13 @@ class Invocation:
 def model_fn(model_dir: str) -> Handler:
     """Build the Handler (the toolkit's "model") once per worker."""
     model_dir_path = Path(model_dir)
-    config = read_config(model_dir_path / "code" / CONFIG_FILE, os.environ)
-    settings = settings_from_config(model_dir_path, config)
+    config = read_config(model_dir_path / "code" / CONFIG_FILE)
+    settings = settings_from_config(model_dir_path, config, os.environ)
     log.info("loading backend %s (model %s, artifacts %s) with the code in %s", settings.backend, settings.model,
              settings.artifacts, Path(backend.__file__).parent.parent)
     if settings.backend == "neuron":
         preflight_at_start(Path(settings.artifacts), settings.neuron_cores)
-    return Handler.from_settings(settings, png_level=int(config.get("png_level", DEFAULT_PNG_LEVEL)))
+    return Handler.from_settings(settings, png_level=settings.png_level)
 
 
 def preflight_at_start(root: Path, neuron_cores: int | None = None) -> None:
@@ -124,44 +127,42 @@ def output_fn(response: Response, accept: str | None, context: Any = None) -> tu
     return response.body, response.content_type
 
 
-def read_config(path: Path, env: Mapping[str, str]) -> dict[str, Any]:
-    """endpoint.json's values, each replaced by its SD_* variable when that is set."""
+def read_config(path: Path) -> dict[str, Any]:
+    """endpoint.json's values (package.py writes it; none when it is absent); ValueError naming an unknown key."""
     config = json.loads(path.read_text()) if path.is_file() else {}
     unknown = sorted(set(config) - set(CONFIG_KEYS))
     if unknown:
         raise ValueError(f"{path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(CONFIG_KEYS)}")
-    for key in CONFIG_KEYS:
-        if env.get(f"SD_{key.upper()}"):
-            config[key] = env[f"SD_{key.upper()}"]
     return config
 
 
-def settings_from_config(model_dir: Path, config: Mapping[str, Any]) -> backend.Settings:
-    """Settings for the backend: the compiled root beside code/, downloaded from S3, or the model dir."""
-    remote = config.get("model_s3_uri") or (config.get("artifacts") if is_remote(config.get("artifacts")) else None)
-    if remote:
-        # Beside code/, named after the root, verified against its index (backend/root_store.py); an hf:// root
-        # stays in the Hub's cache.
-        uri = str(remote)
+def settings_from_config(model_dir: Path, config: Mapping[str, Any], env: Mapping[str, str] | None = None
+                         ) -> backend.Settings:
+    """Settings for the backend, through Settings like every other entry point: endpoint.json's values stand where
+    the app's defaults do, and SD_* variables (the container's environment) win over them. Then the paths are made
+    the endpoint's: the compiled root beside code/, downloaded from S3 or the Hub, or the model dir itself."""
+    env = os.environ if env is None else env
+    # model_s3_uri is the compiled root as a published one: Settings reads it as --artifacts (SD_ARTIFACTS wins).
+    values = {**config, "artifacts": config.get("model_s3_uri") or config.get("artifacts")}
+    values.setdefault("png_level", DEFAULT_PNG_LEVEL)
+    layered = {f"SD_{key.upper()}": str(value) for key, value in values.items()
+               if key in SETTINGS_KEYS and value is not None}
+    settings = backend.Settings.from_args([], env={**layered, **env}, prog="serving/inference.py")
+    if is_remote(settings.artifacts):
+        # Beside code/, named after the root, verified against its index (backend/neuron/root_store.py); an hf://
+        # root stays in the Hub's cache.
+        uri = str(settings.artifacts)
         root = fetch(uri, model_dir / Path(uri.rstrip("/")).name.partition("@")[0])
-    elif config.get("artifacts"):
-        root = model_dir / str(config["artifacts"])
+    elif settings.artifacts:
+        root = model_dir / settings.artifacts
     else:
         root = model_dir
-    backend_name = config.get("backend") or ("neuron" if (root / "compiled_models").is_dir() else "local")
-    model = config.get("model")
+    backend_name = settings.backend if settings.backend != "auto" else (
+        "neuron" if (root / "compiled_models").is_dir() else "local")
+    model = settings.model
     if backend_name == "local" and not model and (root / "model_index.json").is_file():
         model = str(root)
-    elif backend_name == "local" and model and (model_dir / str(model)).is_dir():
-        model = str(model_dir / str(model))  # a diffusers folder inside the archive
-    return backend.Settings(
-        backend=str(backend_name),
-        model=model,
-        artifacts=str(root) if backend_name == "neuron" else None,
-        device=str(config.get("device") or "auto"),
-        max_images=int(config.get("max_images") or 4),
-        neuron_cores=int(config["neuron_cores"]) if config.get("neuron_cores") else None,
-        sizes=str(config["sizes"]) if config.get("sizes") else None,
-        device_memory_gib=float(config["device_memory_gib"]) if config.get("device_memory_gib") else None,
-        neuron_parallel=str(config.get("neuron_parallel") or "unet"),
-    )
+    elif backend_name == "local" and model and (model_dir / model).is_dir():
+        model = str(model_dir / model)  # a diffusers folder inside the archive
+    return settings.replace(backend=backend_name, model=model,
+                            artifacts=str(root) if backend_name == "neuron" else None)

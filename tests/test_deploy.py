@@ -370,7 +370,7 @@ def test_the_endpoint_downloads_its_compiled_root_from_s3_verified(aws, clients,
     # What model_fn does with endpoint.json's model_s3_uri (or an s3:// artifacts value).
     for key, name in (("model_s3_uri", "endpoint"), ("artifacts", "other")):
         model_dir = tmp_path / name
-        settings = settings_from_config(model_dir, {key: "s3://models/roots/sd2_512_root/"})
+        settings = settings_from_config(model_dir, {key: "s3://models/roots/sd2_512_root/"}, env={})
         root = model_dir / "sd2_512_root"
         assert (settings.backend, settings.artifacts) == ("neuron", str(root))
         got = {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
@@ -378,9 +378,9 @@ def test_the_endpoint_downloads_its_compiled_root_from_s3_verified(aws, clients,
                        root_store.MARKER: got[root_store.MARKER]}
 
     with pytest.raises(BackendUnavailable, match="no compiled root there \\(nothing under that prefix\\)"):
-        settings_from_config(tmp_path / "missing", {"model_s3_uri": "s3://models/roots/missing/"})
+        settings_from_config(tmp_path / "missing", {"model_s3_uri": "s3://models/roots/missing/"}, env={})
     with pytest.raises(BackendUnavailable, match="no bucket 'no-such-bucket'"):
-        settings_from_config(tmp_path / "missing", {"model_s3_uri": "s3://no-such-bucket/root/"})
+        settings_from_config(tmp_path / "missing", {"model_s3_uri": "s3://no-such-bucket/root/"}, env={})
     assert not (tmp_path / "missing").exists()
 
 

@@ -232,10 +232,10 @@ def test_the_deployed_endpoint_reads_neuron_parallel_from_its_environment(no_cfg
 
     shutil.copytree(no_cfg_root, tmp_path / "root")
     (tmp_path / "endpoint.json").write_text(json.dumps({"artifacts": "root"}))
-    config = read_config(tmp_path / "endpoint.json", container.environment(neuron_parallel="pipeline"))
-    assert settings_from_config(tmp_path, config).neuron_parallel == "pipeline"
-    config = read_config(tmp_path / "endpoint.json", container.environment())
-    assert settings_from_config(tmp_path, config).neuron_parallel == "unet"
+    config = read_config(tmp_path / "endpoint.json")
+    assert settings_from_config(tmp_path, config, container.environment(neuron_parallel="pipeline")).neuron_parallel \
+        == "pipeline"
+    assert settings_from_config(tmp_path, config, container.environment()).neuron_parallel == "unet"
 
 
 def test_app_with_pipeline_mode_takes_two_requests_at_once(no_cfg_root, tmp_path):

@@ -127,9 +127,9 @@ def test_the_deployed_endpoint_takes_sizes_from_its_config_and_environment(tmp_p
     (tmp_path / "root" / "compiled_models").mkdir(parents=True)
     config_path = tmp_path / "endpoint.json"
     config_path.write_text(json.dumps({"artifacts": "root", "sizes": "512x512", "device_memory_gib": 64}))
-    settings = settings_from_config(tmp_path, read_config(config_path, env={}))
+    settings = settings_from_config(tmp_path, read_config(config_path), env={})
     assert (settings.backend, settings.sizes, settings.device_memory_gib) == ("neuron", "512x512", 64.0)
-    settings = settings_from_config(tmp_path, read_config(config_path, env={"SD_SIZES": "768x512,512x768"}))
+    settings = settings_from_config(tmp_path, read_config(config_path), env={"SD_SIZES": "768x512,512x768"})
     assert settings.sizes == "768x512,512x768"
 
 

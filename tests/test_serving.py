@@ -332,23 +332,24 @@ def test_toolkit_model_fn_reads_the_archive_config_then_the_environment(tmp_path
     root = tmp_path / "sd2_512_root"
     (root / "compiled_models").mkdir(parents=True)
     config_path.write_text(json.dumps({"backend": "neuron", "artifacts": "sd2_512_root", "png_level": 1}))
-    settings = settings_from_config(tmp_path, read_config(config_path, env={}))
+    settings = settings_from_config(tmp_path, read_config(config_path), env={})
     assert (settings.backend, settings.artifacts) == ("neuron", str(root))
     assert settings.neuron_cores is None
-    assert settings_from_config(tmp_path, read_config(config_path, env={"SD_NEURON_CORES": "1"})).neuron_cores == 1
-    assert read_config(config_path, env={"SD_PNG_LEVEL": "0"})["png_level"] == "0"
+    assert settings_from_config(tmp_path, read_config(config_path), env={"SD_NEURON_CORES": "1"}).neuron_cores == 1
+    assert settings.png_level == 1  # endpoint.json's
+    assert settings_from_config(tmp_path, read_config(config_path), env={"SD_PNG_LEVEL": "0"}).png_level == 0
 
     config_path.write_text(json.dumps({"backend": "local", "model": "tiny"}))
-    settings = settings_from_config(tmp_path, read_config(config_path, env={"SD_DEVICE": "cpu", "SD_MAX_IMAGES": "2"}))
+    settings = settings_from_config(tmp_path, read_config(config_path), env={"SD_DEVICE": "cpu", "SD_MAX_IMAGES": "2"})
     assert (settings.backend, settings.model, settings.device, settings.max_images) == ("local", "tiny", "cpu", 2)
 
     (tmp_path / "model_index.json").write_text("{}")
-    settings = settings_from_config(tmp_path, read_config(tmp_path / "missing.json", env={}))
+    settings = settings_from_config(tmp_path, read_config(tmp_path / "missing.json"), env={})
     assert (settings.backend, settings.model) == ("local", str(tmp_path))
 
     config_path.write_text(json.dumps({"backend": "local", "option.entryPoint": "model.py"}))
     with pytest.raises(ValueError, match="unknown key.*option.entryPoint"):
-        read_config(config_path, env={})
+        read_config(config_path)
 
 
 def test_toolkit_model_fn_runs_the_preflight_on_a_compiled_root(compiled_root, tmp_path, caplog):
