@@ -8,7 +8,7 @@
 Starts the endpoint or the app on the root as its own process, asks for one image (1 step, the default
 size) as soon as it answers, stops it, and prints what the backend logged while starting: each part with
 its bytes and seconds, each warm-up, "ready in", and the time from the process start to the first image.
-The figures are the backend's own log lines (backend/neuron.py), so the same lines on inf2 give the real
+The figures are the backend's own log lines (backend/neuron/backend.py), so the same lines on inf2 give the real
 ones; docs/benchmarks.md has them for a tiny root.
 """
 

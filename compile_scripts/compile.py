@@ -15,7 +15,7 @@
 
 The root is a diffusers model folder (saved first) plus compiled_models/<dtype>/: the text encoder
 once, the UNet and VAE parts once per size in <W>x<H>/, and a manifest.json (the format is
-backend/artifacts.py's); `python app.py --backend neuron --artifacts ROOT` serves it. Each part is
+backend/neuron/root_format.py's); `python app.py --backend neuron --artifacts ROOT` serves it. Each part is
 traced in its own step, with only that part in memory (load, deep-copy the part, free the rest, trace,
 save), and parts whose manifest entry matches the current settings and versions are skipped, so a
 rerun adds sizes and parts to a root without recompiling the rest. As in AWS's SD2.1 notebook, a bf16
@@ -110,7 +110,7 @@ BASE_COMPILER_ARGS = {
 # Since neuronx-cc 2.22 the compiler no longer casts matmuls to bf16 unless asked; the walk-through's
 # bf16 timings assume it does.
 BF16_COMPILER_ARGS = ["--auto-cast=matmult", "--auto-cast-type=bf16"]
-# The attention kernel of NeuronAttnProcessor (backend/neuron_modules.py): explicit matmuls for the
+# The attention kernel of NeuronAttnProcessor (backend/neuron/attention.py): explicit matmuls for the
 # Neuron compiler; PyTorch's fused kernel on a CPU, where it beats explicit scores (docs/benchmarks.md);
 # nki: neuronx-cc's flash attention kernel for the UNet's self-attention, as AWS's current SD2.1
 # sample does (Neuron only: the kernel ships inside the compiler).
@@ -536,7 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--force", action="store_true", help="recompile parts that are up to date")
     parser.add_argument("--workdir", type=Path, help="keep the Neuron compiler's work files (logs, NEFFs) here")
     parser.add_argument("--upload", metavar="s3://BUCKET/PREFIX/", type=upload_uri,
-                        help="then publish the root there with its file index (backend/root_store.py), for "
+                        help="then publish the root there with its file index (backend/neuron/root_store.py), for "
                              "--artifacts s3://... and deploy.py --model-data")
     return parser
 

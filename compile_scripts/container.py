@@ -4,7 +4,7 @@ The image runs TorchServe 0.11.0 through the SageMaker PyTorch inference toolkit
 (sagemaker-pytorch-inference 2.0.25) on Python 3.12, with torch-neuronx for torch 2.9 and Neuron
 SDK 2.31.1: the last torch-neuronx line. Compile with that SDK (requirements-neuron.txt, docs/neuron.md):
 a Neuron graph loads only under the runtime line that compiled it. The image's name lives with the rest
-of that stack, in backend/neuron_stack.py. Sources, in AWS's repositories:
+of that stack, in backend/neuron/stack.py. Sources, in AWS's repositories:
 - tag: aws/deep-learning-containers, docs/src/data/pytorch-inference-neuronx/2.9-neuronx-sdk2.31.1.yml;
 - contents: aws-neuron/deep-learning-containers, pytorch/inference/2.9.0/Dockerfile.neuronx at tag
   2.31.1 (TORCHSERVE_VERSION, SM_TOOLKIT_VERSION, PYTHON_VERSION, NEURONX_FRAMEWORK_VERSION; its
@@ -43,7 +43,7 @@ DLC_ACCOUNTS = {
 DEFAULT_MAX_QUEUE = 8
 # The largest request body TorchServe takes. Its own default (max_request_size 6553500 bytes in
 # ConfigManager of TorchServe 0.11.0; neither the toolkit's default-ts.properties nor the image sets it)
-# is only just above SageMaker's 6 MB (6291456 bytes, backend/protocol.py), and a body over it gets
+# is only just above SageMaker's 6 MB (6291456 bytes, backend/sagemaker/protocol.py), and a body over it gets
 # Netty's bare 413 before this project's code sees it. Set here explicitly, with room: SageMaker itself
 # refuses anything over 6 MB, and a body over protocol.MAX_REQUEST_BYTES that does arrive (a local
 # caller) gets the handler's own 413 naming the limit.

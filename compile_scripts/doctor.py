@@ -4,7 +4,7 @@
     python compile_scripts/doctor.py --artifacts sd2_512_root --no-smoke
 
 Prints one line per finding (ok, warning, error) and, under each problem, what to do. Exit status 0
-when nothing is an error, 1 otherwise. The checks are backend/preflight.py's, which an endpoint can
+when nothing is an error, 1 otherwise. The checks are backend/neuron/preflight.py's, which an endpoint can
 also run at start.
 """
 

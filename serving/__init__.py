@@ -1,3 +1,3 @@
 """The SageMaker endpoint: handler.py (transport-free core), inference.py (the SageMaker inference
 toolkit's entry point under TorchServe), server.py (plain HTTP).
-A published root (s3://, hf://) is fetched by backend/root_store.py."""
+A published root (s3://, hf://) is fetched by backend/neuron/root_store.py."""

@@ -3,7 +3,7 @@
 No transport here: serving/inference.py (the SageMaker inference toolkit under TorchServe, what the
 deployed endpoint runs) and serving/server.py (plain HTTP, for local use and tests) both call
 `Handler.handle`, so the endpoint answers the same way under either. The wire format itself
-lives in backend/protocol.py, shared with the client (backend/sagemaker.py).
+lives in backend/sagemaker/protocol.py, shared with the client (backend/sagemaker/client.py).
 
 Under TorchServe one worker hands this handler one request at a time, and requests wait in
 TorchServe's own bounded queue (compile_scripts/container.py); the queue here bounds the
@@ -11,7 +11,7 @@ concurrent requests of serving/server.py.
 
 Each request is parsed (`parse`: everything a bad request can be refused for, before it queues),
 run (`Handler._run`: its turn, then the backend) and encoded (`encode`); an error at any step becomes
-an answer in `error_answer`, its kind and HTTP status from backend/protocol.py's one table, ERRORS.
+an answer in `error_answer`, its kind and HTTP status from backend/sagemaker/protocol.py's one table, ERRORS.
 """
 
 from __future__ import annotations

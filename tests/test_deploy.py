@@ -1,6 +1,6 @@
 """model.tar.gz (compile_scripts/package.py), deploy / status / delete (compile_scripts/deploy.py), the
 uncompressed deploy of a published root (--model-data), and the endpoint's download of a compiled root
-from S3 (backend/root_store.py), against moto's server, which stands in for AWS here."""
+from S3 (backend/neuron/root_store.py), against moto's server, which stands in for AWS here."""
 
 from __future__ import annotations
 

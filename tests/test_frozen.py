@@ -1,4 +1,4 @@
-"""--optimize trace: the UNet and VAE decoder as frozen TorchScript graphs per shape (backend/frozen.py)."""
+"""--optimize trace: the UNet and VAE decoder as frozen TorchScript graphs per shape (backend/inprocess/frozen.py)."""
 
 from __future__ import annotations
 

@@ -238,3 +238,32 @@ def test_in_function_project_imports_say_why():
     fail_with(f"{where(name, node)}: in-function import of {', '.join(named)} has no comment saying why"
               for name, node, named, ours in in_functions()
               if ours and not set(range(node.lineno - 1, node.end_lineno + 1)) & comment_lines(modules()[name]))
+
+
+# backend/'s subpackages as floors (docs/architecture.md, "Layout"): an import goes down, or sideways within a
+# subpackage. backend/__init__.py (create_backend) and the backend.tiny entry point stand above them all.
+FLOORS = {"core": 0, "models": 1, "inprocess": 2, "neuron": 3, "sagemaker": 3}
+
+
+def floor(name):
+    """(floor, subpackage) of a backend module, None outside backend/'s subpackages."""
+    parts = name.split(".")
+    if parts[0] != "backend" or len(parts) < 2 or parts[1] not in FLOORS:
+        return None
+    return FLOORS[parts[1]], parts[1]
+
+
+def test_backend_subpackages_import_only_downwards():
+    """core imports no other subpackage; models only core; inprocess core and models; neuron and sagemaker those
+    below them and never each other."""
+    problems = []
+    for name, targets in graph(top_level_only=False).items():
+        here = floor(name)
+        for target, line in targets.items():
+            there = floor(target)
+            if here is None or there is None or here[1] == there[1]:
+                continue
+            if there[0] >= here[0]:
+                problems.append(f"{modules()[name].relative_to(ROOT)}:{line}: backend.{here[1]} imports "
+                                f"{target}, which is not below it (floors: {FLOORS})")
+    fail_with(problems)

@@ -1,4 +1,4 @@
-"""backend/preflight.py and `python -m compile_scripts.doctor`: a good CPU root passes with its smoke
+"""backend/neuron/preflight.py and `python -m compile_scripts.doctor`: a good CPU root passes with its smoke
 generation; broken roots (a missing part, a wrong dtype in the manifest, parts of another torch-neuronx
 line, a corrupt .pt) fail with a message naming what is wrong and what to do.
 

@@ -1,4 +1,4 @@
-"""The endpoint wire format (backend/protocol.py): requests, answers, attributes, errors."""
+"""The endpoint wire format (backend/sagemaker/protocol.py): requests, answers, attributes, errors."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Compiled roots that travel (backend/root_store.py): published with `compile.py --upload` to moto's S3
+"""Compiled roots that travel (backend/neuron/root_store.py): published with `compile.py --upload` to moto's S3
 server (standing in for S3), downloaded into a cache, verified against the root's file index, resumed,
 refused with a clear message; served by the neuron backend and by serving/server.py from s3://; and a
 Hub root read from a pre-filled Hub cache, offline.

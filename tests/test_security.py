@@ -308,7 +308,7 @@ def test_no_file_outside_the_outputs_can_be_read(tiny_app):
         "%2e%2e/%2e%2e/%2e%2e/%2e%2e/etc/passwd", "%252e%252e%252f%252e%252e%252fetc%252fpasswd",
         "....//....//....//etc/passwd", "..\\..\\..\\etc\\passwd", "/etc/passwd%00.png", "//etc/passwd",
         "file:///etc/passwd", "/proc/self/environ", "/proc/self/cmdline",
-        str(ROOT / "app.py"), "app.py", "./backend/api.py", "tests/conftest.py", str(ROOT / ".git" / "config"),
+        str(ROOT / "app.py"), "app.py", "./backend/core/api.py", "tests/conftest.py", str(ROOT / ".git" / "config"),
         f"{temp}/../{log.name}", f"{Path(path).parent}/../../../{log.name}", str(log),
         f"{Path(path).parent}/../../../../../../etc/passwd", str(temp), f"{temp}/",
         "http://127.0.0.1:1/", tiny_app.url + "config", "http://169.254.169.254/latest/meta-data/",

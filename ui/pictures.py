@@ -3,7 +3,7 @@
 The generating events run with preprocess=False (app.py), so an image input reaches the handler as
 Gradio's FileData dict, whose file Gradio has already checked is one it received (an upload, or its
 cache; gradio/processing_utils.py `async_move_files_to_cache`). The bytes go to the request as they
-came; decoding and every check on them (format, pixel limit, size) is backend/input_images.py's.
+came; decoding and every check on them (format, pixel limit, size) is backend/core/input_images.py's.
 
 The Inpaint tab's gr.ImageEditor sends {"background", "layers", "composite"} (gradio/components/
 image_editor.py, EditorData): the background is the uploaded picture, and what a person painted is

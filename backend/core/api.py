@@ -73,7 +73,7 @@ class Capabilities:
     # NeuronCores with --neuron-parallel pipeline, else 1 for an in-process backend.
     concurrency: int = 1
     notes: tuple[str, ...] = ()
-    # False for a few-step model (backend/fewstep.py): no classifier-free guidance, so no negative prompt
+    # False for a few-step model (backend/core/fewstep.py): no classifier-free guidance, so no negative prompt
     # and guidance_scale at most 1 (diffusers then runs one UNet batch); the UI hides both and says why.
     guidance: bool = True
     default_steps: int = DEFAULT_STEPS  # a request without steps runs these (1 for SD-Turbo, 4 for LCM / TCD)
@@ -129,7 +129,7 @@ class GenerationRequest:
     mode: str = "txt2img"
     # img2img and inpaint: the input image and (inpaint) the mask, white where to repaint. Given as
     # PNG/JPEG bytes, base64 text or PIL images; validated() returns them fitted to width x height
-    # (RGB and L) by resize_mode (backend/input_images.py).
+    # (RGB and L) by resize_mode (backend/core/input_images.py).
     image: Any = None
     mask: Any = None
     strength: float = DEFAULT_STRENGTH  # how much of the input to repaint: 1.0 keeps nothing of it
@@ -421,7 +421,7 @@ class GenerationResult:
 
 
 StepCallback = Callable[[int, int], None]
-# on_preview(step, total, images): small PIL pictures of the latents after `step` (backend/preview.py).
+# on_preview(step, total, images): small PIL pictures of the latents after `step` (backend/inprocess/preview.py).
 PreviewCallback = Callable[[int, int, list[Any]], None]
 
 

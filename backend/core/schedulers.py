@@ -22,7 +22,7 @@ SCHEDULER_TABLE: dict[str, tuple[str, str, dict[str, Any]]] = {
     "euler-a": ("Euler a", "EulerAncestralDiscreteScheduler", {}),
     "ddim": ("DDIM", "DDIMScheduler", {}),
     "unipc": ("UniPC", "UniPCMultistepScheduler", {}),
-    # Few-step models (backend/fewstep.py). SD-Turbo: Euler ancestral over trailing timesteps, as diffusers'
+    # Few-step models (backend/core/fewstep.py). SD-Turbo: Euler ancestral over trailing timesteps, as diffusers'
     # SD-Turbo docs run it (the first step starts at t=999, where the model was distilled to start).
     "euler-a-trailing": ("Euler a trailing", "EulerAncestralDiscreteScheduler", dict(timestep_spacing="trailing")),
     # LCM-LoRA and TCD-LoRA: their own schedulers (diffusers' LCMScheduler, TCDScheduler).

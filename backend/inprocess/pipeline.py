@@ -62,7 +62,7 @@ def optimize_pipeline(pipe, mode: str):
 
     sdpa: fused QKV projections with torch's scaled_dot_product_attention and channels_last
     convolutions. trace: that, with the UNet and the VAE decoder run as frozen TorchScript graphs,
-    one per input shape, traced on first use (backend/frozen.py; for CPUs). compile: that, plus
+    one per input shape, traced on first use (backend/inprocess/frozen.py; for CPUs). compile: that, plus
     torch.compile of the UNet and the VAE decoder (inductor).
     cuda-graphs: that, with inductor's CUDA graphs ("reduce-overhead"), which removes the
     per-kernel launch cost that dominates a 20-step UNet loop on a fast GPU. The first request

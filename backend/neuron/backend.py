@@ -80,8 +80,7 @@ class NeuronBackend(InProcessBackend):
             modes=self.offered_modes(),
             concurrency=len(self._lanes),
             notes=tuple(self.notes),
-            guidance=self.guidance,
-            **capability_fields(self.few_step),
+            **{"guidance": self.guidance, **capability_fields(self.few_step)},  # a few-step kind's fields win
         )
         for lane in self._lanes:
             for dtype in self._pipelines:

@@ -21,7 +21,7 @@ Older roots still load: a format 1 manifest (one size: height and width at the t
 file beside it in <dtype>/) is read as format 2 with that one size, and compile.py adds sizes and
 parts to it without moving its files (each entry's `file` says where the part is). The flat layout of
 AWS's walk-through (ROOT/compiled_models/unet.pt and friends, no manifest) is read as 512x512, each
-part in the dtype it was traced with (backend/archive.py reads it from the file).
+part in the dtype it was traced with (backend/neuron/part_archive.py reads it from the file).
 
 The one owner of the format: compile_scripts/compile.py writes manifests with new_manifest, size_entry and
 carry_over; the backend reads them with read_root (root_plan.py decides what to serve); the file index
@@ -490,7 +490,7 @@ def memory_estimate(sets: list[CompiledDtype], sizes: list[Size], cores: int,
 
     A compiled Neuron part's file is its NEFF and its weights, which is what the runtime places in
     device memory; activations and the runtime's scratch come on top (see DEVICE_MEMORY_HEADROOM in
-    neuron.py). The UNet runs data-parallel, so each core holds a copy of every size's UNet; the text
+    host.py). The UNet runs data-parallel, so each core holds a copy of every size's UNet; the text
     encoder and the VAE parts load on one core, which is therefore the fullest: the estimate is that
     core's, the UNet counted once per size and everything else once. size_parts: those that will be loaded.
     """

@@ -1,8 +1,8 @@
 """The one Neuron software stack this project supports, in one place.
 
 requirements-neuron.txt pins these versions (tests/test_neuron_stack.py keeps the two in step),
-compile_scripts/compile.py records them in every manifest, and backend/neuron.py and
-backend/preflight.py compare what is installed against them.
+compile_scripts/compile.py records them in every manifest, and backend/neuron/backend.py and
+backend/neuron/preflight.py compare what is installed against them.
 
 Why Neuron SDK 2.31.x: it is the last release that ships torch-neuronx, the torch_neuronx.trace
 line built on PyTorch/XLA for torch 2.9 (aws-neuron-sdk setup/pytorch/manual.rst: "torch-neuronx

@@ -7,7 +7,7 @@ An invocation is not idempotent: it runs the model. So botocore's own retries ar
 only retries here are for answers that say the model did not run (throttling, a full queue, a
 connection that was refused). A full queue is the endpoint's 429, or TorchServe's own 503 when its
 job queue is full or its worker is restarting, which SageMaker hands back as a ModelError with
-OriginalStatusCode 503 (backend/protocol.py, parse_error). A read timeout is reported, never retried:
+OriginalStatusCode 503 (backend/sagemaker/protocol.py, parse_error). A read timeout is reported, never retried:
 the endpoint may still be generating, and sending it again would run the model twice.
 """
 

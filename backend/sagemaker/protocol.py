@@ -16,7 +16,7 @@ JPEG file (or a `data:image/png;base64,...` URL), and four parameters:
 `image` and `mask` are given, `img2img` when only `image` is, and `txt2img` otherwise; a `mask`
 without an `image` is refused naming `mask`. The pictures are checked (decodable, within the pixel
 limit, the mask the image's size or shape and not empty) and fitted to width x height by
-api.GenerationRequest.validated, as for every backend (backend/input_images.py).
+api.GenerationRequest.validated, as for every backend (backend/core/input_images.py).
 
 `{"describe": true}` asks for the endpoint's capabilities instead (Capabilities.to_dict(), whose
 `modes` lists the modes it runs). A key that is not listed here is refused with a 400 that names it: a
@@ -26,7 +26,7 @@ values themselves are checked by api.GenerationRequest.validated against the bac
 
 Request size: a body is at most MAX_REQUEST_BYTES, SageMaker's own limit for a real-time invocation
 (6 MB); a request without a picture at most MAX_TEXT_REQUEST_BYTES. The SageMaker backend measures its
-body before sending and refuses one over the limit itself (backend/sagemaker.py).
+body before sending and refuses one over the limit itself (backend/sagemaker/client.py).
 
 Responses, chosen by `Accept`:
 - `image/png` (the default, and what `*/*` gets): the first image's PNG, infotext included;
