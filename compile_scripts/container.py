@@ -2,7 +2,8 @@
 
 The image runs TorchServe 0.11.0 through the SageMaker PyTorch inference toolkit
 (sagemaker-pytorch-inference 2.0.25) on Python 3.12, with torch-neuronx for torch 2.9 and Neuron
-SDK 2.31.1: the last torch-neuronx line. Compile with that SDK (requirements-neuron.txt, docs/neuron.md):
+SDK 2.31.1: the newest build of torch-neuronx's XLA line, and the last SDK with this container (backend/neuron/
+stack.py says why, with its sources). Compile with that SDK (requirements-neuron.txt, docs/neuron.md):
 a Neuron graph loads only under the runtime line that compiled it. The image's name lives with the rest
 of that stack, in backend/neuron/stack.py. Sources, in AWS's repositories:
 - tag: aws/deep-learning-containers, docs/src/data/pytorch-inference-neuronx/2.9-neuronx-sdk2.31.1.yml;

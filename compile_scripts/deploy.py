@@ -22,7 +22,15 @@ prefix trimmed from each key (API reference, S3ModelDataSource; "Deploying uncom
 https://docs.aws.amazon.com/sagemaker/latest/dg/large-model-inference-uncompressed.html), so the
 toolkit finds code/inference.py there and the root is /opt/ml/model itself. Objects under the prefix
 that are neither the root's (its file index lists them) nor code/ are refused, since they would be
-copied too. Every model made from a prefix runs the code last put there, at its next instance start.
+copied too, and so are keys SageMaker cannot turn into files (model_data_problems: its naming rules).
+Every model made from a prefix runs the code last put there, at its next instance start.
+
+InService is not ready: SageMaker marks the endpoint InService once the container's /ping answers, and
+TorchServe answers /ping before its worker has loaded the model (docs/sagemaker.md, step 3). So deploy then
+sends `{"describe": true}` (the wire format's describe, backend/sagemaker/protocol.py) until it is answered,
+for at most --ready-timeout seconds, printing the elapsed time and the last answer, and only then says the
+endpoint is ready; `status` says which of the two it is. --no-wait-ready skips that (a control plane with no
+runtime behind it, such as moto's); --runtime-url sends the describe somewhere else than AWS's runtime.
 
 The default image is AWS's PyTorch Neuron inference container (compile_scripts/container.py names it
 and its sources), which runs model.tar.gz's code/inference.py under TorchServe. The model's
@@ -35,20 +43,24 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import re
 import sys
 import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 if __package__ in (None, ""):  # `python compile_scripts/deploy.py`: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from backend import BackendUnavailable  # noqa: E402 - after the path fix above
+from backend.core.api import Capabilities  # noqa: E402
+from backend.core.progress import TransferProgress, size_text  # noqa: E402
 from backend.neuron import root_store  # noqa: E402
 from backend.neuron.root_format import CODE_DIR, file_sha256  # noqa: E402
+from backend.sagemaker import protocol  # noqa: E402
 from compile_scripts import container, package  # noqa: E402
 
 DEFAULT_INSTANCE = "ml.inf2.xlarge"
@@ -63,6 +75,28 @@ TAG_KEY = "sd-demo:deployment"
 # SageMaker names: at most 63 characters of letters, digits and inner hyphens; 13 go to "-m-<hash>".
 _NAME = re.compile(r"[a-zA-Z0-9](-*[a-zA-Z0-9]){0,49}")
 _SETTLED = {"InService", "Failed", "OutOfService"}
+# How long deploy waits, after InService, for the model to answer: loading the compiled graphs onto the NeuronCores
+# takes minutes (docs/sagemaker.md, step 3), and the worker has --startup-timeout for it before TorchServe gives up.
+DEFAULT_READY_TIMEOUT_S = 1200
+# One describe's read timeout: SageMaker gives a container 60 s to answer an invocation, and its InvokeEndpoint
+# documentation says "the SDK socket timeout should be set to be 70 seconds" (botocore's sagemaker-runtime model).
+DESCRIBE_READ_TIMEOUT_S = 70.0
+STATUS_READ_TIMEOUT_S = 10.0  # status asks once and does not wait for a model still loading
+READY_LINE_EVERY_S = 60.0  # while waiting, a progress line at least this often even if nothing changed
+_DESCRIBE = json.dumps({"describe": True}).encode("utf-8")
+_CREDENTIALS = {"UnrecognizedClientException", "InvalidSignatureException", "ExpiredTokenException",
+                "AccessDeniedException", "IncompleteSignature", "InvalidClientTokenId", "AccessDenied"}
+
+# SageMaker's rules for uncompressed model data (CompressionType None, S3DataType S3Prefix): each object's key, the
+# prefix trimmed, becomes a path under /opt/ml/model, split at "/", and "Do not use any of the following as file
+# names or directory names: an empty or blank string, a string which contains null bytes, a string longer than 255
+# bytes, a single dot (.), a double dot (..)"; "Ambiguous file names will result in model deployment failure" (an
+# object `weights` beside `weights/part1`); an S3 console folder is a 0-byte object whose key ends in "/", which
+# "violates SageMaker restrictions on model artifact file names". The S3Uri of a prefix "always ends with a forward
+# slash". Source: the SageMaker API reference, S3ModelDataSource (CompressionType, S3DataType),
+# https://docs.aws.amazon.com/sagemaker/latest/APIReference/API_S3ModelDataSource.html; the same text is in
+# botocore's sagemaker service-2.json.
+MAX_NAME_BYTES = 255
 
 
 class DeployError(Exception):
@@ -89,6 +123,35 @@ def short_hash(*parts: Any) -> str:
     return hashlib.sha256("\n".join(map(str, parts)).encode()).hexdigest()[:10]
 
 
+def model_data_problems(keys: Iterable[str], prefix: str) -> list[str]:
+    """What SageMaker could not turn into files under /opt/ml/model, one line per object naming its key
+    (the rules above MAX_NAME_BYTES); [] when every key makes a file."""
+    rels = {key[len(prefix):]: key for key in keys if key.startswith(prefix)}
+    folders = {"/".join(rel.split("/")[:i]) for rel in rels for i in range(1, rel.count("/") + 1)}
+    problems = []
+    for rel, key in sorted(rels.items()):
+        names = rel.split("/")
+        if rel == "" or rel.endswith("/"):
+            why = "a 0-byte folder object (an S3 console folder): its key ends in '/', so its file name is empty"
+        elif "" in names:
+            why = "an empty directory name ('//' in the key)"
+        elif any(not name.strip() for name in names):
+            why = "a blank file or directory name"
+        elif any("\0" in name for name in names):
+            why = "a null byte in its name"
+        elif any(name in (".", "..") for name in names):
+            why = "a '.' or '..' file or directory name"
+        elif any(len(name.encode("utf-8")) > MAX_NAME_BYTES for name in names):
+            longest = max(len(name.encode("utf-8")) for name in names)
+            why = f"a file or directory name of {longest} bytes (at most {MAX_NAME_BYTES})"
+        elif rel in folders:
+            why = f"both a file and a folder: other keys continue it ({key}/...), an ambiguous file name"
+        else:
+            continue
+        problems.append(f"{key!r}: {why}")
+    return problems
+
+
 @dataclass
 class Plan:
     """What a deploy asks for."""
@@ -108,6 +171,8 @@ class Plan:
     max_queue: int = container.DEFAULT_MAX_QUEUE
     neuron_parallel: str = "unet"  # container.environment: one worker on both cores, or one per core
     wait: bool = True
+    wait_ready: bool = True  # after InService, wait until a describe is answered
+    ready_timeout_s: float = DEFAULT_READY_TIMEOUT_S
     model_data: str | None = None  # s3://BUCKET/PREFIX/ of a published root: uncompressed model data
 
     def image(self, region: str) -> str:
@@ -129,8 +194,9 @@ class Deployer:
     """SageMaker, S3 and Application Auto Scaling calls for one region."""
 
     def __init__(self, region: str | None = None, endpoint_url: str | None = None,
-                 out: Callable[[str], None] = print, poll_s: float = 30.0, timeout_s: float = 3600.0):
-        import boto3
+                 out: Callable[[str], None] = print, poll_s: float = 30.0, timeout_s: float = 3600.0,
+                 runtime_url: str | None = None):
+        import boto3  # deferred: loaded only once AWS is called (--help and the argument checks do without)
 
         session = boto3.session.Session(region_name=region)
         if not session.region_name:
@@ -140,6 +206,9 @@ class Deployer:
         self.sm = session.client("sagemaker", endpoint_url=endpoint_url)
         self.s3 = session.client("s3", endpoint_url=endpoint_url)
         self.scaling = session.client("application-autoscaling", endpoint_url=endpoint_url)
+        self._session = session
+        self.runtime_url = runtime_url or endpoint_url  # --endpoint-url sends every AWS call there, this one too
+        self._runtimes: dict[float, Any] = {}  # sagemaker-runtime clients by read timeout (_runtime)
         self.out = out
         self.poll_s = poll_s
         self.timeout_s = timeout_s
@@ -199,7 +268,14 @@ class Deployer:
                               f"log group /aws/sagemaker/Endpoints/{plan.name}.")
         self._set_autoscaling(plan)
         self._remove_unused(plan.name, keep_model=model, keep_config=config)
-        self.out(f"endpoint {plan.name} is InService. Try it:\n"
+        if plan.wait_ready:
+            self.out(f"endpoint {plan.name} is InService; waiting until the model answers (it loads after the "
+                     f"health check passes), at most {plan.ready_timeout_s:.0f} s")
+            self.wait_ready(plan.name, plan.ready_timeout_s)
+            ready = "is InService and answering"
+        else:
+            ready = "is InService (not checked that the model answers: --no-wait-ready)"
+        self.out(f"endpoint {plan.name} {ready}. Try it:\n"
                  f"  python app.py --backend sagemaker --endpoint-name {plan.name} --region {self.region}\n"
                  f"It bills per instance-hour until deleted:\n"
                  f"  python -m compile_scripts.deploy delete --name {plan.name} --region {self.region}")
@@ -219,8 +295,10 @@ class Deployer:
             self.out(f"{uri} is already uploaded")
         else:
             size = plan.model_tar.stat().st_size
-            self.out(f"uploading {plan.model_tar} ({size / 1e6:.1f} MB) to {uri}")
-            self.s3.upload_file(str(plan.model_tar), plan.bucket, key)
+            self.out(f"uploading {plan.model_tar} ({size_text(size)}) to {uri}")
+            # boto3 calls Callback with the bytes sent since its last call (boto3/s3/inject.py, upload_file).
+            with TransferProgress(f"  {plan.model_tar.name}", size, echo=self.out) as progress:
+                self.s3.upload_file(str(plan.model_tar), plan.bucket, key, Callback=progress)
         return uri
 
     def upload_code(self, plan: Plan) -> tuple[str, str]:
@@ -241,6 +319,20 @@ class Deployer:
             raise DeployError(f"--model-data {exc}") from None
         existing = root_store.listed_objects(self.s3, bucket, prefix)
         code_prefix = f"{prefix}{CODE_DIR}/"
+        config = package.endpoint_config("neuron", None, None, None, package.DEFAULT_PNG_LEVEL)
+        entries = sorted(package.members(None, config, package.endpoint_requirements()), key=lambda e: e[0])
+        blobs = [(name, data if isinstance(data, bytes) else data.read_bytes()) for name, data in entries]
+        wanted = {prefix + name for name, _ in blobs}
+        # What the prefix will hold once the code package is in place (older code files are deleted below).
+        after = wanted | {key for key in existing if not key.startswith(code_prefix)}
+        problems = model_data_problems(after, prefix)
+        if problems:
+            raise DeployError(f"--model-data {uri}: SageMaker copies every object under the prefix into /opt/ml/model, "
+                              f"and cannot make a file of {len(problems)} ({'; '.join(problems[:5])}"
+                              f"{'; ...' if len(problems) > 5 else ''}). Its naming rules for uncompressed model "
+                              f"data (API reference, S3ModelDataSource) would fail the deploy: rename or remove them "
+                              f"(aws s3 mv / aws s3 rm), or publish the root under a prefix of its own with "
+                              f"compile.py --upload.")
         stray = sorted(key for key in existing if key[len(prefix):] not in index["files"]
                        and key != prefix + root_store.INDEX_PATH and not key.startswith(code_prefix))
         if stray:
@@ -248,15 +340,11 @@ class Deployer:
                               f"and {len(stray)} are no part of the root ({', '.join(stray[:3])}"
                               f"{', ...' if len(stray) > 3 else ''}); remove them (aws s3 rm) or publish the root "
                               f"under a prefix of its own.")
-        config = package.endpoint_config("neuron", None, None, None, package.DEFAULT_PNG_LEVEL)
-        entries = sorted(package.members(None, config, package.endpoint_requirements()), key=lambda e: e[0])
-        blobs = [(name, data if isinstance(data, bytes) else data.read_bytes()) for name, data in entries]
         digest = hashlib.sha256(b"".join(name.encode() + b"\0" + hashlib.sha256(data).digest()
                                          for name, data in blobs)).hexdigest()
         self.out(f"putting the endpoint's code package ({len(blobs)} files) under s3://{bucket}/{code_prefix}")
         for name, data in blobs:
             self.s3.put_object(Bucket=bucket, Key=prefix + name, Body=data)
-        wanted = {prefix + name for name, _ in blobs}
         for key in sorted(k for k in existing if k.startswith(code_prefix) and k not in wanted):
             self.s3.delete_object(Bucket=bucket, Key=key)  # an older package's file, e.g. a module since removed
         return uri, digest
@@ -395,6 +483,70 @@ class Deployer:
                                   f"on AWS's side: check it with `status`, or delete it.")
             time.sleep(self.poll_s)
 
+    def wait_ready(self, name: str, timeout_s: float = DEFAULT_READY_TIMEOUT_S) -> str:
+        """After InService: send describes until one is answered (at most timeout_s), printing progress; returns
+        what the endpoint serves. DeployError when it never answers, or answers something not this project's."""
+        def probe() -> tuple[bool, str]:
+            state, text = self.probe(name, DESCRIBE_READ_TIMEOUT_S)
+            if state == "foreign":
+                raise DeployError(f"endpoint {name} answered a describe with something that is not this project's "
+                                  f"({text}); is its image running this project's code (compile_scripts/package.py)? "
+                                  f"Against a control plane with no runtime of this project's behind it, pass "
+                                  f"--no-wait-ready or --runtime-url.")
+            return state == "answering", text
+
+        return wait_answering(probe, name, timeout_s, self.poll_s, self.out)
+
+    def probe(self, name: str, read_timeout_s: float) -> tuple[str, str]:
+        """One describe invocation: ("answering", what it serves), ("not yet", why not) or ("foreign", what came
+        back instead of this project's describe). DeployError when the runtime refuses these credentials."""
+        import botocore.exceptions as bx  # deferred with boto3 (see __init__)
+
+        try:
+            answer = self._runtime(read_timeout_s).invoke_endpoint(
+                EndpointName=name, Body=_DESCRIBE, ContentType=protocol.JSON, Accept=protocol.JSON)
+            data = answer["Body"].read()
+        except bx.ReadTimeoutError:
+            return "not yet", f"no answer within {read_timeout_s:g} s"
+        except (bx.EndpointConnectionError, bx.ConnectTimeoutError, bx.ConnectionClosedError,
+                bx.ResponseStreamingError) as exc:
+            return "not yet", f"no connection to the runtime at {self._runtime(read_timeout_s).meta.endpoint_url} " \
+                              f"({type(exc).__name__})"
+        except bx.ClientError as exc:
+            error = exc.response.get("Error", {})
+            code, message = error.get("Code", ""), error.get("Message", "")
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in _CREDENTIALS or status in (401, 403):
+                raise DeployError(f"InvokeEndpoint: AWS refused these credentials ({code}: {message}); checking that "
+                                  f"the endpoint answers needs sagemaker:InvokeEndpoint on it (or pass "
+                                  f"--no-wait-ready).") from None
+            if code == "ModelError":
+                # The container answered with an error: SageMaker passes on its status and body (botocore's
+                # sagemaker-runtime model, ModelError: OriginalStatusCode, OriginalMessage).
+                _, text = protocol.parse_error(exc.response.get("OriginalMessage") or message)
+                return "not yet", f"the container answered {exc.response.get('OriginalStatusCode', '?')}: {text[:200]}"
+            return "not yet", f"{code or status}: {message[:200]}"
+        try:
+            caps = Capabilities.from_dict(json.loads(data))
+        except (ValueError, TypeError, AttributeError):
+            return "foreign", f"{len(data)} bytes starting {data[:60]!r}"
+        sizes = ", ".join(f"{w}x{h}" for w, h in caps.fixed_sizes) or "any size"
+        return "answering", (f"model {caps.model} on {caps.device} ({caps.backend} backend), {sizes}, "
+                             f"{', '.join(caps.precisions)}")
+
+    def _runtime(self, read_timeout_s: float):
+        """A sagemaker-runtime client for describes: one attempt each (botocore would retry a read timeout and
+        hide the wait), the given read timeout; made once per timeout."""
+        clients = self._runtimes
+        if read_timeout_s not in clients:
+            from botocore.config import Config  # deferred with boto3 (see __init__)
+
+            config = Config(read_timeout=read_timeout_s, connect_timeout=5.0,
+                            retries={"total_max_attempts": 1, "mode": "standard"})
+            clients[read_timeout_s] = self._session.client("sagemaker-runtime", endpoint_url=self.runtime_url,
+                                                           config=config)
+        return clients[read_timeout_s]
+
     def _wait_deleted(self, name: str) -> None:
         started = time.monotonic()
         while self._endpoint(name) is not None:
@@ -405,7 +557,8 @@ class Deployer:
     # ---- status and delete ----------------------------------------------------------------------
 
     def status(self, name: str) -> dict[str, Any] | None:
-        """Print the endpoint's state, instances, autoscaling and leftovers; returns its description."""
+        """Print the endpoint's state (and, when InService, whether the model answers a describe), instances,
+        autoscaling and leftovers; returns its description."""
         endpoint = self._endpoint(name)
         models, configs = self._own_models(name), self._own_configs(name)
         if endpoint is None:
@@ -417,6 +570,21 @@ class Deployer:
         self.out(f"endpoint {name} ({self.region}): {endpoint['EndpointStatus']}")
         if endpoint.get("FailureReason"):
             self.out(f"  failure: {endpoint['FailureReason']}")
+        if endpoint["EndpointStatus"] == "InService":
+            # InService only says /ping answers; TorchServe answers it before the model has loaded.
+            try:
+                state, text = self.probe(name, STATUS_READ_TIMEOUT_S)
+            except DeployError as exc:  # credentials that may describe but not invoke: the rest is still worth showing
+                state, text = "unknown", str(exc)
+            if state == "answering":
+                self.out(f"  answering: {text}")
+            elif state == "not yet":
+                self.out(f"  not answering yet ({text}): the model loads for some minutes after InService; if this "
+                         f"lasts, its log is in CloudWatch, log group /aws/sagemaker/Endpoints/{name}")
+            elif state == "foreign":
+                self.out(f"  answers, but not with this project's describe ({text})")
+            else:
+                self.out(f"  answering: unknown ({text})")
         self.out(f"  config: {endpoint['EndpointConfigName']}")
         for variant in endpoint.get("ProductionVariants", []):
             self.out(f"  variant {variant.get('VariantName')}: {variant.get('CurrentInstanceCount', '?')} "
@@ -529,6 +697,33 @@ class Deployer:
         return sorted(found)
 
 
+def wait_answering(probe: Callable[[], tuple[bool, str]], name: str, timeout_s: float, poll_s: float,
+                   out: Callable[[str], None], clock: Callable[[], float] = time.monotonic,
+                   sleep: Callable[[float], None] = time.sleep, every_s: float = READY_LINE_EVERY_S) -> str:
+    """Call probe() -> (answered, text) until it answers, poll_s apart, for at most timeout_s; print a line with the
+    elapsed time and the last answer when the answer changes and at least every every_s. Returns the answer's text;
+    DeployError at the timeout."""
+    started = clock()
+    last_text, last_line = None, None
+    while True:
+        answered, text = probe()
+        now = clock()
+        elapsed = now - started
+        if answered:
+            out(f"  [{elapsed:5.0f} s] {name}: answering: {text}")
+            return text
+        if text != last_text or now - last_line >= every_s:
+            out(f"  [{elapsed:5.0f} s] {name}: InService, not answering yet ({text})")
+            last_text, last_line = text, now
+        if elapsed >= timeout_s:
+            raise DeployError(f"endpoint {name} is InService but did not answer a describe within {timeout_s:.0f} s "
+                              f"(last: {text}). The model may still be loading: check again with `python -m "
+                              f"compile_scripts.deploy status --name {name}`, or wait longer with --ready-timeout. "
+                              f"If it never answers, the reason is in its log in CloudWatch, log group "
+                              f"/aws/sagemaker/Endpoints/{name}.")
+        sleep(min(poll_s, max(0.0, timeout_s - elapsed)))
+
+
 _DIMENSION = "sagemaker:variant:DesiredInstanceCount"
 
 
@@ -595,8 +790,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                "AWS_ENDPOINT_URL also works")
     common.add_argument("--poll", type=float, default=30.0, help="seconds between status checks (default 30)")
     common.add_argument("--timeout", type=float, default=3600.0, help="most seconds to wait (default 3600)")
+    runtime = argparse.ArgumentParser(add_help=False)
+    runtime.add_argument("--runtime-url", help="send the describe that checks the model answers here (the app's "
+                                               "--endpoint-url: a local serving/server.py, a test's stand-in; default: "
+                                               "--endpoint-url, else AWS's sagemaker-runtime)")
     sub = parser.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("deploy", parents=[common], help="upload and create or update the endpoint",
+    d = sub.add_parser("deploy", parents=[common, runtime], help="upload and create or update the endpoint",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Upload model.tar.gz and create (or update) the endpoint.", epilog=_IMAGE_HELP)
     d.add_argument("--role", required=True, help="ARN of the IAM role SageMaker runs the endpoint as")
@@ -625,7 +824,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="unet: one TorchServe worker runs the UNet across both NeuronCores (CFG roots); pipeline: "
                         "one worker per NeuronCore, two requests at once (roots compiled with --no-cfg)")
     d.add_argument("--no-wait", action="store_true", help="return once the endpoint is being created")
-    sub.add_parser("status", parents=[common], help="show the endpoint's state")
+    d.add_argument("--no-wait-ready", action="store_true",
+                   help="stop at InService, without waiting until the model answers a describe (for a control plane "
+                        "with no runtime behind it, such as moto's)")
+    d.add_argument("--ready-timeout", type=float, default=DEFAULT_READY_TIMEOUT_S,
+                   help=f"most seconds to wait, after InService, until the model answers (default "
+                        f"{DEFAULT_READY_TIMEOUT_S})")
+    sub.add_parser("status", parents=[common, runtime],
+                   help="show the endpoint's state, and whether its model answers yet")
     x = sub.add_parser("delete", parents=[common], help="delete the endpoint, its configs, models and autoscaling")
     x.add_argument("--delete-model-data", action="store_true", help="also delete the uploaded model.tar.gz files")
     x.add_argument("--no-wait", action="store_true", help="do not wait for the endpoint to be gone")
@@ -644,7 +850,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "deploy" and args.image_uri:
             container.check_image(args.image_uri)  # before any AWS call
-        deployer = Deployer(args.region, args.endpoint_url, poll_s=args.poll, timeout_s=args.timeout)
+        deployer = Deployer(args.region, args.endpoint_url, poll_s=args.poll, timeout_s=args.timeout,
+                            runtime_url=getattr(args, "runtime_url", None))
         region = deployer.region
         if args.command == "deploy":
             plan = Plan(name=args.name, role=args.role, bucket=args.bucket, model_tar=args.model_tar,
@@ -654,7 +861,8 @@ def main(argv: list[str] | None = None) -> int:
                         max_instances=args.max_instances if args.max_instances is not None else args.min_instances,
                         target_invocations=args.target_invocations, volume_gb=args.volume_size,
                         startup_timeout_s=args.startup_timeout, max_queue=args.max_queue,
-                        neuron_parallel=args.neuron_parallel, wait=not args.no_wait)
+                        neuron_parallel=args.neuron_parallel, wait=not args.no_wait,
+                        wait_ready=not args.no_wait_ready, ready_timeout_s=args.ready_timeout)
             deployer.deploy(plan)
         elif args.command == "status":
             return 0 if deployer.status(args.name) is not None else 3

@@ -42,7 +42,9 @@ def pytest_sessionfinish(session, exitstatus):
 # not supported"), and the "tiny_servers" modules share one `python app.py --model tiny` (tiny_app), one
 # `python -m serving.server --model tiny` (tiny_endpoint) and one Chromium, started once in the run.
 GROUPS = {
-    **dict.fromkeys(("test_torchserve", "test_torchserve_modes", "test_torchserve_uncompressed"), "torchserve"),
+    # The toolkit refuses a second TorchServe on one machine: every module that starts one is in this unit.
+    **dict.fromkeys(("test_torchserve", "test_torchserve_modes", "test_torchserve_uncompressed", "test_deploy"),
+                    "torchserve"),
     **dict.fromkeys(("test_load", "test_security", "test_browser", "test_browser_modes", "test_serving"),
                     "tiny_servers"),
 }

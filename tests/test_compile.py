@@ -138,6 +138,16 @@ def test_neuron_compiler_arguments():
     assert "--auto-cast=matmult" not in compiler_args("text_encoder", "fp32", "neuron")
     assert compiler_args("text_encoder", "bf16", "neuron")[0] == "--model-type=transformer"  # as optimum-neuron
     assert all(compiler_args(p, "bf16", "cpu") == [] for p in PARTS)
+
+
+def test_bf16_parts_keep_the_compilers_fp32_accumulation():
+    # neuronx-cc 2.22 turned mixed-precision accumulation on and names --disable-mixed-precision-accumulation for the
+    # old behaviour; compile.py restores only the old --auto-cast (BF16_COMPILER_ARGS says why), as docs/neuron.md
+    # ("Precision") states.
+    for part in PARTS:
+        for dtype in ("bf16", "fp32"):
+            args = compiler_args(part, dtype, "neuron")
+            assert not any("mixed-precision-accumulation" in a for a in args), (part, dtype, args)
     assert TARGET_COMPILER_ARGS == ["--target=inf2"]
 
 

@@ -1,14 +1,22 @@
 """model.tar.gz (compile_scripts/package.py), deploy / status / delete (compile_scripts/deploy.py), the
-uncompressed deploy of a published root (--model-data), and the endpoint's download of a compiled root
-from S3 (backend/neuron/root_store.py), against moto's server, which stands in for AWS here."""
+uncompressed deploy of a published root (--model-data) and SageMaker's naming rules for it, and the endpoint's
+download of a compiled root from S3 (backend/neuron/root_store.py), against moto's server, which stands in for
+AWS's control plane and S3 here. moto's sagemaker-runtime answers every invocation with a fixed "body", so a
+deploy here passes --no-wait-ready, except where the wait is the point: its loop with a fake clock, and one deploy
+that waits on the real toolkit and TorchServe (tests/dlc.py) behind the stand-in for SageMaker's runtime."""
 
 from __future__ import annotations
 
 import hashlib
 import io
 import json
+import re
+import shutil
 import subprocess
 import tarfile
+import threading
+import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -145,8 +153,11 @@ def archive(tmp_path):
     return build_archive(tmp_path / "model.tar.gz")
 
 
-def run(aws, *argv: str) -> int:
-    return deploy.main([*argv, "--endpoint-url", aws["url"], "--region", REGION, "--poll", "0.01"])
+def run(aws, *argv: str, wait_ready: bool = False) -> int:
+    """deploy.main against moto; a deploy stops at InService (moto has no runtime that answers a describe) unless
+    wait_ready."""
+    skip = ["--no-wait-ready"] if argv[0] == "deploy" and not wait_ready else []
+    return deploy.main([*argv, "--endpoint-url", aws["url"], "--region", REGION, "--poll", "0.01", *skip])
 
 
 def deploy_args(name: str, archive: Path, *extra: str) -> list[str]:
@@ -450,6 +461,196 @@ def test_deploy_model_data_refuses_what_sagemaker_would_copy_or_cannot_serve(aws
         with pytest.raises(SystemExit):
             deploy.main(["deploy", "--name", "sd21", "--role", ROLE, *argv])
         assert message in capsys.readouterr().err
+
+
+# SageMaker's file-name rules for uncompressed model data (API reference, S3ModelDataSource, CompressionType), each
+# broken by one object under the prefix: (the key's rest after the prefix, what the refusal says).
+BAD_NAMES = [
+    ("", "a 0-byte folder object (an S3 console folder)"),
+    ("unet/", "a 0-byte folder object (an S3 console folder)"),
+    ("unet//weights.bin", "an empty directory name"),
+    ("notes/ /a.txt", "a blank file or directory name"),
+    ("nul\0l.bin", "a null byte in its name"),
+    ("./model_index.json", "a '.' or '..' file or directory name"),
+    ("unet/../evil.json", "a '.' or '..' file or directory name"),
+    ("x" * 256 + ".bin", "a file or directory name of 260 bytes (at most 255)"),
+    ("\u00e9" * 128, "a file or directory name of 256 bytes (at most 255)"),  # 128 characters, 256 bytes in UTF-8
+    ("unet", "both a file and a folder"),  # beside unet/config.json, the root's own
+    ("code", "both a file and a folder"),  # beside code/inference.py, which deploy is about to put there
+]
+
+
+def test_model_data_problems_follow_sagemakers_naming_rules():
+    prefix = "roots/r1/"
+    root = [prefix + rel for rel in ("model_index.json", "unet/config.json", "unet/a b.bin", "x" * 255, "code/x.py")]
+    assert deploy.model_data_problems(root, prefix) == []
+    for rel, why in BAD_NAMES:
+        problems = deploy.model_data_problems([*root, prefix + rel], prefix)
+        assert len(problems) == 1 and problems[0].startswith(repr(prefix + rel)) and why in problems[0], problems
+    # A file that other keys continue is ambiguous whichever way round it is listed.
+    assert deploy.model_data_problems([prefix + "w/part1", prefix + "w"], prefix) == [
+        f"{prefix + 'w'!r}: both a file and a folder: other keys continue it ({prefix}w/...), an ambiguous file name"]
+
+
+def test_deploy_model_data_refuses_keys_sagemaker_cannot_copy_before_any_model(aws, clients, tmp_path, monkeypatch,
+                                                                              capsys):
+    from backend.neuron import root_store
+
+    s3, sm = clients["s3"], clients["sagemaker"]
+    s3.create_bucket(Bucket="models", CreateBucketConfiguration={"LocationConstraint": REGION})
+    monkeypatch.setenv("AWS_ENDPOINT_URL", aws["url"])
+    root_store.upload(small_root(tmp_path / "root"), "s3://models/roots/r1/", echo=lambda line: None)
+    for rel, why in BAD_NAMES:
+        key = "roots/r1/" + rel
+        s3.put_object(Bucket="models", Key=key, Body=b"")
+        assert run(aws, "deploy", "--name", "sd21", "--role", ROLE, "--model-data", "s3://models/roots/r1/") == 1
+        err = capsys.readouterr().err
+        assert "--model-data s3://models/roots/r1/: SageMaker copies every object under the prefix" in err, err
+        assert f"{key!r}: {why}" in err and "rename or remove them (aws s3 mv / aws s3 rm)" in err, err
+        s3.delete_object(Bucket="models", Key=key)
+    assert sm.list_models()["Models"] == [] and sm.list_endpoint_configs()["EndpointConfigs"] == []
+    # Nothing was put beside the root either: the code package goes only under a prefix that passes.
+    assert s3.list_objects_v2(Bucket="models", Prefix="roots/r1/code/").get("KeyCount", 0) == 0
+
+
+# ---- after InService: waiting until the model answers a describe ---------------------------------
+
+class FakeClock:
+    """Time that moves only when the wait sleeps or a probe takes time."""
+
+    def __init__(self):
+        self.now = 0.0
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+def scripted(clock: FakeClock, answers: list[tuple[bool, str]], takes_s: float = 0.0):
+    """A probe that gives these answers in turn, each after takes_s seconds (a describe held while loading)."""
+    remaining = list(answers)
+
+    def probe() -> tuple[bool, str]:
+        clock.now += takes_s
+        return remaining.pop(0)
+
+    return probe
+
+
+def test_the_wait_prints_elapsed_and_each_new_answer_and_returns_when_answered():
+    clock, lines = FakeClock(), []
+    answers = [(False, "no connection"), (False, "the container answered 503: no worker"),
+               (False, "the container answered 503: no worker"), (True, "model tiny on cpu")]
+    got = deploy.wait_answering(scripted(clock, answers), "sd21", timeout_s=600, poll_s=5, out=lines.append,
+                                clock=clock, sleep=clock.sleep)
+    assert got == "model tiny on cpu"
+    assert lines == ["  [    0 s] sd21: InService, not answering yet (no connection)",
+                     "  [    5 s] sd21: InService, not answering yet (the container answered 503: no worker)",
+                     "  [   15 s] sd21: answering: model tiny on cpu"]
+    assert clock.sleeps == [5, 5, 5]
+
+
+def test_the_wait_repeats_an_unchanged_answer_once_a_minute_and_stops_at_the_timeout():
+    clock, lines = FakeClock(), []
+    probe = scripted(clock, [(False, "no answer within 70 s")] * 100, takes_s=20)
+    with pytest.raises(deploy.DeployError) as error:
+        deploy.wait_answering(probe, "sd21", timeout_s=300, poll_s=10, out=lines.append, clock=clock,
+                              sleep=clock.sleep)
+    # A probe every 30 s (20 s held, 10 s apart); a line when the answer is new, then once 60 s have passed.
+    assert [line.split("]")[0] for line in lines] == ["  [   20 s", "  [   80 s", "  [  140 s", "  [  200 s",
+                                                      "  [  260 s", "  [  320 s"]
+    assert all(line.endswith("InService, not answering yet (no answer within 70 s)") for line in lines)
+    message = str(error.value)
+    assert "endpoint sd21 is InService but did not answer a describe within 300 s (last: no answer within 70 s)" \
+        in message and "--ready-timeout" in message and "log group /aws/sagemaker/Endpoints/sd21" in message
+    assert 300 <= clock.now < 300 + 20 + 10  # bounded: at most one probe and one pause past the limit
+
+
+def test_a_deploy_refuses_an_endpoint_that_answers_something_else(aws, clients, archive, capsys):
+    # moto's sagemaker-runtime answers every invocation with the same bytes, not this project's describe.
+    clients["s3"].create_bucket(Bucket="models", CreateBucketConfiguration={"LocationConstraint": REGION})
+    assert run(aws, *deploy_args("sd21", archive), wait_ready=True) == 1
+    captured = capsys.readouterr()
+    assert "waiting until the model answers" in captured.out
+    assert "endpoint sd21 answered a describe with something that is not this project's (4 bytes starting " \
+           "b'body')" in captured.err and "--no-wait-ready or --runtime-url" in captured.err
+    assert run(aws, "status", "--name", "sd21") == 0
+    assert "answers, but not with this project's describe" in capsys.readouterr().out
+
+
+def test_deploy_waits_until_torchserve_has_loaded_the_model(aws, clients, archive, tmp_path, capsys):
+    """A deploy whose endpoint is InService at once (moto) waits on describes sent through the stand-in for
+    SageMaker's runtime to the toolkit and TorchServe (tests/dlc.py), started when the deploy starts; it says
+    ready only once the model answers, which it did not yet when /ping first answered."""
+    pytest.importorskip("sagemaker_pytorch_serving_container", reason="requirements-dev.txt installs the toolkit")
+    if shutil.which("java") is None:
+        pytest.skip("TorchServe needs Java (apt-get install openjdk-17-jre-headless; .ci/run installs it)")
+    from dlc import run_container, sagemaker_front_end
+
+    clients["s3"].create_bucket(Bucket="models", CreateBucketConfiguration={"LocationConstraint": REGION})
+    workdir = tmp_path / "container"
+    stop, failures = threading.Event(), []
+
+    def serve() -> None:
+        try:
+            with run_container(archive, workdir, container.environment(max_queue=8, response_timeout_s=120)):
+                stop.wait(300)
+        except BaseException as exc:  # noqa: BLE001 - reported by the test below
+            failures.append(exc)
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    try:
+        # The container's port, from the TorchServe config the toolkit writes first (tests/dlc.py's launcher).
+        properties = workdir / "sagemaker-ts.properties"
+        deadline = time.monotonic() + 120
+        while not re.search(r"inference_address=\S+:(\d+)", properties.read_text() if properties.exists() else ""):
+            assert time.monotonic() < deadline and not failures, failures
+            time.sleep(0.05)
+        port = int(re.search(r"inference_address=\S+:(\d+)", properties.read_text()).group(1))
+        at_ping: list = []  # what a describe sent to the container got when its /ping first answered 200
+
+        def watch_ping() -> None:
+            while not stop.is_set():
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=1) as answer:
+                        if answer.status == 200:
+                            break
+                except OSError:
+                    time.sleep(0.05)
+            describe = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=b'{"describe": true}',
+                                              headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(describe, timeout=2) as answer:
+                    at_ping.append(answer.status)
+            except urllib.error.HTTPError as exc:
+                at_ping.append(exc.code)
+            except OSError:
+                at_ping.append("no answer within 2 s")
+
+        watcher = threading.Thread(target=watch_ping, daemon=True)
+        watcher.start()
+        with sagemaker_front_end(f"http://127.0.0.1:{port}", "sd21", REGION) as runtime_url:
+            assert run(aws, *deploy_args("sd21", archive, "--runtime-url", runtime_url, "--poll", "0.2"),
+                       wait_ready=True) == 0
+            out = capsys.readouterr().out
+            assert run(aws, "status", "--name", "sd21", "--runtime-url", runtime_url) == 0
+            status = capsys.readouterr().out
+    finally:
+        stop.set()
+        server.join(60)
+    assert not failures, failures
+    waiting = [line for line in out.splitlines() if "InService, not answering yet" in line]
+    assert waiting, out  # the deploy saw the endpoint InService and not answering
+    assert re.search(r"\] sd21: answering: model tiny on cpu \(local backend\)", out), out
+    assert out.index(waiting[-1]) < out.index("endpoint sd21 is InService and answering. Try it:")
+    # InService means /ping answers (SageMaker's health check); TorchServe answered it before the model could answer.
+    assert at_ping and at_ping[0] != 200, at_ping
+    assert "  answering: model tiny on cpu (local backend)" in status, status
 
 
 @pytest.mark.parametrize("script", ["package", "deploy"])

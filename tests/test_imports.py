@@ -267,3 +267,21 @@ def test_backend_subpackages_import_only_downwards():
                 problems.append(f"{modules()[name].relative_to(ROOT)}:{line}: backend.{here[1]} imports "
                                 f"{target}, which is not below it (floors: {FLOORS})")
     fail_with(problems)
+
+
+# What must start without torch, diffusers or boto3: `import backend` (the app picks a backend first), the
+# scripts' command lines (compile.py --help, doctor, package, deploy) and the root format they read.
+LIGHT = ("backend", "backend.neuron.root_format", "backend.neuron.root_plan", "backend.neuron.preflight",
+         "compile_scripts.compile", "compile_scripts.doctor", "compile_scripts.package", "compile_scripts.deploy")
+
+
+def test_light_entry_points_load_no_heavy_library():
+    """Imported in a fresh interpreter, each LIGHT module leaves torch, diffusers, transformers and boto3 unloaded."""
+    import subprocess
+
+    code = ("import importlib, sys\n"
+            f"for name in {LIGHT!r}:\n"
+            "    importlib.import_module(name)\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'diffusers', 'transformers', 'boto3'}))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]", done.stdout + done.stderr

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import re
 import urllib.request
 from pathlib import Path
 
@@ -148,7 +150,11 @@ def test_compile_writes_the_index_and_upload_publishes_the_root_with_it(publishe
     # Publishing again sends nothing that is already there (the sums are compared, not only the sizes).
     messages = []
     root_store.upload(root, uri, echo=messages.append)
-    assert f"0.0 MB sent, {len(files)} already there" in messages[0]
+    published, = [line for line in messages if line.startswith("published ")]
+    assert f"0.0 MB sent, {len(files)} already there" in published
+    # The transfer's closing line (backend/core/progress.py): nothing moved, everything was in place.
+    assert any(line.startswith(f"uploading {root} to {uri}: 0 bytes (0 bytes) in ") and line.endswith(
+        "were already in place") for line in messages), messages
 
 
 # ---- the app's neuron backend from s3:// ---------------------------------------------------------
@@ -359,11 +365,16 @@ def hub_cache(tmp_path, monkeypatch):
     return cache
 
 
-def test_a_hub_root_is_verified_from_the_hub_cache(published, hub_cache, tmp_path):
+def test_a_hub_root_is_verified_from_the_hub_cache(published, hub_cache, tmp_path, caplog):
     root, _ = published
     snapshot = fill_hub_cache(hub_cache, "team/sd-tiny-root", root)
-    for uri in ("hf://team/sd-tiny-root", "hf://team/sd-tiny-root@main"):
-        assert root_store.resolve(uri, str(tmp_path / "cache")) == snapshot
+    with caplog.at_level(logging.INFO, logger="backend.neuron.root_store"):
+        for uri in ("hf://team/sd-tiny-root", "hf://team/sd-tiny-root@main"):
+            assert root_store.resolve(uri, str(tmp_path / "cache")) == snapshot
+    # How long the whole of it took, in the start-up log (huggingface_hub's own bars show on a terminal only).
+    files = len(json.loads((root / root_store.INDEX_PATH).read_text())["files"])
+    assert re.search(rf"hf://team/sd-tiny-root: downloaded and verified in \d+\.\d s: {files} files, ",
+                     caplog.text), caplog.text
     marker = tmp_path / "cache" / "hub" / "team-sd-tiny-root-main.json"
     assert json.loads(marker.read_text())["snapshot"] == str(snapshot)
     assert [s.dtype for s in read_root(snapshot)] == ["fp32"]

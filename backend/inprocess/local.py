@@ -16,7 +16,7 @@ from ..core.api import Capabilities, GenerationRequest
 from ..core.errors import BackendUnavailable, short_error
 from .frozen import eager_module, freeze_pipeline
 from .base import InProcessBackend
-from ..models.catalog import model_display_name, random_weights_of
+from ..models.catalog import model_display_name, pinned_revision, random_weights_of, resolve_model
 from .lora import fuse_lora
 from ..core.schedulers import make_scheduler
 from ..core.settings import DEFAULT_MODEL, LocalSettings
@@ -85,8 +85,9 @@ class LocalBackend(InProcessBackend):
                                          f"({short_error(exc)}).") from exc
             log.warning("the default model %s could not be loaded (%s); using the tiny model", self.model_source,
                         short_error(exc))
-            self.notes.append(f"The default model {DEFAULT_MODEL} could not be loaded here "
-                              f"(offline, or not in the Hub cache).")
+            pin = pinned_revision(DEFAULT_MODEL)
+            self.notes.append(f"The default model {DEFAULT_MODEL}" + (f" (commit {pin[:12]})" if pin else "")
+                              + " could not be loaded here (offline, or not in the Hub cache at that commit).")
             self.model_source = TINY_MODEL_ID
             self._pipelines[first] = self._device.run(self._load, self.model_source, first)
         # Shown in the banner and written in infotext: a folder's name, never a path of this server.
@@ -116,7 +117,9 @@ class LocalBackend(InProcessBackend):
         if self.optimize != "none":
             pipeline.optimize_pipeline(pipe, self.optimize)
             self._warm_up(pipe)
-        log.info("loaded %s (%s) on %s in %.1f s", model, precision, self.device, time.perf_counter() - started)
+        _, revision = resolve_model(model)  # which commit, in the log; the banner and infotext name the plain id
+        log.info("loaded %s%s (%s) on %s in %.1f s", model, f" at {revision}" if revision and "@" not in model else "",
+                 precision, self.device, time.perf_counter() - started)
         return pipe
 
     def _warm_up(self, pipe) -> None:

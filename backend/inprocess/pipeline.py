@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -13,6 +11,7 @@ import torch
 from ..core.api import MODES, GenerationRequest, PreviewCallback, StepCallback, Timings
 from ..core.fewstep import step_eta
 from .preview import PreviewPacer, noise_scale, preview_images
+from ..models.catalog import resolve_model
 from ..models.sd21_random import SD21_RANDOM_ID
 from ..models.sd21_random import build_pipeline as build_sd21_random
 from ..core.settings import OPTIMIZE_MODES
@@ -27,17 +26,21 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def load_pipeline(model: str, dtype: torch.dtype, device: str = "cpu", local_files_only: bool = False):
-    """Load a StableDiffusionPipeline from 'tiny', a diffusers folder or a Hub id, on device."""
+    """Load a StableDiffusionPipeline from 'tiny', a diffusers folder or a Hub id (ID@REVISION, or the default model
+    at its pinned commit), on device."""
     from diffusers import StableDiffusionPipeline
 
-    if model == TINY_MODEL_ID:
+    source, revision = resolve_model(model)
+    if source == TINY_MODEL_ID:
         pipe = build_tiny(dtype=dtype)
-    elif model == SD21_RANDOM_ID:
+    elif source == SD21_RANDOM_ID:
         return build_sd21_random(dtype=dtype, device=device)
     else:
-        source = str(Path(model).expanduser()) if os.path.isdir(os.path.expanduser(model)) else model
         pipe = StableDiffusionPipeline.from_pretrained(
             source,
+            # A branch, tag or commit of a Hub repository (diffusers 0.42's from_pretrained: "It can be a branch
+            # name, a tag name, a commit id, or any identifier allowed by Git"); None: main, and for folders.
+            revision=revision,
             dtype=dtype,  # diffusers 0.42: dtype= replaces torch_dtype=
             safety_checker=None,
             feature_extractor=None,

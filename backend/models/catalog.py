@@ -1,12 +1,21 @@
-"""Which model runs: its name as people see it, and whether its weights are random (not SD2.1)."""
+"""Which model runs: where it loads from (a Hub id at which revision, a folder), its name as people see it, and
+whether its weights are random (not SD2.1)."""
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 from pathlib import Path
 
+from ..core.settings import DEFAULT_MODEL, DEFAULT_MODEL_REVISION
 from .sd21_random import SD21_RANDOM_ID
 from .tiny import TINY_MODEL_ID
+
+log = logging.getLogger(__name__)
+
+# A full git commit id as the Hub names one (HfApi().model_info(id).sha): 40 hex digits.
+COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
 
 # The models with random weights, as a note names them. Their images are noise.
 RANDOM_WEIGHTS = {
@@ -15,12 +24,54 @@ RANDOM_WEIGHTS = {
 }
 
 
+def split_model_revision(model: str) -> tuple[str, str | None]:
+    """--model as (what to load, the revision asked for): 'OWNER/NAME@REVISION' -> ('OWNER/NAME', 'REVISION');
+    a folder (even one whose path holds an '@'), 'tiny' or a bare Hub id -> (model, None).
+
+    The one place --model's '@' is read. A Hub repo id never holds an '@' (huggingface_hub's validate_repo_id:
+    "Repo id must use alphanumeric chars, '-', '_' or '.'"), so everything after the first one is the revision: a
+    branch, tag or commit, as from_pretrained's `revision=` takes it (hf://OWNER/NAME@REVISION roots read the same)."""
+    if "@" not in model or os.path.isdir(os.path.expanduser(model)):
+        return model, None
+    name, _, revision = model.partition("@")
+    if not name or not revision:
+        raise ValueError(f"--model {model}: write a Hub id at a revision as OWNER/NAME@REVISION (a branch, tag or "
+                         f"commit), or give an existing folder")
+    return name, revision
+
+
+def pinned_revision(model_id: str) -> str | None:
+    """The commit a Hub id loads at when none is asked for: DEFAULT_MODEL's pin (a community mirror, whose branch could
+    move), None for every other id (its main branch). A pin that is not a full commit is never used as a revision."""
+    if model_id != DEFAULT_MODEL:
+        return None
+    if DEFAULT_MODEL_REVISION and COMMIT_SHA.fullmatch(DEFAULT_MODEL_REVISION):
+        return DEFAULT_MODEL_REVISION
+    log.warning("DEFAULT_MODEL_REVISION %r (backend/core/settings.py) is not a 40-hex commit, so %s loads at its "
+                "main branch; fill it with HfApi().model_info(%r).sha", DEFAULT_MODEL_REVISION, model_id, model_id)
+    return None
+
+
+def resolve_model(model: str) -> tuple[str, str | None]:
+    """(what from_pretrained loads, the revision it loads at) for a --model value: a folder as its expanded path
+    with no revision, 'tiny' and 'sd21-random' as they are, a Hub id at the revision asked for or else its pin."""
+    name, revision = split_model_revision(model)
+    if os.path.isdir(os.path.expanduser(name)):
+        return str(Path(name).expanduser()), None
+    if name in RANDOM_WEIGHTS:
+        if revision is not None:
+            raise ValueError(f"--model {model}: {name} is built here, not downloaded, so it has no revisions; use "
+                             f"--model {name}")
+        return name, None
+    return name, revision if revision is not None else pinned_revision(name)
+
+
 def model_display_name(model: str) -> str:
-    """A folder's own name (not its path on this machine); a Hub id or 'tiny' as given."""
+    """A folder's own name (not its path on this machine); a Hub id (without its @REVISION) or 'tiny' as given."""
     path = Path(os.path.expanduser(model))
     if path.is_dir():
         return path.resolve().name or model
-    return model
+    return split_model_revision(model)[0]
 
 
 def is_tiny_folder(model: str) -> bool:

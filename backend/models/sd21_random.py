@@ -9,9 +9,12 @@ noise: it is not Stable Diffusion 2.1, and the app says so.
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from .tiny import build_tokenizer, scheduler_config
+
+if TYPE_CHECKING:
+    import torch
 
 SD21_RANDOM_ID = "sd21-random"
 
@@ -43,6 +46,8 @@ def vae_config() -> dict:
 
 def _randomize_(module: torch.nn.Module, generator: torch.Generator) -> None:
     """Fill weights in place, fast on any device: norms 1/0, others small normal noise."""
+    import torch  # only when the model is built: the catalog (and compile.py --help) import this module for its id
+
     with torch.no_grad():
         for name, p in module.named_parameters():
             if name.endswith("bias"):
@@ -53,10 +58,14 @@ def _randomize_(module: torch.nn.Module, generator: torch.Generator) -> None:
                 p.normal_(0.0, 0.02, generator=generator)
 
 
-def build_pipeline(dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """The random-weight SD2.1-base pipeline, made directly on `device` (meta init, no CPU copy)."""
+def build_pipeline(dtype: torch.dtype | None = None, device: str = "cpu"):
+    """The random-weight SD2.1-base pipeline (fp32 unless `dtype`), made directly on `device` (meta init, no CPU
+    copy)."""
+    import torch  # only when the model is built: the catalog (and compile.py --help) import this module for its id
     from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
+
+    dtype = dtype or torch.float32
 
 
     tokenizer = build_tokenizer()

@@ -28,9 +28,9 @@ from .adapters import (
 )
 from .host import neuron_devices
 from .parts import SHARED_PARTS, TXT2IMG_PARTS, Size, size_key
-from .root_format import CompiledDtype, compile_hint, dtype_name, flat_dtype_note
+from .root_format import CompiledDtype, compile_hint, dtype_name, flat_dtype_note, installed_versions
 from .root_plan import RootPlan
-from .stack import NEURON_SDK_HINT
+from .stack import NEURON_SDK_HINT, public_version
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +65,11 @@ def load_part(plan: RootPlan, neuronx: Any, art: CompiledDtype, part: str, size:
               core: int | None = None) -> torch.nn.Module:
     """One part file; `core`: the NeuronCore it is loaded onto (pipeline mode), else where the runtime puts it."""
     path = art.path(part, size)
+    # Before the try below: a torch-neuronx without the placement API is the stack's fault, not the file's.
+    placement = core_placement(neuronx, core) if core is not None and art.target == "neuron" else None
     try:
-        if core is not None and art.target == "neuron":
-            # Loaded straight onto its core: torch_neuronx.experimental.neuron_cores_context(start_nc, nc_count)
-            # places the models torch.jit.load creates inside it (aws-neuron-sdk, torch-neuronx API reference,
-            # "PyTorch NeuronX NeuronCore Placement APIs [Beta]"; api-torch-neuronx-core-placement.rst).
-            with neuronx.experimental.neuron_cores_context(start_nc=core, nc_count=1):
+        if placement is not None:
+            with placement:  # torch.jit.load inside it: the part is loaded straight onto its core
                 module = torch.jit.load(str(path), map_location="cpu")
         else:  # a CPU part: a separate instance per lane is the stand-in for a copy on each core
             module = torch.jit.load(str(path), map_location="cpu")
@@ -80,6 +79,33 @@ def load_part(plan: RootPlan, neuronx: Any, art: CompiledDtype, part: str, size:
                                  f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}); "
                                  f"recompile: {hint}") from None
     return module.eval()
+
+
+def core_placement(neuronx: Any, core: int):
+    """The context inside which torch.jit.load puts a Neuron part on NeuronCore `core` alone; BackendUnavailable
+    when this torch-neuronx has no such API.
+
+    torch_neuronx.neuron_cores_context(start_nc=-1, nc_count=-1) is the public placement API since Neuron 2.25: the
+    models torch.jit.load creates inside it are loaded onto nc_count cores from start_nc, counted among the cores
+    this process sees (aws-neuron-sdk frameworks/torch/torch-neuronx/api-reference-guide/inference/
+    api-torch-neuronx-core-placement.rst, as of the v2.31.1 tag). The same page notes that the context "is *not*
+    threadsafe": load_lane loads every part on the one thread that builds the backend, lane after lane.
+
+    No fallback to torch_neuronx.experimental.neuron_cores_context, the Beta form this loader used before: 2.25
+    moved it to the top level and kept the old scope only with a warning that it "will be removed"
+    (release-notes/prev/2.25.0/nx-pytorch.rst), and from 2.26 "The Beta versions of the PyTorch NeuronCore
+    Placement APIs are no longer supported" (release-notes/prev/2.26.0/index.rst). The project supports one stack,
+    Neuron SDK 2.31.1 (stack.py), which has the public API; a torch-neuronx without it predates 2.25 and is no
+    stack this loader is tested against, so it is told to install the supported one instead.
+    """
+    place = getattr(neuronx, "neuron_cores_context", None)
+    if place is None:
+        have = public_version(installed_versions().get("torch-neuronx")) or "(version unknown)"
+        raise BackendUnavailable(
+            f"--neuron-parallel pipeline: torch-neuronx {have} has no torch_neuronx.neuron_cores_context, the "
+            f"NeuronCore placement API (public since Neuron 2.25) that loads each part onto its lane's core. "
+            f"{NEURON_SDK_HINT} Or serve with --neuron-parallel unet, which places no part by hand.")
+    return place(start_nc=core, nc_count=1)
 
 
 def build_pipeline(plan: RootPlan, neuronx: Any, art: CompiledDtype, loaded: dict, size_parts: tuple[str, ...],

@@ -2,15 +2,18 @@
 
 Compile-time only: compile_scripts/compile.py installs NeuronAttnProcessor in the UNet and the VAE before
 tracing; the loaded graphs already hold it. Nothing here imports torch_neuronx at import time (the NKI kernel
-is loaded from the Neuron SDK only when asked for).
+is loaded from the Neuron SDK only when asked for, and refused by the Neuron SDKs from 2.30 on: see NKI_REFUSED_FROM).
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
 from torch import nn
+
+from .stack import COMPILER_RELEASES, NEURON_SDK, public_version, sdk_release
 
 
 class NeuronAttnProcessor:
@@ -40,7 +43,9 @@ class NeuronAttnProcessor:
     `KernelizedAttnProcessor2_0`): only where the kernel fits (no mask, head_dim <= 128 and no larger
     than the token count); cross-attention, with its 77 text tokens, and the VAE's single 512-wide
     head take the bmm path. The kernel exists only inside the Neuron compiler, so `flash` is loaded
-    from neuronx-cc (load_nki_flash_attention) unless given.
+    from neuronx-cc (load_nki_flash_attention) unless given; from Neuron 2.30 on, the supported 2.31.1
+    included, that compiler refuses the kernel, and load_nki_flash_attention says so before anything
+    compiles. Never compiled on inf2 by this project: the layouts are checked on a CPU stand-in only.
     """
 
     KERNELS = ("bmm", "sdpa", "nki")
@@ -142,29 +147,70 @@ NKI_MAX_HEAD_DIM = 128  # the sample's bound: a head must fit the 128 partitions
 
 
 class NkiUnavailable(ImportError):
-    """The NKI attention kernel cannot be imported here (it ships inside neuronx-cc)."""
+    """The NKI attention kernel cannot be used here: no neuronx-cc, or one that refuses the kernel (Neuron 2.30 on)."""
+
+
+# From Neuron 2.30 neuronx-cc refuses the kernel below: "Usage of the deprecated ``neuronxcc.nki.*`` namespace inside
+# NKI kernels now raises a compilation error instead of a warning" (aws-neuron-sdk release-notes/components/nki.rst,
+# "NKI [0.4.0] (Neuron 2.30.0 Release)", Breaking Changes; nki/migration/index.rst says the same). The sample's
+# kernel lives in that namespace, so on the supported stack (2.31.1, stack.py) neuronx-cc would stop the UNet's
+# compile, 20 minutes in, at its end. Its successor is not wired in: the NKI Library's attention_cte (nkilib, bundled
+# with neuronx-cc: nki/library/quickstart-nkl.rst; nki/library/api/attention-cte.rst) is a prefill kernel whose page
+# names no instance type, and no page at v2.31.1 shows an nki.* kernel inside a torch_neuronx.trace graph for inf2
+# (the NKI quickstart traces a lone kernel on Trn2/Trn3: nki/get-started/quickstart-implement-run-kernel.rst).
+# Without an inf2 here to compile it and compare it with bmm, load_nki_flash_attention refuses such a compiler before
+# anything compiles.
+NKI_REFUSED_FROM = "2.30"  # the Neuron SDK release whose compiler refuses the neuronxcc.nki.* namespace
+# Its neuronx-cc, from stack.COMPILER_RELEASES (aws-neuron-sdk src/helperscripts/n2-manifest.json).
+NKI_REFUSING_COMPILER = next(v for v, release in COMPILER_RELEASES.items() if release == NKI_REFUSED_FROM)
 
 
 def load_nki_flash_attention():
-    """neuronx-cc's flash attention kernel, made traceable by torch_neuronx, imported as AWS's SD2.1 sample does.
+    """neuronx-cc's flash attention kernel, made traceable by torch_neuronx, imported as AWS's SD2.1 sample does;
+    NkiUnavailable where neuronx-cc is missing or refuses it (Neuron 2.30 on, the supported 2.31.1 included).
 
-    neuronx-cc keeps the kernel in `neuronxcc.nki._private_kernels.attention`; older compilers had it in
-    `neuronxcc.nki.kernels.attention` (the sample tries both, so do we). `nki_jit` comes from
+    Older compilers: the kernel is `neuronxcc.nki._private_kernels.attention` (before that
+    `neuronxcc.nki.kernels.attention`; the sample tries both, so do we), and `nki_jit` comes from
     `torch_neuronx.xla_impl.ops` (the top-level torch_neuronx.nki_jit was removed in Neuron 2.24).
     """
     try:
-        try:
-            from neuronxcc.nki._private_kernels.attention import attention_isa_kernel
-        except ImportError:
-            from neuronxcc.nki.kernels.attention import attention_isa_kernel
-        from torch_neuronx.xla_impl.ops import nki_jit
+        import neuronxcc  # the Neuron compiler: only on a machine with the Neuron SDK, so imported on use
     except ImportError as exc:
         raise NkiUnavailable(
             f"attention kernel 'nki' needs neuronx-cc's NKI flash attention and torch-neuronx, which cannot be "
-            f"imported here ({exc.__class__.__name__}: {exc}). It exists only for --target neuron, on a machine with "
-            f"the Neuron SDK (pip install -r requirements-neuron.txt); use --attention bmm or sdpa otherwise."
+            f"imported here ({exc.__class__.__name__}: {exc}). It exists only inside the Neuron compiler, for --target "
+            f"neuron, and the compilers of Neuron {NKI_REFUSED_FROM} on refuse it (the supported {NEURON_SDK} too), so "
+            f"installing the SDK does not bring it back; use --attention bmm (the default) or sdpa."
+        ) from None
+    # neuronxcc.__version__ is how optimum-neuron reads the compiler's version too (optimum/neuron/utils/
+    # version_utils.py, get_neuronxcc_version). A neuronxcc without one is no wheel AWS published; the imports
+    # below then decide, as in the sample.
+    compiler = public_version(getattr(neuronxcc, "__version__", None))
+    if compiler and _version_key(compiler) >= _version_key(NKI_REFUSING_COMPILER):
+        raise NkiUnavailable(
+            f"attention kernel 'nki' cannot be compiled with neuronx-cc {compiler} (Neuron SDK "
+            f"{sdk_release({'neuronx-cc': compiler})}): the flash attention kernel of AWS's SD2.1 sample lives in the "
+            f"neuronxcc.nki.* namespace, which neuronx-cc refuses from Neuron {NKI_REFUSED_FROM} on with a compilation "
+            f"error (aws-neuron-sdk release-notes/components/nki.rst, NKI 0.4.0, Breaking Changes), at the end of the "
+            f"UNet's compile. Use --attention bmm (the default for --target neuron) instead."
+        )
+    try:
+        try:
+            from neuronxcc.nki._private_kernels.attention import attention_isa_kernel  # neuronx-cc: on use
+        except ImportError:
+            from neuronxcc.nki.kernels.attention import attention_isa_kernel  # the same, older compilers
+        from torch_neuronx.xla_impl.ops import nki_jit  # torch-neuronx: only with the Neuron SDK
+    except ImportError as exc:
+        raise NkiUnavailable(
+            f"attention kernel 'nki' needs neuronx-cc's NKI flash attention and torch-neuronx, which cannot be "
+            f"imported here ({exc.__class__.__name__}: {exc}); use --attention bmm (the default) or sdpa."
         ) from None
     return nki_jit()(attention_isa_kernel)
+
+
+def _version_key(version: str) -> tuple[int, ...]:
+    """'2.26.6360.0' -> (2, 26, 6360, 0), for ordering neuronx-cc versions (a part's non-digit tail is dropped)."""
+    return tuple(int(re.match(r"\d*", part).group() or 0) for part in version.split("."))
 
 
 def nki_fits(query: torch.Tensor, heads: int) -> bool:

@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 from . import stack
 from ..core.errors import BackendUnavailable
 from ..core.settings import DEFAULT_MODEL
+from ..models.catalog import split_model_revision
 from .parts import (
     IMAGE_PARTS,
     NEURON_DTYPES,
@@ -376,9 +377,19 @@ def _manifest_set(root: Path, directory: Path, source: str | None, architecture:
     if source is not None and model != source:
         raise BackendUnavailable(f"{where}: compiled from model {model!r}, but the root holds the files of {source!r}; "
                                  f"recompile: {compile_hint(root, source, dtype, force=True)}")
-    if wanted_model and model != wanted_model:
-        raise BackendUnavailable(f"--model {wanted_model}: {root} was compiled from {model!r}; drop --model or "
-                                 f"point --artifacts at a root compiled from {wanted_model}.")
+    if wanted_model:
+        # --model ID@REVISION (models.catalog reads the '@'): the id must be the manifest's, and a revision asked for
+        # must be the one compile.py recorded (None: compiled before revisions were recorded, so unknown).
+        wanted_id, wanted_revision = split_model_revision(wanted_model)
+        if model != wanted_id:
+            raise BackendUnavailable(f"--model {wanted_model}: {root} was compiled from {model!r}; drop --model or "
+                                     f"point --artifacts at a root compiled from {wanted_model}.")
+        compiled_at = on_disk.get("revision")
+        if wanted_revision and compiled_at != wanted_revision:
+            at = f"revision {compiled_at}" if compiled_at else "a revision it did not record"
+            raise BackendUnavailable(f"--model {wanted_model}: {root} was compiled from {model} at {at}; drop "
+                                     f"@{wanted_revision}, or compile that revision: "
+                                     f"{compile_hint(root, wanted_model, dtype, force=True)}")
     recorded = on_disk.get("architecture") or {}
     differs = architecture_differences(recorded, architecture, on_disk["format"])
     if differs:

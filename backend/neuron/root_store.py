@@ -20,6 +20,12 @@ in the Hub's own cache (HF_HUB_CACHE; huggingface_hub's snapshot_download fetche
 is honoured) and are verified against the index the same way; a marker in --cache-dir/hub records which
 snapshot was verified, so a restart does not hash gigabytes again.
 
+Long transfers show their progress (backend/core/progress.py): an S3 download counts the chunks it writes,
+an upload takes boto3's Callback; on a terminal as a tqdm bar, in a log (the app's, the endpoint's) as a line
+every 30 s or 10%. Each download ends with one line saying how long the whole of it took (index, checks and
+transfer), which is the start-up cost an endpoint pays. A Hub download shows huggingface_hub's own tqdm bars
+(on a terminal only; HF_HUB_DISABLE_PROGRESS_BARS=1 hides them), and the same closing line.
+
 boto3 and huggingface_hub are imported only when a remote root is asked for; AWS_ENDPOINT_URL points
 boto3 elsewhere (a moto server in the tests).
 """
@@ -40,6 +46,7 @@ from typing import Any, Callable, Iterator
 
 from . import stack
 from ..core.errors import BackendUnavailable
+from ..core.progress import TransferProgress, size_text
 from .root_format import (
     BLOCK,
     CODE_DIR,
@@ -234,6 +241,7 @@ def fetch_s3(uri: str, dest: Path, client=None) -> Path:
     """Download an s3:// root into dest, verified against its index; resumes, and skips a complete folder."""
     from botocore.exceptions import BotoCoreError, ClientError
 
+    started = time.perf_counter()  # the whole download, index and checks included: what a start waits for
     bucket, prefix = split_s3_uri(uri)
     client = client or s3_client()
     index = read_s3_index(uri, client)
@@ -248,26 +256,31 @@ def fetch_s3(uri: str, dest: Path, client=None) -> Path:
             return dest
         _check_space(dest, files, uri)
         (dest / MARKER).unlink(missing_ok=True)
-        started, fetched = time.perf_counter(), 0
+        fetched = 0
         try:
-            for rel, entry in files.items():
-                fetched += _fetch_s3_file(client, bucket, prefix + rel, dest / rel, entry, uri)
+            with TransferProgress(f"downloading {uri}", total, echo=log.info) as progress:
+                for rel, entry in files.items():
+                    fetched += _fetch_s3_file(client, bucket, prefix + rel, dest / rel, entry, uri, progress)
         except (BotoCoreError, ClientError) as exc:
             raise _s3_error(exc, uri, f"download {rel}", _read_needs(bucket, prefix)) from None
         except OSError as exc:
             raise BackendUnavailable(f"{uri}: cannot write {dest / rel} ({exc}); free space there or choose "
                                      f"another --cache-dir.") from None
         _finish(dest, index, uri)
-    log.info("%s: %d files, %.1f MB (%.1f MB fetched) in %s, %.1f s", uri, len(files), total / 1e6, fetched / 1e6,
-             dest, time.perf_counter() - started)
+    kept = f", {size_text(total - fetched)} already there" if fetched < total else ""
+    log.info("%s: downloaded and verified in %.1f s: %d files, %s (%s fetched%s) in %s", uri,
+             time.perf_counter() - started, len(files), size_text(total), size_text(fetched), kept, dest)
     return dest
 
 
-def _fetch_s3_file(client, bucket: str, key: str, target: Path, entry: dict[str, Any], uri: str) -> int:
-    """One file into place, verified; returns the bytes fetched (0 when a verified copy was there)."""
+def _fetch_s3_file(client, bucket: str, key: str, target: Path, entry: dict[str, Any], uri: str,
+                   progress: TransferProgress) -> int:
+    """One file into place, verified, its bytes counted by `progress`; returns the bytes fetched (0 when a verified
+    copy was there)."""
     size, sha256 = entry["size"], entry["sha256"]
     if target.is_file():
         if target.stat().st_size == size and file_sha256(target) == sha256:
+            progress.skip(size)
             return 0
         target.unlink()
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -278,6 +291,7 @@ def _fetch_s3_file(client, bucket: str, key: str, target: Path, entry: dict[str,
         have = 0
     digest = hashlib.sha256()
     if have:
+        progress.skip(have)
         with open(partial, "rb") as f:
             for block in iter(lambda: f.read(BLOCK), b""):
                 digest.update(block)
@@ -288,6 +302,7 @@ def _fetch_s3_file(client, bucket: str, key: str, target: Path, entry: dict[str,
             for chunk in body.iter_chunks(BLOCK):
                 f.write(chunk)
                 digest.update(chunk)
+                progress(len(chunk))
     else:
         partial.touch()
     _verify_partial(partial, target, entry, digest.hexdigest(), f"s3://{bucket}/{key}", uri)
@@ -379,16 +394,21 @@ def upload(root: Path, uri: str, client=None, echo: Callable[[str], None] = prin
     index = index or write_index(root)
     needs = f"s3:PutObject on arn:aws:s3:::{bucket}/{prefix}* (s3:GetObject and s3:ListBucket to skip what is there)"
     sent = skipped = 0
+    total = sum(entry["size"] for entry in index["files"].values())
     try:
         existing = listed_objects(client, bucket, prefix)
-        for rel, entry in index["files"].items():
-            key = prefix + rel
-            same_size = existing.get(key) == entry["size"]
-            if same_size and _remote_sha256(client, bucket, key) == entry["sha256"]:
-                skipped += 1
-                continue
-            client.upload_file(str(root / rel), bucket, key, ExtraArgs={"Metadata": {"sha256": entry["sha256"]}})
-            sent += entry["size"]
+        with TransferProgress(f"uploading {root} to s3://{bucket}/{prefix}", total, echo=echo) as progress:
+            for rel, entry in index["files"].items():
+                key = prefix + rel
+                same_size = existing.get(key) == entry["size"]
+                if same_size and _remote_sha256(client, bucket, key) == entry["sha256"]:
+                    skipped += 1
+                    progress.skip(entry["size"])
+                    continue
+                # boto3 calls Callback with the bytes sent since its last call (boto3/s3/inject.py, upload_file).
+                client.upload_file(str(root / rel), bucket, key, ExtraArgs={"Metadata": {"sha256": entry["sha256"]}},
+                                   Callback=progress)
+                sent += entry["size"]
         client.put_object(Bucket=bucket, Key=prefix + INDEX_PATH, Body=(root / INDEX_PATH).read_bytes(),
                           ContentType="application/json")
     except (BotoCoreError, ClientError) as exc:
@@ -422,6 +442,7 @@ def fetch_hub(uri: str, cache_dir: str | None = None) -> Path:
     """The verified snapshot of a Hub root (in the Hub's cache): index first, then only the files it lists."""
     from huggingface_hub import hf_hub_download, snapshot_download
 
+    started = time.perf_counter()
     repo_id, revision = parse_hub_uri(uri)
     try:
         index_path = Path(hf_hub_download(repo_id, INDEX_PATH, revision=revision))
@@ -431,7 +452,12 @@ def fetch_hub(uri: str, cache_dir: str | None = None) -> Path:
     index = parse_index(raw, f"{uri}: {INDEX_PATH}")
     check_stack(index, uri)
     index_sha256 = hashlib.sha256(raw).hexdigest()
+    total = sum(entry["size"] for entry in index["files"].values())
+    log.info("%s: fetching %d files, %s, through huggingface_hub (its progress bars show on a terminal only)", uri,
+             len(index["files"]), size_text(total))
     try:
+        # huggingface_hub draws its own tqdm bars (files fetched, bytes downloaded) with tqdm's default of showing
+        # them on a terminal only (huggingface_hub/utils/tqdm.py, _create_progress_bar); no log lines of its own.
         snapshot = Path(snapshot_download(repo_id, revision=revision, allow_patterns=[INDEX_PATH, *index["files"]]))
     except Exception as exc:  # noqa: BLE001
         raise _hub_error(exc, uri, "download the root's files") from None
@@ -441,12 +467,14 @@ def fetch_hub(uri: str, cache_dir: str | None = None) -> Path:
     except (OSError, ValueError):
         recorded = {}
     if recorded == {"snapshot": str(snapshot), "index_sha256": index_sha256}:
+        log.info("%s: fetched in %.1f s (verified before) in %s", uri, time.perf_counter() - started, snapshot)
         return snapshot
     for rel, entry in index["files"].items():
         _verify_hub_file(snapshot / rel, rel, entry, uri)
     marker.parent.mkdir(parents=True, exist_ok=True)
     write_json(marker, {"snapshot": str(snapshot), "index_sha256": index_sha256})
-    log.info("%s: %d files verified in %s", uri, len(index["files"]), snapshot)
+    log.info("%s: downloaded and verified in %.1f s: %d files, %s in %s", uri, time.perf_counter() - started,
+             len(index["files"]), size_text(total), snapshot)
     return snapshot
 
 

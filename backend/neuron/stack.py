@@ -4,12 +4,22 @@ requirements-neuron.txt pins these versions (tests/test_neuron_stack.py keeps th
 compile_scripts/compile.py records them in every manifest, and backend/neuron/backend.py and
 backend/neuron/preflight.py compare what is installed against them.
 
-Why Neuron SDK 2.31.x: it is the last release that ships torch-neuronx, the torch_neuronx.trace
-line built on PyTorch/XLA for torch 2.9 (aws-neuron-sdk setup/pytorch/manual.rst: "torch-neuronx
-(PyTorch/XLA) is not included in Neuron 2.32.0 ... use the latest Neuron release that ships it,
-Neuron 2.31"), and the last one with a pytorch-inference-neuronx container for the endpoint
-(release-notes/components/containers.rst, 2.32.0: "the pytorch-inference-neuronx DLC ... no longer
-published"). Compiling in that container or with these pins gives parts the endpoint can load.
+Why Neuron SDK 2.31.x. The name torch-neuronx now covers two PyTorch backends. This project compiles with the
+first: the XLA-based line with torch_neuronx.trace, the one that runs on Inferentia2. It is in maintenance, not
+ended ("in maintenance status as of Neuron SDK 2.32 ... continues to receive critical bug fixes and security
+patches ... It is not end-of-support": aws-neuron-sdk archive/frameworks/torch/inference-torch-neuronx.rst), and
+its newest build, 2.9.0.2.15.32035 for torch 2.9, is the one 2.31 shipped: 2.32.0 left it out (setup/pytorch/
+manual.rst: "torch-neuronx (PyTorch/XLA) is not included in Neuron 2.32.0 ... use the latest Neuron release that
+ships it, Neuron 2.31"), and 2.33.0 lists the same build again (release-notes/components/index.rst at v2.33.0:
+"PyTorch NeuronX ... 2.9.0.2.15.32035"). 2.31.x is also the last release with a pytorch-inference-neuronx
+container for the endpoint (release-notes/components/containers.rst, 2.32.0: "the pytorch-inference-neuronx DLC
+... no longer published"). Compiling in that container or with these pins gives parts the endpoint can load.
+
+The second backend, since Neuron SDK 2.33, is TorchNeuron, the native one, published under the same name:
+"The release notes for torch-neuronx, the native PyTorch backend for AWS Trainium" (release-notes/components/
+torchneuron.rst, 2.33.0), versions 2.13.3.0.* and 2.14.3.0.* for torch 2.13 and 2.14, on Trn2 and Trn3 only.
+Its version numbers sort above the XLA line's 2.9.0.x, so an unpinned `pip install torch-neuronx` now picks a
+TorchNeuron build, which does not run on Inferentia2: requirements-neuron.txt pins the exact XLA build with ==.
 
 Sources, all in AWS's public repositories:
 - aws-neuron-sdk src/helperscripts/n2-manifest.json, release 2.31.1, instance inf2:
@@ -29,7 +39,7 @@ NEURON_SDK = "2.31.1"
 # Exact versions, as pip names them; requirements-neuron.txt pins each one with ==.
 PACKAGES = {
     "torch": "2.9.0",
-    "torch-neuronx": "2.9.0.2.15.32035",
+    "torch-neuronx": "2.9.0.2.15.32035",  # the XLA line; unpinned, pip would pick TorchNeuron (above)
     "neuronx-cc": "2.26.6360.0",
     "numpy": "2.3.5",
 }
@@ -38,9 +48,15 @@ PYTHONS = ("3.11", "3.12", "3.13")
 # in SageMaker regions, public.ecr.aws/neuron/ for anyone).
 DLC_IMAGE = "pytorch-inference-neuronx:2.9.0-neuronx-py312-sdk2.31.1-ubuntu24.04"
 
-# Which Neuron SDK release shipped a neuronx-cc build (n2-manifest.json, inf2 packages). The
-# compiler is what turns a graph into a NEFF, so it names the release that compiled a part.
-# 2.32.0 ships a compiler but no torch-neuronx; AWS pairs it with 2.31's torch-neuronx.
+# Which Neuron SDK release shipped a neuronx-cc build (n2-manifest.json, inf2 packages, through 2.32). The
+# compiler is what turns a graph into a NEFF, so it names the release that compiled a part; the loader's warning
+# (root_format.version_problems) and a published root's check (root_store.stack_problem) name it from here.
+# 2.32.0 ships a compiler but no torch-neuronx; AWS pairs it with 2.31's torch-neuronx (setup/pytorch/manual.rst).
+# 2.33.0's compiler is from its release notes (release-notes/components/index.rst and releasecontent.rst at v2.33.0:
+# "Neuron Compiler ... 2.28.7631.0", "neuronx-cc-2.28.7631.0"), beside the same XLA torch-neuronx 2.9.0.2.15.32035.
+# Not listed, for want of a source that names them: 2.33.1's and 2.34.0's compilers. A root compiled with one of
+# those is named "unknown (neuronx-cc X)" and still gets the loader's warning; add a line here once a release note
+# (release-notes/components/index.rst of that version, "Neuron Compiler") names it.
 COMPILER_RELEASES = {
     "2.22.12471.0": "2.27",
     "2.23.6484.0": "2.28",
@@ -49,6 +65,7 @@ COMPILER_RELEASES = {
     "2.25.3371.0": "2.30",
     "2.26.6360.0": "2.31",
     "2.27.5334.0": "2.32",
+    "2.28.7631.0": "2.33",
 }
 
 
