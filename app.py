@@ -28,7 +28,7 @@ from ui.handlers import REQUEST_DEFAULTS, Handlers, reuse_first_seed, reuse_seed
 from ui.live import LiveGate, settings_key
 from ui.outputs import OutputStore
 from ui.panels import TITLE, banner_html, latency_markdown, mode_unavailable_note, no_preview_note
-from ui.pnginfo import infotext_fields, read_png_info, values_for_controls
+from ui.pnginfo import PngInfoError, infotext_fields, png_info, show_png_info, values_for_controls
 
 log = logging.getLogger("app")
 
@@ -272,8 +272,8 @@ def png_info_tab(caps: Capabilities) -> PngInfo:
     with gr.Row():
         with gr.Column():
             # type="filepath" and preprocess=False (wire_png_info): the file as uploaded, text chunks and all.
-            image = gr.Image(label="PNG made by this app or AUTOMATIC1111", type="filepath", sources=["upload"],
-                             height=420, elem_id="pnginfo-image")
+            image = gr.Image(label="Image (PNG, JPEG, WebP) from this app or another SD tool", type="filepath",
+                             sources=["upload"], height=420, elem_id="pnginfo-image")
         with gr.Column():
             infotext = gr.Textbox(label="Infotext (parameters)", lines=6, max_lines=20, elem_id="pnginfo-text",
                                   info="or paste one here")
@@ -400,8 +400,13 @@ def wire_seed_buttons(c: Controls) -> None:
 def wire_png_info(page: Page, caps: Capabilities) -> None:
     """PNG Info: reading a dropped PNG, and the two send buttons (which fill a tab and switch to it)."""
     info = page.png_info
-    info.image.change(read_png_info, inputs=[info.image], outputs=[info.infotext, info.fields], preprocess=False,
-                      queue=False, api_visibility="private")
+    info.image.change(show_png_info, inputs=[info.image], outputs=[info.infotext, info.fields, info.note],
+                      preprocess=False, queue=False, api_visibility="private")
+    # The API's /png_info (A1111's /sdapi/v1/png-info, plus tool and notes), on a button never shown, as /inpaint:
+    # a plain file in (any file: one that is not an image gets png_info's message, not Gradio's), a dict out.
+    api_file, api_result = gr.File(visible=False, label="image"), gr.JSON(visible=False, label="png_info")
+    gr.Button(visible=False).click(api_png_info, inputs=[api_file], outputs=[api_result], preprocess=False,
+                                   queue=False, api_name="png_info")
     info.infotext.input(lambda text: infotext_fields(text) if text.strip() else {}, inputs=[info.infotext],
                         outputs=[info.fields], queue=False, api_visibility="private")
     for target, button in (("txt2img", info.send_txt2img), ("img2img", info.send_img2img)):
@@ -417,6 +422,16 @@ def wire_png_info(page: Page, caps: Capabilities) -> None:
         button.click(functools.partial(send_settings, caps, list(controls), c.size is not None, c.image is not None,
                                        target),
                      inputs=inputs, outputs=outputs, preprocess=False, queue=False, api_visibility="private")
+
+
+def api_png_info(image: Any) -> dict[str, Any]:
+    """/png_info: the image's settings, or its reason as gr.Error (gradio_client raises it as AppError)."""
+    try:
+        return png_info(image)
+    except PngInfoError as exc:
+        # One log line, no traceback: a file without settings is the person's to fix (ui/handlers.py, user_error).
+        log.info("png_info refused: %s", exc)
+        raise gr.Error(str(exc), title="PNG Info", print_exception=False) from None
 
 
 def send_settings(caps: Capabilities, names: list[str], has_size_menu: bool, takes_image: bool, target: str,

@@ -94,6 +94,28 @@ def test_generation_returns_pngs_with_infotext_and_details(client, tiny_dir):
         assert info["params"]["Steps"] == "3" and info["params"]["Size"] == "128x128"
 
 
+def test_png_info_api_reads_the_apps_png_and_another_tools_and_says_when_it_cannot(client, tmp_path):
+    from pathlib import Path
+
+    from gradio_client import handle_file
+
+    gallery, _ = client.predict(prompt="a lovely cat", negative_prompt="blurry", seed=7, api_name="/generate", **FAST)
+    result = client.predict(handle_file(gallery[0]["image"]), api_name="/png_info")
+    assert result["info"] == read_infotext(gallery[0]["image"]) and result["tool"].startswith("AUTOMATIC1111")
+    p = result["parameters"]
+    assert (p["Prompt"], p["Negative prompt"], p["Steps"], p["Seed"]) == ("a lovely cat", "blurry", "3", "7")
+    assert (p["Size-1"], p["Size-2"], p["CFG scale"]) == ("128", "128", "7.5") and result["notes"] == []
+    comfy = Path(__file__).parent / "fixtures" / "png_info" / "noisy_latents_3_subjects_cropped.png"
+    result = client.predict(handle_file(str(comfy)), api_name="/png_info")
+    assert result["tool"] == "ComfyUI" and result["parameters"]["Steps"] == "16"
+    assert "sampler nodes" in result["notes"][0] and "workflow" not in result["items"]
+    (tmp_path / "text.png").write_text("not a picture")
+    Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
+    for name, message in (("text.png", "cannot be read as an image"), ("plain.png", "no generation settings")):
+        with pytest.raises(AppError, match=message):
+            client.predict(handle_file(str(tmp_path / name)), api_name="/png_info")
+
+
 def test_only_the_prompt_is_required(client):
     gallery, details = client.predict("a lovely cat", api_name="/generate")
     assert len(gallery) == 1 and details["size"] == "512x512" and details["steps"] == 20

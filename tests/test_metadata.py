@@ -40,3 +40,31 @@ def test_png_chunk_round_trip_latin1_and_unicode():
         assert np.array_equal(np.asarray(decoded), np.asarray(image))
         assert decoded.text["parameters"] == text  # what PIL-based readers (A1111, sd-parsers) see
         assert read_infotext(png_bytes(attach(image, text), compress_level=6)) == text
+
+
+def test_an_infotext_of_only_the_parameters_line_has_an_empty_prompt():
+    # A1111 writes no prompt line for an empty prompt; its parser (and now this one) reads the line as settings.
+    parsed = parse_infotext("Steps: 20, Sampler: Euler a, CFG scale: 7, Seed: 5, Size: 512x512")
+    assert parsed["prompt"] == "" and parsed["negative_prompt"] == ""
+    assert parsed["params"]["Steps"] == "20" and parsed["params"]["Seed"] == "5"
+    # A one-line prompt with fewer than three "Key: value" pairs stays a prompt, as in A1111.
+    assert parse_infotext("portrait: a fox, style: oil")["prompt"] == "portrait: a fox, style: oil"
+
+
+def test_known_keys_in_another_case_get_a1111s_spelling():
+    parsed = parse_infotext("a cat\nsteps: 20, CFG Scale: 6.5, SEED: 9, Custom Key: x")
+    assert parsed["params"] == {"Steps": "20", "CFG scale": "6.5", "Seed": "9", "Custom Key": "x"}
+
+
+def test_the_writer_is_unchanged_byte_for_byte():
+    # The bytes this app wrote before PNG Info read other tools (infotext and stored PNG), pinned.
+    import hashlib
+
+    text = write_infotext("a lovely cat", "blurry, ugly", PARAMS)
+    assert hashlib.sha256(text.encode()).hexdigest() == EXPECTED_TEXT_SHA
+    image = Image.fromarray(np.arange(16 * 24 * 3, dtype=np.uint8).reshape(16, 24, 3))
+    assert hashlib.sha256(png_bytes(attach(image, text))).hexdigest() == EXPECTED_PNG_SHA
+
+
+EXPECTED_TEXT_SHA = "5c77b4b54bc21d0c770c5a919b3242ab397f0f99dbe02dfab238b3319de0dc48"
+EXPECTED_PNG_SHA = "dbb7d50aa722050f76dfbcc4778d701cb1d1f45c0df8aec093e07be414bbc630"

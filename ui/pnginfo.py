@@ -1,46 +1,101 @@
-"""PNG Info: the infotext of a PNG (this app's or AUTOMATIC1111's `parameters` chunk), read and mapped to the
-generating tabs' controls for "Send to text to image" / "Send to image to image"."""
+"""PNG Info: the generation settings of an image from this app, AUTOMATIC1111 and its forks, ComfyUI, InvokeAI,
+NovelAI, Fooocus or SwarmUI (backend/core/image_info.py reads them), shown in the tab and answered by the
+/png_info API (one function, png_info, for both), and mapped to the generating tabs' controls for "Send to text
+to image" / "Send to image to image"."""
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, field
 from typing import Any
 
 from backend import Capabilities, InvalidRequest
 from backend.core.api import normalize_scheduler
-from backend.core.metadata import parse_infotext, read_infotext
+from backend.core.image_info import NoSettings, NotAnImage, read_image_info
+from backend.core.metadata import parse_infotext
+from backend.core.schedulers import SCHEDULERS
 from ui.pictures import file_bytes
 
-NO_PNG = "Drop a PNG made by this app or by AUTOMATIC1111 to read its generation settings."
-NO_TEXT = ("This image carries no generation settings (no `parameters` text chunk): it was not saved by this app "
-           "or AUTOMATIC1111, or something re-encoded it (a paste from the clipboard, a chat app, an editor).")
+NO_PNG = "Drop an image (PNG, JPEG or WebP) from this app or another Stable Diffusion tool to read its settings."
+NO_TEXT = ("This image carries no generation settings PNG Info knows (AUTOMATIC1111 and its forks, ComfyUI, "
+           "InvokeAI, NovelAI, Fooocus, SwarmUI): another program saved it, or something re-encoded it (a paste "
+           "from the clipboard, a chat app, an editor).")
+NOT_IMAGE = "image: this file cannot be read as an image; drop a PNG, JPEG or WebP."
+
+
+class PngInfoError(ValueError):
+    """No settings to show: the message says why and what to drop instead."""
+
+
+def png_info(value: Any) -> dict[str, Any]:
+    """An uploaded image's settings, as A1111's /sdapi/v1/png-info answers plus the tool and notes:
+    {"info": infotext, "items": other text chunks, "parameters": A1111's keys, "tool": ..., "notes": [...]}.
+    The tab and the /png_info API both call this; PngInfoError when there is nothing to show."""
+    if value is None:
+        raise PngInfoError(NO_PNG)
+    try:
+        data = file_bytes("image", value)
+    except InvalidRequest as exc:
+        raise PngInfoError(str(exc)) from None
+    if data is None:
+        raise PngInfoError(NO_PNG)
+    try:
+        info = read_image_info(bytes(data))
+    except NotAnImage:
+        raise PngInfoError(NOT_IMAGE) from None
+    except NoSettings:
+        raise PngInfoError(NO_TEXT) from None
+    return {"info": info.infotext, "items": info.items, "parameters": info.parameters, "tool": info.tool,
+            "notes": [*info.notes, *unusable_notes(info.parameters)]}
+
+
+def unusable_notes(fields: dict[str, Any]) -> list[str]:
+    """What no backend of this app can run: a sampler it lacks, a hires or refiner pass (Send, which knows the
+    backend, adds what that backend cannot take)."""
+    notes = []
+    sampler = str(fields.get("Sampler", "")).strip()
+    if sampler and fields.get("Schedule type", "").lower() == "karras" and not sampler.lower().endswith("karras"):
+        sampler = f"{sampler} Karras"
+    if sampler and sampler.lower() not in {label.lower() for label in SCHEDULERS.values()}:
+        notes.append(f"Sampler {sampler} is not one this app has; Send leaves the scheduler as it is.")
+    missing = [f"{key}: {value}" for key, value in fields.items() if key.startswith(UNSENT_PREFIXES)]
+    if missing:
+        notes.append(f"Not available here: {', '.join(missing)}.")
+    return notes
+
+
+def png_info_note(result: dict[str, Any]) -> str:
+    """What the tab says under the settings: the tool that made the image, and what cannot be used here."""
+    return " ".join([f"Made by {result['tool']}.", *result["notes"]])
+
+
+def show_png_info(value: Any) -> tuple[str, dict[str, Any], str]:
+    """The tab's infotext, fields and note for an uploaded image (the note says why when there is none)."""
+    try:
+        result = png_info(value)
+    except PngInfoError as exc:
+        return "", {}, str(exc)
+    return result["info"], result["parameters"], png_info_note(result)
 
 
 def read_png_info(value: Any) -> tuple[str, dict[str, Any]]:
-    """The infotext of an uploaded PNG and its fields (prompt, negative prompt, then each "Key: value");
+    """The infotext of an uploaded image and its fields (prompt, negative prompt, then each "Key: value");
     ("", {"note": ...}) when there is none."""
-    if value is None:
-        return "", {"note": NO_PNG}
     try:
-        data = file_bytes("image", value)
-        from PIL import Image
-
-        with Image.open(io.BytesIO(data)) as image:
-            text = read_infotext(image)
-    except InvalidRequest as exc:
+        result = png_info(value)
+    except PngInfoError as exc:
         return "", {"note": str(exc)}
-    except Exception:  # noqa: BLE001 - not an image PIL reads: say so, as for any file without settings
-        return "", {"note": "image: this file cannot be read as an image; drop a PNG."}
-    if not text:
-        return "", {"note": NO_TEXT}
-    return text, infotext_fields(text)
+    return result["info"], result["parameters"]
 
 
 def infotext_fields(text: str) -> dict[str, Any]:
     """An infotext as the fields PNG Info shows."""
     parsed = parse_infotext(text)
     return {"Prompt": parsed["prompt"], "Negative prompt": parsed["negative_prompt"], **parsed["params"]}
+
+
+# Infotext keys of settings this app has no control for (A1111's hires fix and refiner, clip skip, variation
+# seeds): a key starting with one of these is named in Send's note.
+UNSENT_PREFIXES = ("Hires", "Refiner", "Clip skip", "Variation seed")
 
 
 @dataclass
@@ -90,6 +145,10 @@ def values_for_controls(text: str, caps: Capabilities) -> Sent:
             sent.values["scheduler"] = normalize_scheduler(sampler, caps)
         except InvalidRequest:
             sent.notes.append(f"Sampler: {sampler} is not offered here; left as it was.")
+    # Passes and options this app does not run: named, so that nobody takes the result for the same picture.
+    missing = [f"{key}: {value}" for key, value in params.items() if key.startswith(UNSENT_PREFIXES)]
+    if missing:
+        sent.notes.append(f"Not available here, so not sent: {', '.join(missing)}.")
     size = params.get("Size", "")
     if size:
         try:

@@ -60,15 +60,25 @@ def write_infotext(prompt: str, negative_prompt: str, params: dict[str, Any]) ->
     return "\n".join(lines)
 
 
+# A1111's spelling of the keys other savers write in another case ("CFG Scale", "steps"): matched
+# case-insensitively, so that no setting is dropped for its case.
+CANONICAL_KEYS = {key.lower(): key for key in (
+    "Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Model", "Model hash", "Denoising strength",
+    "Mask blur", "Clip skip", "VAE", "Hires upscale", "Hires steps", "Hires upscaler", "Variation seed",
+    "Variation seed strength", "Version")}
+
+
 def parse_infotext(text: str) -> dict[str, Any]:
     """Parse an infotext into {"prompt", "negative_prompt", "params": {key: str}}."""
     lines = text.split("\n")
     params: dict[str, str] = {}
     last = lines[-1] if lines else ""
     found = _PARAM.findall(last)
-    # The last line is the parameters only if it is made of nothing but "Key: value" pairs.
-    if len(lines) > 1 and found and len(found) >= 3:
-        params = {k.strip(): _unquote(v.strip()) for k, v in found}
+    # The last line is the parameters only if it holds at least three "Key: value" pairs: A1111's own rule
+    # (modules/infotext_utils.py, parse_generation_parameters), which also reads an infotext that is only that
+    # line (A1111 writes no prompt line for an empty prompt).
+    if found and len(found) >= 3:
+        params = {CANONICAL_KEYS.get(k.strip().lower(), k.strip()): _unquote(v.strip()) for k, v in found}
         lines = lines[:-1]
     prompt_lines, negative_lines, in_negative = [], [], False
     for line in lines:
