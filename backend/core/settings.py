@@ -75,6 +75,7 @@ class Settings:
     preview_every: int | None = None  # in-process backends: latent previews; None = auto, 0 = none
     few_step: str = "auto"  # in-process backends: auto (the model's scheduler config), off, turbo, lcm, tcd
     lora: str | None = None  # local backend: a LoRA folder, file or Hub id fused into the UNet at load
+    emphasis: bool = True  # in-process backends: A1111 prompt emphasis, (text:1.2) (core/emphasis.py); off: plain text
 
     @property
     def model_or_default(self) -> str:
@@ -134,6 +135,7 @@ class InProcessSettings(SettingsSlice):
     max_images: int = 4
     preview_every: int | None = None
     few_step: str = "auto"
+    emphasis: bool = True
 
 
 @dataclass(frozen=True)
@@ -184,6 +186,16 @@ def _env(env: Mapping[str, str], flag: str) -> str | None:
 
 def _bool(text: str | None) -> bool:
     return (text or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _on_off(text: str) -> bool:
+    """--emphasis on|off (and SD_EMPHASIS; 1/0, true/false, yes/no too) -> a bool."""
+    value = text.strip().lower()
+    if value in ("on", "1", "true", "yes"):
+        return True
+    if value in ("off", "0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r}: use on or off")
 
 
 def _preview_every(text: str) -> int | None:
@@ -270,6 +282,10 @@ def add_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] | None
     g.add_argument("--lora", default=_env(env, "lora"), metavar="PATH_OR_ID",
                    help="local backend: a LoRA (folder, .safetensors file or Hub id) fused into the UNet at load; "
                         "for Neuron, fuse it at compile time (compile.py --lora)")
+    g.add_argument("--emphasis", type=_on_off, metavar="on|off", default=_env(env, "emphasis") or "on",
+                   help="in-process backends (and the endpoint's): AUTOMATIC1111's prompt emphasis, (word:1.2), "
+                        "(word) = x1.1, [word] = /1.1, \\( for a literal parenthesis (default on); off = the "
+                        "brackets go to the tokenizer as text")
     if server_flags:
         s = parser.add_argument_group("web server")
         s.add_argument("--host", default=_env(env, "host") or env.get("GRADIO_SERVER_NAME") or "127.0.0.1",

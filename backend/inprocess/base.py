@@ -31,7 +31,7 @@ from ..core.errors import BackendError, GenerationFailed, short_error
 from ..core.metadata import label_images
 from ..models.catalog import random_weights_note
 from .preview import PreviewPacer
-from .prompts import truncation_warnings
+from .prompts import parsed_prompts, truncation_warnings
 from ..core.schedulers import SchedulerCache
 from ..core.settings import InProcessSettings
 from .torch_thread import DeviceThread, device_thread
@@ -172,19 +172,22 @@ class InProcessBackend:
         lane at a time; with one lane, one request at a time)."""
         self.check_request(request)
         request = request.validated(self._caps)
+        emphasis = self.settings.emphasis
+        if emphasis:
+            parsed_prompts(request)  # a weight that is no number is refused before a lane is taken
         base_seed = random_seed() if request.seed == RANDOM_SEED else request.seed
         request = dataclasses.replace(request, seed=base_seed)
         seeds = request.image_seeds(base_seed)
         lane = self._free_lanes.get()
         try:
             pipe = lane.device.run(self.pipeline_to_run, request.precision, request.mode, lane)
-            warnings = truncation_warnings(pipe.tokenizer, request)
+            warnings = truncation_warnings(pipe.tokenizer, request, emphasis)
             scheduler = lane.schedulers.get(request.scheduler)
             try:
                 images, timings = lane.device.run(
                     pipeline.run, pipe, request, seeds, on_step, scheduler=scheduler,
                     on_preview=on_preview if self._caps.previews else None,
-                    pacer=PreviewPacer(self.preview_every))
+                    pacer=PreviewPacer(self.preview_every), emphasis=emphasis)
             except BackendError:
                 raise
             except Exception as exc:  # noqa: BLE001 - anything else is this generation failing

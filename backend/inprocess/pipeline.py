@@ -11,6 +11,8 @@ import torch
 from ..core.api import MODES, GenerationRequest, PreviewCallback, StepCallback, Timings
 from ..core.fewstep import step_eta
 from .preview import PreviewPacer, noise_scale, preview_images
+from .prompts import Runs, weighted_tokens
+from ..core import emphasis as emphasis_syntax
 from ..models.catalog import resolve_model
 from ..models.sd21_random import SD21_RANDOM_ID
 from ..models.sd21_random import build_pipeline as build_sd21_random
@@ -214,9 +216,67 @@ def paste_back(generated: list[Any], original: Any, mask: Any) -> list[Any]:
     return [Image.composite(image, original, mask) for image in generated]
 
 
+def emphasised_embeds(pipe, runs: Runs, device) -> torch.Tensor:
+    """One prompt's text encoder output with A1111's default emphasis ("Original", modules/sd_emphasis.py,
+    EmphasisOriginal): each token's embedding times its weight, then the whole rescaled so that its mean is the
+    unweighted output's mean, taken over this one prompt's (1, 77, width) output as A1111's process_tokens takes it
+    over one prompt's chunk. Returned in the text encoder's dtype.
+
+    The text encoder runs on plain token ids, exactly as diffusers' encode_prompt runs it (clip_skip none, the
+    attention mask only where the config asks for one), so a compiled text encoder (the neuron backend's
+    NeuronTextEncoder, traced for a fixed batch) needs no other graph. The weighting is done in float32, as A1111's
+    float32 multipliers promote a half-precision output to float32, and cast back once."""
+    tokenizer, encoder = pipe.tokenizer, pipe.text_encoder
+    ids, weights = weighted_tokens(tokenizer, runs)
+    input_ids = torch.tensor([ids], dtype=torch.long, device=device)
+    mask = None
+    if getattr(encoder.config, "use_attention_mask", False):
+        ends = ids.index(tokenizer.eos_token_id) + 1  # the tokenizer's own mask: 1 through EOS, 0 on the padding
+        mask = torch.tensor([[1] * ends + [0] * (len(ids) - ends)], device=device)
+    z = encoder(input_ids, attention_mask=mask)[0].float()
+    original_mean = z.mean()
+    z = z * torch.tensor(weights, dtype=torch.float32, device=z.device).reshape(1, -1, 1)
+    weighted_mean = z.mean()
+    # The restore is a ratio of two means. A text encoder whose output is centred on zero (the tiny model's final
+    # LayerNorm, at its initial bias 0, gives a mean of ~1e-9) makes it rounding noise over rounding noise, and A1111
+    # would hand NaN or huge embeddings on: there, the weighted output is kept as it is. A trained encoder's mean is
+    # far from zero (its LayerNorm has a learned bias), so this changes nothing there.
+    scale = z.abs().mean()
+    if torch.isfinite(weighted_mean) and weighted_mean.abs() > 1e-4 * scale and original_mean.abs() > 1e-4 * scale:
+        z = z * (original_mean / weighted_mean)
+    return z.to(dtype=encoder.dtype, device=device)
+
+
+def encode_prompts(pipe, request: GenerationRequest, device, n: int, cfg: bool, emphasis: bool = False):
+    """(prompt_embeds, negative_prompt_embeds) for `n` images, as pipe.encode_prompt gives them.
+
+    Without emphasis, or where no weight of either prompt differs from 1.0, this is diffusers' own encode_prompt on
+    the text (with emphasis on, the text without its syntax: the same text for a prompt that has none, so its
+    pixels are what they always were). Otherwise each weighted prompt is encoded by emphasised_embeds and handed to
+    encode_prompt, which repeats it per image and casts it as it does its own; a prompt of plain weights is still
+    encoded by diffusers."""
+    prompt, negative = request.prompt, request.negative_prompt or None
+    if not emphasis:
+        return pipe.encode_prompt(prompt, device, n, cfg, negative_prompt=negative)
+    # Parsed again here (cheap): base.generate parsed it first, to refuse a bad weight before taking a lane.
+    runs = emphasis_syntax.parse(prompt)
+    negative_runs = emphasis_syntax.parse(negative or "")
+    prompt = emphasis_syntax.plain_text(runs)
+    negative = emphasis_syntax.plain_text(negative_runs) or None
+    weighted, negative_weighted = emphasis_syntax.is_weighted(runs), emphasis_syntax.is_weighted(negative_runs)
+    if not weighted and not negative_weighted:
+        return pipe.encode_prompt(prompt, device, n, cfg, negative_prompt=negative)
+    prompt_embeds = emphasised_embeds(pipe, runs, device) if weighted else None
+    # Without CFG (guidance <= 1, a few-step model) diffusers encodes no negative prompt; neither does this.
+    negative_embeds = emphasised_embeds(pipe, negative_runs, device) if cfg and negative_weighted else None
+    return pipe.encode_prompt(None if weighted else prompt, device, n, cfg,
+                              negative_prompt=None if negative_embeds is not None else negative,
+                              prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_embeds)
+
+
 def run(pipe, request: GenerationRequest, seeds: list[int], on_step: StepCallback | None = None,
         scheduler=None, on_preview: PreviewCallback | None = None,
-        pacer: PreviewPacer | None = None) -> tuple[list[Any], Timings]:
+        pacer: PreviewPacer | None = None, emphasis: bool = False) -> tuple[list[Any], Timings]:
     """Run a validated request on a pipeline: encode, denoise, decode, each timed.
 
     `pipe` is the pipeline of the request's mode (`mode_pipeline`). The stages are called one by one
@@ -229,6 +289,7 @@ def run(pipe, request: GenerationRequest, seeds: list[int], on_step: StepCallbac
     on_step's total is the steps that run (`request.denoising_steps`: steps x strength from an image).
     on_preview gets pictures of the latents after the steps `pacer` picks (a preview copies them to
     the host, which on a GPU waits for that step); its time counts in the next step's.
+    emphasis: read A1111's emphasis syntax in both prompts (encode_prompts); off, the text goes to the tokenizer as is.
     """
     if scheduler is not None:
         pipe.scheduler = scheduler
@@ -241,9 +302,7 @@ def run(pipe, request: GenerationRequest, seeds: list[int], on_step: StepCallbac
     t0 = time.perf_counter()
     clock.mark()
     with torch.inference_mode():
-        prompt_embeds, negative_embeds = pipe.encode_prompt(
-            request.prompt, device, n, cfg, negative_prompt=request.negative_prompt or None
-        )
+        prompt_embeds, negative_embeds = encode_prompts(pipe, request, device, n, cfg, emphasis)
         clock.mark()
         pacer = pacer or PreviewPacer()
         denoise_start = time.perf_counter()
