@@ -3,12 +3,13 @@ which the benchmarks use too), Chromium's location, and waiting for an event wit
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Callable, Iterator, TypeVar
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -93,3 +94,29 @@ def screenshot(pg, tmp_path: Path, name: str) -> Path:
         Path(os.environ["SD_SCREENSHOT_DIR"]).mkdir(parents=True, exist_ok=True)
         shutil.copy(path, Path(os.environ["SD_SCREENSHOT_DIR"]) / path.name)
     return path
+
+
+@contextlib.contextmanager
+def moto_server(region: str) -> Iterator[str]:
+    """moto's server on a free port, throwaway credentials, AWS_ENDPOINT_URL pointing boto3 at it; yields its URL."""
+    import urllib.request
+
+    import pytest
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": region,
+                           "AWS_CONFIG_FILE": "/nonexistent", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
+                           "AWS_EC2_METADATA_DISABLED": "true", "AWS_ENDPOINT_URL": url}.items():
+            mp.setenv(key, value)
+        for key in ("AWS_PROFILE", "AWS_REGION", "AWS_SESSION_TOKEN"):
+            mp.delenv(key, raising=False)
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        server.start()
+        urllib.request.urlopen(urllib.request.Request(url + "/moto-api/reset", method="POST"))
+        try:
+            yield url
+        finally:
+            server.stop()

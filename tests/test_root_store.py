@@ -25,7 +25,7 @@ import pytest
 from backend import BackendUnavailable, GenerationRequest, Settings, create_backend
 from backend.neuron import root_store
 from backend.neuron.root_format import read_root
-from helpers import free_port, run_process
+from helpers import free_port, moto_server, run_process
 
 REGION = "us-east-2"
 BUCKET = "roots"
@@ -39,24 +39,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def moto():
     """moto's server for the module, with throwaway credentials and AWS_ENDPOINT_URL pointing boto3 at it."""
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": REGION,
-                           "AWS_CONFIG_FILE": "/nonexistent", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
-                           "AWS_EC2_METADATA_DISABLED": "true", "AWS_ENDPOINT_URL": url}.items():
-            mp.setenv(key, value)
-        for key in ("AWS_PROFILE", "AWS_REGION", "AWS_SESSION_TOKEN"):
-            mp.delenv(key, raising=False)
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-        server.start()
-        urllib.request.urlopen(urllib.request.Request(url + "/moto-api/reset", method="POST"))
-        try:
-            yield url
-        finally:
-            server.stop()
+    with moto_server(REGION) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

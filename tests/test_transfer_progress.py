@@ -10,13 +10,12 @@ import json
 import logging
 import os
 import re
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from backend.core.progress import TransferProgress, duration_text, size_text
-from helpers import free_port
+from helpers import moto_server
 
 REGION = "us-east-2"
 BUCKET = "roots"
@@ -98,28 +97,12 @@ def test_sizes_and_durations_read_as_people_write_them():
 @pytest.fixture(scope="module")
 def moto():
     """moto's server for the module, throwaway credentials, AWS_ENDPOINT_URL pointing boto3 at it."""
-    from moto.server import ThreadedMotoServer
+    import boto3
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": REGION,
-                           "AWS_CONFIG_FILE": "/nonexistent", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
-                           "AWS_EC2_METADATA_DISABLED": "true", "AWS_ENDPOINT_URL": url}.items():
-            mp.setenv(key, value)
-        for key in ("AWS_PROFILE", "AWS_REGION", "AWS_SESSION_TOKEN"):
-            mp.delenv(key, raising=False)
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-        server.start()
-        urllib.request.urlopen(urllib.request.Request(url + "/moto-api/reset", method="POST"))
-        try:
-            import boto3
-
-            boto3.client("s3", region_name=REGION, endpoint_url=url).create_bucket(
-                Bucket=BUCKET, CreateBucketConfiguration={"LocationConstraint": REGION})
-            yield url
-        finally:
-            server.stop()
+    with moto_server(REGION) as url:
+        boto3.client("s3", region_name=REGION, endpoint_url=url).create_bucket(
+            Bucket=BUCKET, CreateBucketConfiguration={"LocationConstraint": REGION})
+        yield url
 
 
 @pytest.fixture(scope="module")

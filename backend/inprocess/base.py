@@ -6,7 +6,7 @@ backend's --neuron-parallel pipeline makes one lane per NeuronCore (use_lanes), 
 A subclass loads its pipelines, then sets `_caps` (with `modes=self.offered_modes()`); it supplies
 `precision_pipeline(precision)`, the `where` that error messages name, and any validation of its own (`check_request`).
 Image to image and inpaint run diffusers' own pipelines over the same modules (`pipeline.mode_pipeline`), so a
-subclass whose pipeline can `vae.encode` gets them by offering them in `modes()`.
+subclass whose pipeline can `vae.encode` gets them by offering them in `offered_modes()`.
 """
 
 from __future__ import annotations

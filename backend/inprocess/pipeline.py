@@ -11,7 +11,7 @@ import torch
 from ..core.api import MODES, GenerationRequest, PreviewCallback, StepCallback, Timings
 from ..core.fewstep import step_eta
 from .preview import PreviewPacer, noise_scale, preview_images
-from .prompts import Runs, weighted_tokens
+from .prompts import Runs, parsed_prompts, weighted_tokens
 from ..core import emphasis as emphasis_syntax
 from ..models.catalog import resolve_model
 from ..models.sd21_random import SD21_RANDOM_ID
@@ -258,9 +258,8 @@ def encode_prompts(pipe, request: GenerationRequest, device, n: int, cfg: bool, 
     prompt, negative = request.prompt, request.negative_prompt or None
     if not emphasis:
         return pipe.encode_prompt(prompt, device, n, cfg, negative_prompt=negative)
-    # Parsed again here (cheap): base.generate parsed it first, to refuse a bad weight before taking a lane.
-    runs = emphasis_syntax.parse(prompt)
-    negative_runs = emphasis_syntax.parse(negative or "")
+    # Parsed again here (microseconds): base.generate parsed it first, to refuse a bad weight before taking a lane.
+    runs, negative_runs = parsed_prompts(request)
     prompt = emphasis_syntax.plain_text(runs)
     negative = emphasis_syntax.plain_text(negative_runs) or None
     weighted, negative_weighted = emphasis_syntax.is_weighted(runs), emphasis_syntax.is_weighted(negative_runs)
