@@ -61,21 +61,32 @@ def test_api_is_callable_by_keyword_with_defaults(client):
     assert [p["parameter_has_default"] for p in params] == [False] + [True] * 10
 
 
+# The app sends its first preview once a preview fits 5% of the time since the start (ui/handlers.LatestPreview: at
+# least 50 ms each, so after about 1 s): a generation must outlast that for a preview to be due at all.
+# The tiny model takes milliseconds a step at 128x128 on 2 cores, so the run is 512x512 and its steps sized to last this.
+PREVIEW_RUN_S = 3.0
+PREVIEW_SIZE = 512
+
+
 def test_the_api_streams_previews_unless_asked_not_to(client):
     """job.outputs() holds every update: pictures of the latents (latent size) before the PNG gallery."""
-    job = client.submit(prompt="a lovely cat", seed=3, api_name="/generate", **{**FAST, "steps": 8})
-    final_gallery, details = job.result(timeout=120)
+    sized = dict(width=PREVIEW_SIZE, height=PREVIEW_SIZE)
+    quiet = client.submit(prompt="a lovely cat", seed=3, preview=False, api_name="/generate", steps=8, **sized)
+    _, quiet_details = quiet.result(timeout=120)
+    assert len(quiet.outputs()) == 1
+    # Sized by that measurement, so the run with previews outlasts the first one's pacing on a fast machine too.
+    per_step_s = quiet_details["timings"]["total_ms"] / 8 / 1000
+    steps = min(100, max(8, int(PREVIEW_RUN_S / per_step_s) + 1))
+    job = client.submit(prompt="a lovely cat", seed=3, api_name="/generate", steps=steps, **sized)
+    final_gallery, details = job.result(timeout=300)
     *previews, last = job.outputs()
-    assert previews, "no preview came before the result"
+    assert previews, f"no preview came before the result ({steps} steps, {details['timings']['total_ms']:.0f} ms)"
     assert last[1] == details and len(final_gallery) == 1
     [item] = previews[0][0]
-    assert item["caption"].startswith("Preview: step ") and item["caption"].endswith(" of 8")
+    assert item["caption"].startswith("Preview: step ") and item["caption"].endswith(f" of {steps}")
     with Image.open(item["image"]) as picture:
-        assert picture.size == (16, 16)  # 128 / 8
+        assert picture.size == (PREVIEW_SIZE // 8, PREVIEW_SIZE // 8)  # the latents' size
     assert final_gallery[0]["caption"] is None
-    quiet = client.submit(prompt="a lovely cat", seed=3, preview=False, api_name="/generate", **FAST)
-    quiet.result(timeout=120)
-    assert len(quiet.outputs()) == 1
 
 
 def test_generation_returns_pngs_with_infotext_and_details(client, tiny_dir):
