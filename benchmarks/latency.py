@@ -9,6 +9,7 @@
     python -m benchmarks.latency --model tiny --mode inpaint --image photo.png --mask mask.png
     python -m benchmarks.latency --model tiny --few-step turbo --steps 1,2,4     # a few-step model: no CFG
     python -m benchmarks.latency --model sd21-random --no-cfg --steps 1,2,4      # a CFG model run without CFG
+    python -m benchmarks.latency --model tiny --hr-scale 1.5 --hr-upscaler latent --steps 20   # the hires fix
 
 It takes the same backend flags as the app. Each row runs `--warmup` unmeasured requests, then
 `--runs` measured ones through `backend.generate`, `--concurrency` at a time; latency is each
@@ -23,6 +24,11 @@ denoising steps, the "steps run" column, plus the VAE encoder on the input.
 A few-step model (--few-step, or a model whose scheduler config says so) runs without classifier-free
 guidance, one UNet batch a step, and its default steps are 1,2,4; `--no-cfg` runs any model that way
 (guidance 0), to measure what the second batch costs. Such rows add a "CFG" column.
+
+`--hr-scale 1.5` (text to image) adds the hires fix to every row: the upscale (`--hr-upscaler`) and a second pass
+of `--hr-steps` (0: as many as steps) at the larger size from `--denoising-strength` (A1111's default 0.7). Such
+rows add the hires columns: the scale, the upscaler, the second pass's size and its steps. On the neuron backend
+the root must hold the larger size (compile.py --sizes 512x512,768x768).
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ from pathlib import Path
 from typing import Sequence
 
 from backend import GenerationRequest, InvalidRequest, Settings, create_backend
-from backend.core.api import DEFAULT_STRENGTH, MODES
+from backend.core.api import DEFAULT_HR_STRENGTH, DEFAULT_STRENGTH, HR_UPSCALERS, MODES
 from backend.core.settings import add_arguments
 from backend.core.stats import cost_per_10k_images, percentile, qps
 
@@ -79,6 +85,10 @@ class Row:
     strength: float | None = None  # img2img and inpaint
     steps_run: int | None = None  # the denoising steps that ran: int(steps x strength) from an image
     cfg: bool = True  # classifier-free guidance: two UNet batches a step (guidance_scale > 1)
+    hr_scale: float | None = None  # the hires fix (--hr-scale): the scale, upscaler, second size and steps
+    hr_upscaler: str | None = None
+    hr_size: str | None = None
+    hr_steps_run: int | None = None
 
 
 def price_for(instance: str | None, price_per_hour: float | None) -> float | None:
@@ -133,7 +143,11 @@ def markdown(rows: list[Row], price: float | None, instance: str) -> str:
     """The walk-through's table, as Markdown; image modes add the mode, the strength and the steps that ran."""
     images = any(r.mode != "txt2img" for r in rows)
     no_cfg = not all(r.cfg for r in rows)
+    hires = any(r.hr_scale for r in rows)
     extra_head, extra_rule = (" mode | strength | steps run |", "---|---:|---:|") if images else ("", "")
+    if hires:
+        extra_head += " hires | upscaler | hires size | hires steps |"
+        extra_rule += "---:|---|---|---:|"
     cfg_head, cfg_rule = (" CFG |", "---|") if no_cfg else ("", "")
     lines = [
         f"| instance | backend | model | precision | optimize | steps |{cfg_head}{extra_head} P50 (s) | P95 (s) "
@@ -146,6 +160,9 @@ def markdown(rows: list[Row], price: float | None, instance: str) -> str:
         if images:
             strength = f"{r.strength:g}" if r.strength is not None else "-"
             extra += f" {r.mode} | {strength} | {r.steps_run if r.steps_run is not None else r.steps} |"
+        if hires:
+            extra += (f" {r.hr_scale:g} | {r.hr_upscaler} | {r.hr_size} | {r.hr_steps_run} |" if r.hr_scale
+                      else " - | - | - | - |")
         lines.append(f"| {r.instance} | {r.backend} | {r.model} | {r.precision} | {r.optimize} | {r.steps} |{extra}"
                      f" {r.p50_s:.3f} | {r.p95_s:.3f} | {r.mean_s:.3f} | {r.qps:.3f} | {cost} |")
     if price is not None:
@@ -179,18 +196,30 @@ def check_mode_flags(args) -> None:
         raise SystemExit("--image: only for --mode img2img or inpaint")
     if args.mask is not None and args.mode != "inpaint":
         raise SystemExit("--mask: only for --mode inpaint")
+    if args.hr_scale != 1.0 and args.mode != "txt2img":
+        raise SystemExit("--hr-scale: the hires fix is a second pass of text to image; only for --mode txt2img")
 
 
 def mode_inputs(args, caps) -> dict:
     """The GenerationRequest fields of --mode: the input image and mask (read or generated) and the strength."""
     if args.mode == "txt2img":
-        return {}
+        return {"hr_scale": args.hr_scale, "hr_upscaler": args.hr_upscaler, "hr_steps": args.hr_steps,
+                "denoising_strength": args.denoising_strength} if args.hr_scale != 1.0 else {}
     width, height = args.width or caps.default_size[0], args.height or caps.default_size[1]
     inputs = {"mode": args.mode, "strength": args.strength,
               "image": args.image.read_bytes() if args.image else generated_picture(width, height)}
     if args.mode == "inpaint":
         inputs["mask"] = args.mask.read_bytes() if args.mask else centred_mask(width, height)
     return inputs
+
+
+def hires_fields(request: GenerationRequest) -> dict:
+    """A row's hires columns of a validated request (none without the hires fix)."""
+    if not request.hires:
+        return {}
+    width, height = request.output_size
+    return {"hr_scale": request.hr_scale, "hr_upscaler": request.hr_upscaler, "hr_size": f"{width}x{height}",
+            "hr_steps_run": request.hires_steps_run}
 
 
 def parse_args(argv: list[str] | None):
@@ -220,6 +249,13 @@ def parse_args(argv: list[str] | None):
                                               "picture of gradients and a disc at the generation size)")
     b.add_argument("--mask", type=Path, help="inpaint: the mask, white where to repaint (default: a generated centred "
                                              "mask, the middle half of each side)")
+    b.add_argument("--hr-scale", type=float, default=1.0,
+                   help="txt2img: the hires fix's upscale, 1-2 (default 1: off); a second pass at the larger size")
+    b.add_argument("--hr-upscaler", choices=HR_UPSCALERS, default=HR_UPSCALERS[0],
+                   help=f"the hires fix's upscaler (default {HR_UPSCALERS[0]})")
+    b.add_argument("--hr-steps", type=int, default=0, help="the hires pass's steps (default 0: as many as steps)")
+    b.add_argument("--denoising-strength", type=float, default=DEFAULT_HR_STRENGTH,
+                   help=f"the hires pass's denoising strength (default {DEFAULT_HR_STRENGTH})")
     b.add_argument("--instance-type", default="", help=f"for the cost column; EC2 snapshot prices for "
                    f"{', '.join(sorted(PRICES_PER_HOUR))}")
     b.add_argument("--price-per-hour", type=float, help="USD per hour; overrides --instance-type's price")
@@ -283,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
                         rows.append(Row(caps.backend, caps.model, caps.device, args.instance_type or "-", precision,
                                         label, steps, args.runs, args.concurrency, p50, p95, mean, rate, cost,
                                         mode=args.mode, strength=inputs.get("strength"), steps_run=steps_run,
-                                        cfg=validated.guidance_scale > 1.0))
+                                        cfg=validated.guidance_scale > 1.0, **hires_fields(validated)))
         finally:
             backend.close()
 

@@ -156,7 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     def http_runner(url, http):
         def run(seed):
             t0 = time.perf_counter()
-            data = [PROMPT, "", steps, "fp32", CFG, seed, DEFAULT_SCHEDULER, size, size, 1, False]
+            # Every input of /generate, in order: the last five are the hires fix's (enable_hr False: off).
+            data = [PROMPT, "", steps, "fp32", CFG, seed, DEFAULT_SCHEDULER, size, size, 1, False,
+                    False, 1.5, "latent", 0, 0.7]
             event_id = http.post("/gradio_api/call/generate", json={"data": data}).raise_for_status().json()["event_id"]
             event, answer = None, None
             with http.stream("GET", f"/gradio_api/call/generate/{event_id}") as stream:

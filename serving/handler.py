@@ -151,6 +151,10 @@ class Handler:
 
 def _mode_note(request: GenerationRequest) -> str:
     """What a log line adds for image to image and inpainting: the mode, strength and the steps that run."""
+    if request.hires:
+        width, height = request.output_size
+        return (f" (hires {request.hr_scale:g} to {width}x{height}, {request.hr_upscaler}, "
+                f"{request.hires_steps_run} steps)")
     if request.mode == "txt2img":
         return ""
     return f" ({request.mode}, strength {request.strength:g}: {request.denoising_steps} denoising steps)"
@@ -184,6 +188,8 @@ def encode(result: GenerationResult, answer_type: str, png_level: int, started: 
     attributes = protocol.format_attributes({
         **server, "total_ms": t.total_ms, "text_encoder_ms": t.text_encoder_ms, "denoise_ms": t.denoise_ms,
         "vae_ms": t.vae_ms, "vae_encode_ms": t.vae_encode_ms, "steps": len(t.step_ms),
+        **({"hires_upscale_ms": t.hires_upscale_ms, "hires_denoise_ms": t.hires_denoise_ms,
+            "hires_steps": len(t.hires_step_ms)} if t.hires_step_ms else {}),
         "seeds": ",".join(map(str, result.seeds)),
     })
     headers = {"Content-Type": answer_type, protocol.CUSTOM_ATTRIBUTES: attributes}

@@ -243,3 +243,13 @@ def walkthrough_pipeline(root: Path):
         setattr(pipe.vae, attr, WalkthroughTypeConversion(part) if fp32 else part)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# The hires fix's root (issue 27): a first size and the one 1.5 times it, fp32, every part.
+HIRES_SIZES = ((64, 64), (96, 96))
+
+
+def hires_root(tmp_path_factory) -> Path:
+    """The tiny model compiled for the CPU in fp32 at HIRES_SIZES, every part, once per test run."""
+    return _compiled_once(tmp_path_factory, "neuron-hires", "root",
+                          "--dtype", "fp32", "--sizes", ",".join(f"{w}x{h}" for w, h in HIRES_SIZES))

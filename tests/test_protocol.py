@@ -271,7 +271,7 @@ def enormous_png() -> str:
     ({"parameters": {"mode": "img2img"}}, "image", "image: Image to image needs an input image"),
     ({"images": "IMAGE"}, "images", "images: not a known field"),
     ({"image": "IMAGE", "parameters": {"denoising_strength": 0.5}}, "denoising_strength",
-     "parameters.denoising_strength: not a known field"),
+     "denoising_strength: is the hires fix's (text to image); Image to image's is strength"),
 ])
 def test_bad_pictures_and_image_parameters_are_refused_naming_the_field(payload, field, expected):
     stand_ins = {"IMAGE": b64(picture()), "TRUNCATED": truncated_png(), "ENORMOUS": enormous_png(),

@@ -290,7 +290,9 @@ def test_raw_http_api_answers_any_json_cleanly(auth_app):
         assert 400 <= not_json.status_code < 500
         assert_nothing_revealed(not_json.text)
         # And the app still works.
-        response = http.post("/gradio_api/call/generate", json={"data": ["fine", *FAST.values(), False]})
+        # Every input of /generate in order; the last five are the hires fix's (enable_hr False: off).
+        response = http.post("/gradio_api/call/generate", json={"data": ["fine", *FAST.values(), False, False, 1.5,
+                                                                         "latent", 0, 0.7]})
         stream = http.get(f"/gradio_api/call/generate/{response.json()['event_id']}").text
         assert "event: complete" in stream and "sd-outputs-" in stream
 

@@ -153,11 +153,14 @@ def test_controls_and_api_defaults_are_the_requests_own():
     assert REQUEST_DEFAULTS == {"negative_prompt": "", "steps": None, "guidance_scale": None, "seed": -1,
                                 "scheduler": GenerationRequest.scheduler, "precision": None, "width": None,
                                 "height": None, "num_images": 1, "mode": "txt2img", "image": None, "mask": None,
-                                "strength": 0.75, "mask_blur": 4, "resize_mode": "crop"}
+                                "strength": 0.75, "mask_blur": 4, "resize_mode": "crop", "hr_scale": 1.0,
+                                "hr_upscaler": None, "hr_steps": 0, "denoising_strength": None}
     import inspect
 
-    # Each endpoint's keywords: its own first, then /generate's, all with the request's defaults.
-    generate = inspect.signature(Handlers.generate).parameters
+    # Each endpoint's keywords: its own first, then /generate's (less text to image's hires fix), all with the
+    # request's defaults.
+    hires = ("enable_hr", "hr_scale", "hr_upscaler", "hr_steps", "denoising_strength")
+    generate = [name for name in inspect.signature(Handlers.generate).parameters if name not in hires]
     for name, own in (("img2img", ["image", "strength", "resize_mode"]),
                       ("inpaint", ["image", "mask", "strength", "mask_blur", "resize_mode"])):
         params = inspect.signature(getattr(Handlers, name)).parameters

@@ -159,10 +159,19 @@ class Handlers:
     async def generate(self, prompt, negative_prompt=None, steps=D["steps"], precision=D["precision"],
                        guidance_scale=D["guidance_scale"], seed=D["seed"], scheduler=D["scheduler"],
                        width=D["width"], height=D["height"], num_images=D["num_images"], preview=True,
-                       stats=None, request: gr.Request = None, progress=gr.Progress()):
+                       stats=None, enable_hr=False, hr_scale=D["hr_scale"], hr_upscaler=D["hr_upscaler"],
+                       hr_steps=D["hr_steps"], denoising_strength=D["denoising_strength"],
+                       request: gr.Request = None, progress=gr.Progress()):
         """Generate images for a prompt: yields the gallery with pictures of the latents while denoising
-        (where the backend makes them), then the PNG gallery and a JSON details object."""
-        async for value in self._run(lambda: {}, prompt, negative_prompt, steps, precision, guidance_scale, seed,
+        (where the backend makes them), then the PNG gallery and a JSON details object. The hires fix runs where
+        enable_hr (the page's "Hires fix" checkbox; A1111's API name) is true, with hr_scale and the rest."""
+        def fields():
+            if not enable_hr:
+                return {}
+            return dict(hr_scale=hr_scale, hr_upscaler=hr_upscaler, hr_steps=hr_steps,
+                        denoising_strength=denoising_strength)
+
+        async for value in self._run(fields, prompt, negative_prompt, steps, precision, guidance_scale, seed,
                                      scheduler, width, height, num_images, preview, stats, request, progress):
             yield value
 
@@ -259,7 +268,7 @@ class Handlers:
             raise user_error(exc, request_id) from None
         finally:
             self.cancels.finish(cancel_key or session, event)
-        if req.mode == "txt2img" and result.images:  # Live's decision: the measured latency per image
+        if req.mode == "txt2img" and not result.request.hires and result.images:  # Live: the latency per image
             width, height = result.images[0].size  # the size run (the request's may be None: the default)
             precision = req.precision or self.backend.capabilities().default_precision
             self.live_gate.record(settings_key(req.steps, width, height, precision, req.guidance_scale),

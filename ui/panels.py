@@ -51,7 +51,15 @@ def latency_markdown(details: dict[str, Any] | None, stats: LatencyStats | None,
             lines.append(f"| VAE encode | {t.get('vae_encode_ms', 0.0):.1f} |")
             ran = f"{len(steps)} of {details.get('steps')} steps, strength {details.get('strength')}"
         lines.append(f"| denoising ({ran}, {per_step:.1f} ms/step) | {t['denoise_ms']:.1f} |")
-        lines.append(f"| VAE decode | {t['vae_ms']:.1f} |")
+        hires = details.get("hires")
+        if hires:  # the second pass: the upscale (for Lanczos a VAE decode, resize and encode), then its steps
+            hires_steps = t.get("hires_step_ms") or []
+            hires_per_step = sum(hires_steps) / len(hires_steps) if hires_steps else 0.0
+            lines.append(f"| hires upscale ({hires['upscaler']}, to {hires['size']}) | "
+                         f"{t.get('hires_upscale_ms', 0.0):.1f} |")
+            lines.append(f"| hires denoising ({len(hires_steps)} steps, strength {hires['denoising_strength']:g}, "
+                         f"{hires_per_step:.1f} ms/step) | {t.get('hires_denoise_ms', 0.0):.1f} |")
+        lines.append(f"| VAE decode{' (at the hires size)' if hires else ''} | {t['vae_ms']:.1f} |")
         if t.get("server_ms") is not None:
             lines.append(f"| endpoint (server time) | {t['server_ms']:.1f} |")
             lines.append(f"| network + queue | {t.get('network_ms', 0.0):.1f} |")
@@ -75,6 +83,9 @@ def reference_line(details: dict[str, Any], reference: walkthrough.ReferenceRow 
                    caps: Capabilities | None) -> str:
     """The AWS walk-through's P95 for this request's steps and precision, labelled as its figure."""
     where = f"{walkthrough.INSTANCE}, SD2.1 {walkthrough.SIZE[0]}x{walkthrough.SIZE[1]}"
+    if details.get("hires"):  # the walk-through measured one pass at 512x512; nothing compares with two
+        return (f"*AWS walk-through ({where}):* no figure for the hires fix; it measured one text-to-image pass, "
+                f"and this request ran a second at {details['hires']['size']}.")
     if reference is None:
         measured = sorted({r.steps for r in walkthrough.ROWS})
         precisions = sorted({r.precision for r in walkthrough.ROWS})

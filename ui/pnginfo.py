@@ -5,11 +5,12 @@ to image" / "Send to image to image"."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from backend import Capabilities, InvalidRequest
-from backend.core.api import normalize_scheduler
+from backend import Capabilities, GenerationRequest, InvalidRequest
+from backend.core.api import DEFAULT_HR_STRENGTH, HR_UPSCALER_LABELS, normalize_scheduler
 from backend.core.image_info import NoSettings, NotAnImage, read_image_info
 from backend.core.metadata import parse_infotext
 from backend.core.schedulers import SCHEDULERS
@@ -19,8 +20,6 @@ NO_PNG = "Drop an image (PNG, JPEG or WebP) from this app or another Stable Diff
 NO_TEXT = ("This image carries no generation settings PNG Info knows (AUTOMATIC1111 and its forks, ComfyUI, "
            "InvokeAI, NovelAI, Fooocus, SwarmUI): another program saved it, or something re-encoded it (a paste "
            "from the clipboard, a chat app, an editor).")
-NOT_IMAGE = "image: this file cannot be read as an image; drop a PNG, JPEG or WebP."
-
 
 class PngInfoError(ValueError):
     """No settings to show: the message says why and what to drop instead."""
@@ -40,8 +39,8 @@ def png_info(value: Any) -> dict[str, Any]:
         raise PngInfoError(NO_PNG)
     try:
         info = read_image_info(bytes(data))
-    except NotAnImage:
-        raise PngInfoError(NOT_IMAGE) from None
+    except NotAnImage as exc:  # its message says why: not an image at all, or too large to decode
+        raise PngInfoError(f"image: {exc}") from None
     except NoSettings:
         raise PngInfoError(NO_TEXT) from None
     return {"info": info.infotext, "items": info.items, "parameters": info.parameters, "tool": info.tool,
@@ -57,7 +56,11 @@ def unusable_notes(fields: dict[str, Any]) -> list[str]:
         sampler = f"{sampler} Karras"
     if sampler and sampler.lower() not in {label.lower() for label in SCHEDULERS.values()}:
         notes.append(f"Sampler {sampler} is not one this app has; Send leaves the scheduler as it is.")
-    missing = [f"{key}: {value}" for key, value in fields.items() if key.startswith(UNSENT_PREFIXES)]
+    missing = [f"{key}: {value}" for key, value in fields.items()
+               if key.startswith(UNSENT_PREFIXES) and key not in HIRES_KEYS]
+    upscaler = str(fields.get("Hires upscaler", "")).strip()
+    if upscaler and upscaler.lower() not in {label.lower() for label in HR_UPSCALER_LABELS.values()}:
+        missing.append(f"Hires upscaler: {upscaler}")
     if missing:
         notes.append(f"Not available here: {', '.join(missing)}.")
     return notes
@@ -75,6 +78,19 @@ def show_png_info(value: Any) -> tuple[str, dict[str, Any], str]:
     except PngInfoError as exc:
         return "", {}, str(exc)
     return result["info"], result["parameters"], png_info_note(result)
+
+
+def send_note(reading: str, target_label: str, infotext: str, notes: list[str]) -> str:
+    """The tab's note after "Send to ...": what reading the image found it cannot map, kept, then what Send left
+    as it was on this backend (only Send's, when there is no reading note or nothing was sent)."""
+    if not reading or not infotext.strip():
+        return " ".join(notes)
+    # What reading already said is not said twice: a sampler this app lacks, the same list of settings not run.
+    kept = [n for n in notes if not (
+        (n.startswith("Sampler: ") and f"Sampler {n[9:].split(' is not offered')[0]} is not one" in reading)
+        or (n.startswith("Not available here, so not sent: ")
+            and f"Not available here: {n[len('Not available here, so not sent: '):]}" in reading))]
+    return f"{reading}\n\n**Sent to {target_label.lower()}.** {' '.join(kept)}".rstrip()
 
 
 def read_png_info(value: Any) -> tuple[str, dict[str, Any]]:
@@ -96,6 +112,10 @@ def infotext_fields(text: str) -> dict[str, Any]:
 # Infotext keys of settings this app has no control for (A1111's hires fix and refiner, clip skip, variation
 # seeds): a key starting with one of these is named in Send's note.
 UNSENT_PREFIXES = ("Hires", "Refiner", "Clip skip", "Variation seed")
+# A1111's hires fix keys that Send maps to text to image's Hires fix group (the rest of "Hires ...": A1111's
+# Hires resize, sampler, prompt, checkpoint, are not sent). A1111 writes "Hires upscaler" only when one was named,
+# and otherwise ran its default, "Latent" (modules/shared.py latent_upscale_default_mode).
+HIRES_KEYS = ("Hires upscale", "Hires steps", "Hires upscaler")
 
 
 @dataclass
@@ -123,12 +143,15 @@ def values_for_controls(text: str, caps: Capabilities) -> Sent:
         if key not in params:
             return
         try:
-            value = kind(float(params[key])) if kind is int else kind(params[key])
+            # int() first: a 64-bit seed through float() would be another number in the note.
+            text = str(params[key]).strip()
+            value = (int(text) if re.fullmatch(r"-?\d+", text) else int(float(text))) if kind is int else kind(text)
         except ValueError:
             sent.notes.append(f"{key}: {params[key]!r} is not a number; left as it was.")
             return
         if not lo <= value <= hi:
-            sent.notes.append(f"{key}: {value} is outside what this backend takes ({lo:g}-{hi:g}); left as it was.")
+            sent.notes.append(f"{key}: {value} is outside what this backend takes ({lo:g} to {hi:.10g}); left as it "
+                              f"was.")
             return
         sent.values[target] = value
 
@@ -146,7 +169,8 @@ def values_for_controls(text: str, caps: Capabilities) -> Sent:
         except InvalidRequest:
             sent.notes.append(f"Sampler: {sampler} is not offered here; left as it was.")
     # Passes and options this app does not run: named, so that nobody takes the result for the same picture.
-    missing = [f"{key}: {value}" for key, value in params.items() if key.startswith(UNSENT_PREFIXES)]
+    missing = [f"{key}: {value}" for key, value in params.items()
+               if key.startswith(UNSENT_PREFIXES) and key not in HIRES_KEYS]
     if missing:
         sent.notes.append(f"Not available here, so not sent: {', '.join(missing)}.")
     size = params.get("Size", "")
@@ -160,7 +184,31 @@ def values_for_controls(text: str, caps: Capabilities) -> Sent:
                 sent.values["width"], sent.values["height"] = width, height
             else:
                 sent.notes.append(f"Size: {width}x{height} is not available on this backend; left as it was.")
+    if caps.hr_upscalers:
+        hires_values(params, caps, sent)
     return sent
+
+
+def hires_values(params: dict[str, str], caps: Capabilities, sent: Sent) -> None:
+    """The Hires fix group's values from A1111's Hires keys (off where the infotext has none), or a note saying why
+    the image's hires pass cannot run here (then it is sent off, and the note says so)."""
+    if "Hires upscale" not in params:
+        sent.values["hires"] = False
+        return
+    text = ", ".join(f"{key}: {params[key]}" for key in HIRES_KEYS if key in params)
+    try:
+        fields = dict(hr_scale=float(params["Hires upscale"]), hr_upscaler=params.get("Hires upscaler") or "Latent",
+                      hr_steps=int(float(params.get("Hires steps") or 0)),
+                      denoising_strength=float(params.get("Denoising strength") or DEFAULT_HR_STRENGTH))
+        width, height = sent.values.get("width"), sent.values.get("height")
+        request = GenerationRequest("send", width=width, height=height, steps=sent.values.get("steps"),
+                                    **fields).validated(caps)  # the one place requests are checked
+    except (InvalidRequest, ValueError) as exc:  # a field refused, or a value that is no number
+        sent.values["hires"] = False
+        sent.notes.append(f"Hires fix ({text}): {str(exc).rstrip('.')}; sent with the hires fix off.")
+        return
+    sent.values.update(hires=request.hires, hr_scale=request.hr_scale, hr_upscaler=request.hr_upscaler,
+                       hr_steps=request.hr_steps, denoising_strength=request.denoising_strength)
 
 
 def size_allowed(width: int, height: int, caps: Capabilities) -> bool:

@@ -29,6 +29,42 @@ DEFAULT_STRENGTH = 0.75  # AUTOMATIC1111's default denoising strength
 MAX_MASK_BLUR = 64
 DEFAULT_GUIDANCE = 7.5  # a CFG model's guidance scale when a request leaves it out (the walk-through's)
 DEFAULT_STEPS = 20  # a CFG model's steps when a request leaves them out
+# Hires fix (text to image only): generate at width x height, upscale by hr_scale, then a partial img2img pass at
+# the larger size, as AUTOMATIC1111's "Hires. fix" (modules/processing.py, StableDiffusionProcessingTxt2Img).
+HR_UPSCALERS = ("latent", "latent-nearest", "lanczos")  # the first is the default
+# A1111's labels (modules/shared_items.py latent_upscale_modes: "Latent" bilinear, "Latent (nearest)";
+# modules/upscaler.py UpscalerLanczos: "Lanczos"), written in the infotext's "Hires upscaler".
+HR_UPSCALER_LABELS = {"latent": "Latent", "latent-nearest": "Latent (nearest)", "lanczos": "Lanczos"}
+HR_LATENT_UPSCALERS = ("latent", "latent-nearest")  # the latents interpolated; lanczos needs a VAE encode
+MAX_HR_SCALE = 2.0
+DEFAULT_HR_STRENGTH = 0.7  # A1111's hires "Denoising strength" default
+TRAIN_TIMESTEPS = 1000  # SD's schedulers' training timesteps: the longest schedule a hires pass may stretch to
+
+
+def hires_size(width: int, height: int, scale: float) -> tuple[int, int]:
+    """The second pass's size: int(size x scale) as A1111 computes hr_upscale_to_x/y, down to a multiple of 8, the
+    latent grid A1111 interpolates to (target // opt_f, modules/processing.py sample_hr_pass)."""
+    return int(width * scale) // 8 * 8, int(height * scale) // 8 * 8
+
+
+def hires_scales_between(sizes: tuple[tuple[int, int], ...]) -> tuple[float, ...]:
+    """The scales (above 1, at most MAX_HR_SCALE) that take one of `sizes` to another: what a compiled root can run."""
+    scales = set()
+    for w, h in sizes:
+        for big_w, big_h in sizes:
+            scale = round(big_w / w, 4)
+            if 1.0 < scale <= MAX_HR_SCALE and hires_size(w, h, scale) == (big_w, big_h):
+                scales.add(scale)
+    return tuple(sorted(scales))
+
+
+def hires_schedule(steps: int, strength: float) -> tuple[int, float]:
+    """(num_inference_steps, strength) for diffusers' img2img so that the hires pass runs exactly `steps` steps from
+    the point of the schedule A1111 starts at. A1111 (modules/sd_samplers_common.py setup_img2img_steps, called with
+    the hires steps) makes a schedule of int(steps / min(strength, 0.999)) steps and runs its last `steps`; diffusers
+    runs the last int(num_inference_steps x strength) (get_timesteps), so strength is set just above steps / total."""
+    total = int(steps / min(strength, 0.999))
+    return total, min(1.0, (steps + 0.5) / total)
 
 
 def random_seed() -> int:
@@ -77,6 +113,11 @@ class Capabilities:
     # and guidance_scale at most 1 (diffusers then runs one UNet batch); the UI hides both and says why.
     guidance: bool = True
     default_steps: int = DEFAULT_STEPS  # a request without steps runs these (1 for SD-Turbo, 4 for LCM / TCD)
+    # Hires fix: the upscalers offered (HR_UPSCALERS; empty: no hires fix, as an endpoint too old to say). With
+    # fixed_sizes, hr_scales lists the scales that take a compiled size to another (hires_scales_between); with free
+    # sizes any scale from 1 to MAX_HR_SCALE whose size fits max_size runs, and hr_scales is empty.
+    hr_upscalers: tuple[str, ...] = ()
+    hr_scales: tuple[float, ...] = ()
 
     @property
     def default_guidance(self) -> float:
@@ -93,7 +134,7 @@ class Capabilities:
         data = dataclasses.asdict(self)
         data["fixed_sizes"] = [list(s) for s in self.fixed_sizes]
         data["default_size"] = list(self.default_size)
-        for key in ("precisions", "schedulers", "modes", "notes"):
+        for key in ("precisions", "schedulers", "modes", "notes", "hr_upscalers", "hr_scales"):
             data[key] = list(data[key])
         return data
 
@@ -102,7 +143,7 @@ class Capabilities:
         """Inverse of to_dict; unknown keys are ignored so older clients keep working."""
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in data.items() if k in names}
-        for key in ("precisions", "schedulers", "modes", "notes"):
+        for key in ("precisions", "schedulers", "modes", "notes", "hr_upscalers", "hr_scales"):
             if key in kwargs:
                 kwargs[key] = tuple(kwargs[key])
         if "fixed_sizes" in kwargs:
@@ -135,6 +176,12 @@ class GenerationRequest:
     strength: float = DEFAULT_STRENGTH  # how much of the input to repaint: 1.0 keeps nothing of it
     mask_blur: int = 4  # pixels of Gaussian blur on the mask's edge, as AUTOMATIC1111's "Mask blur"
     resize_mode: str = "crop"
+    # Hires fix (txt2img): hr_scale 1.0 (or None) is off; hr_steps 0 runs `steps` again; the second pass's
+    # denoising_strength is A1111's hires one (0.7), apart from img2img's `strength`.
+    hr_scale: float | None = 1.0
+    hr_upscaler: str | None = None  # None: HR_UPSCALERS[0]
+    hr_steps: int | None = 0
+    denoising_strength: float | None = None  # None: DEFAULT_HR_STRENGTH; an image mode's is `strength`
 
     def validated(self, caps: Capabilities) -> "GenerationRequest":
         """Return a normalized copy, or raise InvalidRequest naming the field and what is allowed."""
@@ -184,10 +231,12 @@ class GenerationRequest:
         width = caps.default_size[0] if self.width in (None, "") else self.width
         height = caps.default_size[1] if self.height in (None, "") else self.height
         width, height = _size(width, height, caps)
+        hires = self._validated_hires(steps, width, height, caps)
         inputs = self._validated_inputs(steps, width, height)
         return dataclasses.replace(
             self,
             **inputs,
+            **hires,
             prompt=self.prompt,
             negative_prompt=negative,
             steps=steps,
@@ -226,11 +275,73 @@ class GenerationRequest:
                                          self.resize_mode)
         return {"image": image, "mask": mask, "strength": strength, "mask_blur": mask_blur}
 
+    def _validated_hires(self, steps: int, width: int, height: int, caps: Capabilities) -> dict[str, Any]:
+        """The hires fields, checked (off: their defaults), the second size fitting the backend's sizes."""
+        off = {"hr_scale": 1.0, "hr_upscaler": None, "hr_steps": 0, "denoising_strength": None}
+        if self.mode != "txt2img" and self.denoising_strength not in (None, ""):  # A1111's img2img name for it
+            raise InvalidRequest(f"denoising_strength: is the hires fix's (text to image); "
+                                 f"{MODE_LABELS[self.mode]}'s is strength.", "denoising_strength")
+        scale = 1.0 if self.hr_scale in (None, "") else _number("hr_scale", self.hr_scale, 1.0, MAX_HR_SCALE)
+        if scale == 1.0:
+            return off
+        if self.mode != "txt2img":
+            raise InvalidRequest(f"hr_scale: the hires fix is a second pass of Text to image (txt2img), not of "
+                                 f"{MODE_LABELS[self.mode]}; leave hr_scale at 1 (off).", "hr_scale")
+        if not caps.hr_upscalers:
+            raise InvalidRequest("hr_scale: this backend runs no hires fix; leave hr_scale at 1 (off).", "hr_scale")
+        upscaler = caps.hr_upscalers[0] if self.hr_upscaler in (None, "") else normalize_upscaler(self.hr_upscaler,
+                                                                                                  caps)
+        big = hires_size(width, height, scale)
+        if caps.fixed_sizes and big not in caps.fixed_sizes:
+            offered = [f"{s:g} ({w}x{h} to {hires_size(w, h, s)[0]}x{hires_size(w, h, s)[1]})"
+                       for s in caps.hr_scales for w, h in caps.fixed_sizes if hires_size(w, h, s) in caps.fixed_sizes]
+            raise InvalidRequest(
+                f"hr_scale: {scale:g} takes {width}x{height} to {big[0]}x{big[1]}, which this backend was not compiled "
+                f"for; " + (f"it offers {', '.join(offered)}." if offered else "it offers no hires scale."), "hr_scale")
+        if not caps.fixed_sizes and max(big) > caps.max_size:
+            raise InvalidRequest(f"hr_scale: {scale:g} takes {width}x{height} to {big[0]}x{big[1]}, beyond this "
+                                 f"backend's largest side, {caps.max_size}; use a smaller scale or size.", "hr_scale")
+        if min(big) < caps.min_size or big == (width, height):
+            raise InvalidRequest(f"hr_scale: {scale:g} leaves {width}x{height} at {big[0]}x{big[1]}; use a larger "
+                                 f"scale (or 1 for no hires fix).", "hr_scale")
+        hr_steps = _integer("hr_steps", 0 if self.hr_steps in (None, "") else self.hr_steps, 0, caps.max_steps,
+                            hint=" (0: the same as steps)")
+        strength = DEFAULT_HR_STRENGTH if self.denoising_strength in (None, "") else self.denoising_strength
+        strength = _number("denoising_strength", strength, 0.0, 1.0)
+        run = hr_steps or steps
+        if strength <= 0.0:
+            raise InvalidRequest(f"denoising_strength: 0 leaves the upscaled image as it is; use more than 0 (A1111's "
+                                 f"default is {DEFAULT_HR_STRENGTH:g}).", "denoising_strength")
+        if hires_schedule(run, strength)[0] > TRAIN_TIMESTEPS:
+            raise InvalidRequest(f"denoising_strength: {strength:g} with {run} hires steps would stretch the hires "
+                                 f"schedule past the model's {TRAIN_TIMESTEPS} timesteps (A1111 runs the hires steps "
+                                 f"from a schedule of steps / strength); use a larger strength or fewer hires steps.",
+                                 "denoising_strength")
+        return {"hr_scale": scale, "hr_upscaler": upscaler, "hr_steps": hr_steps, "denoising_strength": strength}
+
+    @property
+    def hires(self) -> bool:
+        """Whether a validated request runs a hires pass."""
+        return self.mode == "txt2img" and self.hr_scale not in (None, "") and float(self.hr_scale) > 1.0
+
+    @property
+    def hires_steps_run(self) -> int:
+        """The hires pass's denoising steps: hr_steps, or steps (A1111: hr_second_pass_steps or steps); 0 without."""
+        return (int(self.hr_steps or 0) or int(self.steps)) if self.hires else 0
+
+    @property
+    def output_size(self) -> tuple[int, int]:
+        """The size of the images returned: the hires pass's where it runs, else width x height."""
+        if self.hires:
+            return hires_size(int(self.width), int(self.height), float(self.hr_scale))
+        return int(self.width), int(self.height)
+
     @property
     def denoising_steps(self) -> int:
-        """The denoising steps that actually run: all of them from text, int(steps x strength) from an image."""
+        """The denoising steps that actually run: all of them from text (and the hires pass's after them),
+        int(steps x strength) from an image."""
         if self.mode == "txt2img":
-            return int(self.steps)
+            return int(self.steps) + self.hires_steps_run
         return min(int(int(self.steps) * float(self.strength)), int(self.steps))
 
     def image_seeds(self, base_seed: int) -> list[int]:
@@ -245,6 +356,17 @@ class GenerationRequest:
             data[name] = None if picture is None else (
                 f"{picture.width}x{picture.height}" if hasattr(picture, "width") else f"{len(picture)} bytes")
         return data
+
+
+def normalize_upscaler(value: Any, caps: Capabilities) -> str:
+    """Map a hires upscaler key or A1111 label ("Latent (nearest)", "lanczos") to its key, one the backend offers."""
+    if isinstance(value, str):
+        wanted = value.strip().lower()
+        for key in caps.hr_upscalers:
+            if wanted in (key, HR_UPSCALER_LABELS.get(key, key).lower()):
+                return key
+    names = ", ".join(f"{HR_UPSCALER_LABELS.get(k, k)} ({k})" for k in caps.hr_upscalers)
+    raise InvalidRequest(f"hr_upscaler: {_show(value)} is not offered here; choose one of {names}.", "hr_upscaler")
 
 
 def normalize_scheduler(value: Any, caps: Capabilities) -> str:
@@ -346,6 +468,11 @@ class Timings:
     step_ms: list[float] = field(default_factory=list)
     vae_ms: float = 0.0
     vae_encode_ms: float = 0.0  # img2img and inpaint: the input image (and masked image) to latents
+    # Hires fix: the upscale (latent: the interpolation; lanczos: VAE decode, resize and VAE encode) and the second
+    # pass's denoising; step_ms and denoise_ms are the first pass's, vae_ms the final decode (at the larger size).
+    hires_upscale_ms: float = 0.0
+    hires_denoise_ms: float = 0.0
+    hires_step_ms: list[float] = field(default_factory=list)
     # Remote backends: the server's own total; network + queue = total_ms - server_ms.
     server_ms: float | None = None
 
@@ -364,6 +491,10 @@ class Timings:
             "vae_ms": round(self.vae_ms, 1),
             "vae_encode_ms": round(self.vae_encode_ms, 1),
         }
+        if self.hires_step_ms:  # only with a hires pass, so a text request's timings stay what older clients read
+            data["hires_upscale_ms"] = round(self.hires_upscale_ms, 1)
+            data["hires_denoise_ms"] = round(self.hires_denoise_ms, 1)
+            data["hires_step_ms"] = [round(s, 1) for s in self.hires_step_ms]
         if self.server_ms is not None:
             data["server_ms"] = round(self.server_ms, 1)
             data["network_ms"] = round(self.network_ms or 0.0, 1)
@@ -379,6 +510,9 @@ class Timings:
             step_ms=[float(s) for s in data.get("step_ms", [])],
             vae_ms=float(data.get("vae_ms", 0.0)),
             vae_encode_ms=float(data.get("vae_encode_ms", 0.0)),
+            hires_upscale_ms=float(data.get("hires_upscale_ms", 0.0)),
+            hires_denoise_ms=float(data.get("hires_denoise_ms", 0.0)),
+            hires_step_ms=[float(s) for s in data.get("hires_step_ms", [])],
             server_ms=None if data.get("server_ms") is None else float(data["server_ms"]),
         )
 
@@ -409,7 +543,7 @@ class GenerationResult:
             "precision": self.request.precision,
             "scheduler": self.request.scheduler,
             "steps": self.request.steps,
-            "size": f"{self.request.width}x{self.request.height}",
+            "size": f"{self.request.width}x{self.request.height}",  # the first pass's, as the infotext writes it
             "seeds": list(self.seeds),
             "timings": self.timings.to_dict(),
             "warnings": list(self.warnings),
@@ -417,6 +551,11 @@ class GenerationResult:
         if self.request.mode != "txt2img":
             details["strength"] = self.request.strength
             details["denoising_steps"] = self.request.denoising_steps
+        if self.request.hires:
+            width, height = self.request.output_size
+            details["hires"] = {"scale": self.request.hr_scale, "upscaler": self.request.hr_upscaler,
+                                "steps": self.request.hires_steps_run, "size": f"{width}x{height}",
+                                "denoising_strength": self.request.denoising_strength}
         return details
 
 

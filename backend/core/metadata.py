@@ -8,7 +8,9 @@ Layout (as AUTOMATIC1111 writes it, and as its readers, Civitai and most metadat
 
 Image to image and inpaint add A1111's own keys, `Denoising strength: 0.75` and (inpaint)
 `Mask blur: 4`, and one of this app's: `Mode: img2img` (A1111 has no key for the mode; it tells its
-tabs apart by what else is there). Text to image writes no Mode key, so its infotext is A1111's.
+tabs apart by what else is there). Text to image writes no Mode key, so its infotext is A1111's; with the
+hires fix it adds A1111's `Denoising strength: 0.7, Hires upscale: 1.5, Hires steps: 10, Hires upscaler: Latent`
+(Size stays the first pass's, as A1111 writes it).
 
 A value holding a comma, a colon, a quote or a newline is written as a JSON string, as A1111 does.
 Like A1111, a prompt one of whose lines itself starts with "Negative prompt:" cannot be told apart
@@ -26,7 +28,7 @@ from typing import Any
 
 from PIL import Image, PngImagePlugin
 
-from .api import GenerationRequest
+from .api import HR_UPSCALER_LABELS, GenerationRequest
 from .schedulers import SCHEDULERS
 
 KEY = "parameters"
@@ -104,11 +106,22 @@ def infotext_for(request: GenerationRequest, seed: int, model: str, backend: str
         # str() of the float, as A1111 writes it (0.75, 1.0).
         "Denoising strength": None if request.mode == "txt2img" else str(round(float(request.strength), 4)),
         "Mask blur": request.mask_blur if request.mode == "inpaint" else None,
+        # The hires fix as A1111 writes it (modules/processing.py): Size stays the first pass's, "Hires upscale" is
+        # the scale, "Hires steps" only when set, "Hires upscaler" the upscaler's label, and "Denoising strength"
+        # the hires pass's.
+        **(_hires_params(request) if request.hires else {}),
         "Precision": request.precision,
         "Backend": backend,
         "Latency": None if latency_ms is None else f"{latency_ms:.0f} ms",
     }
     return write_infotext(request.prompt, request.negative_prompt, params)
+
+
+def _hires_params(request: GenerationRequest) -> dict[str, Any]:
+    return {"Denoising strength": str(round(float(request.denoising_strength), 4)),
+            "Hires upscale": str(round(float(request.hr_scale), 4)),  # str() of the float, as A1111 writes hr_scale
+            "Hires steps": request.hr_steps or None,
+            "Hires upscaler": HR_UPSCALER_LABELS.get(request.hr_upscaler, request.hr_upscaler)}
 
 
 def label_images(images: list[Any], request: GenerationRequest, seeds: list[int], model: str,

@@ -181,13 +181,16 @@ class InProcessBackend:
         lane = self._free_lanes.get()
         try:
             pipe = lane.device.run(self.pipeline_to_run, request.precision, request.mode, lane)
+            # The hires fix's second pass: diffusers' img2img over the same modules (made once per lane).
+            hires_pipe = lane.device.run(self.pipeline_to_run, request.precision, "img2img", lane) \
+                if request.hires else None
             warnings = truncation_warnings(pipe.tokenizer, request, emphasis)
             scheduler = lane.schedulers.get(request.scheduler)
             try:
                 images, timings = lane.device.run(
                     pipeline.run, pipe, request, seeds, on_step, scheduler=scheduler,
                     on_preview=on_preview if self._caps.previews else None,
-                    pacer=PreviewPacer(self.preview_every), emphasis=emphasis)
+                    pacer=PreviewPacer(self.preview_every), emphasis=emphasis, hires_pipe=hires_pipe)
             except BackendError:
                 raise
             except Exception as exc:  # noqa: BLE001 - anything else is this generation failing

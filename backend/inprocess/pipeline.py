@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ..core.api import MODES, GenerationRequest, PreviewCallback, StepCallback, Timings
+from ..core.api import MODES, GenerationRequest, PreviewCallback, StepCallback, Timings, hires_schedule
 from ..core.fewstep import step_eta
 from .preview import PreviewPacer, noise_scale, preview_images
 from .prompts import Runs, parsed_prompts, weighted_tokens
@@ -273,9 +273,30 @@ def encode_prompts(pipe, request: GenerationRequest, device, n: int, cfg: bool, 
                               prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_embeds)
 
 
+def upscale_latents(latents: torch.Tensor, size: tuple[int, int], upscaler: str) -> torch.Tensor:
+    """The hires fix's latent upscalers, as A1111's sample_hr_pass runs them (modules/processing.py):
+    torch.nn.functional.interpolate to (height // 8, width // 8), with shared.latent_upscale_modes' mode and antialias
+    ("Latent": bilinear, "Latent (nearest)": nearest, both without antialias; modules/shared_items.py)."""
+    mode = {"latent": "bilinear", "latent-nearest": "nearest"}[upscaler]
+    width, height = size
+    return torch.nn.functional.interpolate(latents, size=(height // 8, width // 8), mode=mode, antialias=False)
+
+
+def upscale_pictures(pipe, latents: torch.Tensor, size: tuple[int, int]) -> list[Any]:
+    """The hires fix's Lanczos upscaler: the first pass decoded, each picture resized with PIL's Lanczos filter
+    (A1111's UpscalerLanczos, modules/upscaler.py, then images.resize_image to the exact size); the img2img pass
+    encodes them at the larger size."""
+    from PIL import Image
+
+    decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+    pictures = pipe.image_processor.postprocess(decoded, output_type="pil", do_denormalize=[True] * len(latents))
+    return [picture.resize(size, resample=Image.LANCZOS) for picture in pictures]
+
+
 def run(pipe, request: GenerationRequest, seeds: list[int], on_step: StepCallback | None = None,
         scheduler=None, on_preview: PreviewCallback | None = None,
-        pacer: PreviewPacer | None = None, emphasis: bool = False) -> tuple[list[Any], Timings]:
+        pacer: PreviewPacer | None = None, emphasis: bool = False,
+        hires_pipe=None) -> tuple[list[Any], Timings]:
     """Run a validated request on a pipeline: encode, denoise, decode, each timed.
 
     `pipe` is the pipeline of the request's mode (`mode_pipeline`). The stages are called one by one
@@ -289,6 +310,10 @@ def run(pipe, request: GenerationRequest, seeds: list[int], on_step: StepCallbac
     on_preview gets pictures of the latents after the steps `pacer` picks (a preview copies them to
     the host, which on a GPU waits for that step); its time counts in the next step's.
     emphasis: read A1111's emphasis syntax in both prompts (encode_prompts); off, the text goes to the tokenizer as is.
+    A hires request (request.hires) then upscales the latents (upscale_latents, or upscale_pictures for lanczos) and
+    runs `hires_pipe` (the img2img pipeline over the same modules; made here when None) at the larger size with the
+    same prompt embeddings and scheduler, fresh generators of the same seeds (A1111 draws the hires noise from
+    rng.ImageRNG(shape, seeds) anew) and hires_schedule's steps; on_step and on_preview count on through it.
     """
     if scheduler is not None:
         pipe.scheduler = scheduler
@@ -306,14 +331,17 @@ def run(pipe, request: GenerationRequest, seeds: list[int], on_step: StepCallbac
         pacer = pacer or PreviewPacer()
         denoise_start = time.perf_counter()
 
+        done = [0]  # the steps of earlier passes (the hires pass counts on after the first)
+
         def step_end(_pipe, i: int, _t, kwargs: dict) -> dict:
             clock.mark()
+            step = done[0] + i + 1
             if on_step is not None:
-                on_step(i + 1, total_steps)
-            if on_preview is not None and pacer.due(i + 1, total_steps,
+                on_step(step, total_steps)
+            if on_preview is not None and pacer.due(step, total_steps,
                                                     (time.perf_counter() - denoise_start) * 1000.0):
                 started = time.perf_counter()
-                on_preview(i + 1, total_steps, preview_images(kwargs["latents"], noise_scale(_pipe.scheduler)))
+                on_preview(step, total_steps, preview_images(kwargs["latents"], noise_scale(_pipe.scheduler)))
                 pacer.record((time.perf_counter() - started) * 1000.0)
             return kwargs
 
@@ -343,6 +371,10 @@ def run(pipe, request: GenerationRequest, seeds: list[int], on_step: StepCallbac
         finally:
             pipe.stage_clock = None
         clock.mark()
+        if request.hires:
+            done[0] = request.steps
+            latents = _hires_pass(pipe, hires_pipe, request, seeds, latents, common, clock)
+            clock.mark()
         decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
         images = pipe.image_processor.postprocess(decoded, output_type="pil", do_denormalize=[True] * n)
         if mask is not None:
@@ -350,17 +382,48 @@ def run(pipe, request: GenerationRequest, seeds: list[int], on_step: StepCallbac
     total_ms = (time.perf_counter() - t0) * 1000.0
     # Marks: start, text encoded, (image modes: picture encoded,) each step, denoising returned. The
     # VAE stage is the rest of the total (decode, the paste-back, and the copy to PIL images).
+    # A hires pass adds: upscaled (and, for lanczos, encoded), each hires step, its denoising returned.
     intervals = clock.intervals_ms()
     text_ms = intervals.pop(0)
     encode_ms = intervals.pop(0) if image_mode else 0.0
+    hires_steps, hires_tail_ms, upscale_ms = [], 0.0, 0.0
+    if request.hires:
+        first = request.steps + 1  # the first pass's steps and the mark after its denoising
+        upscale_ms, *hires_steps, hires_tail_ms = intervals[first:]
+        intervals = intervals[:first]
     *steps, tail_ms = intervals
     denoise_ms = sum(steps) + tail_ms
+    hires_denoise_ms = sum(hires_steps) + hires_tail_ms
     timings = Timings(
         total_ms=total_ms,
         text_encoder_ms=text_ms,
         denoise_ms=denoise_ms,
         step_ms=steps,
-        vae_ms=max(0.0, total_ms - text_ms - encode_ms - denoise_ms),
+        vae_ms=max(0.0, total_ms - text_ms - encode_ms - denoise_ms - upscale_ms - hires_denoise_ms),
         vae_encode_ms=encode_ms,
+        hires_upscale_ms=upscale_ms,
+        hires_denoise_ms=hires_denoise_ms,
+        hires_step_ms=hires_steps,
     )
     return images, timings
+
+
+def _hires_pass(pipe, hires_pipe, request: GenerationRequest, seeds: list[int], latents: torch.Tensor,
+                common: dict[str, Any], clock: StageClock) -> torch.Tensor:
+    """The hires fix's second pass over the first pass's latents (run's; see its docstring): the latents at the
+    larger size. The clock is marked once the input is ready (img2img's prepare_latents), then at each step."""
+    size = request.output_size
+    if request.hr_upscaler == "lanczos":
+        image = upscale_pictures(pipe, latents, size)
+    else:
+        image = upscale_latents(latents, size, request.hr_upscaler)
+    hires_pipe = hires_pipe if hires_pipe is not None else mode_pipeline(pipe, "img2img")
+    hires_pipe.scheduler = pipe.scheduler
+    steps, strength = hires_schedule(request.hires_steps_run, request.denoising_strength)
+    generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]  # the hires noise from the seeds anew
+    hires_pipe.stage_clock = clock
+    try:
+        return hires_pipe(**{**common, "num_inference_steps": steps, "generator": generators},
+                          image=image, strength=strength).images
+    finally:
+        hires_pipe.stage_clock = None

@@ -17,7 +17,17 @@ import logging
 import threading
 import time
 
-from ..core.api import MODE_LABELS, MODES, Capabilities, GenerationRequest
+from ..core.api import (
+    HR_LATENT_UPSCALERS,
+    HR_UPSCALERS,
+    MAX_HR_SCALE,
+    MODE_LABELS,
+    MODES,
+    Capabilities,
+    GenerationRequest,
+    hires_scales_between,
+    hires_size,
+)
 from ..core.errors import BackendUnavailable, InvalidRequest
 from ..core.fewstep import capability_fields, few_step_kind
 from ..core.settings import DEFAULT_MODEL, NeuronSettings
@@ -78,6 +88,10 @@ class NeuronBackend(InProcessBackend):
             is_tiny=self.is_tiny,  # the app's warning banner
             previews=self.previews,
             modes=self.offered_modes(),
+            # The hires fix: its second pass runs on the parts compiled for the larger size, so only the scales that
+            # take a compiled size to another; Lanczos encodes the upscaled picture, which needs the VAE encoder.
+            hr_upscalers=self.offered_upscalers(),
+            hr_scales=hires_scales_between(tuple(plan.sizes)),
             concurrency=len(self._lanes),
             notes=tuple(self.notes),
             **{"guidance": self.guidance, **capability_fields(self.few_step)},  # a few-step kind's fields win
@@ -150,6 +164,14 @@ class NeuronBackend(InProcessBackend):
                                      f"Inpaint; {self.image_modes_note}")
         return offered
 
+    def offered_upscalers(self) -> tuple[str, ...]:
+        """The hires upscalers this root runs: the latent ones wherever it runs text to image, Lanczos (a VAE encode
+        at the larger size) where image to image is offered too."""
+        modes = self.offered_modes()
+        if "txt2img" not in modes:
+            return ()
+        return tuple(u for u in HR_UPSCALERS if u in HR_LATENT_UPSCALERS or "img2img" in modes)
+
     def _warm_up(self, precision: str, size: Size, lane) -> None:
         """One 1-step generation per precision and size, so the first person does not wait for lazy loading (on
         Neuron, a part reaches the NeuronCores at its first run) and broken parts fail now. From an image where
@@ -197,6 +219,7 @@ class NeuronBackend(InProcessBackend):
             raise InvalidRequest(f"guidance_scale: {request.guidance_scale:g} asks for classifier-free guidance, and "
                                  f"{self.model} was compiled without it (--no-cfg: one UNet sample per step); use a "
                                  f"guidance_scale of 1 or less (guidance off).", "guidance_scale")
+        self._check_hires(request)
         wanted = request.precision
         if wanted in NEURON_DTYPES and wanted not in self._caps.precisions:  # compilable, just not compiled
             raise InvalidRequest(
@@ -204,6 +227,32 @@ class NeuronBackend(InProcessBackend):
                 f"Compile it with: {compile_hint(self.root, self.model, wanted, target=self.target)}",
                 "precision",
             )
+
+    def _check_hires(self, request: GenerationRequest) -> None:
+        """A hires scale whose larger size this root lacks, or Lanczos without the VAE encoder: the command that
+        compiles it. Values that are no numbers or out of range are left to validated(), which names them too."""
+        scale, upscaler = request.hr_scale, request.hr_upscaler
+        if request.mode != "txt2img" or isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            return
+        if not 1.0 < scale <= MAX_HR_SCALE:
+            return
+        width = self._caps.default_size[0] if request.width in (None, "") else request.width
+        height = self._caps.default_size[1] if request.height in (None, "") else request.height
+        if (width, height) not in self.sizes:
+            return  # validated() refuses the size itself
+        big = hires_size(width, height, float(scale))
+        dtype = request.precision if request.precision in self._caps.precisions else self._caps.default_precision
+        if big not in self.sizes:
+            raise InvalidRequest(
+                f"hr_scale: {scale:g} takes {size_key((width, height))} to {size_key(big)}, and {self.root} was not "
+                f"compiled for {size_key(big)} (compiled: {', '.join(map(size_key, self.sizes))}); the hires pass runs "
+                f"the UNet and VAE compiled for the larger size. Compile it with: "
+                f"{compile_hint(self.root, self.model, dtype, sizes=[big], target=self.target)}"
+                + (f" (and start with --sizes including {size_key(big)})" if self.settings.sizes else ""), "hr_scale")
+        lanczos = isinstance(upscaler, str) and upscaler.strip().lower() == "lanczos"  # the key and A1111's label
+        if lanczos and "lanczos" not in self._caps.hr_upscalers:
+            raise InvalidRequest(f"hr_upscaler: Lanczos encodes the upscaled picture, and {self.image_modes_note} "
+                                 f"The latent upscalers (latent, latent-nearest) need no encoder.", "hr_upscaler")
 
     def generate(self, request, on_step=None, on_preview=None):
         """As InProcessBackend.generate; the first image is logged with the time since the process started."""

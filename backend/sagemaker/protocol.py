@@ -12,6 +12,10 @@ JPEG file (or a `data:image/png;base64,...` URL), and four parameters:
     {"prompt": "a lovely cat", "image": "iVBORw0KGgo...", "mask": "iVBORw0KGgo...", "parameters": {
       "strength": 0.75, "mask_blur": 4, "resize_mode": "crop", "mode": "inpaint", ...}}
 
+The hires fix (text to image) adds `hr_scale` (1-2; 1 or left out: off), `hr_upscaler` (`latent`,
+`latent-nearest`, `lanczos`), `hr_steps` (0: as many as num_inference_steps) and `denoising_strength`
+(default 0.7); sent only when hr_scale is above 1. `describe` lists `hr_upscalers` and (compiled sizes) `hr_scales`.
+
 `mask` is white where to repaint. `parameters.mode` may be left out: it is then `inpaint` when both
 `image` and `mask` are given, `img2img` when only `image` is, and `txt2img` otherwise; a `mask`
 without an `image` is refused naming `mask`. The pictures are checked (decodable, within the pixel
@@ -85,12 +89,20 @@ PARAMETERS: dict[str, str] = {
     "mask_blur": "mask_blur",
     "resize_mode": "resize_mode",
     "mode": "mode",
+    # The hires fix (text to image): A1111's API names (StableDiffusionProcessingTxt2Img's hr_scale, hr_upscaler,
+    # denoising_strength; its hr_second_pass_steps is hr_steps here).
+    "hr_scale": "hr_scale",
+    "hr_upscaler": "hr_upscaler",
+    "hr_steps": "hr_steps",
+    "denoising_strength": "denoising_strength",
 }
 _NUMBERS = {"num_inference_steps", "guidance_scale", "seed", "num_images_per_prompt", "height", "width", "strength",
-            "mask_blur"}
-_TEXTS = {"scheduler", "precision", "resize_mode", "mode"}
+            "mask_blur", "hr_scale", "hr_steps", "denoising_strength"}
+_TEXTS = {"scheduler", "precision", "resize_mode", "mode", "hr_upscaler"}
 # Sent only for image to image and inpainting, so that a text-to-image request stays what older endpoints read.
 _IMAGE_PARAMETERS = ("strength", "mask_blur", "resize_mode", "mode")
+# Sent only with a hires pass, for the same reason.
+_HIRES_PARAMETERS = ("hr_scale", "hr_upscaler", "hr_steps", "denoising_strength")
 PICTURES = ("image", "mask")
 TOP_LEVEL = ("prompt", "negative_prompt", "image", "mask", "parameters", "describe")
 # The PNGs the client sends: zlib level 1, the cheapest that still compresses (they cross the internet).
@@ -245,7 +257,9 @@ def request_to_json(request: GenerationRequest) -> dict[str, Any]:
     params: dict[str, Any] = {}
     for wire, name in PARAMETERS.items():
         value = getattr(request, name)
-        if value is not None and (wire not in _IMAGE_PARAMETERS or request.mode != "txt2img"):
+        if value is None or (wire in _IMAGE_PARAMETERS and request.mode == "txt2img"):
+            continue
+        if wire not in _HIRES_PARAMETERS or request.hires:
             params[wire] = value
     payload: dict[str, Any] = {"prompt": request.prompt, "negative_prompt": request.negative_prompt}
     for name in PICTURES:
@@ -282,7 +296,7 @@ def check_body_to_send(body: bytes, payload: Mapping[str, Any]) -> None:
 
 def check_response_size(request: GenerationRequest, as_json: bool) -> None:
     """Refuse, before running, a request whose answer could exceed SageMaker's payload limit."""
-    width, height = request.width or 0, request.height or 0
+    width, height = request.output_size if request.width and request.height else (0, 0)  # a hires pass's size
     count = request.num_images if as_json else 1
     # An incompressible PNG is its raw RGB size plus a byte per row and a little framing.
     worst = count * (width * height * 3 + height + 4096)
