@@ -21,14 +21,15 @@ from typing import Any
 import gradio as gr
 
 from backend import SCHEDULERS, Backend, BackendUnavailable, Capabilities, Settings, create_backend
-from backend.core.api import MAX_MASK_BLUR, MODE_LABELS, MODES
+from backend.core.api import DEFAULT_HR_STRENGTH, HR_UPSCALER_LABELS, MAX_HR_SCALE, MAX_MASK_BLUR, MODE_LABELS, MODES
 from ui import panels
 from ui.blocks import DemoBlocks
 from ui.handlers import REQUEST_DEFAULTS, Handlers, reuse_first_seed, reuse_seed
 from ui.live import LiveGate, settings_key
+from ui.estimate import estimate_note
 from ui.outputs import OutputStore
 from ui.panels import TITLE, banner_html, latency_markdown, mode_unavailable_note, no_preview_note
-from ui.pnginfo import PngInfoError, infotext_fields, png_info, show_png_info, values_for_controls
+from ui.pnginfo import PngInfoError, infotext_fields, png_info, send_note, show_png_info, values_for_controls
 
 log = logging.getLogger("app")
 
@@ -76,7 +77,13 @@ class Controls:
     mask_blur: gr.Slider | None = None
     resize_mode: gr.Radio | None = None
     live: gr.Checkbox | None = None  # txt2img: Live (an image on every pause in typing, ui/live.py)
+    hires: gr.Checkbox | None = None  # txt2img: the "Hires fix" group (hires_controls), off by default
+    hr_scale: gr.Component | None = None
+    hr_upscaler: gr.Dropdown | None = None
+    hr_steps: gr.Slider | None = None
+    denoising_strength: gr.Slider | None = None
     live_note: gr.Markdown | None = None  # why Live is (not) offered for the current settings
+    estimate: gr.Markdown | None = None  # beside Generate: what a generation will take (ui/estimate.py)
 
     def common_inputs(self) -> list[gr.Component]:
         """The inputs every mode shares, after the prompt and the mode's own (the API's order)."""
@@ -90,7 +97,8 @@ class Controls:
         if self.mode == "inpaint":
             return [self.prompt, self.image, self.mask, self.strength, self.mask_blur, self.resize_mode,
                     *self.common_inputs()]
-        return [self.prompt, *self.common_inputs()]
+        hires = [self.hires, self.hr_scale, self.hr_upscaler, self.hr_steps, self.denoising_strength]
+        return [self.prompt, *self.common_inputs(), *(hires if self.hires is not None else [])]
 
 
 def prompt_controls(caps: Capabilities, mode: str) -> tuple[gr.Textbox, gr.Textbox]:
@@ -157,9 +165,38 @@ def headline_controls(caps: Capabilities, mode: str) -> dict[str, gr.Component]:
     return dict(steps=steps, precision=precision, num_images=num_images)
 
 
-def advanced_controls(caps: Capabilities) -> dict[str, gr.Component]:
+def hires_controls(caps: Capabilities) -> dict[str, gr.Component]:
+    """Text to image's "Hires fix" group (A1111's "Hires. fix"), off by default: the scale (a slider, or the scales
+    between compiled sizes), the upscaler, the hires steps and the denoising strength; or a line saying why not."""
+    d = REQUEST_DEFAULTS
+    if not caps.hr_upscalers or (caps.fixed_sizes and not caps.hr_scales):
+        why = ("this backend runs no hires fix" if not caps.hr_upscalers else
+               "this compiled root has no size that is another's upscale (compile one, such as 768x768 beside "
+               "512x512, with compile_scripts/compile.py --sizes; docs/neuron.md)")
+        gr.Markdown(f"*Hires fix is not available here: {why}.*", elem_id="hires-unavailable")
+        return {}
+    with gr.Group(elem_id="hires-group"):
+        hires = gr.Checkbox(value=False, label="Hires fix: upscale, then a second pass at the larger size",
+                            elem_id="hires")
+        with gr.Row():
+            if caps.fixed_sizes:
+                scale = gr.Dropdown(list(caps.hr_scales), value=caps.hr_scales[0], label="Upscale by",
+                                    info="the scales between this root's compiled sizes", elem_id="hr-scale")
+            else:
+                scale = gr.Slider(1.0, MAX_HR_SCALE, value=1.5, step=0.05, label="Upscale by", elem_id="hr-scale")
+            upscaler = gr.Dropdown([(HR_UPSCALER_LABELS[u], u) for u in caps.hr_upscalers], value=caps.hr_upscalers[0],
+                                   label="Upscaler", elem_id="hr-upscaler")
+        with gr.Row():
+            steps = gr.Slider(0, caps.max_steps, value=d["hr_steps"], step=1, label="Hires steps (0: as Steps)",
+                              elem_id="hr-steps")
+            strength = gr.Slider(0.0, 1.0, value=DEFAULT_HR_STRENGTH, step=0.01, label="Denoising strength",
+                                 elem_id="hr-denoising-strength")
+    return dict(hires=hires, hr_scale=scale, hr_upscaler=upscaler, hr_steps=steps, denoising_strength=strength)
+
+
+def advanced_controls(caps: Capabilities, mode: str = "txt2img") -> dict[str, gr.Component]:
     """The Advanced accordion: guidance (hidden for a few-step model), scheduler, size and seed, starting at
-    the backend's defaults."""
+    the backend's defaults; text to image adds the Hires fix group."""
     d = REQUEST_DEFAULTS
     with gr.Accordion("Advanced", open=False):
         with gr.Row():
@@ -177,8 +214,9 @@ def advanced_controls(caps: Capabilities) -> dict[str, gr.Component]:
         with gr.Row():
             randomize_btn = gr.Button("\U0001f3b2 Random seed", size="sm")
             reuse_btn = gr.Button("\u267b\ufe0f Reuse seed of selected image", size="sm")
+        hires = hires_controls(caps) if mode == "txt2img" else {}
     return dict(guidance=guidance, scheduler=scheduler, **sizes, seed=seed, preview=preview,
-                randomize_btn=randomize_btn, reuse_btn=reuse_btn)
+                randomize_btn=randomize_btn, reuse_btn=reuse_btn, **hires)
 
 
 def image_inputs(caps: Capabilities, mode: str) -> dict[str, gr.Component]:
@@ -246,13 +284,14 @@ def generating_tab(caps: Capabilities, mode: str, stats: gr.State) -> Controls:
             inputs = image_inputs(caps, mode) if mode != "txt2img" else live_controls()
             headline = headline_controls(caps, mode)
             generate_btn, stop_btn = action_buttons()
-            advanced = advanced_controls(caps)
+            estimate = gr.Markdown(elem_id=element_id("estimate", mode))
+            advanced = advanced_controls(caps, mode)
             gr.Examples(EXAMPLES, inputs=[prompt], label="Example prompts")
         with gr.Column(scale=6):
             gallery, latency, details = result_panels(caps, mode)
     return Controls(mode=mode, prompt=prompt, negative=negative, generate_btn=generate_btn, stop_btn=stop_btn,
                     **headline, **advanced, **inputs, gallery=gallery, latency=latency, details=details, stats=stats,
-                    selected_seed=gr.State(None))
+                    selected_seed=gr.State(None), estimate=estimate)
 
 
 @dataclass
@@ -265,6 +304,7 @@ class PngInfo:
     send_txt2img: gr.Button
     send_img2img: gr.Button
     note: gr.Markdown
+    reading_note: gr.State  # the note reading the image gave, kept under Send's own
 
 
 def png_info_tab(caps: Capabilities) -> PngInfo:
@@ -283,7 +323,7 @@ def png_info_tab(caps: Capabilities) -> PngInfo:
             note = gr.Markdown(elem_id="pnginfo-note")
             fields = gr.JSON(label="Fields", elem_id="pnginfo-fields")
     return PngInfo(image=image, infotext=infotext, fields=fields, send_txt2img=send_txt2img,
-                   send_img2img=send_img2img, note=note)
+                   send_img2img=send_img2img, note=note, reading_note=gr.State(""))
 
 
 @dataclass
@@ -387,6 +427,28 @@ def wire_live(c: Controls, handlers: Handlers, generation: gr.events.Dependency,
     live.success(**state, queue=False)  # live runs are measured too: the note follows them
 
 
+def wire_estimate(c: Controls, handlers: Handlers, generation: gr.events.Dependency, demo: gr.Blocks) -> None:
+    """The line beside Generate: what a generation with these controls will take (measured here), or what it reserves
+    on ZeroGPU; set on load, when steps, size or the number of images change, and after each generation."""
+    assert c.estimate is not None
+    hires = [c.hires, c.hr_scale, c.hr_steps] if c.hires is not None else []
+    controls = [c.steps, c.width, c.height, c.num_images, *hires]
+
+    def estimate(steps, width, height, num_images, *more):
+        """The estimate for these controls (then the Hires fix's, where the tab has it; after a generation, its
+        details, whose stages the estimate then follows)."""
+        fix = dict(zip(("hires", "hr_scale", "hr_steps"), more[:len(hires)]))
+        details = more[len(hires)] if len(more) > len(hires) else None
+        return estimate_note(handlers.backend, steps, width, height, num_images, details, **fix)
+
+    state = dict(fn=estimate, inputs=controls, outputs=[c.estimate], queue=False, api_visibility="private")
+    demo.load(**state)
+    for control in controls:
+        control.change(**state)
+    generation.success(estimate, inputs=[*controls, c.details], outputs=[c.estimate], queue=False,
+                       api_visibility="private")
+
+
 def wire_seed_buttons(c: Controls) -> None:
     """Random seed, and reuse the seed of the selected (or else the first) image."""
     c.randomize_btn.click(lambda: REQUEST_DEFAULTS["seed"], None, c.seed, queue=False, api_visibility="private")
@@ -400,7 +462,8 @@ def wire_seed_buttons(c: Controls) -> None:
 def wire_png_info(page: Page, caps: Capabilities) -> None:
     """PNG Info: reading a dropped PNG, and the two send buttons (which fill a tab and switch to it)."""
     info = page.png_info
-    info.image.change(show_png_info, inputs=[info.image], outputs=[info.infotext, info.fields, info.note],
+    info.image.change(read_dropped_image, inputs=[info.image],
+                      outputs=[info.infotext, info.fields, info.note, info.reading_note],
                       preprocess=False, queue=False, api_visibility="private")
     # The API's /png_info (A1111's /sdapi/v1/png-info, plus tool and notes), on a button never shown, as /inpaint:
     # a plain file in (any file: one that is not an image gets png_info's message, not Gradio's), a dict out.
@@ -415,13 +478,22 @@ def wire_png_info(page: Page, caps: Capabilities) -> None:
                     "guidance_scale": c.guidance, "seed": c.seed, "width": c.width, "height": c.height}
         if c.strength is not None:
             controls["strength"] = c.strength
+        if c.hires is not None:  # A1111's Hires keys (ui/pnginfo.py maps them)
+            controls.update(hires=c.hires, hr_scale=c.hr_scale, hr_upscaler=c.hr_upscaler, hr_steps=c.hr_steps,
+                            denoising_strength=c.denoising_strength)
         outputs = [*controls.values(), *([c.size] if c.size is not None else []), info.note, page.tabs]
-        inputs = [info.infotext] + ([info.image] if c.image is not None else [])
+        inputs = [info.infotext, info.image, info.reading_note]
         if c.image is not None:
             outputs.insert(0, c.image)
         button.click(functools.partial(send_settings, caps, list(controls), c.size is not None, c.image is not None,
                                        target),
                      inputs=inputs, outputs=outputs, preprocess=False, queue=False, api_visibility="private")
+
+
+def read_dropped_image(image: Any) -> tuple[str, dict[str, Any], str, str]:
+    """PNG Info's infotext, fields and note for a dropped image, and the note again, kept for Send's note."""
+    infotext, fields, note = show_png_info(image)
+    return infotext, fields, note, note
 
 
 def api_png_info(image: Any) -> dict[str, Any]:
@@ -435,15 +507,15 @@ def api_png_info(image: Any) -> dict[str, Any]:
 
 
 def send_settings(caps: Capabilities, names: list[str], has_size_menu: bool, takes_image: bool, target: str,
-                  infotext: str, png: Any = None) -> list[Any]:
+                  infotext: str, png: Any = None, reading_note: str = "") -> list[Any]:
     """The values "Send to ..." puts in the target tab's controls (gr.skip() where the infotext has nothing
-    this backend takes), a note on what was left as it was, and the tab to switch to."""
+    this backend takes), the note (reading's, kept, then what Send left as it was), and the tab to switch to."""
     sent = values_for_controls(infotext or "", caps)
     values = [sent.values.get(name, gr.skip()) for name in names]
     if has_size_menu:
         has_size = "width" in sent.values
         values.append(size_label(sent.values["width"], sent.values["height"]) if has_size else gr.skip())
-    note = " ".join(sent.notes)
+    note = send_note(reading_note or "", MODE_LABELS[target], infotext or "", sent.notes)
     if takes_image:
         values.insert(0, png.get("path") if isinstance(png, dict) and png.get("path") else gr.skip())
     return [*values, note, gr.Tabs(selected=target) if infotext and infotext.strip() else gr.skip()]
@@ -452,7 +524,9 @@ def send_settings(caps: Capabilities, names: list[str], has_size_menu: bool, tak
 def build_demo(backend: Backend, settings: Settings) -> DemoBlocks:
     """The Gradio app around one backend; demo.launch() needs no arguments (ui/blocks.py)."""
     store = OutputStore(png_level=settings.png_level)
-    handlers = Handlers(backend, store, live_gate=LiveGate(max_ms=settings.live_max_ms))
+    # On ZeroGPU every pause in typing would reserve GPU time from the visitor's quota: no Live (its note says so).
+    live_max_ms = 0.0 if getattr(backend, "zero_gpu", False) else settings.live_max_ms
+    handlers = Handlers(backend, store, live_gate=LiveGate(max_ms=live_max_ms))
     # delete_cache: files Gradio itself keeps (uploads) go after an hour, and all of them at exit.
     with DemoBlocks(title=TITLE, analytics_enabled=False, delete_cache=(3600, 3600),
                     auth=settings.auth_pair) as demo:
@@ -462,6 +536,7 @@ def build_demo(backend: Backend, settings: Settings) -> DemoBlocks:
             wire_seed_buttons(controls)
             if controls.live is not None:
                 wire_live(controls, handlers, generation, demo)
+            wire_estimate(controls, handlers, generation, demo)
         wire_png_info(page, backend.capabilities())
     caps = backend.capabilities()
     concurrency = settings.concurrency or DEFAULT_CONCURRENCY.get(caps.backend, caps.concurrency)

@@ -61,6 +61,10 @@ def create_backend(settings: Settings) -> Backend:
     """Build the backend the settings ask for."""
     name = choose_backend(settings)
     log.info("backend: %s (asked: %s)", name, settings.backend)
+    if name == "local" and settings.zero_gpu:
+        from .inprocess.zerogpu import ZeroGPUBackend  # torch, diffusers and spaces
+
+        return ZeroGPUBackend(LocalSettings.of(settings))
     if name == "local":
         from .inprocess.local import LocalBackend  # torch and diffusers
 

@@ -45,13 +45,14 @@ GROUPS = {
     # The toolkit refuses a second TorchServe on one machine: every module that starts one is in this unit.
     **dict.fromkeys(("test_torchserve", "test_torchserve_modes", "test_torchserve_uncompressed", "test_deploy"),
                     "torchserve"),
-    **dict.fromkeys(("test_load", "test_security", "test_browser", "test_browser_modes", "test_serving"),
+    **dict.fromkeys(("test_load", "test_security", "test_browser", "test_browser_modes", "test_browser_pnginfo",
+                     "test_browser_hires", "test_serving"),
                     "tiny_servers"),
 }
 # The longest units first, so that the two workers end together (the longest-first rule); measured in
 # docs/testing.md. The order changes only which worker runs a unit and when, never what a test does.
-LONGEST_FIRST = ("tiny_servers", "test_neuron", "test_benchmarks", "test_app", "test_faults", "torchserve",
-                 "test_neuron_sizes", "test_sagemaker_backend", "test_app_modes")
+LONGEST_FIRST = ("tiny_servers", "test_neuron", "test_benchmarks", "test_app", "test_faults", "test_spaces",
+                 "torchserve", "test_neuron_sizes", "test_sagemaker_backend", "test_app_modes")
 
 
 def unit_of(nodeid: str) -> str:

@@ -57,8 +57,9 @@ def test_api_is_callable_by_keyword_with_defaults(client):
     params = client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/generate"]["parameters"]
     names = [p["parameter_name"] for p in params]
     assert names == ["prompt", "negative_prompt", "steps", "precision", "guidance_scale", "seed", "scheduler",
-                     "width", "height", "num_images", "preview"]
-    assert [p["parameter_has_default"] for p in params] == [False] + [True] * 10
+                     "width", "height", "num_images", "preview", "enable_hr", "hr_scale", "hr_upscaler", "hr_steps",
+                     "denoising_strength"]
+    assert [p["parameter_has_default"] for p in params] == [False] + [True] * 15
 
 
 # The app sends its first preview once a preview fits 5% of the time since the start (ui/handlers.LatestPreview: at

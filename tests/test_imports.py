@@ -21,7 +21,7 @@ SOURCES = ("app.py", "ui", "backend", "serving", "compile_scripts", "benchmarks"
 # counted: anyio, httpx, starlette, tqdm, filelock: gradio's own dependencies, each under 0.1 s, so deferring a
 # project module only for them buys nothing.
 HEAVY = ("torch", "torch_neuronx", "neuronxcc", "diffusers", "transformers", "peft", "huggingface_hub",
-         "boto3", "botocore", "gradio", "gradio_client", "PIL", "numpy", "psutil", "playwright", "moto")
+         "boto3", "botocore", "gradio", "gradio_client", "PIL", "numpy", "psutil", "playwright", "moto", "spaces")
 
 # Cycles listed per strongly connected component: enough to show where to cut.
 CYCLES_SHOWN = 50

@@ -2,8 +2,9 @@
 
 Every flag `--some-name` has the environment variable `SD_SOME_NAME`; a flag given on the
 command line wins over the variable, and the variable over the default. GRADIO_SERVER_NAME and
-GRADIO_SERVER_PORT are honoured for --host and --port, as Gradio itself does, and HF_HUB_OFFLINE for
---offline, as the Hub's own switch. Nothing else in the project reads the environment for these knobs.
+GRADIO_SERVER_PORT are honoured for --host and --port, as Gradio itself does, HF_HUB_OFFLINE for
+--offline, as the Hub's own switch, and SPACES_ZERO_GPU (which a ZeroGPU Space sets) for --zero-gpu.
+Nothing else in the project reads the environment for these knobs.
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ class Settings:
     few_step: str = "auto"  # in-process backends: auto (the model's scheduler config), off, turbo, lcm, tcd
     lora: str | None = None  # local backend: a LoRA folder, file or Hub id fused into the UNet at load
     emphasis: bool = True  # in-process backends: A1111 prompt emphasis, (text:1.2) (core/emphasis.py); off: plain text
+    zero_gpu: bool = False  # local backend on a ZeroGPU Space: generation in @spaces.GPU calls (inprocess/zerogpu.py)
 
     @property
     def model_or_default(self) -> str:
@@ -286,6 +288,12 @@ def add_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] | None
                    help="in-process backends (and the endpoint's): AUTOMATIC1111's prompt emphasis, (word:1.2), "
                         "(word) = x1.1, [word] = /1.1, \\( for a literal parenthesis (default on); off = the "
                         "brackets go to the tokenizer as text")
+    # SPACES_ZERO_GPU is what a ZeroGPU Space sets (and what the `spaces` package reads); SD_ZERO_GPU wins over it.
+    zero_gpu = _env(env, "zero-gpu")
+    g.add_argument("--zero-gpu", action="store_true",
+                   default=_bool(zero_gpu if zero_gpu is not None else env.get("SPACES_ZERO_GPU")),
+                   help="local backend: run each generation in a @spaces.GPU call, as a ZeroGPU Space needs (set "
+                        "there by SPACES_ZERO_GPU=true; docs/spaces.md)")
     if server_flags:
         s = parser.add_argument_group("web server")
         s.add_argument("--host", default=_env(env, "host") or env.get("GRADIO_SERVER_NAME") or "127.0.0.1",

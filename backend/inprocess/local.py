@@ -12,11 +12,11 @@ import torch
 from ..core import fewstep
 
 from . import pipeline
-from ..core.api import Capabilities, GenerationRequest
+from ..core.api import HR_UPSCALERS, Capabilities, GenerationRequest
 from ..core.errors import BackendUnavailable, short_error
 from .frozen import eager_module, freeze_pipeline
 from .base import InProcessBackend
-from ..models.catalog import model_display_name, pinned_revision, random_weights_of, resolve_model
+from ..models.catalog import COMMIT_SHA, model_display_name, pinned_revision, random_weights_of, resolve_model
 from .lora import fuse_lora
 from ..core.schedulers import make_scheduler
 from ..core.settings import DEFAULT_MODEL, LocalSettings
@@ -52,6 +52,11 @@ def precisions_for(device: str) -> tuple[str, ...]:
     return ("fp32", "bf16")  # CPUs: fp16 matmuls are slow or missing
 
 
+# A real model's default steps on a CPU: a 512x512 SD2.1 step takes about 6 s on two cores (docs/spaces.md, CPU
+# basic), so 20 steps keep a first visitor over two minutes; DPM++ 2M's 10 take about half. The slider goes as high.
+CPU_DEFAULT_STEPS = 10
+
+
 def auto_optimize(device: str) -> str:
     """What --optimize auto means on a device.
 
@@ -74,6 +79,7 @@ class LocalBackend(InProcessBackend):
         self._precisions = precisions_for(self.device)
         self.model_source = settings.model_or_default
         self.few_step: str | None = None  # the few-step kind (fewstep.py), set by _load from --few-step / the model
+        self.warm_up_timings = None  # the warm-up's Timings (none with --optimize none)
         first = self._precisions[0]
         try:
             self._pipelines[first] = self._device.run(self._load, self.model_source, first)
@@ -103,14 +109,26 @@ class LocalBackend(InProcessBackend):
             is_tiny=self.is_tiny,
             previews=self.previews,
             modes=self.offered_modes(),
+            hr_upscalers=HR_UPSCALERS if "txt2img" in self.offered_modes() else (),
             notes=tuple(self.notes),
             **fewstep.capability_fields(self.few_step),
         )
+        if self.device == "cpu" and not self.is_tiny and self.few_step is None:
+            self._caps = dataclasses.replace(self._caps, default_steps=CPU_DEFAULT_STEPS)
 
     def _load(self, model: str, precision: str):
         started = time.perf_counter()
         local_only = model == DEFAULT_MODEL and not self.settings.model and self.settings.offline
-        pipe = pipeline.load_pipeline(model, pipeline.DTYPES[precision], self.device, local_files_only=local_only)
+        pipe = None
+        if not local_only and COMMIT_SHA.fullmatch(resolve_model(model)[1] or ""):
+            # A commit never changes, so a copy in the Hub cache (a Space's preload_from_hub, README.md) is the one
+            # to load, with no call to the Hub (diffusers asks the Hub for the file list first when allowed to).
+            try:
+                pipe = pipeline.load_pipeline(model, pipeline.DTYPES[precision], self.device, local_files_only=True)
+            except Exception as exc:  # noqa: BLE001 - not (all) in the cache: download it as before
+                log.info("%s is not in the Hub cache at its commit (%s); downloading it", model, short_error(exc))
+        if pipe is None:
+            pipe = pipeline.load_pipeline(model, pipeline.DTYPES[precision], self.device, local_files_only=local_only)
         if self.settings.lora:  # before --optimize: the trace and the fused QKV see the fused weights
             fuse_lora(pipe, self.settings.lora)
         self.few_step = fewstep.few_step_kind(self.settings.few_step, pipe.scheduler.config)
@@ -137,8 +155,9 @@ class LocalBackend(InProcessBackend):
             request = dataclasses.replace(request, mode="inpaint", strength=1.0, mask_blur=0,
                                           image=Image.new("RGB", (512, 512), "gray"),
                                           mask=Image.new("L", (512, 512), 255))
-        pipeline.run(pipeline.mode_pipeline(pipe, request.mode), request, [0],
-                     scheduler=make_scheduler(request.scheduler, pipe.scheduler.config))
+        # Its timings are the first estimate of what a generation takes here (ui/estimate.py).
+        _, self.warm_up_timings = pipeline.run(pipeline.mode_pipeline(pipe, request.mode), request, [0],
+                                               scheduler=make_scheduler(request.scheduler, pipe.scheduler.config))
         log.info("warmed up (%s) in %.1f s", self.optimize, time.perf_counter() - started)
 
     def precision_pipeline(self, precision: str):
