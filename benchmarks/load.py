@@ -1,14 +1,17 @@
-"""Concurrent users against the app, through gradio_client: latency P50/P95, throughput, and mix-ups.
+"""Concurrent users against the app, through gradio_client and Gradio's HTTP API: latency, throughput, mix-ups.
 
     python -m benchmarks.load                          # starts python app.py (default model), 8 users x 25
     python -m benchmarks.load --url http://HOST:7860/  # an app already running (--auth user:pass if it asks)
     python -m benchmarks.load --steps 20 --size 512 --users 8 --requests 25 --markdown docs/load.md
     python -m benchmarks.load --app-args "--model tiny" --steps 4 --size 128    # quick, on any CPU
 
-Each user is its own gradio_client.Client (its own session) sending its requests one after the
-other. Every request gets its own prompt and seed, and every image that comes back is checked:
-the prompt and seed in its PNG infotext must be that request's, so a mix-up between users, a lost
-or a duplicated request fails the run. A "queue full" answer counts apart; any other error fails.
+Each user is its own client (its own Gradio session) sending its requests one after the other:
+gradio_client.Client, or (--clients http) Gradio's own HTTP API as curl and a browser's queue call it (POST
+/gradio_api/call/generate, read its event stream, download the PNGs; one keep-alive httpx client per user).
+By default both run, one after the other against the same app, and the table gives gradio_client's share
+(its P50 minus the HTTP API's) as a column of its own. Every request gets its own prompt and seed, and every
+image that comes back is checked: the prompt and seed in its PNG infotext must be that request's, so a mix-up
+between users, a lost or a duplicated request fails the run. A "queue full" answer counts apart; any other error fails.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import argparse
 import concurrent.futures
 import contextlib
 import dataclasses
+import json
 import shlex
 import sys
 import tempfile
@@ -77,36 +81,92 @@ def is_queue_full(exc: BaseException) -> bool:
     return type(exc).__name__ == "QueueError" or "queue is full" in str(exc).lower()
 
 
-def run_user(url: str, user: int, requests: int, work: Workload, download_dir: Path,
-             auth: tuple[str, str] | None = None, precision: str | None = None) -> list[Outcome]:
-    """One client sending its requests one after the other."""
-    from gradio_client import Client
+CLIENTS = ("gradio_client", "http")
+HIRES_OFF = (False, 1.5, "latent", 0, 0.7)  # enable_hr, hr_scale, hr_upscaler, hr_steps, denoising_strength
 
-    client = Client(url, auth=auth, verbose=False, download_files=str(download_dir / f"user-{user}"))
+
+class HttpCaller:
+    """One user through Gradio's HTTP API: POST /gradio_api/call/generate, its event stream to `complete`, each PNG
+    downloaded; one keep-alive httpx client and one Gradio session (as a gradio_client.Client or a browser page)."""
+
+    def __init__(self, url: str, session_hash: str, download_dir: Path, auth: tuple[str, str] | None = None):
+        import httpx
+
+        self.http = httpx.Client(base_url=url, timeout=600)
+        if auth:
+            self.http.post("/login", data={"username": auth[0], "password": auth[1]}).raise_for_status()
+        self.session_hash = session_hash
+        self.download_dir = download_dir
+        download_dir.mkdir(parents=True, exist_ok=True)
+
+    def predict(self, *data: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """/generate's answer, gradio_client's shape: the gallery (each item's image a local path) and the details."""
+        # The API's 16 inputs: the hires fix's five last (enable_hr False: off), which gradio_client fills in itself.
+        body = {"data": [*data, *HIRES_OFF], "session_hash": self.session_hash}
+        event_id = self.http.post("/gradio_api/call/generate", json=body).raise_for_status().json()["event_id"]
+        event, answer = None, None
+        with self.http.stream("GET", f"/gradio_api/call/generate/{event_id}") as stream:
+            for line in stream.iter_lines():
+                if line.startswith("event:"):
+                    event = line.partition(":")[2].strip()
+                elif line.startswith("data:") and event in ("complete", "error"):
+                    answer = json.loads(line.partition(":")[2])
+                    break
+        if event != "complete":
+            raise RuntimeError(f"the app answered {event}: {answer}")
+        gallery, details = answer[0], answer[1]
+        for k, item in enumerate(gallery):
+            path = self.download_dir / f"{event_id}-{k}.png"
+            path.write_bytes(self.http.get(item["image"]["url"]).raise_for_status().content)
+            item["image"] = str(path)
+        return gallery, details
+
+    def close(self) -> None:
+        """Close the connection."""
+        self.http.close()
+
+
+def run_user(url: str, user: int, requests: int, work: Workload, download_dir: Path,
+             auth: tuple[str, str] | None = None, precision: str | None = None,
+             client: str = "gradio_client") -> list[Outcome]:
+    """One client (gradio_client, or Gradio's HTTP API: CLIENTS) sending its requests one after the other."""
+    if client == "http":
+        caller = HttpCaller(url, f"load-user-{user}-{time.monotonic_ns()}", download_dir / f"user-{user}", auth)
+        predict, close = caller.predict, caller.close
+    else:
+        from gradio_client import Client
+
+        gc = Client(url, auth=auth, verbose=False, download_files=str(download_dir / f"user-{user}"))
+
+        def predict(*data):
+            return gc.predict(*data, api_name="/generate")
+        close = gc.close
     outcomes = []
-    for index in range(requests):
-        prompt, seed = request_of(user, index)
-        started = time.perf_counter()
-        try:
-            gallery, details = client.predict(
-                prompt, "", work.steps, precision, work.guidance_scale, seed, work.scheduler,
-                work.size, work.size, work.num_images, work.preview, api_name="/generate",
-            )
-        except Exception as exc:  # noqa: BLE001 - every failure is recorded, and judged by check()
-            outcomes.append(Outcome(user, index, prompt, seed, time.perf_counter() - started, [], None,
-                                    error=f"{type(exc).__name__}: {exc}", queue_full=is_queue_full(exc)))
-            continue
-        images = [item["image"] for item in gallery]
-        outcomes.append(Outcome(user, index, prompt, seed, time.perf_counter() - started, images, details))
+    try:
+        for index in range(requests):
+            prompt, seed = request_of(user, index)
+            started = time.perf_counter()
+            try:
+                gallery, details = predict(prompt, "", work.steps, precision, work.guidance_scale, seed,
+                                           work.scheduler, work.size, work.size, work.num_images, work.preview)
+            except Exception as exc:  # noqa: BLE001 - every failure is recorded, and judged by check()
+                outcomes.append(Outcome(user, index, prompt, seed, time.perf_counter() - started, [], None,
+                                        error=f"{type(exc).__name__}: {exc}", queue_full=is_queue_full(exc)))
+                continue
+            images = [item["image"] for item in gallery]
+            outcomes.append(Outcome(user, index, prompt, seed, time.perf_counter() - started, images, details))
+    finally:
+        close()
     return outcomes
 
 
 def run_load(url: str, users: int, requests: int, work: Workload, download_dir: Path,
-             auth: tuple[str, str] | None = None) -> tuple[list[Outcome], float]:
+             auth: tuple[str, str] | None = None, client: str = "gradio_client") -> tuple[list[Outcome], float]:
     """All users at once; returns every outcome and the wall-clock seconds."""
     started = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(users) as pool:
-        futures = [pool.submit(run_user, url, u, requests, work, download_dir, auth) for u in range(users)]
+        futures = [pool.submit(run_user, url, u, requests, work, download_dir, auth, None, client)
+                   for u in range(users)]
         outcomes = [o for f in futures for o in f.result()]
     return outcomes, time.perf_counter() - started
 
@@ -176,6 +236,26 @@ def markdown(summary: dict[str, Any], users: int, requests: int, where: str) -> 
     ])
 
 
+def compare_markdown(summaries: dict[str, dict[str, Any]], users: int, requests: int, where: str) -> str:
+    """One row per client (CLIENTS) against the same app; gradio_client's share: its P50 minus the HTTP API's."""
+    def s(v):
+        return "-" if v is None else f"{v:.3f}"
+
+    first = next(iter(summaries.values()))
+    http_p50 = summaries.get("http", {}).get("p50_s")
+    lines = [f"Load: {users} concurrent users x {requests} requests per client, {first['workload']}; {where}.", "",
+             "| client | requests | completed | queue full | failed | P50 (s) | P95 (s) | requests/s | "
+             "gradio_client's share of P50 (s) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    names = {"gradio_client": "gradio_client.Client.predict", "http": "Gradio's HTTP API (httpx, event stream)"}
+    for client, summary in summaries.items():
+        share = (summary["p50_s"] - http_p50 if client == "gradio_client" and http_p50 is not None
+                 and summary["p50_s"] is not None else None)
+        lines.append(f"| {names[client]} | {summary['requests']} | {summary['completed']} | {summary['queue_full']} "
+                     f"| {summary['failed']} | {s(summary['p50_s'])} | {s(summary['p95_s'])} "
+                     f"| {s(summary['requests_per_s'])} | {'' if share is None else f'{share:+.3f}'} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the load and print the Markdown table; exit 1 if any request was lost or mixed up."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.load", description=__doc__.splitlines()[0])
@@ -189,21 +269,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=1, help="images per request")
     parser.add_argument("--preview", action="store_true", help="ask for the live preview too (default: off)")
     parser.add_argument("--warmup", type=int, default=2, help="requests sent first and not counted")
+    parser.add_argument("--clients", default=",".join(CLIENTS),
+                        help="gradio_client, http (Gradio's HTTP API) or both, run one after the other "
+                             "(default: both)")
     parser.add_argument("--markdown", help="also write the table here")
     args = parser.parse_args(argv)
+    clients = [c.strip() for c in args.clients.split(",") if c.strip()]
+    if not clients or set(clients) - set(CLIENTS):
+        parser.error(f"--clients: choose from {', '.join(CLIENTS)}")
 
     work = Workload(steps=args.steps, size=args.size, num_images=args.images, preview=args.preview)
     auth = tuple(args.auth.split(":", 1)) if args.auth else None
+    summaries, problems = {}, []
     with tempfile.TemporaryDirectory(prefix="sd-load-") as tmp, contextlib.ExitStack() as stack:
         app_env = {"GRADIO_ANALYTICS_ENABLED": "False"}
         url = args.url or stack.enter_context(run_app(shlex.split(args.app_args), Path(tmp), app_env, timeout=600)).url
-        if args.warmup:
-            run_user(url, 999, args.warmup, work, Path(tmp) / "warmup", auth)
-        outcomes, wall_s = run_load(url, args.users, args.requests, work, Path(tmp) / "downloads", auth)
-        problems = check(outcomes, work)
-    summary = summarize(outcomes, wall_s, work)
+        for client in clients:
+            if args.warmup:
+                run_user(url, 999, args.warmup, work, Path(tmp) / client / "warmup", auth, client=client)
+            outcomes, wall_s = run_load(url, args.users, args.requests, work, Path(tmp) / client / "downloads", auth,
+                                        client=client)
+            problems += [f"{client}: {p}" for p in check(outcomes, work)]
+            summaries[client] = summarize(outcomes, wall_s, work)
     where = f"app at {args.url}" if args.url else f"python app.py {args.app_args}".strip()
-    table = markdown(summary, args.users, args.requests, where)
+    table = compare_markdown(summaries, args.users, args.requests, where)
     print(table)
     if args.markdown:
         Path(args.markdown).write_text(table + "\n")

@@ -18,16 +18,18 @@ from pathlib import Path
 KINDS = {
     "model loads and generations in the test process": (
         "test_local", "test_modes", "test_frozen", "test_fewstep", "test_tiny", "test_preview", "test_live",
-        "test_fuzz", "test_api", "test_metadata", "test_settings", "test_ui", "test_walkthrough", "test_protocol"),
+        "test_fuzz", "test_api", "test_metadata", "test_settings", "test_ui", "test_walkthrough", "test_protocol",
+        "test_emphasis", "test_hires", "test_png_info_formats", "test_imports", "test_model_revision"),
     "traces and compiles (Neuron CPU stand-in)": (
         "test_compile", "test_neuron", "test_neuron_sizes", "test_neuron_image_modes", "test_neuron_parallel",
-        "test_neuron_stack", "test_preflight", "test_root_store"),
+        "test_neuron_stack", "test_preflight", "test_root_store", "test_neuron_placement", "test_package_archive",
+        "test_transfer_progress"),
     "app and endpoint start-ups": (
         "test_app", "test_app_modes", "test_faults", "test_security", "test_sagemaker_backend", "test_serving",
-        "test_deploy"),
+        "test_deploy", "test_spaces"),
     "TorchServe and the SageMaker toolkit": (
         "test_torchserve", "test_torchserve_modes", "test_torchserve_uncompressed"),
-    "Chromium": ("test_browser", "test_browser_modes"),
+    "Chromium": ("test_browser", "test_browser_modes", "test_browser_hires", "test_browser_pnginfo"),
     "load and soak": ("test_load",),
     "benchmark and overhead scripts": ("test_benchmarks",),
 }

@@ -145,6 +145,44 @@ def test_overhead_script_runs_every_app_path(tmp_path):
     assert "backend" in row["where"] and "PNG files" in row["where"]
 
 
+def test_floor_script_runs_the_app_beside_a_bare_gradio_app(tmp_path):
+    """benchmarks.floor: the app's own Blocks around its instant stand-in backend, beside a bare gr.Blocks, both
+    through Gradio's HTTP API (new and kept sessions), with the profile's stages; the app answers with its PNG."""
+    out = tmp_path / "floor.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.floor", "--runs", "2", "--warmup", "0", "--pause", "0", "--profile",
+         "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "| server | Gradio session | n | median ms |" in done.stdout
+    rows = json.loads(out.read_text())
+    assert set(rows) == {"app, new session", "bare, new session", "app, kept session", "bare, kept session"}
+    for name, row in rows.items():
+        assert row["n"] == 2 and len(row["raw_ms"]) == 2 and row["total_ms"] > 0, name
+        assert row["stages"]["process_api calls"] == (2 if name.startswith("app") else 1), name
+    app = rows["app, kept session"]
+    assert app["app_ms"] > 0 and app["stages"]["backend.generate"] > 0
+    assert app["stages"]["OutputStore.save (PNG file)"] > 0
+    assert "gradio SessionState() (a new session's state)" in rows["app, new session"]["stages"]
+
+
+def test_instant_backend_answers_like_a_backend():
+    """The benchmark's stand-in validates as every backend does and labels its images with the real infotext."""
+    from backend import GenerationRequest, InvalidRequest
+    from backend.core.metadata import parse_infotext
+    from benchmarks.floor import InstantBackend
+
+    backend = InstantBackend()
+    steps_seen = []
+    result = backend.generate(GenerationRequest("a cat", steps=3, seed=7, width=64, height=128, num_images=2),
+                              on_step=lambda step, total: steps_seen.append((step, total)))
+    assert [img.size for img in result.images] == [(64, 128)] * 2 and result.seeds == [7, 8]
+    assert steps_seen == [(1, 3), (2, 3), (3, 3)] and len(result.timings.step_ms) == 3
+    assert parse_infotext(result.infotexts[1])["params"]["Seed"] == "8"
+    with pytest.raises(InvalidRequest):
+        backend.generate(GenerationRequest("", steps=1))
+
+
 def test_optimized_path_matches_eager_on_cpu():
     """--optimize sdpa (fused QKV, channels_last) runs here at a small size and changes no pixels."""
     from backend import GenerationRequest, Settings, create_backend

@@ -13,8 +13,8 @@ import pytest
 
 from backend import Settings
 from backend.core.metadata import parse_infotext, read_infotext
-from ui.handlers import Handlers
-from ui.live import LiveGate, settings_key
+from ui.handlers import Handlers, live_key
+from ui.live import LiveGate, LiveTyping, settings_key
 from ui.outputs import OutputStore
 
 SMALL = dict(steps=2, width=64, height=64, precision="fp32", guidance_scale=7.5)
@@ -138,6 +138,21 @@ def test_typing_on_stops_the_stale_generation_and_the_next_pause_shows_the_new_p
     assert infotext["prompt"] == "a cat in a hat" and details["seeds"] == [0]  # the random seed: LIVE_SEED
     messages = [r.getMessage() for r in caplog.records if r.name == "app"]
     assert "live generation 1 stopped: the prompt changed" in messages
+
+
+def test_the_same_text_again_is_no_keystroke(tiny_backend, tmp_path):
+    """The browser repeats the prompt's input event when it sends Live's deferred run (ui/live.py): the same text
+    is not noted again (the pause is not restarted) and does not stop the session's live generation."""
+    typing = LiveTyping()
+    assert typing.typed("s", "a cat") and not typing.typed("s", "a cat") and typing.typed("s", "a ca")
+    handlers = Handlers(tiny_backend, OutputStore(tmp_path), live_gate=LiveGate(max_ms=1e9))
+    session = Session("s3")
+    handlers.live_typing("a cat", session)
+    running = handlers.cancels.start(live_key("s3"))
+    handlers.live_typing("a cat", session)
+    assert not running.is_set()
+    handlers.live_typing("a cat!", session)
+    assert running.is_set()
 
 
 @pytest.mark.parametrize("live_on, prompt", [(False, "a cat"), (True, "   ")])

@@ -1,4 +1,5 @@
-"""Load, queue-full and soak against a real `python app.py --model tiny`, through gradio_client.
+"""Load, queue-full and soak against a real `python app.py --model tiny`, through gradio_client (and the load
+through Gradio's HTTP API, as benchmarks.load also runs it).
 
 To keep CI time sane the requests are small (2 steps at 64x64 for load; 1 step at 256x256 for the soak, so a
 leak of images would show in memory) and each count is the smallest that proves its claim (each docstring
@@ -17,7 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from benchmarks.load import Workload, check, markdown, request_of, run_load, run_user, summarize
+from benchmarks.load import Workload, check, compare_markdown, markdown, request_of, run_load, run_user, summarize
 
 from helpers import run_app
 
@@ -46,6 +47,16 @@ def test_8_users_x_10_requests_each_get_their_own_images(tiny_app, tmp_path):
     # 8 clients never have more than 8 requests waiting, and the queue holds 16: nothing is refused.
     assert (summary["completed"], summary["queue_full"], summary["failed"]) == (80, 0, 0)
     assert len({(o.user, o.index) for o in outcomes}) == 80
+
+
+def test_users_through_gradios_http_api_get_their_own_images(tiny_app, tmp_path):
+    """benchmarks.load's HTTP path (POST, event stream, PNG downloads, one session per user): 2 users x 3 requests
+    at once, each image checked as gradio_client's are; and the table's gradio_client share column."""
+    outcomes, wall_s = run_load(tiny_app.url, users=2, requests=3, work=LOAD, download_dir=tmp_path, client="http")
+    assert check(outcomes, LOAD) == [] and len(outcomes) == 6
+    summaries = {"gradio_client": summarize(outcomes, wall_s, LOAD), "http": summarize(outcomes, wall_s, LOAD)}
+    table = compare_markdown(summaries, 2, 3, "tiny model, CPU, in CI")
+    assert "| gradio_client.Client.predict | 6 | 6 | 0 | 0 |" in table and "| +0.000 |" in table
 
 
 LONG = ("a long generation", "", 100, None, 7.5, 1, "dpm++2m", 1024, 1024, 1)  # minutes on a CPU

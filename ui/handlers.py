@@ -247,8 +247,8 @@ class Handlers:
             # job.cancel()): the event below then stops the backend at its next step, where a plain
             # sync function would hold the device until a generation nobody waits for was done.
             generation = asyncio.ensure_future(anyio.to_thread.run_sync(
-                functools.partial(self.backend.generate, req, on_step=on_step,
-                                  on_preview=previews.put if want_previews else None),
+                functools.partial(self._generate_and_save, req, on_step,
+                                  previews.put if want_previews else None),
                 abandon_on_cancel=True))
             try:
                 while (shown := await previews.next_or(generation)) is not None:
@@ -257,7 +257,7 @@ class Handlers:
                     # without previews (a gr.update would reach gradio_client as an update dict).
                     caption = f"Preview: step {step} of {total}"
                     yield [(image, caption) for image in images], gr.skip(), gr.skip()
-                result = generation.result()
+                result, files, files_s = generation.result()
             finally:
                 generation.cancel()  # a no-op once it is done; else (cancelled here) let the thread go
         except (asyncio.CancelledError, anyio.get_cancelled_exc_class()):
@@ -273,11 +273,9 @@ class Handlers:
             precision = req.precision or self.backend.capabilities().default_precision
             self.live_gate.record(settings_key(req.steps, width, height, precision, req.guidance_scale),
                                   result.timings.total_ms / len(result.images))
-        t_files = time.perf_counter()
-        files = await anyio.to_thread.run_sync(
-            lambda: [self.store.save(img, s) for img, s in zip(result.images, result.seeds)])
+        t_details = time.perf_counter()
         details = result.details()
-        details["app_ms"] = round((time.perf_counter() - t_files) * 1000.0, 1)
+        details["app_ms"] = round((files_s + time.perf_counter() - t_details) * 1000.0, 1)
         for warning in result.warnings:
             gr.Warning(as_text(warning))
         stats = stats if isinstance(stats, LatencyStats) else LatencyStats()
@@ -287,6 +285,14 @@ class Handlers:
                  result.timings.total_ms, previews.shown)
         yield files, details, stats
 
+    def _generate_and_save(self, req: GenerationRequest, on_step, on_preview) -> tuple[Any, list[str], float]:
+        """On the worker thread: the generation, then its PNG files, and the files' seconds (one trip from the event
+        loop and back for both, not two: a trip costs about 1 ms on 2 cores, docs/benchmarks.md, benchmarks.floor)."""
+        result = self.backend.generate(req, on_step=on_step, on_preview=on_preview)
+        started = time.perf_counter()
+        files = [self.store.save(image, seed) for image, seed in zip(result.images, result.seeds)]
+        return result, files, time.perf_counter() - started
+
     def stop(self, request: gr.Request = None):
         """Stop this session's running generation (and its live one)."""
         if request is not None and request.session_hash:
@@ -295,9 +301,9 @@ class Handlers:
 
     def live_typing(self, prompt, request: gr.Request = None):
         """Every keystroke in the prompt (unqueued): note it, and stop the session's running live generation,
-        now stale, after its current step (the live event's next run brings the new prompt)."""
-        if request is not None and request.session_hash:
-            self.typing.typed(request.session_hash, prompt or "")
+        now stale, after its current step (the live event's next run brings the new prompt). The same text again
+        is no keystroke (ui/live.py): nothing to note or stop."""
+        if request is not None and request.session_hash and self.typing.typed(request.session_hash, prompt or ""):
             self.cancels.stop(live_key(request.session_hash))
 
     async def live(self, prompt, live_on, negative_prompt=None, steps=D["steps"], precision=D["precision"],

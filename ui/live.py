@@ -6,9 +6,12 @@ time and text and stops this session's running live generation (its CancelRegist
 after its current step, as with Stop), and the queued live event, whose `trigger_mode="always_last"` keeps at
 most one of it per browser in flight, plus one deferred that the browser sends, with the prompt's value at
 that moment, once the running one is done (gradio's frontend, Blocks-*.js: a trigger while a submission is
-in flight becomes `defer`). The live handler waits until PAUSE_S has passed since the last keystroke, and
-generates only if its prompt is still the latest one; so one pause makes at most one generation, and a
-keystroke during a generation stops it instead of queueing behind it.
+in flight becomes `defer`; when it sends the deferred run it dispatches the whole input event again, so
+`live_typing` gets the same text a second time: that is no keystroke, and `LiveTyping.typed` does not count it;
+counting it restarted the pause, and Live began ~830 ms after the last keystroke, not ~480: docs/benchmarks.md).
+The live handler waits until PAUSE_S has passed since the last keystroke, and generates only if its prompt is
+still the latest one; so one pause makes at most one generation, and a keystroke during a generation stops it
+instead of queueing behind it.
 
 When Live is offered: `LiveGate` keeps the measured backend latency per image of the recent generations of
 each setting that changes it (steps, size, precision, guidance on/off); Live is offered for the current
@@ -97,10 +100,15 @@ class LiveTyping:
         self._last: dict[str, tuple[float, str]] = {}
         self._lock = threading.Lock()
 
-    def typed(self, session: str, prompt: str) -> None:
-        """A keystroke: the prompt is now `prompt`."""
+    def typed(self, session: str, prompt: str) -> bool:
+        """A keystroke: the prompt is now `prompt`. False, and the time kept, when that is the text already noted
+        (the browser repeats the input event with the deferred live run; see the module's docstring)."""
         with self._lock:
+            last = self._last.get(session)
+            if last is not None and last[1] == prompt:
+                return False
             self._last[session] = (time.monotonic(), prompt)
+            return True
 
     def quiet_for_s(self, session: str) -> float:
         """Seconds since the session's last keystroke (a large number before the first)."""
