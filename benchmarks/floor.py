@@ -51,6 +51,7 @@ from backend.core.api import (  # noqa: E402
     random_seed,
 )
 from backend.core.schedulers import DEFAULT_SCHEDULER  # noqa: E402 - light: names only
+from benchmarks.gradio_http import HIRES_OFF, post_call, read_answer  # noqa: E402
 from benchmarks.procs import free_port, run_process  # noqa: E402
 
 PROMPT = "a lovely cat"
@@ -104,8 +105,7 @@ class InstantBackend:
 
 def api_data(seed: int, size: int = SIZE, steps: int = STEPS) -> list[Any]:
     """/generate's 16 API inputs, in order (the last five are the hires fix's; enable_hr False: off)."""
-    return [PROMPT, "", steps, "fp32", 7.5, seed, DEFAULT_SCHEDULER, size, size, 1, False,
-            False, 1.5, "latent", 0, 0.7]
+    return [PROMPT, "", steps, "fp32", 7.5, seed, DEFAULT_SCHEDULER, size, size, 1, False, *HIRES_OFF]
 
 
 def bare_demo():
@@ -255,20 +255,10 @@ def call(http, seed: int, session_hash: str | None = None) -> dict[str, float]:
     if session_hash:
         body["session_hash"] = session_hash
     t0 = time.perf_counter()
-    event_id = http.post("/gradio_api/call/generate", json=body).raise_for_status().json()["event_id"]
+    event_id = post_call(http, body)
     t_post = time.perf_counter()
-    event, answer = None, None
-    with http.stream("GET", f"/gradio_api/call/generate/{event_id}") as stream:
-        for line in stream.iter_lines():
-            if line.startswith("event:"):
-                event = line.partition(":")[2].strip()
-            elif line.startswith("data:") and event in ("complete", "error"):
-                answer = json.loads(line.partition(":")[2])
-                break
+    gallery, details = read_answer(http, event_id)[:2]
     t_complete = time.perf_counter()
-    if event != "complete":
-        raise RuntimeError(f"the server answered {event}: {answer}")
-    gallery, details = answer[0], answer[1]
     for item in gallery:
         http.get(item["image"]["url"]).raise_for_status()
     t_done = time.perf_counter()

@@ -20,7 +20,6 @@ import argparse
 import concurrent.futures
 import contextlib
 import dataclasses
-import json
 import shlex
 import sys
 import tempfile
@@ -36,6 +35,7 @@ if str(ROOT) not in sys.path:
 
 from backend.core.metadata import parse_infotext, read_infotext  # noqa: E402
 from backend.core.schedulers import DEFAULT_SCHEDULER  # noqa: E402 - light: names only
+from benchmarks.gradio_http import HIRES_OFF, post_call, read_answer  # noqa: E402
 from benchmarks.procs import run_app  # noqa: E402
 
 
@@ -82,7 +82,6 @@ def is_queue_full(exc: BaseException) -> bool:
 
 
 CLIENTS = ("gradio_client", "http")
-HIRES_OFF = (False, 1.5, "latent", 0, 0.7)  # enable_hr, hr_scale, hr_upscaler, hr_steps, denoising_strength
 
 
 class HttpCaller:
@@ -103,18 +102,8 @@ class HttpCaller:
         """/generate's answer, gradio_client's shape: the gallery (each item's image a local path) and the details."""
         # The API's 16 inputs: the hires fix's five last (enable_hr False: off), which gradio_client fills in itself.
         body = {"data": [*data, *HIRES_OFF], "session_hash": self.session_hash}
-        event_id = self.http.post("/gradio_api/call/generate", json=body).raise_for_status().json()["event_id"]
-        event, answer = None, None
-        with self.http.stream("GET", f"/gradio_api/call/generate/{event_id}") as stream:
-            for line in stream.iter_lines():
-                if line.startswith("event:"):
-                    event = line.partition(":")[2].strip()
-                elif line.startswith("data:") and event in ("complete", "error"):
-                    answer = json.loads(line.partition(":")[2])
-                    break
-        if event != "complete":
-            raise RuntimeError(f"the app answered {event}: {answer}")
-        gallery, details = answer[0], answer[1]
+        event_id = post_call(self.http, body)
+        gallery, details = read_answer(self.http, event_id)[:2]
         for k, item in enumerate(gallery):
             path = self.download_dir / f"{event_id}-{k}.png"
             path.write_bytes(self.http.get(item["image"]["url"]).raise_for_status().content)

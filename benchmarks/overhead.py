@@ -46,6 +46,7 @@ from pathlib import Path
 from backend import GenerationRequest, Settings, create_backend
 from backend.core.schedulers import DEFAULT_SCHEDULER
 from backend.models.tiny import save
+from benchmarks.gradio_http import HIRES_OFF, post_call, read_answer
 from benchmarks.procs import free_port, run_process
 
 PROMPT = "a lovely cat"
@@ -156,21 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     def http_runner(url, http):
         def run(seed):
             t0 = time.perf_counter()
-            # Every input of /generate, in order: the last five are the hires fix's (enable_hr False: off).
-            data = [PROMPT, "", steps, "fp32", CFG, seed, DEFAULT_SCHEDULER, size, size, 1, False,
-                    False, 1.5, "latent", 0, 0.7]
-            event_id = http.post("/gradio_api/call/generate", json={"data": data}).raise_for_status().json()["event_id"]
-            event, answer = None, None
-            with http.stream("GET", f"/gradio_api/call/generate/{event_id}") as stream:
-                for line in stream.iter_lines():
-                    if line.startswith("event:"):
-                        event = line.partition(":")[2].strip()
-                    elif line.startswith("data:") and event in ("complete", "error"):
-                        answer = json.loads(line.partition(":")[2])
-                        break
-            if event != "complete":
-                raise RuntimeError(f"the app answered {event}: {answer}")
-            gallery, details = answer[0], answer[1]
+            # Every input of /generate, in order (the positional form must send them all).
+            data = [PROMPT, "", steps, "fp32", CFG, seed, DEFAULT_SCHEDULER, size, size, 1, False, *HIRES_OFF]
+            gallery, details = read_answer(http, post_call(http, {"data": data}))[:2]
             for item in gallery:
                 http.get(item["image"]["url"]).raise_for_status()
             elapsed = (time.perf_counter() - t0) * 1000.0

@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from backend.sagemaker import protocol
+from benchmarks.gradio_http import HIRES_OFF
 from helpers import ROOT, free_port, run_app
 
 USER, PASSWORD = "alice", "s3cret-pa55word"
@@ -291,8 +292,7 @@ def test_raw_http_api_answers_any_json_cleanly(auth_app):
         assert_nothing_revealed(not_json.text)
         # And the app still works.
         # Every input of /generate in order; the last five are the hires fix's (enable_hr False: off).
-        response = http.post("/gradio_api/call/generate", json={"data": ["fine", *FAST.values(), False, False, 1.5,
-                                                                         "latent", 0, 0.7]})
+        response = http.post("/gradio_api/call/generate", json={"data": ["fine", *FAST.values(), False, *HIRES_OFF]})
         stream = http.get(f"/gradio_api/call/generate/{response.json()['event_id']}").text
         assert "event: complete" in stream and "sd-outputs-" in stream
 

@@ -360,24 +360,24 @@ class GenerationRequest:
 
 def normalize_upscaler(value: Any, caps: Capabilities) -> str:
     """Map a hires upscaler key or A1111 label ("Latent (nearest)", "lanczos") to its key, one the backend offers."""
-    if isinstance(value, str):
-        wanted = value.strip().lower()
-        for key in caps.hr_upscalers:
-            if wanted in (key, HR_UPSCALER_LABELS.get(key, key).lower()):
-                return key
-    names = ", ".join(f"{HR_UPSCALER_LABELS.get(k, k)} ({k})" for k in caps.hr_upscalers)
-    raise InvalidRequest(f"hr_upscaler: {_show(value)} is not offered here; choose one of {names}.", "hr_upscaler")
+    return _choice("hr_upscaler", value, caps.hr_upscalers, HR_UPSCALER_LABELS, "is not offered here")
 
 
 def normalize_scheduler(value: Any, caps: Capabilities) -> str:
     """Map a scheduler key or display name ("DPM++ 2M", "euler-a") to its key."""
+    return _choice("scheduler", value, caps.schedulers, SCHEDULERS, "is not known")
+
+
+def _choice(name: str, value: Any, keys: tuple[str, ...], labels: dict[str, str], refusal: str) -> str:
+    """The key of `keys` that `value` names, by key or by label (case and spaces aside), or InvalidRequest naming
+    the field and every choice."""
     if isinstance(value, str):
         wanted = value.strip().lower()
-        for key in caps.schedulers:
-            if wanted in (key, SCHEDULERS.get(key, key).lower()):
+        for key in keys:
+            if wanted in (key, labels.get(key, key).lower()):
                 return key
-    names = ", ".join(f"{SCHEDULERS.get(k, k)} ({k})" for k in caps.schedulers)
-    raise InvalidRequest(f"scheduler: {_show(value)} is not known; choose one of {names}.", "scheduler")
+    names = ", ".join(f"{labels.get(k, k)} ({k})" for k in keys)
+    raise InvalidRequest(f"{name}: {_show(value)} {refusal}; choose one of {names}.", name)
 
 
 _REPR = reprlib.Repr()

@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 import torch
+from PIL import Image, ImageFilter
 
 from ..core.api import MODES, GenerationRequest, PreviewCallback, StepCallback, Timings, hires_schedule
 from ..core.fewstep import step_eta
@@ -201,8 +202,6 @@ def unet_modes(pipe) -> tuple[str, ...]:
 
 def blurred_mask(request: GenerationRequest):
     """The inpaint mask after its Gaussian blur (A1111's "Mask blur": the radius is the blur's sigma, in pixels)."""
-    from PIL import ImageFilter
-
     if not request.mask_blur:
         return request.mask
     return request.mask.filter(ImageFilter.GaussianBlur(request.mask_blur))
@@ -211,8 +210,6 @@ def blurred_mask(request: GenerationRequest):
 def paste_back(generated: list[Any], original: Any, mask: Any) -> list[Any]:
     """The generated images over the original through the (blurred) mask, as A1111 does after an inpaint:
     where the mask is 0 the pixels are the input's exactly, where it is 255 the generated ones."""
-    from PIL import Image
-
     return [Image.composite(image, original, mask) for image in generated]
 
 
@@ -286,8 +283,6 @@ def upscale_pictures(pipe, latents: torch.Tensor, size: tuple[int, int]) -> list
     """The hires fix's Lanczos upscaler: the first pass decoded, each picture resized with PIL's Lanczos filter
     (A1111's UpscalerLanczos, modules/upscaler.py, then images.resize_image to the exact size); the img2img pass
     encodes them at the larger size."""
-    from PIL import Image
-
     decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
     pictures = pipe.image_processor.postprocess(decoded, output_type="pil", do_denormalize=[True] * len(latents))
     return [picture.resize(size, resample=Image.LANCZOS) for picture in pictures]

@@ -1,0 +1,31 @@
+"""Gradio's HTTP API as curl and a browser's queue call it: POST /gradio_api/call/<api>, then its event stream to
+`complete` (gradio's docs, "Querying Gradio Apps with Curl"). One place for the benchmarks that call the app so."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+# /generate's last five API inputs, the hires fix's (enable_hr, hr_scale, hr_upscaler, hr_steps, denoising_strength)
+# with enable_hr False: off. Gradio's positional form must send every input; gradio_client fills them in itself.
+HIRES_OFF = (False, 1.5, "latent", 0, 0.7)
+
+
+def post_call(http, body: dict[str, Any], api: str = "generate") -> str:
+    """POST a call on an httpx client; its event id."""
+    return http.post(f"/gradio_api/call/{api}", json=body).raise_for_status().json()["event_id"]
+
+
+def read_answer(http, event_id: str, api: str = "generate") -> list[Any]:
+    """The call's event stream read to its `complete` event: the outputs; RuntimeError on an `error` event."""
+    event, answer = None, None
+    with http.stream("GET", f"/gradio_api/call/{api}/{event_id}") as stream:
+        for line in stream.iter_lines():
+            if line.startswith("event:"):
+                event = line.partition(":")[2].strip()
+            elif line.startswith("data:") and event in ("complete", "error"):
+                answer = json.loads(line.partition(":")[2])
+                break
+    if event != "complete":
+        raise RuntimeError(f"the server answered {event}: {answer}")
+    return answer
