@@ -63,7 +63,7 @@ def test_api_is_callable_by_keyword_with_defaults(client):
 
 
 # The app sends its first preview once a preview fits 5% of the time since the start (ui/handlers.LatestPreview: at
-# least 50 ms each, so after about 1 s): a generation must outlast that for a preview to be due at all.
+# least 25 ms each, so after about 0.5 s): a generation must outlast that for a preview to be due at all.
 # The tiny model takes milliseconds a step at 128x128 on 2 cores: the run is 512x512, its steps sized to last this.
 PREVIEW_RUN_S = 3.0
 PREVIEW_SIZE = 512

@@ -166,6 +166,25 @@ def test_floor_script_runs_the_app_beside_a_bare_gradio_app(tmp_path):
     assert "gradio SessionState() (a new session's state)" in rows["app, new session"]["stages"]
 
 
+def test_preview_script_alternates_preview_on_and_off_in_one_app(tmp_path):
+    """benchmarks.preview: one app, on and off alternating; the previews it counts are the captioned pictures the
+    app streamed (and fetched, as the page does), none with the preview off. 40 steps at 512x512 outlast the
+    first preview's pacing (0.5 s) on a fast machine; a slower one only shows more."""
+    out, table = tmp_path / "preview.json", tmp_path / "preview.md"
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.preview", "--runs", "2", "--warmup", "0", "--steps", "40",
+         "--json", str(out), "--markdown", str(table)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    sides = json.loads(out.read_text())
+    assert len(sides["on"]) == len(sides["off"]) == 2
+    assert all(row["shown_at_s"] for row in sides["on"]) and not any(row["shown_at_s"] for row in sides["off"])
+    for row in sides["on"] + sides["off"]:
+        assert 0 < row["denoise_ms"] <= row["backend_ms"] <= row["e2e_ms"]
+    text = table.read_text()
+    assert "| denoising (ms) |" in text and "Previews shown per generation: median" in text
+
+
 def test_instant_backend_answers_like_a_backend():
     """The benchmark's stand-in validates as every backend does and labels its images with the real infotext."""
     from backend import GenerationRequest, InvalidRequest

@@ -72,3 +72,60 @@ def test_auto_previews_every_step_when_they_are_cheap_and_rarely_when_dear():
         if dear.due(step, 20, step * 100.0):
             dear.record(50.0)
     assert cheap.count == 19 and dear.count == 1
+
+
+def test_a_caller_that_paces_the_previews_decides_alone():
+    """With the caller's wanted() (the app's handler, api.preview_wanted), the backend makes a preview only when it
+    says one would be shown: no budget of its own, and --preview-every N keeps to its steps within that."""
+    asked = []
+
+    def wanted_at(steps):
+        return lambda: asked.append(len(asked) + 1) or asked[-1] in steps
+
+    auto = PreviewPacer(wanted=wanted_at({2, 5}))
+    assert [s for s in range(1, 11) if auto.due(s, 10, elapsed_ms=s * 100.0)] == [2, 5]
+    asked.clear()
+    every = PreviewPacer(every=3, wanted=lambda: True)
+    assert [s for s in range(1, 11) if every.due(s, 10, 0.0)] == [3, 6, 9]
+    assert [s for s in range(1, 11) if PreviewPacer(every=3, wanted=lambda: False).due(s, 10, 0.0)] == []
+    assert not PreviewPacer(wanted=lambda: True).due(10, 10, 0.0)  # never after the last step
+
+
+def test_preview_wanted_reads_the_callbacks_own_pacing():
+    from backend.core.api import preview_wanted
+
+    class Paced:
+        def __call__(self, step, total, images):
+            pass
+
+        def wanted(self):
+            return False
+
+    assert preview_wanted(None) is None and preview_wanted(lambda *a: None) is None
+    paced = Paced()
+    assert preview_wanted(paced)() is False
+
+
+def test_the_pipeline_makes_only_the_previews_the_caller_wants(tiny_dir):
+    """On the real pipeline: a preview after exactly the steps whose wanted() said yes (asked once per step)."""
+    from backend import GenerationRequest, Settings, create_backend
+    from backend.inprocess import pipeline
+
+    backend = create_backend(Settings(backend="local", model=str(tiny_dir), device="cpu"))
+    request = GenerationRequest("a cat", steps=6, seed=1, width=64, height=64).validated(backend.capabilities())
+
+    class Caller:
+        def __init__(self):
+            self.asked, self.made = 0, []
+
+        def wanted(self):
+            self.asked += 1
+            return self.asked in (2, 4)
+
+        def __call__(self, step, total, pictures):
+            self.made.append((step, total, pictures[0].size))
+
+    caller = Caller()
+    pipeline.run(backend.precision_pipeline("fp32"), request, [1], on_preview=caller)
+    assert caller.made == [(2, 6, (8, 8)), (4, 6, (8, 8))] and caller.asked == 5  # not after the last step
+    backend.close()

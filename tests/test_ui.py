@@ -8,12 +8,14 @@ import concurrent.futures
 import logging
 import re
 import threading
+import time
 
 import gradio as gr
 import pytest
 from PIL import Image
 
 from backend import Capabilities, GenerationRequest, GenerationResult, InvalidRequest, Timings
+from backend.core.api import preview_wanted
 from backend.core.metadata import attach, parse_infotext, read_infotext, write_infotext
 from backend.core.stats import LatencyStats
 from ui.cancel import CancelRegistry
@@ -333,6 +335,44 @@ def test_the_handler_yields_previews_then_the_images(tmp_path):
     gallery, details, stats = last
     assert len(gallery) == 1 and gallery[0].endswith("7.png")  # plain paths: the API's result as before
     assert details["seeds"] == [7] and stats.summary().count == 1
+
+
+class Stepping:
+    """A backend that asks the caller before each preview (api.preview_wanted), as the in-process ones do."""
+
+    name = "stepping"
+
+    def __init__(self, steps: int = 30, step_s: float = 0.04):
+        self.steps, self.step_s = steps, step_s
+        self.shown = threading.Event()  # what collect() sets; unused here
+        self.made: list[int] = []
+
+    def capabilities(self):
+        return Capabilities(backend=self.name, model="m", device="cpu", precisions=("fp32",), previews=True)
+
+    def generate(self, request, on_step=None, on_preview=None):
+        wanted = preview_wanted(on_preview)
+        for step in range(1, self.steps + 1):
+            time.sleep(self.step_s)
+            on_step(step, self.steps)
+            if wanted is not None and step < self.steps and wanted():
+                self.made.append(step)
+                on_preview(step, self.steps, [Image.new("RGB", (8, 8), "red")])
+        image = attach(Image.new("RGB", (64, 64), "blue"), "a picture\nSteps: 30")
+        return GenerationResult(images=[image], seeds=[7], timings=Timings(total_ms=5.0), request=request,
+                                backend=self.name, model="m")
+
+
+def test_the_handler_paces_the_backend_so_every_preview_made_is_shown(tmp_path):
+    """One pacer: the backend makes a preview only when the handler will show it, so none is made to be dropped,
+    and each shown is the newest (its step is the one just made). 30 steps of 40 ms outlast the first preview's
+    pacing (0.5 s) however loaded the machine: sleeps only get longer."""
+    backend = Stepping()
+    values = collect(Handlers(backend, OutputStore(tmp_path)), backend, prompt="cat", steps=30)
+    *previews, last = values
+    shown = [int(gallery[0][1].split()[2]) for gallery, _, _ in previews]  # "Preview: step N of 30"
+    assert shown and shown == backend.made
+    assert len(last[0]) == 1 and last[1]["seeds"] == [7]
 
 
 def test_no_previews_asked_when_the_client_or_the_backend_says_no(tmp_path):

@@ -75,20 +75,25 @@ def user_error(exc: BaseException, request_id: str) -> gr.Error:
 
 
 class LatestPreview:
-    """Hands previews from the torch thread to the handler; one the handler has not shown yet is
-    replaced by a newer one (a slow browser sees fewer previews, never an old one late).
+    """The one pacer of a generation's previews: tells the backend when it wants the next one (wanted(), asked on the
+    torch thread before a preview is made, api.preview_wanted) and hands each from the torch thread to the handler.
+    A preview the handler has not shown yet is replaced by a newer one (a backend that paces its own, such as
+    ZeroGPU's worker or --preview-every N, may make more than are shown; a slow browser sees fewer, never an old one
+    late).
 
-    Paced by what showing one costs: between a yield and the handler's next turn, Gradio writes the
-    picture to its cache and sends it, and then the browser fetches it, on the cores the generation
-    runs on. Each preview is counted at that measured time, or at least `min_cost_s` (what the
-    overhead benchmark found a preview costs a generation end to end on 2 cores, docs/benchmarks.md:
-    the contention with the torch threads is more than the time the handler sees). The next preview
-    waits until the previews so far plus one more are within `budget` of the time since the start, and
-    at least `min_interval_s` after the last (each one sent briefly hides Gradio's progress bar).
-    A fast backend makes a preview every step, more than a browser can draw; this sends what fits.
+    Paced by what showing one costs: between a yield and the handler's next turn, Gradio writes the picture to its
+    cache and sends it, and then the browser fetches it, on the cores the generation runs on. Each preview is
+    counted at that measured time, or at least `min_cost_s`: the handler sees only part of the cost, and on 2 cores
+    a shown preview cost the denoising 7-15 ms (benchmarks.preview with the pacing loosened: 3 previews in a 1.5 s
+    generation +1.3%, 5 previews +5.2%), so 25 ms keeps a machine twice as slow within the budget too. The next
+    preview is wanted once the previews so far
+    plus one more are within `budget` of the time since the start, and at least `min_interval_s` after the last
+    (each one sent briefly hides Gradio's progress bar); the backend makes it at the first step that ends after
+    that, so it is as fresh as the steps allow and none is made to be dropped. `made` counts the previews the
+    backend handed over, `shown` those the handler sent.
     """
 
-    def __init__(self, budget: float = 0.05, min_cost_s: float = 0.05, min_interval_s: float = 0.5):
+    def __init__(self, budget: float = 0.05, min_cost_s: float = 0.025, min_interval_s: float = 0.5):
         self.budget = budget
         self.min_cost_s = min_cost_s
         self.min_interval_s = min_interval_s
@@ -100,10 +105,20 @@ class LatestPreview:
         self._last_cost_s = min_cost_s  # what the next preview is expected to cost
         self._latest: tuple[int, int, list[Any]] | None = None
         self._ready = asyncio.Event()
+        # When the next preview is wanted, on time.monotonic()'s clock (read on the torch thread, where the loop's
+        # own clock is not to be asked); +inf while one is on its way to the handler.
+        self._wanted_from = time.monotonic() + self._wait_s()
+        self.made = 0
         self.shown = 0
 
-    def put(self, step: int, total: int, images: list[Any]) -> None:
-        """Called on the torch thread after a preview step."""
+    def wanted(self) -> bool:
+        """Called on the torch thread before a preview is made: whether the handler would show one made now."""
+        return time.monotonic() >= self._wanted_from
+
+    def __call__(self, step: int, total: int, images: list[Any]) -> None:
+        """The backend's on_preview, called on the torch thread with a preview it made."""
+        self._wanted_from = float("inf")  # none more until the handler has taken this one
+        self.made += 1
         self._loop.call_soon_threadsafe(self._set, (step, total, images))
 
     def _set(self, item: tuple[int, int, list[Any]]) -> None:
@@ -123,8 +138,11 @@ class LatestPreview:
             self._last_cost_s = max(self._loop.time() - self._yielded_at, self.min_cost_s)
             self.spent_s += self._last_cost_s
             self._yielded_at = None
-        wait_s = self._wait_s()
-        if wait_s > 0:
+            wait_s = self._wait_s()
+            self._wanted_from = time.monotonic() + wait_s
+        else:
+            wait_s = self._wait_s()
+        if wait_s > 0:  # a backend that paces its own may hand one over early: it waits its turn
             await asyncio.wait({generation}, timeout=wait_s)
         waiter = asyncio.ensure_future(self._ready.wait())
         try:
@@ -248,7 +266,7 @@ class Handlers:
             # sync function would hold the device until a generation nobody waits for was done.
             generation = asyncio.ensure_future(anyio.to_thread.run_sync(
                 functools.partial(self._generate_and_save, req, on_step,
-                                  previews.put if want_previews else None),
+                                  previews if want_previews else None),
                 abandon_on_cancel=True))
             try:
                 while (shown := await previews.next_or(generation)) is not None:
@@ -280,9 +298,9 @@ class Handlers:
             gr.Warning(as_text(warning))
         stats = stats if isinstance(stats, LatencyStats) else LatencyStats()
         stats.add(result.timings.total_ms, len(files))
-        log.info("request %s: generated %d image(s) (%s) in %.0f ms (backend %.0f ms, %d preview(s) shown)",
+        log.info("request %s: generated %d image(s) (%s) in %.0f ms (backend %.0f ms, %d preview(s) shown, %d made)",
                  request_id, len(files), req.mode, (time.perf_counter() - started) * 1000.0,
-                 result.timings.total_ms, previews.shown)
+                 result.timings.total_ms, previews.shown, previews.made)
         yield files, details, stats
 
     def _generate_and_save(self, req: GenerationRequest, on_step, on_preview) -> tuple[Any, list[str], float]:

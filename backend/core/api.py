@@ -561,7 +561,18 @@ class GenerationResult:
 
 StepCallback = Callable[[int, int], None]
 # on_preview(step, total, images): small PIL pictures of the latents after `step` (backend/inprocess/preview.py).
+# It may also have a `wanted()` method (preview_wanted): then the caller paces the previews, the backend asks it
+# before making one and makes none it would drop.
 PreviewCallback = Callable[[int, int, list[Any]], None]
+
+
+def preview_wanted(on_preview: PreviewCallback | None) -> Callable[[], bool] | None:
+    """The caller's own pacing of previews, where on_preview has one: `on_preview.wanted()` says, on the thread that
+    generates, whether a preview made now would be shown. One pacer, the one that shows them: a backend pacing
+    previews by its own measure made one every step on a fast model, and the app dropped all but one or two a
+    second, which cost 3% of the denoising for pictures nobody saw (docs/benchmarks.md, benchmarks.preview)."""
+    wanted = getattr(on_preview, "wanted", None)
+    return wanted if callable(wanted) else None
 
 
 class Backend(Protocol):
@@ -575,7 +586,8 @@ class Backend(Protocol):
     def generate(self, request: GenerationRequest, on_step: StepCallback | None = None,
                  on_preview: PreviewCallback | None = None) -> GenerationResult:
         """Run one request; on_step(step, total) is called after each denoising step, and, where
-        capabilities().previews, on_preview(step, total, images) after some of them."""
+        capabilities().previews, on_preview(step, total, images) after some of them (those on_preview.wanted()
+        allows, where it has one: preview_wanted)."""
 
     def close(self) -> None:
         """Free what the backend holds."""

@@ -268,8 +268,9 @@ def add_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] | None
                         "checked before loading (default 32, inf2's; set it for other instance types or in tests)")
     g.add_argument("--preview-every", type=_preview_every, metavar="auto|N",
                    default=_env(env, "preview-every") or "auto",  # a string default goes through type=
-                   help="in-process backends: a picture of the latents while denoising, after every N steps; "
-                        "auto (default) = as often as 5%% of the denoising time allows; 0 = none (load tests)")
+                   help="in-process backends: a picture of the latents while denoising, after every N steps "
+                        "(the app shows at most one each 0.5 s, and only those are made); auto (default) = as often "
+                        "as the app shows one (at most 5%% of the time); 0 = none (load tests)")
     g.add_argument("--read-timeout", type=float, default=float(_env(env, "read-timeout") or READ_TIMEOUT_S),
                    help=f"sagemaker backend: seconds to wait for an answer (default {READ_TIMEOUT_S:g}; keep it "
                         f">= 70 against real endpoints). A timed-out invocation is never retried: it may have run")

@@ -25,6 +25,7 @@ from ..core.api import (
     GenerationResult,
     PreviewCallback,
     StepCallback,
+    preview_wanted,
     random_seed,
 )
 from ..core.errors import BackendError, GenerationFailed, short_error
@@ -190,7 +191,8 @@ class InProcessBackend:
                 images, timings = lane.device.run(
                     pipeline.run, pipe, request, seeds, on_step, scheduler=scheduler,
                     on_preview=on_preview if self._caps.previews else None,
-                    pacer=PreviewPacer(self.preview_every), emphasis=emphasis, hires_pipe=hires_pipe)
+                    pacer=PreviewPacer(self.preview_every, wanted=preview_wanted(on_preview)), emphasis=emphasis,
+                    hires_pipe=hires_pipe)
             except BackendError:
                 raise
             except Exception as exc:  # noqa: BLE001 - anything else is this generation failing

@@ -9,7 +9,15 @@ from typing import Any
 import torch
 from PIL import Image, ImageFilter
 
-from ..core.api import MODES, GenerationRequest, PreviewCallback, StepCallback, Timings, hires_schedule
+from ..core.api import (
+    MODES,
+    GenerationRequest,
+    PreviewCallback,
+    StepCallback,
+    Timings,
+    hires_schedule,
+    preview_wanted,
+)
 from ..core.fewstep import step_eta
 from .preview import PreviewPacer, noise_scale, preview_images
 from .prompts import Runs, parsed_prompts, weighted_tokens
@@ -302,8 +310,9 @@ def run(pipe, request: GenerationRequest, seeds: list[int], on_step: StepCallbac
     Nothing in the denoising loop waits for the device: on_step is called when a step has been
     queued (on a CPU, when it has run), and the timings are read after the images are on the host.
     on_step's total is the steps that run (`request.denoising_steps`: steps x strength from an image).
-    on_preview gets pictures of the latents after the steps `pacer` picks (a preview copies them to
-    the host, which on a GPU waits for that step); its time counts in the next step's.
+    on_preview gets pictures of the latents after the steps `pacer` picks (by default those on_preview.wanted()
+    asks for, where it has one: api.preview_wanted; a preview copies them to the host, which on a GPU waits for
+    that step); its time counts in the next step's.
     emphasis: read A1111's emphasis syntax in both prompts (encode_prompts); off, the text goes to the tokenizer as is.
     A hires request (request.hires) then upscales the latents (upscale_latents, or upscale_pictures for lanczos) and
     runs `hires_pipe` (the img2img pipeline over the same modules; made here when None) at the larger size with the
@@ -323,7 +332,7 @@ def run(pipe, request: GenerationRequest, seeds: list[int], on_step: StepCallbac
     with torch.inference_mode():
         prompt_embeds, negative_embeds = encode_prompts(pipe, request, device, n, cfg, emphasis)
         clock.mark()
-        pacer = pacer or PreviewPacer()
+        pacer = pacer or PreviewPacer(wanted=preview_wanted(on_preview))
         denoise_start = time.perf_counter()
 
         done = [0]  # the steps of earlier passes (the hires pass counts on after the first)

@@ -15,7 +15,7 @@ holds between steps; the result maps [-1, 1] to [0, 255] as the decoder's output
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 LATENT_CHANNELS = 4
 # Rows: latent channels 0-3; columns: R, G, B.
@@ -69,18 +69,22 @@ def noise_scale(scheduler: Any) -> float:
 class PreviewPacer:
     """After which denoising steps a preview is made.
 
-    every=N: after steps N, 2N, ... (never after the last, whose image the decoder makes anyway).
-    every=None (auto): whenever the previews so far plus one more (at the last one's cost) stay within
-    `budget` of the denoising time so far, so they cost at most ~5% on whatever backend runs them; the
-    first is made after step 1 and measured. The cost counted is this process's: projecting, making
-    the picture and handing it to the callback (the app sends it to the browser on another thread).
+    wanted: the caller's own pacing (api.preview_wanted: the app's handler, which knows when it will show the next
+    preview): where given, a preview is made only when it says one is wanted, so none is made to be dropped.
+    every=N: after steps N, 2N, ... (never after the last, whose image the decoder makes anyway), and, with
+    `wanted`, only those of them it wants.
+    every=None (auto): as `wanted` says; without it, whenever the previews so far plus one more (at the last one's
+    cost) stay within `budget` of the denoising time so far, so they cost at most ~5% on whatever backend runs
+    them; the first is made after step 1 and measured. The cost counted is this process's: projecting, making
+    the picture and handing it to the callback.
     """
 
-    def __init__(self, every: int | None = None, budget: float = 0.05):
+    def __init__(self, every: int | None = None, budget: float = 0.05, wanted: Callable[[], bool] | None = None):
         if every is not None and every < 1:
             raise ValueError(f"preview every {every} steps: use 1 or more, or None for auto")
         self.every = every
         self.budget = budget
+        self.wanted = wanted
         self.spent_ms = 0.0
         self.last_ms = 0.0
         self.count = 0
@@ -90,7 +94,9 @@ class PreviewPacer:
         if step >= total:
             return False
         if self.every is not None:
-            return step % self.every == 0
+            return step % self.every == 0 and (self.wanted is None or self.wanted())
+        if self.wanted is not None:
+            return self.wanted()
         return self.count == 0 or self.spent_ms + self.last_ms <= self.budget * elapsed_ms
 
     def record(self, cost_ms: float) -> None:
