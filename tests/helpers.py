@@ -17,10 +17,7 @@ if str(ROOT) not in sys.path:
 
 from benchmarks.procs import AppProcess, free_port, run_app, run_process, wait_http  # noqa: E402, F401 - shared here
 
-CHROMIUM = os.environ.get("SD_CHROMIUM", "/usr/bin/chromium")  # Debian's; Playwright never downloads one
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--no-first-run"]
+from benchmarks.page import CHROMIUM, CHROMIUM_ARGS  # noqa: E402, F401 - Debian's Chromium, shared here
 
 T = TypeVar("T")
 

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -183,6 +184,23 @@ def test_preview_script_alternates_preview_on_and_off_in_one_app(tmp_path):
         assert 0 < row["denoise_ms"] <= row["backend_ms"] <= row["e2e_ms"]
     text = table.read_text()
     assert "| denoising (ms) |" in text and "Previews shown per generation: median" in text
+
+
+def test_live_script_measures_a_pause_in_chromium(tmp_path):
+    """benchmarks.live, one round: the page typed into, the generation found in the app's log, the picture's arrival
+    stamped in the page; the parts are in the order they happen."""
+    from benchmarks.page import CHROMIUM
+
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no Chromium at {CHROMIUM}")
+    out = tmp_path / "live.json"
+    done = subprocess.run([sys.executable, "-m", "benchmarks.live", "--rounds", "1", "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    [row] = json.loads(out.read_text())
+    assert row["prompt"] == "a red fox number 1"
+    assert 0 < row["start_ms"] < row["image_ms"] and 0 < row["backend_ms"] <= row["handler_ms"]
+    assert "| start over the pause" in done.stdout
 
 
 def test_instant_backend_answers_like_a_backend():

@@ -18,6 +18,14 @@ import pytest
 from PIL import Image
 
 from backend.core.metadata import parse_infotext, read_infotext
+from benchmarks.page import (  # noqa: F401 - shared with the other browser tests from here
+    open_advanced,
+    open_app,
+    session_count,
+    set_slider,
+    small_settings,
+    wait_for_result,
+)
 from helpers import CHROMIUM, run_app, screenshot
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,54 +37,11 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright pac
 
 # --- helpers: what a person does ---------------------------------------------------------------------
 
-def open_app(pg, url: str) -> None:
-    """Load the page and wait for the prompt box."""
-    pg.goto(url)
-    pg.get_by_label("Prompt", exact=True).wait_for(timeout=60_000)
-
-
-def open_advanced(pg) -> None:
-    """Unfold the Advanced accordion."""
-    pg.get_by_text("Advanced", exact=True).click()
-    pg.get_by_label("number input for Width").wait_for()
-
-
-def set_slider(pg, label: str, value: int) -> None:
-    """Type a value in a slider's number box."""
-    box = pg.get_by_label(f"number input for {label}")
-    slider = pg.get_by_label(f"range slider for {label}")
-    for _ in range(3):  # a box typed into while the page is still busy can lose the value: check it took
-        box.fill(str(value))
-        box.press("Enter")
-        try:
-            pg.wait_for_function("([el, v]) => el.value === v", arg=[slider.element_handle(), str(value)],
-                                 timeout=5_000)
-            return
-        except sync_api.TimeoutError:
-            continue
-    raise AssertionError(f"the {label} slider did not take the value {value}")
-
 
 def choose(pg, label: str, option: str) -> None:
     """Pick an option of a dropdown."""
     pg.get_by_label(label, exact=True).click()
     pg.get_by_role("option", name=option, exact=True).click()
-
-
-def session_count(pg) -> int:
-    """Requests the latency panel has counted for this session (0 before the first)."""
-    found = re.search(r"This session:\s*(\d+) request", pg.locator("#latency").inner_text())
-    return int(found.group(1)) if found else 0
-
-
-def wait_for_result(pg, before: int, timeout_s: float = 180.0) -> str:
-    """Wait until the latency panel counts one more request; returns the panel's text."""
-    pg.wait_for_function(
-        "n => { const m = (document.querySelector('#latency')?.innerText || '')"
-        ".match(/This session:\\s*(\\d+) request/); return m && Number(m[1]) > n; }",
-        arg=before, timeout=timeout_s * 1000,
-    )
-    return pg.locator("#latency").inner_text()
 
 
 def gallery_sources(pg) -> list[str]:
@@ -109,13 +74,6 @@ def select_thumbnail(pg, index: int, count: int) -> None:
 def pixels(png: bytes) -> np.ndarray:
     with Image.open(io.BytesIO(png)) as img:
         return np.asarray(img.convert("RGB"))
-
-
-def small_settings(pg, steps: int = 2, size: int = 64) -> None:
-    """Few steps and a small image: the browser tests check behaviour, not pictures."""
-    set_slider(pg, "Steps", steps)
-    set_slider(pg, "Width", size)
-    set_slider(pg, "Height", size)
 
 
 # --- tests ---------------------------------------------------------------------------------------

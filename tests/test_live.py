@@ -155,6 +155,54 @@ def test_the_same_text_again_is_no_keystroke(tiny_backend, tmp_path):
     assert running.is_set()
 
 
+def test_a_waiting_run_ends_at_the_keystroke_that_makes_it_stale(tiny_backend, tmp_path, monkeypatch):
+    """A live run waiting for its pause ends as soon as its prompt is typed on (from Gradio's worker thread, where
+    the unqueued live_typing runs), not when its pause would have ended: the browser sends the deferred run only
+    once it is done (ui/live.py). The pause is made a minute long, so a run that slept it out would fail."""
+    monkeypatch.setattr("ui.live.PAUSE_S", 60.0)
+    handlers = Handlers(tiny_backend, OutputStore(tmp_path), live_gate=LiveGate(max_ms=1e9))
+    handlers.live_gate.record(key(), 1.0)
+    session = Session("s4")
+
+    async def scenario():
+        handlers.live_typing("a cat", session)
+        waiting = asyncio.ensure_future(handlers.live("a cat", True, request=session, **SMALL))
+        await asyncio.sleep(0.05)  # it is waiting for the pause
+        assert not waiting.done()
+        await asyncio.to_thread(handlers.live_typing, "a cat!", session)
+        return await asyncio.wait_for(waiting, timeout=30)
+
+    assert in_own_loop(scenario()) == (gr.skip(),) * 3 and handlers.live_generations == 0
+    typing = handlers.typing
+    assert not typing._waiting.get("s4"), "the ended run left its waiter behind"
+
+
+def test_a_pause_takes_one_generation_however_often_the_browser_asks():
+    """Chromium can send the same text's live run twice in one pause (ui/live.py, claim_pause): the second finds
+    the pause served. A keystroke opens a new pause; an API caller that never typed is never refused."""
+    typing = LiveTyping()
+    typing.typed("s", "a cat")
+    assert typing.claim_pause("s", "a cat") and not typing.claim_pause("s", "a cat")
+    assert not typing.claim_pause("s", "a ca")  # not the latest prompt
+    typing.typed("s", "a cat!")
+    assert typing.claim_pause("s", "a cat!")
+    assert typing.claim_pause("api", "a dog") and typing.claim_pause("api", "a dog")
+
+
+def test_the_same_texts_second_run_in_a_pause_generates_nothing(tiny_backend, tmp_path):
+    handlers = Handlers(tiny_backend, OutputStore(tmp_path), live_gate=LiveGate(max_ms=1e9))
+    handlers.live_gate.record(key(), 1.0)
+    session = Session("s5")
+    handlers.live_typing("a fox", session)
+
+    async def scenario():
+        first = await handlers.live("a fox", True, request=session, **SMALL)
+        return first, await handlers.live("a fox", True, request=session, **SMALL)
+
+    first, again = in_own_loop(scenario())
+    assert first[0] and again == (gr.skip(),) * 3 and handlers.live_generations == 1
+
+
 @pytest.mark.parametrize("live_on, prompt", [(False, "a cat"), (True, "   ")])
 def test_live_off_or_an_empty_prompt_generates_nothing(tiny_backend, tmp_path, live_on, prompt):
     handlers = Handlers(tiny_backend, OutputStore(tmp_path), live_gate=LiveGate(max_ms=1e9))

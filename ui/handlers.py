@@ -26,7 +26,7 @@ from backend import (
 from backend.core.api import new_request_id
 from backend.core.stats import LatencyStats
 from ui.cancel import CancelRegistry
-from ui.live import LIVE_SEED, PAUSE_S, LiveGate, LiveTyping, settings_key
+from ui.live import LIVE_SEED, LiveGate, LiveTyping, settings_key
 from ui.outputs import OutputStore
 from ui.pictures import editor_image_and_mask, file_bytes
 
@@ -333,13 +333,13 @@ class Handlers:
         session = getattr(request, "session_hash", None)
         if not live_on or not session or not (prompt or "").strip():
             return skip
-        while (wait_s := PAUSE_S - self.typing.quiet_for_s(session)) > 0:
-            await asyncio.sleep(wait_s)
-        if not self.typing.is_latest(session, prompt):
-            return skip  # typed on during the pause: the browser's deferred run brings the newer prompt
+        if not await self.typing.wait_for_pause(session, prompt):
+            return skip  # typed on: done now, so the browser sends its deferred run, with the newer prompt, at once
         key = settings_key(steps, width, height, precision, guidance_scale)
         if not self.live_gate.decide(key).offered:
             return skip
+        if not self.typing.claim_pause(session, prompt):
+            return skip  # this pause has had its generation (the browser sent the same text's run again)
         live_seed = seed if seed not in (None, "", -1) else LIVE_SEED
         self.live_generations += 1
         log.info("live generation %d for %r", self.live_generations, prompt)

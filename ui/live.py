@@ -9,9 +9,15 @@ that moment, once the running one is done (gradio's frontend, Blocks-*.js: a tri
 in flight becomes `defer`; when it sends the deferred run it dispatches the whole input event again, so
 `live_typing` gets the same text a second time: that is no keystroke, and `LiveTyping.typed` does not count it;
 counting it restarted the pause, and Live began ~830 ms after the last keystroke, not ~480: docs/benchmarks.md).
-The live handler waits until PAUSE_S has passed since the last keystroke, and generates only if its prompt is
-still the latest one; so one pause makes at most one generation, and a keystroke during a generation stops it
-instead of queueing behind it.
+The live handler waits until PAUSE_S has passed since the last keystroke (`LiveTyping.wait_for_pause`), and
+generates only if its prompt is still the latest one; so one pause makes at most one generation, and a keystroke
+during a generation stops it instead of queueing behind it. A run whose prompt is typed on ends at that
+keystroke, not when its pause would have ended: the browser sends the deferred run only once the running one is
+done, so a stale run that slept out its pause made the last prompt's run start that much late (~70-100 ms over
+the pause: the stale answer, the deferred request, the queue). Ending it at once sends the deferred run while the
+person is still typing, and the last one is already waiting when the pause ends; the price is a small queued
+request per keystroke that comes while a run waits. Chromium then sometimes sends the same text's run twice in
+one pause: `LiveTyping.claim_pause` gives a pause one generation, whichever run asks first.
 
 When Live is offered: `LiveGate` keeps the measured backend latency per image of the recent generations of
 each setting that changes it (steps, size, precision, guidance on/off); Live is offered for the current
@@ -22,6 +28,7 @@ a generation with those settings has been measured, the page says to press Gener
 
 from __future__ import annotations
 
+import asyncio
 import statistics
 import threading
 import time
@@ -94,20 +101,62 @@ class LiveGate:
 
 
 class LiveTyping:
-    """Per session: when the prompt was last typed in, and its text then."""
+    """Per session: when the prompt was last typed in, and its text then; and the live runs waiting for its pause,
+    woken by the next keystroke."""
 
     def __init__(self):
         self._last: dict[str, tuple[float, str]] = {}
+        self._waiting: dict[str, set[tuple[asyncio.AbstractEventLoop, asyncio.Future]]] = {}
+        self._served: dict[str, float] = {}  # the keystroke whose pause has had its generation
         self._lock = threading.Lock()
 
     def typed(self, session: str, prompt: str) -> bool:
-        """A keystroke: the prompt is now `prompt`. False, and the time kept, when that is the text already noted
-        (the browser repeats the input event with the deferred live run; see the module's docstring)."""
+        """A keystroke: the prompt is now `prompt`, and the session's waiting runs are woken (from any thread).
+        False, and the time kept, when that is the text already noted (the browser repeats the input event with
+        the deferred live run; see the module's docstring)."""
         with self._lock:
             last = self._last.get(session)
             if last is not None and last[1] == prompt:
                 return False
             self._last[session] = (time.monotonic(), prompt)
+            waiting = self._waiting.pop(session, set())
+        for loop, woken in waiting:
+            loop.call_soon_threadsafe(_wake, woken)
+        return True
+
+    async def wait_for_pause(self, session: str, prompt: str) -> bool:
+        """Wait until the session has typed nothing for PAUSE_S: True if `prompt` is then still the latest; False
+        at the first keystroke that makes it stale (at once, not when the pause would have ended)."""
+        loop = asyncio.get_running_loop()
+        while self.is_latest(session, prompt):
+            wait_s = PAUSE_S - self.quiet_for_s(session)
+            if wait_s <= 0:
+                return True
+            woken = loop.create_future()
+            entry = (loop, woken)
+            with self._lock:
+                self._waiting.setdefault(session, set()).add(entry)
+            try:
+                if self.is_latest(session, prompt):  # no keystroke between the check above and the registration
+                    await asyncio.wait({woken}, timeout=wait_s)
+            finally:
+                with self._lock:
+                    self._waiting.get(session, set()).discard(entry)
+                woken.cancel()
+        return False
+
+    def claim_pause(self, session: str, prompt: str) -> bool:
+        """The pause after the last keystroke takes one generation: True for the first run to claim it (with the
+        latest prompt), False for any other. The browser can send the same text's run twice in one pause (a
+        deferred run re-dispatched as the one before it ended at a keystroke, seen in Chromium with 20 ms keys);
+        without a keystroke noted (an API caller), every run may generate."""
+        with self._lock:
+            last = self._last.get(session)
+            if last is None:
+                return True
+            if last[1] != prompt or self._served.get(session) == last[0]:
+                return False
+            self._served[session] = last[0]
             return True
 
     def quiet_for_s(self, session: str) -> float:
@@ -126,3 +175,11 @@ class LiveTyping:
         """Drop a session's record (tests; sessions are few and small otherwise)."""
         with self._lock:
             self._last.pop(session, None)
+            self._waiting.pop(session, None)
+            self._served.pop(session, None)
+
+
+def _wake(woken: asyncio.Future) -> None:
+    """On the waiting run's loop: wake it (unless it has stopped waiting)."""
+    if not woken.done():
+        woken.set_result(None)
