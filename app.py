@@ -25,6 +25,7 @@ from backend.core.api import DEFAULT_HR_STRENGTH, HR_UPSCALER_LABELS, MAX_HR_SCA
 from ui import panels
 from ui.blocks import DemoBlocks
 from ui.handlers import REQUEST_DEFAULTS, Handlers, reuse_first_seed, reuse_seed
+from ui.followers import Followers
 from ui.live import LiveGate, settings_key
 from ui.estimate import estimate_note
 from ui.outputs import OutputStore
@@ -351,8 +352,9 @@ def layout(backend: Backend) -> Page:
     return Page(tabs=tabs, modes=modes, png_info=png_info)
 
 
-def wire_generate(c: Controls, handlers: Handlers) -> gr.events.Dependency:
-    """Generate and Enter run one event (the API's /generate, /img2img); the latency panel follows; Stop cancels it.
+def wire_generate(c: Controls, handlers: Handlers, after: Followers) -> gr.events.Dependency:
+    """Generate and Enter run one event (the API's /generate, /img2img); the latency panel follows (one of `after`,
+    the updates the caller sends as one request once it succeeds); Stop cancels it.
 
     Inpaint's page event reads the editor (private); the API's /inpaint takes plain image and mask files, on a
     button never shown, over the same controls."""
@@ -381,8 +383,7 @@ def wire_generate(c: Controls, handlers: Handlers) -> gr.events.Dependency:
         """The latency panel after a generation, with the walk-through's figure for its settings."""
         return latency_markdown(details, stats, caps)
 
-    generation.success(latency_panel, inputs=[c.details, c.stats], outputs=[c.latency], queue=False,
-                       api_visibility="private")
+    after.add(latency_panel, [c.details, c.stats], [c.latency])
     # cancels=: Gradio cancels the queued or running task (the handler's worker thread is abandoned),
     # and the handler's stop event ends the backend's work at its next step.
     c.stop_btn.click(handlers.stop, None, None, cancels=[generation], queue=False,
@@ -394,10 +395,11 @@ def wire_generate(c: Controls, handlers: Handlers) -> gr.events.Dependency:
     return generation
 
 
-def wire_live(c: Controls, handlers: Handlers, generation: gr.events.Dependency, demo: gr.Blocks) -> None:
+def wire_live(c: Controls, handlers: Handlers, after: Followers, demo: gr.Blocks) -> None:
     """Live (text to image): every keystroke -> live_typing (unqueued: notes it, stops a stale live generation);
     then the live event, always_last: at most one in flight per browser, one deferred; it waits for a pause
-    (ui/live.py) and generates for the prompt if it is still the latest. The toggle follows the measured latency."""
+    (ui/live.py) and generates for the prompt if it is still the latest. The toggle follows the measured latency
+    (on load, when its settings change, and among `after`, the generation's followers, and the live event's)."""
     assert c.live is not None and c.live_note is not None
     gate_inputs = [c.steps, c.width, c.height, c.precision, c.guidance, c.live]
 
@@ -408,7 +410,7 @@ def wire_live(c: Controls, handlers: Handlers, generation: gr.events.Dependency,
 
     state = dict(fn=live_state, inputs=gate_inputs, outputs=[c.live, c.live_note], api_visibility="private")
     demo.load(**state, queue=False)
-    generation.success(**state, queue=False)
+    after.add(live_state, gate_inputs, [c.live, c.live_note])
     for control in (c.steps, c.width, c.height, c.precision, c.guidance):
         control.change(**state, queue=False)
     # Registered before the live event, so the browser sends it first for the same keystroke.
@@ -422,14 +424,16 @@ def wire_live(c: Controls, handlers: Handlers, generation: gr.events.Dependency,
                           concurrency_id="live", concurrency_limit=None, show_progress="hidden",
                           api_visibility="private")
     caps = handlers.backend.capabilities()
-    live.success(lambda details, stats: latency_markdown(details, stats, caps), inputs=[c.details, c.stats],
-                 outputs=[c.latency], queue=False, api_visibility="private")
-    live.success(**state, queue=False)  # live runs are measured too: the note follows them
+    live_after = Followers()
+    live_after.add(lambda details, stats: latency_markdown(details, stats, caps), [c.details, c.stats], [c.latency])
+    live_after.add(live_state, gate_inputs, [c.live, c.live_note])  # live runs are measured too: the note follows
+    live_after.attach(live)
 
 
-def wire_estimate(c: Controls, handlers: Handlers, generation: gr.events.Dependency, demo: gr.Blocks) -> None:
+def wire_estimate(c: Controls, handlers: Handlers, after: Followers, demo: gr.Blocks) -> None:
     """The line beside Generate: what a generation with these controls will take (measured here), or what it reserves
-    on ZeroGPU; set on load, when steps, size or the number of images change, and after each generation."""
+    on ZeroGPU; set on load, when steps, size or the number of images change, and after each generation (one of
+    `after`, the generation's followers)."""
     assert c.estimate is not None
     hires = [c.hires, c.hr_scale, c.hr_steps] if c.hires is not None else []
     controls = [c.steps, c.width, c.height, c.num_images, *hires]
@@ -445,8 +449,7 @@ def wire_estimate(c: Controls, handlers: Handlers, generation: gr.events.Depende
     demo.load(**state)
     for control in controls:
         control.change(**state)
-    generation.success(estimate, inputs=[*controls, c.details], outputs=[c.estimate], queue=False,
-                       api_visibility="private")
+    after.add(estimate, [*controls, c.details], [c.estimate])
 
 
 def wire_seed_buttons(c: Controls) -> None:
@@ -532,11 +535,13 @@ def build_demo(backend: Backend, settings: Settings) -> DemoBlocks:
                     auth=settings.auth_pair) as demo:
         page = layout(backend)
         for controls in page.modes.values():
-            generation = wire_generate(controls, handlers)
+            after = Followers()  # the page's updates after a generation, sent as one request (ui/followers.py)
+            generation = wire_generate(controls, handlers, after)
             wire_seed_buttons(controls)
             if controls.live is not None:
-                wire_live(controls, handlers, generation, demo)
-            wire_estimate(controls, handlers, generation, demo)
+                wire_live(controls, handlers, after, demo)
+            wire_estimate(controls, handlers, after, demo)
+            after.attach(generation)
         wire_png_info(page, backend.capabilities())
     caps = backend.capabilities()
     concurrency = settings.concurrency or DEFAULT_CONCURRENCY.get(caps.backend, caps.concurrency)

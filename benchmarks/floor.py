@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -117,10 +118,15 @@ def bare_demo():
 
     cache = Path(os.environ.get("GRADIO_TEMP_DIR") or Path(tempfile.gettempdir()) / "gradio") / "bare"
     cache.mkdir(parents=True, exist_ok=True)
-    png = cache / "ready.png"  # inside Gradio's cache, as the app's OutputStore writes: no hash and copy
-    png.write_bytes(png_bytes(attach(Image.new("RGB", (SIZE, SIZE), (200, 120, 60)), "a lovely cat\nSteps: 1")))
+    # The PNG encoded once; each answer is a new file of those bytes inside Gradio's cache (as the app's OutputStore
+    # writes: no hash and copy), so a page fetches each picture as it does the app's new files (one URL answered
+    # twice comes from the browser's cache at once, which made the bare page's Chromium figure ~25 ms too low).
+    ready = png_bytes(attach(Image.new("RGB", (SIZE, SIZE), (200, 120, 60)), "a lovely cat\nSteps: 1"))
+    turn = itertools.count()
 
     def generate(*values):
+        png = cache / f"ready-{next(turn)}.png"
+        png.write_bytes(ready)
         return [str(png)], {"seeds": [values[5]], "timings": {"total_ms": 0.0}}, None
 
     with gr.Blocks(analytics_enabled=False) as demo:
@@ -268,6 +274,60 @@ def call(http, seed: int, session_hash: str | None = None) -> dict[str, float]:
             "app_ms": float(details.get("app_ms", 0.0))}
 
 
+# In the page: click the button, resolve with the milliseconds until a new picture in the gallery has loaded.
+CLICK_TO_PICTURE = """(button) => new Promise((resolve) => {
+  const pictures = () => document.querySelectorAll('button.thumbnail-item img');
+  const seen = new Set([...pictures()].map((img) => img.src));
+  const t0 = performance.now();
+  const watch = new MutationObserver(() => {
+    for (const img of pictures()) {
+      if (seen.has(img.src)) continue;
+      seen.add(img.src);
+      const done = () => { watch.disconnect(); resolve(performance.now() - t0); };
+      if (img.complete && img.naturalWidth) done(); else img.addEventListener('load', done, {once: true});
+      return;
+    }
+  });
+  watch.observe(document.body, {subtree: true, childList: true, attributes: true, attributeFilter: ['src']});
+  button.click();
+})"""
+
+
+def browser_rounds(urls: dict[str, str], rounds: int, warmup: int, pause: float) -> dict[str, list[float]]:
+    """Chromium: each server's page, its button clicked in turn (the app's Generate with the prompt typed and 1
+    step; the bare page's Run), timed in the page from the click to the new picture loaded in the gallery."""
+    from playwright.sync_api import sync_playwright
+
+    from benchmarks.page import CHROMIUM, CHROMIUM_ARGS, open_app, set_slider
+
+    times: dict[str, list[float]] = {server: [] for server in urls}
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        buttons = {}
+        for server, url in urls.items():
+            page = browser.new_page()
+            if server == "app":
+                open_app(page, url)
+                page.get_by_label("Prompt", exact=True).fill(PROMPT)
+                set_slider(page, "Steps", STEPS)
+                button = page.get_by_role("button", name="Generate")
+            else:
+                page.goto(url)
+                button = page.get_by_role("button", name="Run")
+            button.wait_for(timeout=60_000)
+            buttons[server] = (page, button.element_handle())
+        servers = list(urls)
+        for round_ in range(warmup + rounds):
+            for server in (servers if round_ % 2 == 0 else servers[::-1]):
+                time.sleep(pause)
+                page, button = buttons[server]
+                ms = page.evaluate(CLICK_TO_PICTURE, button)
+                if round_ >= warmup:
+                    times[server].append(ms)
+        browser.close()
+    return times
+
+
 def stage_medians(calls: list[dict[str, float]], stamps_path: Path) -> dict[str, float]:
     """Each server stage's median per request (summed within a request), from the stamps inside its window."""
     per_request: list[dict[str, float]] = [{} for _ in calls]
@@ -298,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=5, help="unmeasured requests to each first (default 5)")
     parser.add_argument("--pause", type=float, default=0.1, help="seconds between two requests (default 0.1)")
     parser.add_argument("--profile", action="store_true", help="also time each server's stages")
+    parser.add_argument("--browser", action="store_true",
+                        help="also click each server's page in Chromium (Debian's, benchmarks/page.py) as many times")
     parser.add_argument("--json", help="also write the raw figures here")
     parser.add_argument("--markdown", help="also write the Markdown table here")
     parser.add_argument("--serve", choices=("app", "bare"), help=argparse.SUPPRESS)
@@ -335,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
                 if round_ >= args.warmup:
                     calls[server, session].append(result)
         print(f"{args.runs} requests each after {args.warmup} warm-up", file=sys.stderr)
+        clicks = browser_rounds({server: str(clients[server].base_url) for server in servers}, args.runs,
+                                args.warmup, args.pause) if args.browser else {}
 
     rows: dict[tuple[str, str], dict[str, Any]] = {}
     for variant in variants:
@@ -354,6 +418,15 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {names[server]} | {sessions[session]} | {r['n']} | {r['total_ms']:.1f} | {r['min_ms']:.1f} | "
                      f"{r['total_ms'] / floor:.2f}x | {r['post_ms']:.1f} | {r['stream_ms']:.1f} | "
                      f"{r['download_ms']:.1f} |")
+    if clicks:
+        app_ms, bare_ms = (statistics.median(clicks[server]) for server in servers)
+        lines += ["", "| Chromium: click -> the new picture loaded in the gallery | n | median ms | min ms | "
+                      "ratio to bare |", "|---|---:|---:|---:|---:|"]
+        for server, median in zip(servers, (app_ms, bare_ms)):
+            lines.append(f"| {names[server]} | {len(clicks[server])} | {median:.1f} | {min(clicks[server]):.1f} | "
+                         f"{median / bare_ms:.2f}x |")
+            rows[server, "browser"] = {"n": len(clicks[server]), "total_ms": median, "min_ms": min(clicks[server]),
+                                       "raw_ms": clicks[server], "stages": {}}
     if args.profile:
         lines += ["", "| stage (median per request, ms) | app, new session | bare, new session | app, one session "
                   "| bare, one session |", "|---|---:|---:|---:|---:|"]
@@ -367,7 +440,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.markdown:
         Path(args.markdown).write_text(table + "\n")
     if args.json:
-        Path(args.json).write_text(json.dumps({f"{k[0]}, {k[1]} session": v for k, v in rows.items()}, indent=2))
+        named = {f"{server}, Chromium" if how == "browser" else f"{server}, {how} session": row
+                 for (server, how), row in rows.items()}
+        Path(args.json).write_text(json.dumps(named, indent=2))
     return 0
 
 

@@ -521,3 +521,37 @@ def test_compiled_sizes_are_one_size_menu():
     with gr.Blocks():
         sliders = app.size_controls(Capabilities(backend="local", model="m", device="cpu", precisions=("fp32",)))
     assert set(sliders) == {"width", "height"} and isinstance(sliders["width"], gr.Slider)
+
+
+# --- the updates after a generation -------------------------------------------------------------------------------
+
+
+def test_followers_run_each_update_on_its_own_values_in_order():
+    from ui.followers import Followers
+
+    with gr.Blocks():
+        a, b, c, out1, out2, out3 = (gr.Textbox() for _ in range(6))
+    after = Followers()
+    after.add(lambda x, y: f"{x}+{y}", [a, b], [out1])
+    after.add(lambda y, z: (y.upper(), z * 2), [b, c], [out2, out3])
+    assert after.run("1", "b", "b", "c") == ["1+b", "B", "cc"]  # a component in two inputs comes twice
+    with pytest.raises(ValueError, match="already another follower's"):
+        after.add(lambda: "again", [], [out2])
+
+
+def test_a_generation_is_followed_by_one_request_for_the_page():
+    """The latency panel, Live's toggle and note and the estimate after a text-to-image generation: one unqueued
+    event (ui/followers.py), where each was one request of its own; and one after a live run."""
+    from app import build_demo
+    from backend import Settings
+    from benchmarks.floor import InstantBackend
+
+    demo = build_demo(InstantBackend(), Settings(backend="local"))
+    deps = demo.config["dependencies"]
+    generate = next(d for d in deps if d.get("api_name") == "generate")
+    followers = [d for d in deps if d.get("trigger_after") == generate["id"] and d.get("trigger_only_on_success")]
+    assert len(followers) == 1 and not followers[0]["queue"]
+    ids = {block._id: block for block in demo.blocks.values()}
+    outputs = {getattr(ids[o], "elem_id", None) for o in followers[0]["outputs"]}
+    assert {"latency", "live", "live-note", "estimate"} <= outputs, outputs
+    demo.sd_outputs.close()
