@@ -149,14 +149,22 @@ def test_overhead_script_runs_every_app_path(tmp_path):
 def test_floor_script_runs_the_app_beside_a_bare_gradio_app(tmp_path):
     """benchmarks.floor: the app's own Blocks around its instant stand-in backend, beside a bare gr.Blocks, both
     through Gradio's HTTP API (new and kept sessions), with the profile's stages; the app answers with its PNG."""
+    from benchmarks.page import CHROMIUM
+
+    browser = Path(CHROMIUM).exists()  # and the Chromium path, clicking each page, where there is one
     out = tmp_path / "floor.json"
     done = subprocess.run(
         [sys.executable, "-m", "benchmarks.floor", "--runs", "2", "--warmup", "0", "--pause", "0", "--profile",
-         "--json", str(out)],
+         "--json", str(out), *(["--browser"] if browser else [])],
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "| server | Gradio session | n | median ms |" in done.stdout
     rows = json.loads(out.read_text())
+    if browser:
+        for name in ("app, Chromium", "bare, Chromium"):
+            clicks = rows.pop(name)
+            assert clicks["n"] == 2 and all(ms > 0 for ms in clicks["raw_ms"]), name
+        assert "| Chromium: click -> the new picture loaded in the gallery |" in done.stdout
     assert set(rows) == {"app, new session", "bare, new session", "app, kept session", "bare, kept session"}
     for name, row in rows.items():
         assert row["n"] == 2 and len(row["raw_ms"]) == 2 and row["total_ms"] > 0, name
