@@ -53,6 +53,7 @@ from backend.core.api import (  # noqa: E402
 )
 from backend.core.schedulers import DEFAULT_SCHEDULER  # noqa: E402 - light: names only
 from benchmarks.gradio_http import HIRES_OFF, post_call, read_answer  # noqa: E402
+from benchmarks.page import CHROMIUM_ARGS, DEFAULT_CHROMIUM, open_app, set_slider  # noqa: E402
 from benchmarks.procs import free_port, run_process  # noqa: E402
 
 PROMPT = "a lovely cat"
@@ -293,16 +294,15 @@ CLICK_TO_PICTURE = """(button) => new Promise((resolve) => {
 })"""
 
 
-def browser_rounds(urls: dict[str, str], rounds: int, warmup: int, pause: float) -> dict[str, list[float]]:
+def browser_rounds(urls: dict[str, str], rounds: int, warmup: int, pause: float,
+                   chromium: str = DEFAULT_CHROMIUM) -> dict[str, list[float]]:
     """Chromium: each server's page, its button clicked in turn (the app's Generate with the prompt typed and 1
     step; the bare page's Run), timed in the page from the click to the new picture loaded in the gallery."""
-    from playwright.sync_api import sync_playwright
-
-    from benchmarks.page import CHROMIUM, CHROMIUM_ARGS, open_app, set_slider
+    from playwright.sync_api import sync_playwright  # a browser driver: only with --browser
 
     times: dict[str, list[float]] = {server: [] for server in urls}
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
         buttons = {}
         for server, url in urls.items():
             page = browser.new_page()
@@ -360,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true", help="also time each server's stages")
     parser.add_argument("--browser", action="store_true",
                         help="also click each server's page in Chromium (Debian's, benchmarks/page.py) as many times")
+    parser.add_argument("--chromium", default=DEFAULT_CHROMIUM, help=f"Chromium's path (default {DEFAULT_CHROMIUM})")
     parser.add_argument("--json", help="also write the raw figures here")
     parser.add_argument("--markdown", help="also write the Markdown table here")
     parser.add_argument("--serve", choices=("app", "bare"), help=argparse.SUPPRESS)
@@ -398,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
                     calls[server, session].append(result)
         print(f"{args.runs} requests each after {args.warmup} warm-up", file=sys.stderr)
         clicks = browser_rounds({server: str(clients[server].base_url) for server in servers}, args.runs,
-                                args.warmup, args.pause) if args.browser else {}
+                                args.warmup, args.pause, args.chromium) if args.browser else {}
 
     rows: dict[tuple[str, str], dict[str, Any]] = {}
     for variant in variants:

@@ -32,8 +32,8 @@ import time
 from pathlib import Path
 
 from benchmarks.page import (
-    CHROMIUM,
     CHROMIUM_ARGS,
+    DEFAULT_CHROMIUM,
     open_advanced,
     open_app,
     session_count,
@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=8, help="prompts typed, one pause each (default 8)")
     parser.add_argument("--steps", type=int, default=1, help="denoising steps (default 1)")
     parser.add_argument("--size", type=int, default=128, help="width and height (default 128)")
+    parser.add_argument("--chromium", default=DEFAULT_CHROMIUM, help=f"Chromium's path (default {DEFAULT_CHROMIUM})")
     parser.add_argument("--json", help="also write the raw figures here")
     parser.add_argument("--markdown", help="also write the Markdown table here")
     args = parser.parse_args(argv)
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
     rows = []
     with run_app(["--model", "tiny", "--live-max-ms", "600000"], tmp, env=env) as app, sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser = p.chromium.launch(executable_path=args.chromium, args=CHROMIUM_ARGS)
         page = browser.new_page()
         open_app(page, app.url)
         open_advanced(page)

@@ -1,15 +1,15 @@
 """The app's page in Chromium (Playwright), driven as a person does: for the browser benchmarks (benchmarks.live)
 and the browser tests, which import these from here.
 
-Chromium is Debian's (`apt-get install -y chromium`; $SD_CHROMIUM elsewhere): Playwright never downloads one.
+Chromium is Debian's (`apt-get install -y chromium`; the benchmarks' --chromium, the tests' $SD_CHROMIUM
+elsewhere): Playwright never downloads one.
 """
 
 from __future__ import annotations
 
-import os
 import re
 
-CHROMIUM = os.environ.get("SD_CHROMIUM", "/usr/bin/chromium")
+DEFAULT_CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  "--no-first-run"]

@@ -17,7 +17,9 @@ if str(ROOT) not in sys.path:
 
 from benchmarks.procs import AppProcess, free_port, run_app, run_process, wait_http  # noqa: E402, F401 - shared here
 
-from benchmarks.page import CHROMIUM, CHROMIUM_ARGS  # noqa: E402, F401 - Debian's Chromium, shared here
+from benchmarks.page import CHROMIUM_ARGS, DEFAULT_CHROMIUM  # noqa: E402, F401 - shared here
+
+CHROMIUM = os.environ.get("SD_CHROMIUM", DEFAULT_CHROMIUM)  # Debian's; Playwright never downloads one
 
 T = TypeVar("T")
 

@@ -10,7 +10,7 @@ import pytest
 
 from backend.core.stats import LatencyStats, cost_per_10k_images, percentile, qps
 from benchmarks import latency
-from helpers import ROOT
+from helpers import CHROMIUM, ROOT
 
 # Each row of the walk-through's table against its cost column: tests/test_walkthrough.py.
 
@@ -149,13 +149,11 @@ def test_overhead_script_runs_every_app_path(tmp_path):
 def test_floor_script_runs_the_app_beside_a_bare_gradio_app(tmp_path):
     """benchmarks.floor: the app's own Blocks around its instant stand-in backend, beside a bare gr.Blocks, both
     through Gradio's HTTP API (new and kept sessions), with the profile's stages; the app answers with its PNG."""
-    from benchmarks.page import CHROMIUM
-
     browser = Path(CHROMIUM).exists()  # and the Chromium path, clicking each page, where there is one
     out = tmp_path / "floor.json"
     done = subprocess.run(
         [sys.executable, "-m", "benchmarks.floor", "--runs", "2", "--warmup", "0", "--pause", "0", "--profile",
-         "--json", str(out), *(["--browser"] if browser else [])],
+         "--json", str(out), *(["--browser", "--chromium", CHROMIUM] if browser else [])],
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "| server | Gradio session | n | median ms |" in done.stdout
@@ -197,12 +195,11 @@ def test_preview_script_alternates_preview_on_and_off_in_one_app(tmp_path):
 def test_live_script_measures_a_pause_in_chromium(tmp_path):
     """benchmarks.live, one round: the page typed into, the generation found in the app's log, the picture's arrival
     stamped in the page; the parts are in the order they happen."""
-    from benchmarks.page import CHROMIUM
-
     if not Path(CHROMIUM).exists():
         pytest.skip(f"no Chromium at {CHROMIUM}")
     out = tmp_path / "live.json"
-    done = subprocess.run([sys.executable, "-m", "benchmarks.live", "--rounds", "1", "--json", str(out)],
+    done = subprocess.run([sys.executable, "-m", "benchmarks.live", "--rounds", "1", "--chromium", CHROMIUM,
+                           "--json", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     [row] = json.loads(out.read_text())

@@ -86,11 +86,10 @@ class LatestPreview:
     counted at that measured time, or at least `min_cost_s`: the handler sees only part of the cost, and on 2 cores
     a shown preview cost the denoising 7-15 ms (benchmarks.preview with the pacing loosened: 3 previews in a 1.5 s
     generation +1.3%, 5 previews +5.2%), so 25 ms keeps a machine twice as slow within the budget too. The next
-    preview is wanted once the previews so far
-    plus one more are within `budget` of the time since the start, and at least `min_interval_s` after the last
-    (each one sent briefly hides Gradio's progress bar); the backend makes it at the first step that ends after
-    that, so it is as fresh as the steps allow and none is made to be dropped. `made` counts the previews the
-    backend handed over, `shown` those the handler sent.
+    preview is wanted once the previews so far plus one more are within `budget` of the time since the start, and
+    at least `min_interval_s` after the last (each one sent briefly hides Gradio's progress bar); the backend makes
+    it at the first step that ends after that, so it is as fresh as the steps allow and none is made to be dropped.
+    `made` counts the previews the backend handed over, `shown` those the handler sent.
     """
 
     def __init__(self, budget: float = 0.05, min_cost_s: float = 0.025, min_interval_s: float = 0.5):
