@@ -129,3 +129,17 @@ def test_the_pipeline_makes_only_the_previews_the_caller_wants(tiny_dir):
     pipeline.run(backend.precision_pipeline("fp32"), request, [1], on_preview=caller)
     assert caller.made == [(2, 6, (8, 8)), (4, 6, (8, 8))] and caller.asked == 5  # not after the last step
     backend.close()
+
+
+def test_interval_paced_previews_for_where_the_shower_cannot_be_asked():
+    """ZeroGPU's worker cannot ask the app's handler: IntervalPaced wants one preview an interval after the start
+    and one interval after each (a minute here, so no wait of the test decides it), and hands each on."""
+    from backend.inprocess.preview import IntervalPaced
+
+    got = []
+    paced = IntervalPaced(lambda step, total, images: got.append(step), interval_s=60.0)
+    assert not paced.wanted()
+    paced._next = 0.0  # the interval has passed
+    assert paced.wanted()
+    paced(3, 10, [])
+    assert got == [3] and not paced.wanted()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import re
 import shutil
 import subprocess
@@ -301,6 +302,23 @@ def test_off_zerogpu_the_decorator_is_a_no_op_and_the_events_run_here(monkeypatc
             backend.generate(dataclasses.replace(request, steps=50), on_step=stop_at_two)
         with pytest.raises(InvalidRequest):
             backend.generate(GenerationRequest("", steps=4))
+        # A caller that paces its previews (the app's handler: wanted()) cannot be asked across the fork: the worker
+        # makes them at the interval instead of every step (a minute here: none in a 4-step run).
+        monkeypatch.setattr(zerogpu, "IntervalPaced", functools.partial(zerogpu.IntervalPaced, interval_s=60.0))
+
+        class Paced:
+            def __init__(self):
+                self.got = []
+
+            def wanted(self):
+                raise AssertionError("asked across the fork")
+
+            def __call__(self, i, n, images):
+                self.got.append(i)
+
+        paced = Paced()
+        backend.generate(request, on_preview=paced)
+        assert paced.got == []
         # Beside Generate: the GPU time a request reserves, not a CPU estimate.
         from ui.estimate import estimate_note
 

@@ -23,7 +23,7 @@ from backend import (
     GenerationRequest,
     InvalidRequest,
 )
-from backend.core.api import new_request_id
+from backend.core.api import PREVIEW_INTERVAL_S, new_request_id
 from backend.core.stats import LatencyStats
 from ui.cancel import CancelRegistry
 from ui.live import LIVE_SEED, LiveGate, LiveTyping, settings_key
@@ -92,7 +92,7 @@ class LatestPreview:
     `made` counts the previews the backend handed over, `shown` those the handler sent.
     """
 
-    def __init__(self, budget: float = 0.05, min_cost_s: float = 0.025, min_interval_s: float = 0.5):
+    def __init__(self, budget: float = 0.05, min_cost_s: float = 0.025, min_interval_s: float = PREVIEW_INTERVAL_S):
         self.budget = budget
         self.min_cost_s = min_cost_s
         self.min_interval_s = min_interval_s

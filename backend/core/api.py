@@ -564,6 +564,10 @@ StepCallback = Callable[[int, int], None]
 # It may also have a `wanted()` method (preview_wanted): then the caller paces the previews, the backend asks it
 # before making one and makes none it would drop.
 PreviewCallback = Callable[[int, int, list[Any]], None]
+# At most one preview shown each this many seconds: by the app's handler (ui/handlers.LatestPreview) and, across
+# ZeroGPU's fork where it cannot be asked, by its stand-in in the worker (inprocess/preview.IntervalPaced). Each
+# preview sent briefly hides Gradio's progress bar, and two a second is what a person follows.
+PREVIEW_INTERVAL_S = 0.5
 
 
 def preview_wanted(on_preview: PreviewCallback | None) -> Callable[[], bool] | None:

@@ -15,7 +15,10 @@ holds between steps; the result maps [-1, 1] to [0, 255] as the decoder's output
 
 from __future__ import annotations
 
+import time
 from typing import Any, Callable
+
+from ..core.api import PREVIEW_INTERVAL_S
 
 LATENT_CHANNELS = 4
 # Rows: latent channels 0-3; columns: R, G, B.
@@ -104,3 +107,22 @@ class PreviewPacer:
         self.count += 1
         self.last_ms = cost_ms
         self.spent_ms += cost_ms
+
+
+class IntervalPaced:
+    """A preview callback paced by time alone, for where the one that shows previews cannot be asked (ZeroGPU's
+    forked worker, across the fork from the app's handler): wanted() after one interval, and one interval after
+    each preview handed on; `sink` gets the previews made."""
+
+    def __init__(self, sink: Callable[[int, int, list[Any]], None], interval_s: float = PREVIEW_INTERVAL_S):
+        self.sink = sink
+        self.interval_s = interval_s
+        self._next = time.monotonic() + interval_s
+
+    def wanted(self) -> bool:
+        """Whether a preview made now would be on time."""
+        return time.monotonic() >= self._next
+
+    def __call__(self, step: int, total: int, images: list[Any]) -> None:
+        self._next = time.monotonic() + self.interval_s
+        self.sink(step, total, images)

@@ -40,7 +40,14 @@ import queue
 import threading
 from typing import Any, Iterator
 
-from ..core.api import Capabilities, GenerationRequest, GenerationResult, PreviewCallback, StepCallback
+from ..core.api import (
+    Capabilities,
+    GenerationRequest,
+    GenerationResult,
+    PreviewCallback,
+    StepCallback,
+    preview_wanted,
+)
 from ..core.errors import (
     BackendError,
     BackendUnavailable,
@@ -51,6 +58,7 @@ from ..core.errors import (
 )
 from ..core.settings import LocalSettings
 from .local import LocalBackend
+from .preview import IntervalPaced
 from .torch_thread import device_thread
 
 log = logging.getLogger(__name__)
@@ -78,10 +86,11 @@ class ZeroGPULocalBackend(LocalBackend):
         log.info("no warm-up: on ZeroGPU the GPU exists only inside a @spaces.GPU call")
 
 
-def gpu_seconds(request: GenerationRequest, previews: bool = True) -> int:
+def gpu_seconds(request: GenerationRequest, previews: bool = True, paced: bool = False) -> int:
     """The GPU time a request reserves (`@spaces.GPU`'s duration): the start-up allowance plus each pass's steps x
     pixels x images at GPU_STEP_S (half that without guidance: one UNet batch), with a margin, and at least the
-    floor. `previews` is the generation function's own argument, which a duration function is given too."""
+    floor. `previews` and `paced` are the generation function's own arguments, which a duration function is given
+    too."""
     request = _validated_or_none(request, _BACKEND.capabilities()) if _BACKEND is not None else None
     if request is None:
         return GPU_FLOOR_S
@@ -102,10 +111,13 @@ def _validated_or_none(request: GenerationRequest, caps: Capabilities) -> Genera
         return None
 
 
-def run_generation(request: GenerationRequest, previews: bool) -> Iterator[tuple]:
+def run_generation(request: GenerationRequest, previews: bool, paced: bool = False) -> Iterator[tuple]:
     """Where the GPU is (ZeroGPU's worker; in this process off ZeroGPU): the backend's generate, as events:
     ("step", step, total), ("preview", step, total, images), then ("result", GenerationResult) or ("error", kind,
-    message, field). Closing the generator stops the generation at its next step, and waits for it."""
+    message, field). Closing the generator stops the generation at its next step, and waits for it.
+    paced: the caller paces the previews it shows (its on_preview has wanted(), api.preview_wanted), which cannot be
+    asked from here: previews are made at its interval (IntervalPaced), not after every step (each would cross the
+    fork by pickle, most of them to be dropped)."""
     backend = _BACKEND
     events: queue.SimpleQueue = queue.SimpleQueue()
     stop = threading.Event()
@@ -115,8 +127,10 @@ def run_generation(request: GenerationRequest, previews: bool) -> Iterator[tuple
             raise GenerationCancelled("stopped")
         events.put(("step", step, total))
 
-    def on_preview(step: int, total: int, images: list[Any]) -> None:
+    def send_preview(step: int, total: int, images: list[Any]) -> None:
         events.put(("preview", step, total, images))
+
+    on_preview = IntervalPaced(send_preview) if paced else send_preview
 
     def work() -> None:
         try:
@@ -211,7 +225,7 @@ class ZeroGPUBackend:
         """Run one request in a @spaces.GPU call; its steps and previews reach the callbacks here as they happen."""
         self.inner.check_request(request)
         request.validated(self._caps)  # refused here, before any GPU time is reserved
-        events = self._run(request, on_preview is not None)
+        events = self._run(request, on_preview is not None, preview_wanted(on_preview) is not None)
         result = None
         try:
             for event in events:
