@@ -10,7 +10,9 @@ DPM++ 2M) it times:
   (c) app       python app.py --model folder, called through gradio_client (PNG written,
                 served and downloaded), with the live preview on (the API's default: the app
                 streams pictures of the latents while denoising)
-  (cn) app       the same with preview=False (no pictures while denoising)
+  (cn) app       the same with preview=False (no pictures while denoising). (c) and (cn) run in app
+                processes of their own, one after the other, so machine drift lands on one of them: for
+                what the preview costs, use benchmarks.preview (on and off alternating in one app)
   (c0) app       the same through a default gradio_client.Client (a new TLS context per call)
   (c1) app       the same app through Gradio's own HTTP API, as curl users call it: POST
                 /gradio_api/call/generate, read its event stream, download the PNG (one

@@ -177,23 +177,23 @@ def hires_root(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def neuron_backend(hires_root):
+def hires_neuron_backend(hires_root):
     backend = create_backend(Settings(backend="neuron", artifacts=str(hires_root)))
     yield backend
     backend.close()
 
 
-def test_neuron_offers_the_scales_between_its_sizes(neuron_backend):
-    caps = neuron_backend.capabilities()
+def test_neuron_offers_the_scales_between_its_sizes(hires_neuron_backend):
+    caps = hires_neuron_backend.capabilities()
     assert caps.fixed_sizes == ((SIZE, SIZE), (BIG, BIG)) and caps.hr_scales == (1.5,)
     assert caps.hr_upscalers == ("latent", "latent-nearest", "lanczos")
     assert caps.to_dict()["hr_scales"] == [1.5]
 
 
 @pytest.mark.parametrize("upscaler", ["latent", "latent-nearest", "lanczos"])
-def test_neuron_hires_equals_the_reference(neuron_backend, upscaler):
-    result = neuron_backend.generate(GenerationRequest(PROMPT, negative_prompt=NEGATIVE, seed=5, hr_upscaler=upscaler,
-                                                       precision="fp32", **HIRES))
+def test_neuron_hires_equals_the_reference(hires_neuron_backend, upscaler):
+    result = hires_neuron_backend.generate(GenerationRequest(PROMPT, negative_prompt=NEGATIVE, seed=5,
+                                                             hr_upscaler=upscaler, precision="fp32", **HIRES))
     assert result.images[0].size == (BIG, BIG)
     # The traced parts: at most one level apart where a value sits on a rounding boundary (as test_neuron_sizes).
     assert np.abs(pixels(result.images[0]) - pixels(reference(upscaler, 5)[0])).max() <= 1

@@ -12,8 +12,7 @@ import statistics
 from typing import Any
 
 from backend import Backend, GenerationRequest
-
-BASE_PIXELS = 512 * 512
+from backend.core.api import BASE_PIXELS
 
 
 def duration_text(seconds: float) -> str:

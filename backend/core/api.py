@@ -564,6 +564,9 @@ StepCallback = Callable[[int, int], None]
 # It may also have a `wanted()` method (preview_wanted): then the caller paces the previews, the backend asks it
 # before making one and makes none it would drop.
 PreviewCallback = Callable[[int, int, list[Any]], None]
+# SD2.1-base's own size: per-step figures (the estimate beside Generate, ZeroGPU's reservation) are kept per this
+# many pixels and scaled by a request's, as a step's work grows with the latents' area.
+BASE_PIXELS = 512 * 512
 # At most one preview shown each this many seconds: by the app's handler (ui/handlers.LatestPreview) and, across
 # ZeroGPU's fork where it cannot be asked, by its stand-in in the worker (inprocess/preview.IntervalPaced). Each
 # preview sent briefly hides Gradio's progress bar, and two a second is what a person follows.

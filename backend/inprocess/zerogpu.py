@@ -41,6 +41,7 @@ import threading
 from typing import Any, Iterator
 
 from ..core.api import (
+    BASE_PIXELS,
     Capabilities,
     GenerationRequest,
     GenerationResult,
@@ -74,7 +75,6 @@ GPU_STEP_MARGIN = 3.0
 # then the text encoder and the VAE decode: counted once per call, as a kept worker cannot be told from a new one.
 GPU_START_S = 10.0
 GPU_FLOOR_S = 15  # no call reserves less: a shorter reservation risks an abort mid-image for a few seconds saved
-BASE_PIXELS = 512 * 512
 
 _BACKEND: LocalBackend | None = None  # the process's; a ZeroGPU worker has it by the fork
 
