@@ -52,7 +52,7 @@ from backend.core.api import (  # noqa: E402
     random_seed,
 )
 from backend.core.schedulers import DEFAULT_SCHEDULER  # noqa: E402 - light: names only
-from benchmarks.gradio_http import HIRES_OFF, post_call, read_answer  # noqa: E402
+from benchmarks.gradio_http import generate_inputs, post_call, read_answer  # noqa: E402
 from benchmarks.page import CHROMIUM_ARGS, DEFAULT_CHROMIUM, open_app, set_slider  # noqa: E402
 from benchmarks.procs import free_port, run_process  # noqa: E402
 
@@ -103,11 +103,6 @@ class InstantBackend:
 
     def close(self) -> None:
         """Nothing to free."""
-
-
-def api_data(seed: int, size: int = SIZE, steps: int = STEPS) -> list[Any]:
-    """/generate's 16 API inputs, in order (the last five are the hires fix's; enable_hr False: off)."""
-    return [PROMPT, "", steps, "fp32", 7.5, seed, DEFAULT_SCHEDULER, size, size, 1, False, *HIRES_OFF]
 
 
 def bare_demo():
@@ -258,7 +253,7 @@ def call(http, seed: int, session_hash: str | None = None) -> dict[str, float]:
     """One request through Gradio's HTTP API: perf_counter stamps of its phases and the app's own figures.
 
     session_hash None: a new Gradio session per call (curl's way); else that session's (a browser page's way)."""
-    body: dict[str, Any] = {"data": api_data(seed)}
+    body: dict[str, Any] = {"data": generate_inputs(PROMPT, seed, STEPS, SIZE)}
     if session_hash:
         body["session_hash"] = session_hash
     t0 = time.perf_counter()

@@ -46,9 +46,8 @@ import time
 from pathlib import Path
 
 from backend import GenerationRequest, Settings, create_backend
-from backend.core.schedulers import DEFAULT_SCHEDULER
 from backend.models.tiny import save
-from benchmarks.gradio_http import HIRES_OFF, post_call, read_answer
+from benchmarks.gradio_http import generate_inputs, post_call, read_answer
 from benchmarks.procs import free_port, run_process
 
 PROMPT = "a lovely cat"
@@ -160,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         def run(seed):
             t0 = time.perf_counter()
             # Every input of /generate, in order (the positional form must send them all).
-            data = [PROMPT, "", steps, "fp32", CFG, seed, DEFAULT_SCHEDULER, size, size, 1, False, *HIRES_OFF]
+            data = generate_inputs(PROMPT, seed, steps, size, CFG)
             gallery, details = read_answer(http, post_call(http, {"data": data}))[:2]
             for item in gallery:
                 http.get(item["image"]["url"]).raise_for_status()

@@ -27,12 +27,14 @@ def open_advanced(pg) -> None:
     pg.get_by_label("number input for Width").wait_for()
 
 
-def set_slider(pg, label: str, value: int) -> None:
-    """Type a value in a slider's number box."""
+def set_slider(pg, label: str, value: float, within=None) -> None:
+    """Type a value in a slider's number box (the one inside `within`, a locator such as a tab, where given: each
+    generating tab has its own Steps), and check that the slider took it."""
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
-    box = pg.get_by_label(f"number input for {label}")
-    slider = pg.get_by_label(f"range slider for {label}")
+    scope = within if within is not None else pg
+    box = scope.get_by_label(f"number input for {label}")
+    slider = scope.get_by_label(f"range slider for {label}")
     for _ in range(3):  # a box typed into while the page is still busy can lose the value: check it took
         box.fill(str(value))
         box.press("Enter")

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from backend.core.schedulers import DEFAULT_SCHEDULER
 from backend.models.tiny import save
-from benchmarks.gradio_http import HIRES_OFF, post_call
+from benchmarks.gradio_http import generate_inputs, post_call, stream_events
 from benchmarks.procs import run_app
 
 PROMPT = "a lovely cat"
@@ -36,30 +36,26 @@ CFG = 7.5
 
 def call(http, preview: bool, seed: int, steps: int, size: int) -> dict:
     """One generation as the page runs it: every preview fetched as it arrives, then the PNG."""
-    data = [PROMPT, "", steps, "fp32", CFG, seed, DEFAULT_SCHEDULER, size, size, 1, preview, *HIRES_OFF]
     t0 = time.perf_counter()
-    event_id = post_call(http, {"data": data})
-    event, shown_at, answer = None, [], None
-    with http.stream("GET", f"/gradio_api/call/generate/{event_id}") as stream:
-        for line in stream.iter_lines():
-            if line.startswith("event:"):
-                event = line.partition(":")[2].strip()
-            elif line.startswith("data:") and event in ("generating", "complete", "error"):
-                outputs = json.loads(line.partition(":")[2])
-                if event == "error":
-                    raise RuntimeError(f"the app answered an error: {outputs}")
-                gallery = outputs[0] if outputs else None
-                # A preview's pictures are captioned "Preview: step N of M"; the result arrives twice (as a last
-                # `generating` event, then `complete`), and the page fetches it once.
-                is_preview = bool(gallery) and str(gallery[0].get("caption") or "").startswith("Preview")
-                if is_preview or event == "complete":
-                    for item in gallery or []:
-                        http.get(item["image"]["url"]).raise_for_status()
-                if is_preview:
-                    shown_at.append(time.perf_counter() - t0)
-                if event == "complete":
-                    answer = outputs
-                    break
+    event_id = post_call(http, {"data": generate_inputs(PROMPT, seed, steps, size, CFG, preview)})
+    shown_at, answer = [], None
+    for event, data in stream_events(http, event_id):
+        if event not in ("generating", "complete", "error"):
+            continue
+        outputs = json.loads(data)
+        if event == "error":
+            raise RuntimeError(f"the app answered an error: {outputs}")
+        gallery = outputs[0] if outputs else None
+        # A preview's pictures are captioned "Preview: step N of M"; the result arrives twice (as a last
+        # `generating` event, then `complete`), and the page fetches it once.
+        is_preview = bool(gallery) and str(gallery[0].get("caption") or "").startswith("Preview")
+        if is_preview or event == "complete":
+            for item in gallery or []:
+                http.get(item["image"]["url"]).raise_for_status()
+        if is_preview:
+            shown_at.append(time.perf_counter() - t0)
+        if event == "complete":
+            answer = outputs
     elapsed_ms = (time.perf_counter() - t0) * 1000.0
     timings = answer[1]["timings"]
     return {"e2e_ms": elapsed_ms, "backend_ms": timings["total_ms"], "denoise_ms": timings["denoise_ms"],

@@ -20,7 +20,7 @@ if not os.path.exists(CHROMIUM):
     pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium, or set SD_CHROMIUM)", allow_module_level=True)
 sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
 
-from test_browser import ROOT, fetch_png, open_app  # noqa: E402
+from test_browser import ROOT, fetch_png, open_app, set_slider  # noqa: E402
 
 SIZE = 256
 
@@ -43,27 +43,11 @@ def open_tab(pg, mode: str, label: str):
     return tab
 
 
-def set_slider(pg, tab, label: str, value) -> None:
-    """Type a value in a slider's number box in this tab, and check that the slider took it."""
-    box = tab.get_by_label(f"number input for {label}")
-    slider = tab.get_by_label(f"range slider for {label}")
-    for _ in range(3):
-        box.fill(str(value))
-        box.press("Enter")
-        try:
-            pg.wait_for_function("([el, v]) => el.value === v", arg=[slider.element_handle(), str(value)],
-                                 timeout=5_000)
-            return
-        except sync_api.TimeoutError:
-            continue
-    raise AssertionError(f"the {label} slider did not take the value {value}")
-
-
 def small_settings(pg, tab, steps: int) -> None:
-    set_slider(pg, tab, "Steps", steps)
+    set_slider(pg, "Steps", steps, within=tab)
     tab.get_by_text("Advanced", exact=True).click()
-    set_slider(pg, tab, "Width", SIZE)
-    set_slider(pg, tab, "Height", SIZE)
+    set_slider(pg, "Width", SIZE, within=tab)
+    set_slider(pg, "Height", SIZE, within=tab)
 
 
 def session_count(pg, panel: str) -> int:
@@ -98,7 +82,7 @@ def test_img2img_upload_a_picture_and_generate(page, tiny_app, picture_path, tmp
     tab.locator("#img2img-image input[type=file]").set_input_files(str(picture_path))
     tab.locator("#img2img-image img").first.wait_for(timeout=30_000)
     small_settings(page, tab, steps=12)
-    set_slider(page, tab, "Strength", 0.5)
+    set_slider(page, "Strength", 0.5, within=tab)
     page.wait_for_function("() => document.querySelector('#steps-run-img2img').innerText.includes('Runs 6 of 12')")
     tab.get_by_label("Prompt", exact=True).fill("a lovely cat")
     before = session_count(page, "#latency-img2img")

@@ -133,14 +133,14 @@ class LatestPreview:
 
     async def next_or(self, generation: asyncio.Future) -> tuple[int, int, list[Any]] | None:
         """The newest preview not shown yet, or None once the generation has finished."""
-        if self._yielded_at is not None:  # back from a yield: Gradio has handled the last preview
+        back_from_yield = self._yielded_at is not None
+        if back_from_yield:  # Gradio has handled the last preview: what it cost
             self._last_cost_s = max(self._loop.time() - self._yielded_at, self.min_cost_s)
             self.spent_s += self._last_cost_s
             self._yielded_at = None
-            wait_s = self._wait_s()
+        wait_s = self._wait_s()
+        if back_from_yield:  # the backend may make the next one from then (until now: none, one was on its way)
             self._wanted_from = time.monotonic() + wait_s
-        else:
-            wait_s = self._wait_s()
         if wait_s > 0:  # a backend that paces its own may hand one over early: it waits its turn
             await asyncio.wait({generation}, timeout=wait_s)
         waiter = asyncio.ensure_future(self._ready.wait())
